@@ -1,0 +1,332 @@
+//! Token-bucket arithmetic in GCRA form: a bucket is one integer, its
+//! theoretical arrival time (TAT) in nanoseconds of an injected clock.
+//!
+//! A bucket of capacity `B` refilling one token every `T` ns is full when
+//! `tat <= now`; taking `k` tokens moves `tat` to `max(tat, now) + k*T` and is
+//! allowed while `tat - now <= B*T` (= `tau`). Integers only, so nothing drifts.
+//! Pure functions: no clock reads, no locks, no allocation.
+
+use crate::protocol::{Outcome, Priority};
+use crate::rule::RuleSpec;
+
+/// Everything the arithmetic needs from a rule, precomputed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketParams {
+    /// Nanoseconds per token (`T`), rounded up.
+    pub interval_ns: u64,
+    /// Bucket capacity (`burst`) in tokens.
+    pub capacity: u64,
+    /// `capacity * interval_ns`: how far ahead of now the TAT may run.
+    pub tau_ns: u64,
+    /// Reserve floors in ns of TAT for `[low, normal, high]`: those classes are
+    /// denied if they would leave less than this much of the bucket.
+    floors_ns: [u64; 3],
+}
+
+/// The result of one [`try_take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// Whole tokens left after the decision.
+    pub remaining: u64,
+    /// When denied, ns until the same request would be allowed; else 0.
+    pub retry_after_ns: u64,
+    /// Ns until the bucket is full again.
+    pub reset_after_ns: u64,
+}
+
+impl BucketParams {
+    /// Parameters of a validated rule.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use rld::daemon::limiter::BucketParams;
+    /// use rld::rule::RuleSpec;
+    /// let p = BucketParams::from_spec(&RuleSpec::new("r", "*", "*", 10, Duration::from_secs(1)));
+    /// assert_eq!((p.interval_ns, p.capacity, p.tau_ns), (100_000_000, 10, 1_000_000_000));
+    /// ```
+    pub fn from_spec(spec: &RuleSpec) -> BucketParams {
+        let interval_ns = spec.interval_ns();
+        let capacity = spec.capacity();
+        let tau_ns = interval_ns.saturating_mul(capacity);
+        let floor = |permille: u16| {
+            u64::try_from(u128::from(tau_ns) * u128::from(permille) / 1000)
+                .expect("a fraction of tau fits in u64")
+        };
+        let r = spec.reserve;
+        BucketParams {
+            interval_ns,
+            capacity,
+            tau_ns,
+            floors_ns: [floor(r.low), floor(r.normal), floor(r.high)],
+        }
+    }
+
+    fn floor_ns(&self, priority: Priority) -> u64 {
+        match priority {
+            Priority::Low => self.floors_ns[0],
+            Priority::Normal => self.floors_ns[1],
+            Priority::High => self.floors_ns[2],
+            Priority::Critical => 0,
+        }
+    }
+}
+
+/// Takes `cost` tokens from the bucket whose TAT is `tat`, if the priority's
+/// floor allows. A critical request over the limit is admitted as `Bypassed`
+/// and still debited, but the debt is capped at one full bucket so a flood of
+/// critical traffic cannot lock out everyone else for longer than `tau`.
+///
+/// The caller guarantees `cost <= params.capacity` (a larger cost can never be
+/// allowed and is reported as an error before this point).
+///
+/// ```
+/// # use std::time::Duration;
+/// use rld::daemon::limiter::{BucketParams, try_take};
+/// use rld::protocol::{Outcome, Priority};
+/// use rld::rule::RuleSpec;
+/// let p = BucketParams::from_spec(&RuleSpec::new("r", "*", "*", 2, Duration::from_secs(1)));
+/// let mut tat = 0;
+/// assert_eq!(try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome, Outcome::Allowed);
+/// assert_eq!(try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome, Outcome::Allowed);
+/// let denied = try_take(&mut tat, &p, 0, 1, Priority::Normal);
+/// assert_eq!((denied.outcome, denied.retry_after_ns), (Outcome::Denied, 500_000_000));
+/// ```
+#[inline]
+pub fn try_take(
+    tat: &mut u64,
+    params: &BucketParams,
+    now: u64,
+    cost: u64,
+    priority: Priority,
+) -> Verdict {
+    debug_assert!(cost <= params.capacity);
+    let base = (*tat).max(now);
+    let next = base + cost * params.interval_ns;
+    let full_at = now + params.tau_ns;
+    let limit_at = full_at - params.floor_ns(priority);
+    if next <= limit_at {
+        *tat = next;
+        return Verdict {
+            outcome: Outcome::Allowed,
+            remaining: (full_at - next) / params.interval_ns,
+            retry_after_ns: 0,
+            reset_after_ns: next - now,
+        };
+    }
+    if priority == Priority::Critical {
+        *tat = next.min(full_at + params.tau_ns);
+        return Verdict {
+            outcome: Outcome::Bypassed,
+            remaining: 0,
+            retry_after_ns: 0,
+            reset_after_ns: *tat - now,
+        };
+    }
+    Verdict {
+        outcome: Outcome::Denied,
+        remaining: full_at.saturating_sub(base) / params.interval_ns,
+        retry_after_ns: next - limit_at,
+        reset_after_ns: base - now,
+    }
+}
+
+/// Whether a bucket is full at `now` (so forgetting it changes nothing).
+#[inline]
+pub fn is_full(tat: u64, now: u64) -> bool {
+    tat <= now
+}
+
+/// Carries a bucket's consumption over to changed parameters of the same rule:
+/// the tokens spent and not yet refilled stay spent (rounded up), capped at the
+/// new bucket's size.
+pub fn rescale(tat: u64, old: &BucketParams, new: &BucketParams, now: u64) -> u64 {
+    if tat <= now {
+        return tat;
+    }
+    let spent = (tat - now).div_ceil(old.interval_ns);
+    now + spent.saturating_mul(new.interval_ns).min(new.tau_ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::Reserve;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn params(limit: u64, window: Duration, burst: Option<u64>) -> BucketParams {
+        let mut spec = RuleSpec::new("r", "*", "*", limit, window);
+        spec.burst = burst;
+        BucketParams::from_spec(&spec)
+    }
+
+    #[test]
+    fn denies_after_burst_then_refills_at_rate() {
+        let p = params(10, Duration::from_secs(1), Some(5));
+        let mut tat = 0;
+        let now = 100 * SEC;
+        for i in 0..5 {
+            let v = try_take(&mut tat, &p, now, 1, Priority::Normal);
+            assert_eq!(v.outcome, Outcome::Allowed);
+            assert_eq!(v.remaining, 4 - i);
+        }
+        let v = try_take(&mut tat, &p, now, 1, Priority::Normal);
+        assert_eq!(v.outcome, Outcome::Denied);
+        assert_eq!(v.retry_after_ns, SEC / 10);
+        assert_eq!(v.reset_after_ns, SEC / 2);
+        // 100 ms later exactly one token is back.
+        let later = now + SEC / 10;
+        assert_eq!(
+            try_take(&mut tat, &p, later, 1, Priority::Normal).outcome,
+            Outcome::Allowed
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, later, 1, Priority::Normal).outcome,
+            Outcome::Denied
+        );
+    }
+
+    #[test]
+    fn a_denial_does_not_spend() {
+        let p = params(1, Duration::from_secs(1), None);
+        let mut tat = 0;
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome,
+            Outcome::Allowed
+        );
+        let before = tat;
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome,
+            Outcome::Denied
+        );
+        assert_eq!(tat, before);
+    }
+
+    #[test]
+    fn cost_takes_several_tokens() {
+        let p = params(10, Duration::from_secs(1), None);
+        let mut tat = 0;
+        let v = try_take(&mut tat, &p, 0, 7, Priority::Normal);
+        assert_eq!((v.outcome, v.remaining), (Outcome::Allowed, 3));
+        let v = try_take(&mut tat, &p, 0, 4, Priority::Normal);
+        assert_eq!((v.outcome, v.remaining), (Outcome::Denied, 3));
+        assert_eq!(v.retry_after_ns, SEC / 10);
+    }
+
+    #[test]
+    fn reserves_hold_back_lower_classes() {
+        let mut spec = RuleSpec::new("r", "*", "*", 10, Duration::from_secs(1));
+        spec.reserve = Reserve {
+            high: 100,
+            normal: 200,
+            low: 300,
+        };
+        let p = BucketParams::from_spec(&spec);
+        let mut tat = 0;
+        // Low may take 7 of 10 tokens, normal one more, high one more.
+        for _ in 0..7 {
+            assert_eq!(
+                try_take(&mut tat, &p, 0, 1, Priority::Low).outcome,
+                Outcome::Allowed
+            );
+        }
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Low).outcome,
+            Outcome::Denied
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome,
+            Outcome::Allowed
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Normal).outcome,
+            Outcome::Denied
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::High).outcome,
+            Outcome::Allowed
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::High).outcome,
+            Outcome::Denied
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, 0, 1, Priority::Critical).outcome,
+            Outcome::Allowed
+        );
+    }
+
+    #[test]
+    fn critical_bypasses_with_capped_debt() {
+        let p = params(10, Duration::from_secs(1), None);
+        let mut tat = 0;
+        for _ in 0..10 {
+            try_take(&mut tat, &p, 0, 1, Priority::Normal);
+        }
+        for _ in 0..100 {
+            let v = try_take(&mut tat, &p, 0, 1, Priority::Critical);
+            assert_eq!(v.outcome, Outcome::Bypassed);
+        }
+        assert_eq!(tat, 2 * SEC, "debt is capped at one extra bucket");
+        assert_eq!(
+            try_take(&mut tat, &p, SEC, 1, Priority::Normal).outcome,
+            Outcome::Denied
+        );
+        assert_eq!(
+            try_take(&mut tat, &p, SEC + SEC / 10, 1, Priority::Normal).outcome,
+            Outcome::Allowed
+        );
+    }
+
+    #[test]
+    fn rescale_keeps_spent_tokens_within_the_new_bucket() {
+        let one = params(1, Duration::from_secs(1), None);
+        let ten = params(10, Duration::from_secs(1), None);
+        // One token spent at 1/s is one token spent at 10/s.
+        assert_eq!(rescale(SEC, &one, &ten, 0), SEC / 10);
+        // Ten tokens spent at 10/s cannot exceed the 1-token bucket.
+        assert_eq!(rescale(SEC, &ten, &one, 0), SEC);
+        assert_eq!(rescale(5, &one, &ten, 10), 5, "a full bucket stays full");
+    }
+
+    proptest! {
+        /// Admitted cost in any interval of length t never exceeds burst + rate * t.
+        #[test]
+        fn admitted_never_exceeds_burst_plus_rate(
+            limit in 1u64..1000,
+            window_ms in 1u64..5000,
+            burst in 1u64..200,
+            steps in proptest::collection::vec((0u64..50_000_000, 0u64..20, 0u8..4), 1..300),
+        ) {
+            let window = Duration::from_millis(window_ms);
+            let p = params(limit, window, Some(burst));
+            let mut tat = 0u64;
+            let mut now = 0u64;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (dt, cost, prio) in steps {
+                now += dt;
+                let cost = cost.min(burst);
+                let priority = [Priority::Low, Priority::Normal, Priority::High, Priority::Normal][prio as usize];
+                let v = try_take(&mut tat, &p, now, cost, priority);
+                if v.outcome == Outcome::Allowed {
+                    admitted.push((now, cost));
+                }
+            }
+            let window_ns = window.as_nanos();
+            for i in 0..admitted.len() {
+                let mut sum = 0u128;
+                for &(t, c) in &admitted[i..] {
+                    sum += u128::from(c);
+                    let elapsed = u128::from(t - admitted[i].0);
+                    // burst + limit * elapsed / window, in exact integers.
+                    let bound = u128::from(burst) * window_ns + u128::from(limit) * elapsed;
+                    prop_assert!(sum * window_ns <= bound,
+                        "admitted {} in {} ns > burst {} + rate", sum, elapsed, burst);
+                }
+            }
+        }
+    }
+}

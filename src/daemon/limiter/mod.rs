@@ -1,0 +1,438 @@
+//! The limiter core: given (client, resource, cost, priority) and `now`, decide.
+//!
+//! [`Limiter::acquire`] is the hot path: hash the key once, lock one shard for
+//! a few dozen nanoseconds, find or create the bucket, resolve its rule only on
+//! a miss or after a rule change, do the GCRA arithmetic, count, unlock. It is a
+//! plain synchronous function: no I/O, no `.await`, no global lock, and no
+//! allocation unless a new bucket is created. Time is passed in, so tests drive
+//! it with a fake clock.
+
+pub mod bucket;
+pub mod rules;
+pub mod table;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use arrayvec::ArrayString;
+use crossbeam::utils::CachePadded;
+use parking_lot::Mutex;
+
+pub use bucket::{BucketParams, Verdict, try_take};
+pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
+pub use table::ShardedTable;
+
+use crate::protocol::{Outcome, Priority, RuleCounters, RuleSource};
+use crate::rule::{MAX_NAME_BYTES, MAX_RULE_ID_BYTES, RuleSpec};
+
+/// A monotonic clock in nanoseconds since the daemon started.
+#[derive(Debug, Clone, Copy)]
+pub struct MonotonicClock {
+    epoch: Instant,
+}
+
+impl MonotonicClock {
+    pub fn new() -> MonotonicClock {
+        MonotonicClock {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the clock was created.
+    #[inline]
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What to answer when no rule matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// Sizing of the limiter.
+#[derive(Debug, Clone, Copy)]
+pub struct LimiterConfig {
+    /// Shards of the bucket table (rounded to a power of two).
+    pub shards: usize,
+    /// Hard cap on buckets.
+    pub max_buckets: usize,
+    pub default_action: DefaultAction,
+}
+
+/// A decision, with the rule id copied inline so no allocation or shared
+/// reference count is needed to report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalDecision {
+    pub outcome: Outcome,
+    pub limit: u64,
+    pub remaining: u64,
+    pub retry_after_ns: u64,
+    pub reset_after_ns: u64,
+    /// Empty when no rule matched.
+    pub rule: ArrayString<MAX_RULE_ID_BYTES>,
+}
+
+/// An acquire that cannot be decided (as opposed to a denial).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    #[error("{0} is empty; name the {0}")]
+    Empty(&'static str),
+    #[error("{field} is {len} bytes long; the maximum is {MAX_NAME_BYTES} bytes")]
+    TooLong { field: &'static str, len: usize },
+    #[error(
+        "cost {cost} exceeds the bucket size {burst} of rule {rule:?}, so it can never be allowed; lower the cost or raise the rule's burst"
+    )]
+    CostExceedsBurst {
+        cost: u64,
+        burst: u64,
+        rule: ArrayString<MAX_RULE_ID_BYTES>,
+    },
+}
+
+/// Decisions not made by any rule.
+#[derive(Debug, Default)]
+struct Unmatched {
+    stripes: [CachePadded<AtomicU64>; rules::STRIPES],
+}
+
+/// The limiter: rules plus the bucket table.
+#[derive(Debug)]
+pub struct Limiter {
+    table: ShardedTable,
+    /// The current snapshot, for admin reads and rebuilds (never the hot path).
+    rules: Mutex<Arc<RuleSet>>,
+    default_action: DefaultAction,
+    unmatched: Unmatched,
+}
+
+impl Limiter {
+    pub fn new(config: LimiterConfig) -> Limiter {
+        Limiter {
+            table: ShardedTable::new(config.shards, config.max_buckets),
+            rules: Mutex::new(Arc::new(RuleSet::default())),
+            default_action: config.default_action,
+            unmatched: Unmatched::default(),
+        }
+    }
+
+    /// Decides one request at time `now` (ns of [`MonotonicClock`]).
+    ///
+    /// # Errors
+    /// Empty or overlong names, or a cost above the matching rule's bucket size.
+    pub fn acquire(
+        &self,
+        client: &str,
+        resource: &str,
+        cost: u64,
+        priority: Priority,
+        now: u64,
+    ) -> Result<LocalDecision, AcquireError> {
+        check_name("client", client)?;
+        check_name("resource", resource)?;
+        let hash = self.table.hash(client, resource);
+        let stripe = self.table.shard_of(hash);
+        let mut guard = self.table.lock(stripe);
+        let table::Shard { buckets, rules } = &mut *guard;
+        let entry = match buckets.find(hash, client, resource) {
+            Some(entry) if entry.generation == rules.generation => entry,
+            Some(entry) => match rules.resolve(client, resource) {
+                Some(rule) => {
+                    if !Arc::ptr_eq(rule, &entry.rule) {
+                        entry.tat = if rule.id() == entry.rule.id() {
+                            bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
+                        } else {
+                            0
+                        };
+                        entry.rule = Arc::clone(rule);
+                    }
+                    entry.generation = rules.generation;
+                    entry
+                }
+                None => {
+                    buckets.remove(hash, client, resource);
+                    drop(guard);
+                    return Ok(self.unmatched(stripe));
+                }
+            },
+            None => match rules.resolve(client, resource) {
+                Some(rule) => {
+                    check_cost(rule, cost)?;
+                    let rule = Arc::clone(rule);
+                    let (entry, evicted) =
+                        buckets.insert(hash, client, resource, rule, rules.generation, now);
+                    if evicted > 0 {
+                        self.table
+                            .evictions
+                            .lru
+                            .fetch_add(evicted as u64, Ordering::Relaxed);
+                    }
+                    entry
+                }
+                None => {
+                    drop(guard);
+                    return Ok(self.unmatched(stripe));
+                }
+            },
+        };
+        let rule = &*entry.rule;
+        check_cost(rule, cost)?;
+        let verdict = try_take(&mut entry.tat, &rule.params, now, cost, priority);
+        entry.last_used = now;
+        rule.activity.record(stripe, verdict.outcome, now);
+        Ok(LocalDecision {
+            outcome: verdict.outcome,
+            limit: rule.spec.limit,
+            remaining: verdict.remaining,
+            retry_after_ns: verdict.retry_after_ns,
+            reset_after_ns: verdict.reset_after_ns,
+            rule: ArrayString::from(rule.id()).expect("rule ids are validated to fit"),
+        })
+    }
+
+    fn unmatched(&self, stripe: usize) -> LocalDecision {
+        self.unmatched.stripes[stripe % rules::STRIPES].fetch_add(1, Ordering::Relaxed);
+        LocalDecision {
+            outcome: match self.default_action {
+                DefaultAction::Allow => Outcome::Allowed,
+                DefaultAction::Deny => Outcome::Denied,
+            },
+            limit: 0,
+            remaining: 0,
+            retry_after_ns: 0,
+            reset_after_ns: 0,
+            rule: ArrayString::new(),
+        }
+    }
+
+    /// Replaces the rules with `specs` (all or nothing) and returns the new
+    /// snapshot. Buckets of unchanged rules are untouched.
+    ///
+    /// # Errors
+    /// Any invalid rule, duplicate id or ambiguous pair; the rules in force stay.
+    pub fn set_rules(
+        &self,
+        specs: Vec<(RuleSpec, RuleSource)>,
+        now: u64,
+    ) -> Result<Arc<RuleSet>, RuleSetError> {
+        let mut current = self.rules.lock();
+        let next = Arc::new(RuleSet::build(specs, &current, now)?);
+        self.table.install_rules(&next);
+        *current = Arc::clone(&next);
+        Ok(next)
+    }
+
+    /// Checks `specs` as [`Limiter::set_rules`] would, without installing them.
+    ///
+    /// # Errors
+    /// As [`Limiter::set_rules`].
+    pub fn check_rules(
+        &self,
+        specs: Vec<(RuleSpec, RuleSource)>,
+        now: u64,
+    ) -> Result<(), RuleSetError> {
+        RuleSet::build(specs, &self.rules.lock(), now).map(drop)
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        Arc::clone(&self.rules.lock())
+    }
+
+    /// The bucket table (for the sweeper and stats).
+    pub fn table(&self) -> &ShardedTable {
+        &self.table
+    }
+
+    /// Requests answered by the default action.
+    pub fn unmatched_total(&self) -> u64 {
+        self.unmatched
+            .stripes
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Per-rule counters of the rules in force.
+    pub fn rule_counters(&self) -> Vec<RuleCounters> {
+        self.rules()
+            .iter()
+            .map(|r| {
+                let (allowed, rejected, bypassed) = r.activity.totals();
+                RuleCounters {
+                    id: r.id().to_owned(),
+                    allowed,
+                    rejected,
+                    bypassed,
+                }
+            })
+            .collect()
+    }
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<(), AcquireError> {
+    if name.is_empty() {
+        return Err(AcquireError::Empty(field));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(AcquireError::TooLong {
+            field,
+            len: name.len(),
+        });
+    }
+    Ok(())
+}
+
+#[inline]
+fn check_cost(rule: &Rule, cost: u64) -> Result<(), AcquireError> {
+    if cost > rule.params.capacity {
+        return Err(AcquireError::CostExceedsBurst {
+            cost,
+            burst: rule.params.capacity,
+            rule: ArrayString::from(rule.id()).expect("rule ids are validated to fit"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn limiter(max_buckets: usize, default_action: DefaultAction) -> Limiter {
+        Limiter::new(LimiterConfig {
+            shards: 4,
+            max_buckets,
+            default_action,
+        })
+    }
+
+    fn rule(id: &str, client: &str, resource: &str, limit: u64) -> (RuleSpec, RuleSource) {
+        (
+            RuleSpec::new(id, client, resource, limit, Duration::from_secs(1)),
+            RuleSource::Runtime,
+        )
+    }
+
+    fn outcome(l: &Limiter, client: &str, now: u64) -> Outcome {
+        l.acquire(client, "api", 1, Priority::Normal, now)
+            .unwrap()
+            .outcome
+    }
+
+    #[test]
+    fn buckets_are_per_client_and_resource() {
+        let l = limiter(1000, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 2)], 0).unwrap();
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+        assert_eq!(outcome(&l, "b", SEC), Outcome::Allowed);
+        let d = l.acquire("a", "other", 1, Priority::Normal, SEC).unwrap();
+        assert_eq!(
+            (d.outcome, d.rule.as_str(), d.limit),
+            (Outcome::Allowed, "r", 2)
+        );
+        assert_eq!(l.table().len(), 3);
+    }
+
+    #[test]
+    fn default_action_applies_when_no_rule_matches() {
+        let l = limiter(1000, DefaultAction::Deny);
+        l.set_rules(vec![rule("r", "bob", "*", 2)], 0).unwrap();
+        let d = l.acquire("alice", "api", 1, Priority::Normal, 0).unwrap();
+        assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Denied, ""));
+        assert_eq!(l.unmatched_total(), 1);
+        assert_eq!(l.table().len(), 0, "unmatched requests create no bucket");
+    }
+
+    #[test]
+    fn cost_above_burst_is_an_error_not_a_denial() {
+        let l = limiter(1000, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 5)], 0).unwrap();
+        let e = l.acquire("a", "x", 6, Priority::Normal, 0).unwrap_err();
+        assert!(matches!(
+            e,
+            AcquireError::CostExceedsBurst {
+                cost: 6,
+                burst: 5,
+                ..
+            }
+        ));
+        assert_eq!(l.table().len(), 0);
+        assert!(matches!(
+            l.acquire("", "x", 1, Priority::Normal, 0),
+            Err(AcquireError::Empty("client"))
+        ));
+    }
+
+    #[test]
+    fn rule_changes_apply_to_existing_buckets() {
+        let l = limiter(1000, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 1)], 0).unwrap();
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+        // Raising the limit keeps the consumption but gives the new headroom.
+        l.set_rules(vec![rule("r", "*", "*", 3)], SEC).unwrap();
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+        // A more specific new rule takes over with a fresh bucket.
+        l.set_rules(vec![rule("r", "*", "*", 3), rule("a", "a", "*", 1)], SEC)
+            .unwrap();
+        let d = l.acquire("a", "api", 1, Priority::Normal, SEC).unwrap();
+        assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Allowed, "a"));
+        // Deleting every rule falls back to the default and drops the bucket.
+        l.set_rules(vec![], SEC).unwrap();
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(l.table().len(), 0);
+    }
+
+    #[test]
+    fn invalid_rule_sets_leave_the_rules_in_force() {
+        let l = limiter(1000, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 1)], 0).unwrap();
+        let bad = vec![rule("x", "a", "b", 1), rule("y", "a", "b", 2)];
+        assert!(l.set_rules(bad, 0).is_err());
+        assert_eq!(l.rules().len(), 1);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+    }
+
+    #[test]
+    fn bucket_count_never_exceeds_the_cap() {
+        let l = limiter(256, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 1)], 0).unwrap();
+        for i in 0..10_000u64 {
+            let c = format!("client-{i}");
+            l.acquire(&c, "x", 1, Priority::Normal, i).unwrap();
+            assert!(l.table().len() <= 256);
+        }
+        assert!(l.table().evictions.lru.load(Ordering::Relaxed) >= 10_000 - 256);
+    }
+
+    #[test]
+    fn counters_follow_decisions() {
+        let l = limiter(1000, DefaultAction::Allow);
+        l.set_rules(vec![rule("r", "*", "*", 1)], 0).unwrap();
+        outcome(&l, "a", SEC);
+        outcome(&l, "a", SEC);
+        l.acquire("a", "api", 1, Priority::Critical, SEC).unwrap();
+        let c = &l.rule_counters()[0];
+        assert_eq!((c.allowed, c.rejected, c.bypassed), (1, 1, 1));
+    }
+}

@@ -1,0 +1,5 @@
+//! rld: a rate limiter daemon answering local apps over a Unix socket.
+
+pub mod daemon;
+pub mod protocol;
+pub mod rule;

@@ -1,0 +1,250 @@
+//! Framing: a 4-byte big-endian length, then that many bytes of postcard.
+//!
+//! [`FrameCodec`] splits frames out of a read buffer (a `LengthDelimitedCodec`
+//! with an explicit maximum); [`encode`] appends one frame to a write buffer;
+//! [`decode_request`] and [`decode_response`] turn frame bodies into messages.
+//! No sockets here and no allocation on the request path: requests borrow from
+//! the frame, encoding writes straight into the caller's buffer.
+
+use bytes::{BufMut, BytesMut};
+use serde::Serialize;
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+use super::message::{REQUEST_VARIANTS, RequestFrame, ResponseFrame};
+use super::{MAX_RESPONSE_FRAME, ProtocolError};
+
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Splits length-prefixed frames out of a byte stream.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use rld::protocol::codec::{FrameCodec, encode};
+/// use rld::protocol::{Request, RequestFrame};
+///
+/// let mut buf = BytesMut::new();
+/// encode(&RequestFrame { id: 7, request: Request::Stats }, &mut buf).unwrap();
+/// assert_eq!(&buf[..], &[0, 0, 0, 2, 7, 7]);
+/// let frame = FrameCodec::new(64).decode_frame(&mut buf).unwrap().unwrap();
+/// assert_eq!(&frame[..], &[7, 7]);
+/// ```
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    /// A codec refusing frames longer than `max_frame` bytes (header excluded).
+    pub fn new(max_frame: usize) -> FrameCodec {
+        FrameCodec {
+            inner: LengthDelimitedCodec::builder()
+                .big_endian()
+                .length_field_length(HEADER_LEN)
+                .max_frame_length(max_frame)
+                .new_codec(),
+            max_frame,
+        }
+    }
+
+    /// Takes the next complete frame body out of `buf`, or `None` if more bytes
+    /// are needed.
+    ///
+    /// # Errors
+    /// [`ProtocolError::FrameTooLarge`] as soon as a header announces a frame
+    /// above the maximum (the stream cannot be resynchronised after that).
+    pub fn decode_frame(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+        if buf.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if len > self.max_frame {
+                return Err(ProtocolError::FrameTooLarge {
+                    len,
+                    max: self.max_frame,
+                });
+            }
+        }
+        self.inner
+            .decode(buf)
+            .map_err(|e| ProtocolError::Malformed(e.to_string()))
+    }
+}
+
+/// Appends one frame holding `msg` to `out`.
+///
+/// # Errors
+/// [`ProtocolError::FrameTooLarge`] if the encoded message is above
+/// [`MAX_RESPONSE_FRAME`]; `out` is left as it was.
+pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.put_u32(0);
+    if let Err(e) = postcard::serialize_with_flavor(msg, BytesFlavor(out)) {
+        out.truncate(start);
+        return Err(ProtocolError::Malformed(e.to_string()));
+    }
+    let len = out.len() - start - HEADER_LEN;
+    if len > MAX_RESPONSE_FRAME {
+        out.truncate(start);
+        return Err(ProtocolError::FrameTooLarge {
+            len,
+            max: MAX_RESPONSE_FRAME,
+        });
+    }
+    out[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// postcard output straight into a `BytesMut` (no intermediate `Vec`).
+struct BytesFlavor<'a>(&'a mut BytesMut);
+
+impl postcard::ser_flavors::Flavor for BytesFlavor<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.put_u8(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// A request frame that could not be decoded, with the id to answer under
+/// (0 if even the id was unreadable).
+#[derive(Debug)]
+pub struct BadRequest {
+    pub id: u64,
+    pub error: ProtocolError,
+}
+
+/// Decodes a request frame body, borrowing strings from `frame`.
+///
+/// # Errors
+/// [`ProtocolError::UnknownRequest`] for a variant this version does not know,
+/// [`ProtocolError::Malformed`] for anything else that is not exactly one
+/// well-formed request.
+pub fn decode_request(frame: &[u8]) -> Result<RequestFrame<'_>, BadRequest> {
+    let (id, rest) = postcard::take_from_bytes::<u64>(frame).map_err(|e| BadRequest {
+        id: 0,
+        error: ProtocolError::Malformed(format!("unreadable request id: {e}")),
+    })?;
+    let bad = |error| BadRequest { id, error };
+    let (variant, _) = postcard::take_from_bytes::<u32>(rest).map_err(|e| {
+        bad(ProtocolError::Malformed(format!(
+            "unreadable request type: {e}"
+        )))
+    })?;
+    if variant >= REQUEST_VARIANTS {
+        return Err(bad(ProtocolError::UnknownRequest(variant)));
+    }
+    match postcard::take_from_bytes::<RequestFrame<'_>>(frame) {
+        Ok((msg, [])) => Ok(msg),
+        Ok((_, trailing)) => Err(bad(ProtocolError::Malformed(format!(
+            "{} unexpected bytes after the request",
+            trailing.len()
+        )))),
+        Err(e) => Err(bad(ProtocolError::Malformed(e.to_string()))),
+    }
+}
+
+/// Decodes a response frame body into owned values.
+///
+/// # Errors
+/// [`ProtocolError::Malformed`] when the bytes are not one response.
+pub fn decode_response(frame: &[u8]) -> Result<ResponseFrame<'static>, ProtocolError> {
+    match postcard::take_from_bytes::<ResponseFrame<'static>>(frame) {
+        Ok((msg, [])) => Ok(msg),
+        Ok((_, trailing)) => Err(ProtocolError::Malformed(format!(
+            "{} unexpected bytes after the response",
+            trailing.len()
+        ))),
+        Err(e) => Err(ProtocolError::Malformed(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Acquire, Decision, Outcome, Request, Response};
+    use std::borrow::Cow;
+
+    #[test]
+    fn request_round_trip_borrows_strings() {
+        let mut buf = BytesMut::new();
+        let req = RequestFrame {
+            id: 300,
+            request: Request::Acquire(Acquire::new("alice", "api/search").cost(2)),
+        };
+        encode(&req, &mut buf).unwrap();
+        let frame = FrameCodec::new(1024)
+            .decode_frame(&mut buf)
+            .unwrap()
+            .unwrap();
+        let back = decode_request(&frame).unwrap();
+        assert_eq!(back, req);
+        let Request::Acquire(a) = back.request else {
+            panic!()
+        };
+        assert!(matches!(a.client, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn response_round_trip() {
+        let mut buf = BytesMut::new();
+        let resp = ResponseFrame {
+            id: 1,
+            response: Response::Decision(Decision {
+                outcome: Outcome::Denied,
+                limit: 10,
+                remaining: 0,
+                retry_after_ns: 5,
+                reset_after_ns: 9,
+                rule: "r".into(),
+            }),
+        };
+        encode(&resp, &mut buf).unwrap();
+        let frame = FrameCodec::new(1024)
+            .decode_frame(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(decode_response(&frame).unwrap(), resp);
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let mut codec = FrameCodec::new(16);
+        let mut buf = BytesMut::from(&[0u8, 0, 0][..]);
+        assert!(codec.decode_frame(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&[2, 7]);
+        assert!(codec.decode_frame(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&[7]);
+        assert_eq!(&codec.decode_frame(&mut buf).unwrap().unwrap()[..], &[7, 7]);
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_the_body_arrives() {
+        let mut codec = FrameCodec::new(16);
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 17][..]);
+        assert!(matches!(
+            codec.decode_frame(&mut buf),
+            Err(ProtocolError::FrameTooLarge { len: 17, max: 16 })
+        ));
+    }
+
+    #[test]
+    fn unknown_variants_and_trailing_bytes_are_errors() {
+        let e = decode_request(&[5, 42]).unwrap_err();
+        assert_eq!(e.id, 5);
+        assert!(matches!(e.error, ProtocolError::UnknownRequest(42)));
+        let e = decode_request(&[5, 7, 0]).unwrap_err();
+        assert!(matches!(e.error, ProtocolError::Malformed(_)));
+        let e = decode_request(&[0xff]).unwrap_err();
+        assert_eq!(e.id, 0);
+    }
+}

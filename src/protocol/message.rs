@@ -1,0 +1,480 @@
+//! Every message of protocol v1, as serde types encoded with postcard.
+//!
+//! Field order is the wire order; enum variants are numbered in declaration
+//! order and are only ever appended. Strings are `Cow` so the daemon decodes
+//! requests borrowing from the frame buffer (no allocation per request) and
+//! encodes decisions borrowing the rule id; clients decode owned values.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rule::RuleSpec;
+
+/// A request and the id its response will echo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame<'a> {
+    pub id: u64,
+    #[serde(borrow)]
+    pub request: Request<'a>,
+}
+
+/// Requests, numbered 0.. in this order on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request<'a> {
+    /// 0. Must be the first frame of a connection.
+    Hello { version: u16 },
+    /// 1. One decision.
+    Acquire(#[serde(borrow)] Acquire<'a>),
+    /// 2. Up to one frame of decisions, each decided independently, in order.
+    AcquireMany(#[serde(borrow)] Vec<Acquire<'a>>),
+    /// 3. Create or replace rules, all or none (admin).
+    RuleSet { rules: Vec<RuleSpec> },
+    /// 4. One rule with its counters.
+    RuleGet {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+    },
+    /// 5. Every rule in force.
+    RuleList,
+    /// 6. Remove a rule set at run time (admin).
+    RuleDelete {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+    },
+    /// 7. Counters and latency.
+    Stats,
+    /// 8. Liveness and coordination state.
+    Health,
+}
+
+impl Request<'_> {
+    /// Requests that change rules need an authorised peer.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Request::RuleSet { .. } | Request::RuleDelete { .. })
+    }
+
+    /// Name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "Hello",
+            Request::Acquire(_) => "Acquire",
+            Request::AcquireMany(_) => "AcquireMany",
+            Request::RuleSet { .. } => "RuleSet",
+            Request::RuleGet { .. } => "RuleGet",
+            Request::RuleList => "RuleList",
+            Request::RuleDelete { .. } => "RuleDelete",
+            Request::Stats => "Stats",
+            Request::Health => "Health",
+        }
+    }
+}
+
+/// Number of request variants this version knows; higher indices are unknown.
+pub const REQUEST_VARIANTS: u32 = 9;
+
+/// "May `client` use `resource` now, spending `cost` tokens?"
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acquire<'a> {
+    #[serde(borrow)]
+    pub client: Cow<'a, str>,
+    #[serde(borrow)]
+    pub resource: Cow<'a, str>,
+    /// Tokens to take; 0 asks without spending.
+    pub cost: u64,
+    pub priority: Priority,
+    /// W3C trace context of the caller, to link its trace to the daemon's spans.
+    pub trace: Option<TraceContext>,
+}
+
+impl<'a> Acquire<'a> {
+    /// A normal-priority request for one token.
+    pub fn new(client: impl Into<Cow<'a, str>>, resource: impl Into<Cow<'a, str>>) -> Self {
+        Acquire {
+            client: client.into(),
+            resource: resource.into(),
+            cost: 1,
+            priority: Priority::Normal,
+            trace: None,
+        }
+    }
+
+    /// Sets the cost.
+    pub fn cost(mut self, cost: u64) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// Request priority. Lower classes stop at their rule's reserve floor;
+/// `Critical` is never denied but is counted, debited and reported as bypassed.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            "critical" => Ok(Priority::Critical),
+            _ => Err(format!(
+                "unknown priority {s:?}; use low, normal, high or critical"
+            )),
+        }
+    }
+}
+
+/// W3C `traceparent` in binary form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// Parses `00-<32 hex>-<16 hex>-<2 hex>`.
+    ///
+    /// # Errors
+    /// Anything that is not a version-00 traceparent with non-zero ids.
+    pub fn parse_traceparent(s: &str) -> Result<TraceContext, String> {
+        let bad = || format!("{s:?} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
+        let parts: Vec<&str> = s.split('-').collect();
+        if parts.len() != 4 || parts[0] != "00" {
+            return Err(bad());
+        }
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        let mut flags = [0u8; 1];
+        hex_into(parts[1], &mut trace_id).ok_or_else(bad)?;
+        hex_into(parts[2], &mut span_id).ok_or_else(bad)?;
+        hex_into(parts[3], &mut flags).ok_or_else(bad)?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return Err(bad());
+        }
+        Ok(TraceContext {
+            trace_id,
+            span_id,
+            flags: flags[0],
+        })
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("00-")?;
+        self.trace_id
+            .iter()
+            .try_for_each(|b| write!(f, "{b:02x}"))?;
+        f.write_str("-")?;
+        self.span_id.iter().try_for_each(|b| write!(f, "{b:02x}"))?;
+        write!(f, "-{:02x}", self.flags)
+    }
+}
+
+fn hex_into(s: &str, out: &mut [u8]) -> Option<()> {
+    if s.len() != out.len() * 2 {
+        return None;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(())
+}
+
+/// A response and the id of the request it answers (0 when the request's id
+/// could not be read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFrame<'a> {
+    pub id: u64,
+    pub response: Response<'a>,
+}
+
+/// Responses, numbered 0.. in this order on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response<'a> {
+    /// 0. Answer to `Hello`.
+    HelloOk {
+        version: u16,
+        server: Cow<'a, str>,
+        /// Largest request frame the daemon accepts, in bytes.
+        max_frame: u32,
+    },
+    /// 1. Answer to `Acquire`.
+    Decision(Decision<'a>),
+    /// 2. Answer to `AcquireMany`, one item per request, in order.
+    Decisions(Vec<BatchItem<'a>>),
+    /// 3. Answer to `RuleSet`: how many rules were created or changed.
+    RulesApplied { changed: u32 },
+    /// 4. Answer to `RuleGet`.
+    Rule(RuleInfo),
+    /// 5. Answer to `RuleList`.
+    Rules(Vec<RuleInfo>),
+    /// 6. Answer to `RuleDelete`.
+    RuleDeleted,
+    /// 7. Answer to `Stats`.
+    Stats(StatsReport),
+    /// 8. Answer to `Health`.
+    Health(HealthReport),
+    /// 9. The request failed; see the code.
+    Error(ErrorBody<'a>),
+}
+
+/// The answer to one acquire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision<'a> {
+    pub outcome: Outcome,
+    /// The rule's limit per window (0 when no rule matched).
+    pub limit: u64,
+    /// Whole tokens left in the bucket after this decision.
+    pub remaining: u64,
+    /// When denied: nanoseconds until the same request would be allowed.
+    pub retry_after_ns: u64,
+    /// Nanoseconds until the bucket is full again.
+    pub reset_after_ns: u64,
+    /// The rule that decided; empty when no rule matched and the default applied.
+    pub rule: Cow<'a, str>,
+}
+
+impl Decision<'_> {
+    /// Allowed or bypassed: the caller may go ahead.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self.outcome, Outcome::Allowed | Outcome::Bypassed)
+    }
+
+    /// Detaches the decision from the buffer it borrows.
+    pub fn into_owned(self) -> Decision<'static> {
+        Decision {
+            rule: Cow::Owned(self.rule.into_owned()),
+            ..self
+        }
+    }
+}
+
+/// What happened to an acquire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    /// A critical request admitted over the limit (still debited).
+    Bypassed,
+}
+
+/// One item of an `AcquireMany` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchItem<'a> {
+    Decision(Decision<'a>),
+    Error(ErrorBody<'a>),
+}
+
+/// A typed error code and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody<'a> {
+    pub code: ErrorCode,
+    pub message: Cow<'a, str>,
+}
+
+impl<'a> ErrorBody<'a> {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'a, str>>) -> Self {
+        ErrorBody {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn into_owned(self) -> ErrorBody<'static> {
+        ErrorBody {
+            code: self.code,
+            message: Cow::Owned(self.message.into_owned()),
+        }
+    }
+}
+
+impl fmt::Display for ErrorBody<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// Error code on the wire: a `u16`, so codes added later still decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! error_codes {
+    ($($name:ident = $value:literal, $text:literal;)*) => {
+        impl ErrorCode {
+            $(pub const $name: ErrorCode = ErrorCode($value);)*
+
+            /// The code's name, or `unknown` for codes from a newer daemon.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($value => $text,)*
+                    _ => "unknown",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    MALFORMED_FRAME = 0, "malformed_frame";
+    FRAME_TOO_LARGE = 1, "frame_too_large";
+    UNSUPPORTED_VERSION = 2, "unsupported_version";
+    HANDSHAKE_REQUIRED = 3, "handshake_required";
+    UNKNOWN_REQUEST = 4, "unknown_request";
+    INVALID_ARGUMENT = 5, "invalid_argument";
+    COST_EXCEEDS_BURST = 6, "cost_exceeds_burst";
+    INVALID_RULE = 7, "invalid_rule";
+    RULE_NOT_FOUND = 8, "rule_not_found";
+    PERMISSION_DENIED = 9, "permission_denied";
+    STORAGE_FAILED = 10, "storage_failed";
+    TOO_MANY_CONNECTIONS = 11, "too_many_connections";
+    SHUTTING_DOWN = 12, "shutting_down";
+    INTERNAL = 13, "internal";
+    RULE_READ_ONLY = 14, "rule_read_only";
+    UNAVAILABLE = 15, "unavailable";
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0, self.name())
+    }
+}
+
+/// Where a rule came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleSource {
+    /// The daemon's config file (read-only over the socket; edit the file and reload).
+    Config,
+    /// Set at run time (`rlctl rules set`), persisted in the state directory.
+    Runtime,
+    /// Set at run time and stored in etcd, shared by every daemon.
+    Etcd,
+}
+
+/// A rule with its live counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleInfo {
+    pub spec: RuleSpec,
+    pub source: RuleSource,
+    pub allowed: u64,
+    pub rejected: u64,
+    pub bypassed: u64,
+    /// Nanoseconds since a request last matched the rule.
+    pub idle_ns: u64,
+}
+
+/// Counters, gauges and latency of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub uptime_ns: u64,
+    pub allowed: u64,
+    pub rejected: u64,
+    pub bypassed: u64,
+    /// Requests no rule matched, answered by the default action.
+    pub unmatched: u64,
+    pub buckets: u64,
+    pub max_buckets: u64,
+    pub evicted_idle: u64,
+    pub evicted_lru: u64,
+    pub rules: u64,
+    pub rules_expired: u64,
+    pub connections_open: u64,
+    pub connections_total: u64,
+    pub connections_rejected: u64,
+    pub protocol_errors: u64,
+    pub latency: LatencySummary,
+    pub per_rule: Vec<RuleCounters>,
+}
+
+/// Decision latency inside the daemon (decode to decision), in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub avg_ns: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+/// Decisions of one rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCounters {
+    pub id: String,
+    pub allowed: u64,
+    pub rejected: u64,
+    pub bypassed: u64,
+}
+
+/// Whether the daemon is serving and how it coordinates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub state: ServingState,
+    pub version: String,
+    pub uptime_ns: u64,
+    pub rules: u64,
+    /// `standalone`, or `etcd` when limits are shared.
+    pub mode: String,
+}
+
+/// The daemon's overall state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServingState {
+    /// Serving with every subsystem healthy.
+    Ok,
+    /// Serving, but some rules run on their failure policy.
+    Degraded,
+    /// Draining before exit.
+    Stopping,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips() {
+        let s = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::parse_traceparent(s).unwrap();
+        assert_eq!(t.flags, 1);
+        assert_eq!(t.to_string(), s);
+        assert!(TraceContext::parse_traceparent("00-00-00-00").is_err());
+        assert!(
+            TraceContext::parse_traceparent(
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn error_codes_have_names() {
+        assert_eq!(ErrorCode::FRAME_TOO_LARGE.name(), "frame_too_large");
+        assert_eq!(ErrorCode(999).name(), "unknown");
+        assert_eq!(ErrorCode::INVALID_RULE.to_string(), "7 invalid_rule");
+    }
+}
