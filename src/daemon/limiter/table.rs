@@ -192,9 +192,11 @@ impl ShardedTable {
         while n > 1 && max_buckets / n < 16 {
             n /= 2;
         }
-        let cap = max_buckets / n;
+        // Spread the remainder so the caps add up to exactly `max_buckets`.
+        let (cap, extra) = (max_buckets / n, max_buckets % n);
         let shards = (0..n)
-            .map(|_| {
+            .map(|i| {
+                let cap = cap + usize::from(i < extra);
                 CachePadded::new(Mutex::new(Shard {
                     buckets: Buckets {
                         map: HashTable::new(),
@@ -211,7 +213,7 @@ impl ShardedTable {
             // Shard choice uses bits 32.. of the hash; hashbrown uses the low
             // bits for the slot and the top 7 for tags, so they stay independent.
             shift: 32,
-            max_buckets: cap * n,
+            max_buckets,
             evictions: EvictionCounters::default(),
         }
     }
@@ -238,7 +240,7 @@ impl ShardedTable {
         self.shards.len()
     }
 
-    /// The effective cap (a multiple of the shard count, at most the configured one).
+    /// The cap on buckets across all shards.
     pub fn max_buckets(&self) -> usize {
         self.max_buckets
     }

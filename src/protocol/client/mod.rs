@@ -184,6 +184,18 @@ impl Connection {
         }
     }
 
+    /// The next response if one is already buffered, without reading the socket
+    /// (to drain a pipeline in one wake-up).
+    ///
+    /// # Errors
+    /// A malformed frame.
+    pub fn receive_buffered(&mut self) -> Result<Option<ResponseFrame<'static>>, ClientError> {
+        match self.codec.decode_frame(&mut self.read_buf)? {
+            Some(frame) => Ok(Some(decode_response(&frame)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Reads the next response frame without decoding it (for load generators).
     ///
     /// # Errors

@@ -1,0 +1,108 @@
+//! `rlctl acquire` and `rlctl run`: one `Acquire` request (repeated with
+//! `--wait` after each retry-after), for shell scripts that gate jobs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::output::fmt_ns;
+use super::{AcquireArgs, CliError, DecisionArgs, Exit, Output, RunArgs, connect};
+use crate::protocol::{Acquire, Decision, Outcome, TraceContext};
+
+/// Shortest sleep between retries (a retry-after of 0 would spin).
+const MIN_RETRY: Duration = Duration::from_millis(1);
+
+pub async fn acquire(socket: &Path, a: AcquireArgs, out: &mut Output) -> Result<Exit, CliError> {
+    let decision = decide(socket, &a.client, &a.resource, &a.decision).await?;
+    if out.json() {
+        out.json_value(&decision)?;
+    } else if !a.quiet {
+        out.line(describe(&decision))?;
+    }
+    Ok(if decision.is_allowed() {
+        Exit::Ok
+    } else {
+        Exit::Denied
+    })
+}
+
+pub async fn run(socket: &Path, r: RunArgs) -> Result<Exit, CliError> {
+    let decision = decide(socket, &r.client, &r.resource, &r.decision).await?;
+    if !decision.is_allowed() {
+        eprintln!(
+            "rlctl: not running {}: {}",
+            r.command[0],
+            describe(&decision)
+        );
+        return Ok(Exit::Denied);
+    }
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&r.command[0])
+        .args(&r.command[1..])
+        .exec();
+    Err(CliError::usage(format!(
+        "cannot run {}: {err}",
+        r.command[0]
+    )))
+}
+
+/// Asks once, or until allowed / timed out with `--wait`.
+async fn decide(
+    socket: &Path,
+    client: &str,
+    resource: &str,
+    args: &DecisionArgs,
+) -> Result<Decision<'static>, CliError> {
+    let trace = args
+        .traceparent
+        .as_deref()
+        .map(TraceContext::parse_traceparent)
+        .transpose()
+        .map_err(CliError::usage)?;
+    let request = Acquire {
+        client: client.into(),
+        resource: resource.into(),
+        cost: args.cost,
+        priority: args.priority,
+        trace,
+    };
+    let mut conn = connect(socket).await?;
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    loop {
+        let decision = conn.acquire(request.clone()).await?;
+        if decision.is_allowed() || !args.wait {
+            return Ok(decision);
+        }
+        if decision.rule.is_empty() {
+            // Denied by the default action: no bucket will ever refill.
+            return Ok(decision);
+        }
+        let mut pause = Duration::from_nanos(decision.retry_after_ns).max(MIN_RETRY);
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || left < Duration::from_nanos(decision.retry_after_ns) {
+                return Ok(decision);
+            }
+            pause = pause.min(left);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One line describing a decision.
+pub fn describe(d: &Decision<'_>) -> String {
+    let rule = if d.rule.is_empty() {
+        "no rule matched; default action".to_string()
+    } else {
+        format!("rule {}", d.rule)
+    };
+    match d.outcome {
+        Outcome::Allowed => format!("allowed: {} remaining ({rule})", d.remaining),
+        Outcome::Bypassed => format!("allowed over the limit as critical ({rule})"),
+        Outcome::Denied if d.rule.is_empty() => format!("denied ({rule})"),
+        Outcome::Denied => format!(
+            "rate limited: retry after {} ({rule}, limit {})",
+            fmt_ns(d.retry_after_ns),
+            d.limit
+        ),
+    }
+}

@@ -1,0 +1,368 @@
+//! Daemon configuration: command-line flags ([`Args`]), the TOML file
+//! (`/etc/rld/rld.toml` by default, documented in `rld.toml(5)`), and the
+//! resolved [`Config`] where flags override the file and defaults fill the rest.
+//!
+//! Parsing and checking only; nothing here opens sockets or starts tasks.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use super::limiter::DefaultAction;
+use crate::protocol::{DEFAULT_MAX_FRAME, daemon_socket_path};
+use crate::rule::file::{RuleEntry, RuleFileError, specs_from_entries};
+use crate::rule::{RuleSpec, parse_duration};
+
+/// The config file read when `--config` is not given (if it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rld/rld.toml";
+
+/// `rld`: the rate limiter daemon.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "rld",
+    version,
+    about = "Rate limiter daemon: answers \"may client C use resource R now?\" over a Unix socket",
+    long_about = "Rate limiter daemon. Local applications connect to its Unix socket and ask \
+whether a client may use a resource now; rld answers from memory in microseconds using \
+token buckets configured by rules. Rules come from the config file and from `rlctl rules set` \
+(persisted in the state directory). See rld.toml(5) for the file format, rlctl(1) for the \
+CLI and rld-protocol(7) for the wire protocol."
+)]
+pub struct Args {
+    /// Config file (TOML). Default: /etc/rld/rld.toml if it exists, else built-in defaults.
+    #[arg(long, short = 'c', value_name = "FILE", env = "RLD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Unix socket to listen on. Default: /run/rld/rld.sock as root, else
+    /// $XDG_RUNTIME_DIR/rld.sock.
+    #[arg(long, short = 's', value_name = "PATH", env = "RLD_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// Directory where rules set at run time are persisted. Default:
+    /// /var/lib/rld as root, else $XDG_STATE_HOME/rld (~/.local/state/rld).
+    #[arg(long, value_name = "DIR", env = "RLD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Answer for requests no rule matches.
+    #[arg(long, value_name = "ACTION", value_parser = ["allow", "deny"])]
+    pub default_action: Option<String>,
+
+    /// Hard cap on the number of buckets held in memory.
+    #[arg(long, value_name = "N")]
+    pub max_buckets: Option<usize>,
+
+    /// Maximum simultaneous client connections.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Group (name or gid) whose members may change rules, besides root and
+    /// the daemon's own user.
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, value_name = "FILTER", env = "RLD_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Check the config file and its rules, print a summary, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The TOML config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub socket: Option<PathBuf>,
+    /// Octal string, like "0660".
+    pub socket_mode: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub default_action: Option<DefaultAction>,
+    pub max_buckets: Option<usize>,
+    pub shards: Option<usize>,
+    pub max_frame: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub idle_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
+    pub sweep_interval: Option<String>,
+    pub admin_group: Option<String>,
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<RuleEntry>,
+}
+
+/// Everything the daemon needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file read, if any (reloaded on SIGHUP).
+    pub config_path: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub state_dir: PathBuf,
+    pub default_action: DefaultAction,
+    pub max_buckets: usize,
+    pub shards: usize,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    /// Close connections that send nothing for this long (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// How long shutdown waits for connections to finish.
+    pub drain_timeout: Duration,
+    /// How often the sweeper visits every shard.
+    pub sweep_interval: Duration,
+    pub admin_gid: Option<u32>,
+    /// Rules of the config file (the per-host layer).
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {source}")]
+    Rules {
+        path: PathBuf,
+        source: RuleFileError,
+    },
+    #[error("{field}: {message}")]
+    Value {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            config_path: None,
+            socket: daemon_socket_path(),
+            socket_mode: 0o660,
+            state_dir: default_state_dir(),
+            default_action: DefaultAction::Allow,
+            max_buckets: 1_000_000,
+            shards: default_shards(),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 4096,
+            idle_timeout: Some(Duration::from_secs(600)),
+            drain_timeout: Duration::from_secs(5),
+            sweep_interval: Duration::from_secs(1),
+            admin_gid: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Resolves flags, the config file and defaults.
+    ///
+    /// # Errors
+    /// Unreadable or invalid config file, invalid values, unknown admin group.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let path = match &args.config {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        let file = match &path {
+            Some(p) => read_file(p)?,
+            None => ConfigFile::default(),
+        };
+        let mut config = Config::from_file(file, path.as_deref())?;
+        config.config_path = path;
+        if let Some(s) = &args.socket {
+            config.socket = s.clone();
+        }
+        if let Some(d) = &args.state_dir {
+            config.state_dir = d.clone();
+        }
+        if let Some(a) = &args.default_action {
+            config.default_action = if a == "deny" {
+                DefaultAction::Deny
+            } else {
+                DefaultAction::Allow
+            };
+        }
+        if let Some(n) = args.max_buckets {
+            config.max_buckets = n;
+        }
+        if let Some(n) = args.max_connections {
+            config.max_connections = n;
+        }
+        if let Some(g) = &args.admin_group {
+            config.admin_gid = Some(resolve_group(g)?);
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Applies a parsed file over the defaults.
+    ///
+    /// # Errors
+    /// Invalid values or rules.
+    pub fn from_file(file: ConfigFile, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let d = Config::default();
+        let duration = |field, v: Option<String>, default| match v {
+            Some(text) => {
+                parse_duration(&text).map_err(|message| ConfigError::Value { field, message })
+            }
+            None => Ok(default),
+        };
+        let path_buf = path.map_or_else(|| PathBuf::from("<built-in>"), Path::to_owned);
+        let rules = specs_from_entries(&file.rules).map_err(|source| ConfigError::Rules {
+            path: path_buf.clone(),
+            source,
+        })?;
+        if let Some(r) = rules.iter().find(|r| r.expire_idle.is_some()) {
+            return Err(ConfigError::Rules {
+                path: path_buf,
+                source: RuleFileError::Rule(crate::rule::RuleError {
+                    id: r.id.clone(),
+                    field: "expire_idle",
+                    problem: "is only for rules set at run time (rlctl rules set --expire-idle); \
+                              remove it from the config file"
+                        .into(),
+                }),
+            });
+        }
+        let idle = duration("idle_timeout", file.idle_timeout, Duration::from_secs(600))?;
+        let socket_mode = match file.socket_mode {
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+                ConfigError::Value {
+                    field: "socket_mode",
+                    message: format!("{m:?} is not an octal mode like \"0660\""),
+                }
+            })?,
+            None => d.socket_mode,
+        };
+        Ok(Config {
+            config_path: path.map(Path::to_owned),
+            socket: file.socket.unwrap_or(d.socket),
+            socket_mode,
+            state_dir: file.state_dir.unwrap_or(d.state_dir),
+            default_action: file.default_action.unwrap_or(d.default_action),
+            max_buckets: file.max_buckets.unwrap_or(d.max_buckets),
+            shards: file.shards.filter(|&s| s != 0).unwrap_or(d.shards),
+            max_frame: file.max_frame.unwrap_or(d.max_frame),
+            max_connections: file.max_connections.unwrap_or(d.max_connections),
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            drain_timeout: duration("drain_timeout", file.drain_timeout, d.drain_timeout)?,
+            sweep_interval: duration("sweep_interval", file.sweep_interval, d.sweep_interval)?,
+            admin_gid: file.admin_group.as_deref().map(resolve_group).transpose()?,
+            rules,
+        })
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |field, message: &str| {
+            Err(ConfigError::Value {
+                field,
+                message: message.into(),
+            })
+        };
+        if self.max_buckets == 0 {
+            return bad("max_buckets", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        if !(64..=16 * 1024 * 1024).contains(&self.max_frame) {
+            return bad("max_frame", "must be between 64 bytes and 16 MiB");
+        }
+        if self.socket_mode & !0o777 != 0 {
+            return bad("socket_mode", "must be a permission mode like \"0660\"");
+        }
+        if self.sweep_interval < Duration::from_millis(10) {
+            return bad("sweep_interval", "must be at least 10ms");
+        }
+        Ok(())
+    }
+}
+
+/// Reads and parses a config file.
+///
+/// # Errors
+/// Unreadable file or TOML errors (with line and column).
+pub fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// `4 x cores x 16` shards: enough that two cores rarely meet on one lock.
+pub fn default_shards() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    (4 * cores * 16).next_power_of_two()
+}
+
+/// `/var/lib/rld` for root, else `$XDG_STATE_HOME/rld` or `~/.local/state/rld`.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/rld");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("rld");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/rld"),
+        None => PathBuf::from(format!("/tmp/rld-{}/state", nix::unistd::geteuid())),
+    }
+}
+
+fn resolve_group(name: &str) -> Result<u32, ConfigError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(ConfigError::Value {
+            field: "admin_group",
+            message: format!("no group named {name:?}; create it or give a gid"),
+        }),
+        Err(e) => Err(ConfigError::Value {
+            field: "admin_group",
+            message: format!("cannot look up group {name:?}: {e}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_apply_and_unknown_keys_fail() {
+        let file: ConfigFile = toml::from_str(
+            "socket = '/tmp/x.sock'\ndefault_action = 'deny'\nmax_buckets = 10\nidle_timeout = '0s'\n\
+             [[rule]]\nid='a'\nclient='*'\nresource='*'\nlimit=5\nwindow='1s'\n",
+        )
+        .unwrap();
+        let c = Config::from_file(file, None).unwrap();
+        assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.default_action, DefaultAction::Deny);
+        assert_eq!(c.max_buckets, 10);
+        assert_eq!(c.idle_timeout, None);
+        assert_eq!(c.rules.len(), 1);
+        assert!(toml::from_str::<ConfigFile>("sockt = 'x'").is_err());
+    }
+
+    #[test]
+    fn config_rules_may_not_expire() {
+        let file: ConfigFile = toml::from_str(
+            "[[rule]]\nid='a'\nclient='*'\nresource='*'\nlimit=5\nwindow='1s'\nexpire_idle='1h'\n",
+        )
+        .unwrap();
+        let e = Config::from_file(file, None).unwrap_err();
+        assert!(e.to_string().contains("expire_idle"), "{e}");
+    }
+}

@@ -1,0 +1,367 @@
+//! One client connection: handshake, then frames in, answers out.
+//!
+//! Each wake-up decodes every complete frame in the read buffer, answers each
+//! into one write buffer, and writes it with a single syscall, so a pipelining
+//! client pays one wake-up per batch, not per request. Acquires are decided
+//! inline (synchronous limiter call, requests borrowed from the frame, the
+//! answer encoded straight into the buffer: no allocation per request). Admin
+//! requests do blocking file I/O and run on the blocking pool. A bad frame gets
+//! an error answer and closes this connection only. Backpressure is natural: a
+//! client that stops reading stops being read, so memory per connection is
+//! bounded by the frame limit plus one batch of answers.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use serde::ser::{Serialize, SerializeSeq, Serializer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::auth::Peer;
+use super::limiter::{AcquireError, LocalDecision};
+use super::metrics::{LocalHistogram, Metrics};
+use super::rulebook::RuleBookError;
+use crate::protocol::codec::{FrameCodec, decode_request, encode};
+use crate::protocol::{
+    Acquire, Decision, ErrorBody, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError,
+    Request, RequestFrame, Response,
+};
+
+/// Answers are written out once this much is buffered, even mid-batch.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// Serves one connection until the peer leaves, breaks the protocol, idles
+/// out, or `cancel` fires (then requests already read are still answered).
+pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut conn = Conn {
+        codec: FrameCodec::new(shared.max_frame),
+        stream,
+        peer,
+        shared,
+        read_buf: BytesMut::with_capacity(8 * 1024),
+        write_buf: BytesMut::with_capacity(8 * 1024),
+        greeted: false,
+        latency: LocalHistogram::default(),
+        batch: Vec::new(),
+    };
+    if let Err(e) = conn.run(&cancel).await {
+        tracing::debug!(uid = conn.peer.uid, "connection ended: {e}");
+    }
+    conn.latency.merge_into(&conn.shared.metrics.latency);
+}
+
+struct Conn {
+    stream: UnixStream,
+    peer: Peer,
+    shared: Arc<Shared>,
+    codec: FrameCodec,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    greeted: bool,
+    latency: LocalHistogram,
+    /// Reused decision buffer for `AcquireMany`.
+    batch: Vec<Result<LocalDecision, AcquireError>>,
+}
+
+/// Whether to keep the connection after a request.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Conn {
+    async fn run(&mut self, cancel: &CancellationToken) -> io::Result<()> {
+        loop {
+            let next = self.answer_buffered().await?;
+            self.latency.merge_into(&self.shared.metrics.latency);
+            self.flush().await?;
+            if next == Next::Close || cancel.is_cancelled() {
+                return Ok(());
+            }
+            let read = self.stream.read_buf(&mut self.read_buf);
+            let n = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(()),
+                r = idle_timeout(self.shared.idle_timeout, read) => r?,
+            };
+            if n == 0 {
+                if !self.read_buf.is_empty() {
+                    let e = ProtocolError::Malformed(format!(
+                        "connection closed in the middle of a frame ({} bytes unread)",
+                        self.read_buf.len()
+                    ));
+                    self.protocol_error(0, &e);
+                    // The peer may have only shut down its write side.
+                    let _ = self.flush().await;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Answers every complete frame in the read buffer.
+    async fn answer_buffered(&mut self) -> io::Result<Next> {
+        loop {
+            let frame = match self.codec.decode_frame(&mut self.read_buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(Next::Continue),
+                Err(e) => {
+                    self.protocol_error(0, &e);
+                    return Ok(Next::Close);
+                }
+            };
+            let next = match decode_request(&frame) {
+                Ok(RequestFrame { id, request }) => self.answer(id, request).await,
+                Err(bad) => {
+                    self.protocol_error(bad.id, &bad.error);
+                    Next::Close
+                }
+            };
+            if next == Next::Close {
+                return Ok(next);
+            }
+            if self.write_buf.len() >= FLUSH_BYTES {
+                self.flush().await?;
+            }
+        }
+    }
+
+    async fn answer(&mut self, id: u64, request: Request<'_>) -> Next {
+        if !self.greeted {
+            return self.hello(id, &request);
+        }
+        match request {
+            Request::Acquire(acquire) => self.acquire(id, &acquire),
+            Request::AcquireMany(items) => self.acquire_many(id, &items),
+            Request::Hello { .. } => self.error(
+                id,
+                ErrorCode::INVALID_ARGUMENT,
+                "Hello was already received on this connection".into(),
+            ),
+            Request::RuleGet { id: rule } => match self.shared.rulebook.get(&rule) {
+                Some(info) => self.respond(id, &Response::Rule(info)),
+                None => {
+                    let e = RuleBookError::NotFound(rule.into_owned());
+                    self.respond(id, &Response::Error(e.to_wire()))
+                }
+            },
+            Request::RuleList => self.respond(id, &Response::Rules(self.shared.rulebook.list())),
+            Request::Stats => self.respond(id, &Response::Stats(self.shared.stats())),
+            Request::Health => self.respond(id, &Response::Health(self.shared.health())),
+            Request::RuleSet { rules } => {
+                if !self.shared.auth.may_administer(&self.peer) {
+                    return self.refuse(id, "set rules");
+                }
+                let book = Arc::clone(&self.shared.rulebook);
+                let result = tokio::task::spawn_blocking(move || book.set(rules)).await;
+                match result {
+                    Ok(Ok(changed)) => self.respond(id, &Response::RulesApplied { changed }),
+                    Ok(Err(e)) => self.respond(id, &Response::Error(e.to_wire())),
+                    Err(e) => {
+                        self.error(id, ErrorCode::INTERNAL, format!("rule change failed: {e}"))
+                    }
+                }
+            }
+            Request::RuleDelete { id: rule } => {
+                if !self.shared.auth.may_administer(&self.peer) {
+                    return self.refuse(id, "delete rules");
+                }
+                let book = Arc::clone(&self.shared.rulebook);
+                let rule = rule.into_owned();
+                let result = tokio::task::spawn_blocking(move || book.delete(&rule)).await;
+                match result {
+                    Ok(Ok(())) => self.respond(id, &Response::RuleDeleted),
+                    Ok(Err(e)) => self.respond(id, &Response::Error(e.to_wire())),
+                    Err(e) => {
+                        self.error(id, ErrorCode::INTERNAL, format!("rule change failed: {e}"))
+                    }
+                }
+            }
+        }
+    }
+
+    fn hello(&mut self, id: u64, request: &Request<'_>) -> Next {
+        let Request::Hello { version } = *request else {
+            self.protocol_error(id, &ProtocolError::HandshakeRequired);
+            return Next::Close;
+        };
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+            self.protocol_error(id, &ProtocolError::UnsupportedVersion(version));
+            return Next::Close;
+        }
+        self.greeted = true;
+        self.respond(
+            id,
+            &Response::HelloOk {
+                version,
+                server: concat!("rld ", env!("CARGO_PKG_VERSION")).into(),
+                max_frame: self.shared.max_frame as u32,
+            },
+        )
+    }
+
+    /// The hot path: decide and encode, nothing else.
+    fn acquire(&mut self, id: u64, a: &Acquire<'_>) -> Next {
+        if let Some(trace) = &a.trace {
+            tracing::trace!(traceparent = %trace, client = %a.client, resource = %a.resource, "acquire");
+        }
+        let clock = self.shared.clock;
+        let start = clock.now_ns();
+        let result = self
+            .shared
+            .limiter
+            .acquire(&a.client, &a.resource, a.cost, a.priority, start);
+        self.latency.record(clock.now_ns().saturating_sub(start));
+        match result {
+            Ok(d) => self.respond(id, &Response::Decision(wire_decision(&d))),
+            Err(e) => self.respond(id, &Response::Error(acquire_error(&e))),
+        }
+    }
+
+    fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
+        let clock = self.shared.clock;
+        let limiter = &self.shared.limiter;
+        self.batch.clear();
+        for a in items {
+            let start = clock.now_ns();
+            let result = limiter.acquire(&a.client, &a.resource, a.cost, a.priority, start);
+            self.latency.record(clock.now_ns().saturating_sub(start));
+            self.batch.push(result);
+        }
+        match encode(&(id, BatchAnswer(&self.batch)), &mut self.write_buf) {
+            Ok(()) => Next::Continue,
+            Err(e) => self.error(id, ErrorCode::INTERNAL, e.to_string()),
+        }
+    }
+
+    fn refuse(&mut self, id: u64, what: &str) -> Next {
+        let message = self.shared.auth.refusal(&self.peer, what);
+        tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, "refused: {message}");
+        self.error(id, ErrorCode::PERMISSION_DENIED, message)
+    }
+
+    fn error(&mut self, id: u64, code: ErrorCode, message: String) -> Next {
+        self.respond(id, &Response::Error(ErrorBody::new(code, message)))
+    }
+
+    fn protocol_error(&mut self, id: u64, e: &ProtocolError) {
+        Metrics::inc(&self.shared.metrics.protocol_errors);
+        tracing::debug!(uid = self.peer.uid, pid = ?self.peer.pid, "protocol error: {e}");
+        self.error(id, e.code(), e.to_string());
+    }
+
+    fn respond(&mut self, id: u64, response: &Response<'_>) -> Next {
+        // An (id, response) tuple encodes exactly like `ResponseFrame`.
+        if let Err(e) = encode(&(id, response), &mut self.write_buf) {
+            let body = ErrorBody::new(ErrorCode::INTERNAL, format!("answer too large: {e}"));
+            encode(&(id, Response::Error(body)), &mut self.write_buf)
+                .expect("an error answer always fits");
+        }
+        Next::Continue
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.write_buf.is_empty() {
+            self.stream.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+}
+
+async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
+    limit: Option<std::time::Duration>,
+    read: F,
+) -> io::Result<usize> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "idle connection closed",
+            ))
+        }),
+        None => read.await,
+    }
+}
+
+fn wire_decision(d: &LocalDecision) -> Decision<'_> {
+    Decision {
+        outcome: d.outcome,
+        limit: d.limit,
+        remaining: d.remaining,
+        retry_after_ns: d.retry_after_ns,
+        reset_after_ns: d.reset_after_ns,
+        rule: d.rule.as_str().into(),
+    }
+}
+
+fn acquire_error(e: &AcquireError) -> ErrorBody<'static> {
+    let code = match e {
+        AcquireError::CostExceedsBurst { .. } => ErrorCode::COST_EXCEEDS_BURST,
+        AcquireError::Empty(_) | AcquireError::TooLong { .. } => ErrorCode::INVALID_ARGUMENT,
+    };
+    ErrorBody::new(code, e.to_string())
+}
+
+/// Encodes `Response::Decisions` from the reused decision buffer, with the same
+/// bytes as the owned type, without building a `Vec<BatchItem>`.
+struct BatchAnswer<'a>(&'a [Result<LocalDecision, AcquireError>]);
+
+impl Serialize for BatchAnswer<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Items<'a>(&'a [Result<LocalDecision, AcquireError>]);
+        impl Serialize for Items<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use crate::protocol::BatchItem;
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for item in self.0 {
+                    match item {
+                        Ok(d) => seq.serialize_element(&BatchItem::Decision(wire_decision(d)))?,
+                        Err(e) => seq.serialize_element(&BatchItem::Error(acquire_error(e)))?,
+                    }
+                }
+                seq.end()
+            }
+        }
+        // Variant 2 of `Response` is `Decisions(Vec<BatchItem>)`.
+        s.serialize_newtype_variant("Response", 2, "Decisions", &Items(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::codec::decode_response;
+    use crate::protocol::{BatchItem, Outcome, ResponseFrame};
+    use arrayvec::ArrayString;
+
+    #[test]
+    fn batch_answer_encodes_like_the_owned_response() {
+        let decision = LocalDecision {
+            outcome: Outcome::Denied,
+            limit: 5,
+            remaining: 0,
+            retry_after_ns: 7,
+            reset_after_ns: 9,
+            rule: ArrayString::from("r").unwrap(),
+        };
+        let items = vec![Ok(decision), Err(AcquireError::Empty("client"))];
+        let mut fast = BytesMut::new();
+        encode(&(3u64, BatchAnswer(&items)), &mut fast).unwrap();
+        let owned = ResponseFrame {
+            id: 3,
+            response: Response::Decisions(vec![
+                BatchItem::Decision(wire_decision(&decision)),
+                BatchItem::Error(acquire_error(&AcquireError::Empty("client"))),
+            ]),
+        };
+        let mut slow = BytesMut::new();
+        encode(&owned, &mut slow).unwrap();
+        assert_eq!(fast, slow);
+        assert_eq!(decode_response(&fast[4..]).unwrap(), owned);
+    }
+}

@@ -1,0 +1,164 @@
+//! The listening socket and the accept loop.
+//!
+//! Binding replaces a stale socket file left by a crash but refuses to start
+//! when another daemon answers on it, and never deletes a file that is not a
+//! socket. Under systemd socket activation the inherited socket is used as is.
+//! The accept loop caps connections with a semaphore (a connection over the cap
+//! gets a `too_many_connections` error and is closed) and spawns each one on a
+//! `TaskTracker` so shutdown can wait for them.
+
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Shared;
+use super::auth::Peer;
+use super::conn;
+use crate::protocol::codec::encode;
+use crate::protocol::{ErrorBody, ErrorCode, Response};
+
+/// Why the socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "another rld is already serving {0}; stop it first, or start this one with a different --socket"
+    )]
+    InUse(PathBuf),
+    #[error(
+        "{0} exists and is not a socket; refusing to replace it. Remove it or choose another --socket"
+    )]
+    NotASocket(PathBuf),
+    #[error("cannot bind {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A bound listener and whether we own (and must remove) its path.
+#[derive(Debug)]
+pub struct Bound {
+    pub listener: UnixListener,
+    /// `None` when the socket came from systemd.
+    pub owned_path: Option<PathBuf>,
+}
+
+/// Takes the socket from systemd (`LISTEN_FDS`) or binds `path` with `mode`.
+///
+/// # Errors
+/// See [`BindError`].
+pub fn bind(path: &Path, mode: u32) -> Result<Bound, BindError> {
+    if let Some(listener) = inherited_listener() {
+        return Ok(Bound {
+            listener,
+            owned_path: None,
+        });
+    }
+    let io_err = |source| BindError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(BindError::NotASocket(path.to_owned()));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(BindError::InUse(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing stale socket left by a previous run");
+                std::fs::remove_file(path).map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    Ok(Bound {
+        listener,
+        owned_path: Some(path.to_owned()),
+    })
+}
+
+fn inherited_listener() -> Option<UnixListener> {
+    let fds = sd_notify::listen_fds().ok()?;
+    let fd = fds.into_iter().next()?;
+    // SAFETY: systemd passed this descriptor to us (LISTEN_FDS/LISTEN_PID
+    // checked by listen_fds) and nothing else in the process owns it.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    std_listener.set_nonblocking(true).ok()?;
+    UnixListener::from_std(std_listener).ok()
+}
+
+/// Accepts connections until `cancel` fires. Connection tasks get child tokens
+/// of `cancel` and are tracked by `tracker`.
+pub async fn accept_loop(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            super::metrics::Metrics::inc(&shared.metrics.connections_rejected);
+            tracker.spawn(refuse(stream, max_connections));
+            continue;
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) => Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            Err(e) => {
+                tracing::warn!("cannot read peer credentials: {e}; closing connection");
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        let token = cancel.child_token();
+        tracker.spawn(async move {
+            shared.count_connection(true);
+            conn::serve(stream, peer, Arc::clone(&shared), token).await;
+            shared.count_connection(false);
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse(mut stream: UnixStream, max: usize) {
+    let mut buf = BytesMut::new();
+    let body = ErrorBody::new(
+        ErrorCode::TOO_MANY_CONNECTIONS,
+        format!("rld is at its limit of {max} connections; retry later or raise max_connections"),
+    );
+    if encode(&(0u64, Response::Error(body)), &mut buf).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
+    }
+}

@@ -1,0 +1,205 @@
+//! Daemon-wide counters and the decision-latency histogram.
+//!
+//! Connection tasks record latencies into a private [`LocalHistogram`] and
+//! merge it into the shared [`LatencyHistogram`] once per wake-up, so the hot
+//! path writes no shared cache line per request. Per-rule decision counters
+//! live with the rules (`limiter::RuleActivity`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::protocol::LatencySummary;
+
+/// Histogram slots: exact below 16 ns, then 8 slots per power of two up to 2^40 ns.
+const SUB_BITS: u32 = 3;
+const SUB: usize = 1 << SUB_BITS;
+const EXACT: usize = 16;
+const MAX_EXP: u32 = 40;
+pub const SLOTS: usize = EXACT + (MAX_EXP as usize - 4) * SUB;
+
+/// The slot of a value (values above 2^40 ns share the last slot).
+#[inline]
+pub fn slot_of(ns: u64) -> usize {
+    if ns < EXACT as u64 {
+        return ns as usize;
+    }
+    let exp = (63 - ns.leading_zeros()).min(MAX_EXP - 1);
+    let sub = ((ns >> (exp - SUB_BITS)) as usize) & (SUB - 1);
+    let slot = EXACT + (exp as usize - 4) * SUB + sub;
+    slot.min(SLOTS - 1)
+}
+
+/// A representative value of a slot (its midpoint).
+pub fn slot_value(slot: usize) -> u64 {
+    if slot < EXACT {
+        return slot as u64;
+    }
+    let exp = ((slot - EXACT) / SUB + 4) as u32;
+    let sub = ((slot - EXACT) % SUB) as u64;
+    let width = 1u64 << (exp - SUB_BITS);
+    (1u64 << exp) + sub * width + width / 2
+}
+
+/// The shared histogram.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    slots: Box<[AtomicU64]>,
+    sum_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram {
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+            max_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Count, mean, quantiles and maximum so far.
+    pub fn summary(&self) -> LatencySummary {
+        let counts: Vec<u64> = self
+            .slots
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect();
+        let count: u64 = counts.iter().sum();
+        if count == 0 {
+            return LatencySummary::default();
+        }
+        let quantile = |q: f64| {
+            let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (slot, &c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return slot_value(slot);
+                }
+            }
+            slot_value(SLOTS - 1)
+        };
+        let max = self.max_ns.load(Ordering::Relaxed);
+        LatencySummary {
+            count,
+            avg_ns: self.sum_ns.load(Ordering::Relaxed) / count,
+            p50_ns: quantile(0.50).min(max),
+            p90_ns: quantile(0.90).min(max),
+            p99_ns: quantile(0.99).min(max),
+            p999_ns: quantile(0.999).min(max),
+            max_ns: max,
+        }
+    }
+}
+
+/// A connection's private histogram, merged into the shared one in batches.
+#[derive(Debug)]
+pub struct LocalHistogram {
+    slots: Box<[u32]>,
+    /// Range of touched slots, so a merge reads only those.
+    lo: usize,
+    hi: usize,
+    sum_ns: u64,
+    max_ns: u64,
+}
+
+impl Default for LocalHistogram {
+    fn default() -> Self {
+        LocalHistogram {
+            slots: vec![0; SLOTS].into_boxed_slice(),
+            lo: SLOTS,
+            hi: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+}
+
+impl LocalHistogram {
+    #[inline]
+    pub fn record(&mut self, ns: u64) {
+        let slot = slot_of(ns);
+        self.slots[slot] += 1;
+        self.lo = self.lo.min(slot);
+        self.hi = self.hi.max(slot);
+        self.sum_ns += ns;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Adds everything recorded to `shared` and clears.
+    pub fn merge_into(&mut self, shared: &LatencyHistogram) {
+        if self.lo > self.hi {
+            return;
+        }
+        for slot in self.lo..=self.hi {
+            let n = std::mem::take(&mut self.slots[slot]);
+            if n > 0 {
+                shared.slots[slot].fetch_add(u64::from(n), Ordering::Relaxed);
+            }
+        }
+        shared.sum_ns.fetch_add(self.sum_ns, Ordering::Relaxed);
+        shared.max_ns.fetch_max(self.max_ns, Ordering::Relaxed);
+        *self = LocalHistogram {
+            slots: std::mem::take(&mut self.slots),
+            ..LocalHistogram::default()
+        };
+    }
+}
+
+/// Connection and protocol counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub rules_expired: AtomicU64,
+    pub latency: LatencyHistogram,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_monotonic_and_close() {
+        let mut last = 0;
+        for v in [0u64, 1, 15, 16, 17, 100, 1_000, 12_345, 1 << 30, 1 << 39] {
+            let s = slot_of(v);
+            assert!(s >= last);
+            last = s;
+            let rep = slot_value(s);
+            let err = rep.abs_diff(v) as f64 / (v.max(1) as f64);
+            assert!(err <= 0.07, "{v} -> {rep}");
+        }
+        assert_eq!(slot_of(u64::MAX), SLOTS - 1);
+    }
+
+    #[test]
+    fn quantiles_from_merged_local_histograms() {
+        let shared = LatencyHistogram::default();
+        let mut local = LocalHistogram::default();
+        for v in 1..=1000u64 {
+            local.record(v * 1000);
+        }
+        local.merge_into(&shared);
+        local.merge_into(&shared);
+        let s = shared.summary();
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.max_ns, 1_000_000);
+        assert!((480_000..=530_000).contains(&s.p50_ns), "{s:?}");
+        assert!((960_000..=1_000_000).contains(&s.p99_ns), "{s:?}");
+        assert_eq!(s.avg_ns, 500_500);
+    }
+}

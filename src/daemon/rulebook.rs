@@ -1,0 +1,516 @@
+//! The rules in force and where they come from: the config file (a read-only
+//! per-host layer, reloaded on SIGHUP) and rules set at run time (persisted
+//! atomically in the state directory, so they survive restarts and `kill -9`).
+//!
+//! Every change is checked as a whole, persisted, and only then installed in
+//! the limiter: a rejected or unpersistable change leaves the rules in force
+//! untouched. Admin operations run here, off the request path, serialized by
+//! one mutex; this module does blocking file I/O and must be called from
+//! `spawn_blocking` in async code.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
+use parking_lot::Mutex;
+
+use super::limiter::{Limiter, MonotonicClock, RuleSetError};
+use crate::protocol::{ErrorBody, ErrorCode, RuleInfo, RuleSource};
+use crate::rule::file::{parse_rules, render_rules};
+use crate::rule::{RuleSpec, Scope};
+
+/// File in the state directory holding the run-time rules.
+pub const RULES_FILE: &str = "rules.toml";
+const LOCK_FILE: &str = "lock";
+
+/// Why a rule change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleBookError {
+    #[error(transparent)]
+    Invalid(#[from] RuleSetError),
+    #[error(
+        "rule {id:?} has scope = \"global\", which needs etcd; start rld with --etcd or use scope = \"local\""
+    )]
+    GlobalNeedsEtcd { id: String },
+    #[error(
+        "rule {id:?} is defined in the config file {path}; edit it there and reload rld (SIGHUP)"
+    )]
+    ReadOnly { id: String, path: String },
+    #[error("no rule with id {0:?}; `rlctl rules list` shows the rules in force")]
+    NotFound(String),
+    #[error(
+        "could not save rules to {path}: {source}; nothing was changed. Free space or fix permissions and retry"
+    )]
+    Storage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path}: {message}; fix or remove the file")]
+    CorruptState { path: PathBuf, message: String },
+    #[error(
+        "state directory {path} is in use by another rld (lock held); give each daemon its own --state-dir"
+    )]
+    Locked { path: PathBuf },
+}
+
+impl RuleBookError {
+    /// The wire error for this refusal.
+    pub fn to_wire(&self) -> ErrorBody<'static> {
+        let code = match self {
+            RuleBookError::Invalid(_) | RuleBookError::GlobalNeedsEtcd { .. } => {
+                ErrorCode::INVALID_RULE
+            }
+            RuleBookError::ReadOnly { .. } => ErrorCode::RULE_READ_ONLY,
+            RuleBookError::NotFound(_) => ErrorCode::RULE_NOT_FOUND,
+            RuleBookError::Storage { .. }
+            | RuleBookError::CorruptState { .. }
+            | RuleBookError::Locked { .. } => ErrorCode::STORAGE_FAILED,
+        };
+        ErrorBody::new(code, self.to_string())
+    }
+}
+
+/// Persists run-time rules in one TOML file, replaced atomically.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    /// Held for the daemon's lifetime so two daemons never share a state dir.
+    _lock: Flock<File>,
+}
+
+impl StateStore {
+    /// Creates the directory if needed and takes its lock.
+    ///
+    /// # Errors
+    /// The directory cannot be created or is locked by another daemon.
+    pub fn open(dir: &Path) -> Result<StateStore, RuleBookError> {
+        let storage = |source| RuleBookError::Storage {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(storage)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(storage)?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| RuleBookError::Locked { path: dir.into() })?;
+        Ok(StateStore {
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(RULES_FILE)
+    }
+
+    /// The persisted rules (none if the file does not exist yet).
+    ///
+    /// # Errors
+    /// An unreadable or invalid file.
+    pub fn load(&self) -> Result<Vec<RuleSpec>, RuleBookError> {
+        let path = self.path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(RuleBookError::Storage { path, source }),
+        };
+        parse_rules(&text).map_err(|e| RuleBookError::CorruptState {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Replaces the file: write a temporary file, fsync, rename over, fsync the
+    /// directory. A crash at any point leaves either the old or the new file.
+    ///
+    /// # Errors
+    /// Any I/O failure (full disk included); the old file is then intact.
+    pub fn save(&self, rules: &[RuleSpec]) -> Result<(), RuleBookError> {
+        let path = self.path();
+        let tmp = self.dir.join(format!(".{RULES_FILE}.tmp"));
+        let storage = |source| RuleBookError::Storage {
+            path: path.clone(),
+            source,
+        };
+        let text = format!(
+            "# Rules set at run time with `rlctl rules set`. Written by rld; edits are read at start.\n{}",
+            render_rules(rules)
+        );
+        let result = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(storage)
+    }
+}
+
+/// The layers of rules and the lock serializing changes to them.
+#[derive(Debug)]
+pub struct RuleBook {
+    limiter: Arc<Limiter>,
+    clock: MonotonicClock,
+    store: StateStore,
+    /// Whether global rules can be served (an etcd backend is configured).
+    global_capable: bool,
+    layers: Mutex<Layers>,
+}
+
+#[derive(Debug, Default)]
+struct Layers {
+    config_path: String,
+    config: Vec<RuleSpec>,
+    runtime: BTreeMap<String, RuleSpec>,
+}
+
+impl Layers {
+    fn combined(&self) -> Vec<(RuleSpec, RuleSource)> {
+        self.config
+            .iter()
+            .map(|s| (s.clone(), RuleSource::Config))
+            .chain(
+                self.runtime
+                    .values()
+                    .map(|s| (s.clone(), RuleSource::Runtime)),
+            )
+            .collect()
+    }
+}
+
+impl RuleBook {
+    /// Loads persisted rules, combines them with the config layer and installs
+    /// them.
+    ///
+    /// # Errors
+    /// Unusable state directory or a combined set that does not validate.
+    pub fn open(
+        limiter: Arc<Limiter>,
+        clock: MonotonicClock,
+        store: StateStore,
+        config_path: Option<&Path>,
+        config_rules: Vec<RuleSpec>,
+        global_capable: bool,
+    ) -> Result<RuleBook, RuleBookError> {
+        let runtime = store
+            .load()?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let layers = Layers {
+            config_path: config_path.map_or_else(String::new, |p| p.display().to_string()),
+            config: config_rules,
+            runtime,
+        };
+        let book = RuleBook {
+            limiter,
+            clock,
+            store,
+            global_capable,
+            layers: Mutex::new(Layers::default()),
+        };
+        book.check_scopes(layers.config.iter().chain(layers.runtime.values()))?;
+        book.limiter
+            .set_rules(layers.combined(), book.clock.now_ns())?;
+        *book.layers.lock() = layers;
+        Ok(book)
+    }
+
+    fn check_scopes<'a>(
+        &self,
+        specs: impl IntoIterator<Item = &'a RuleSpec>,
+    ) -> Result<(), RuleBookError> {
+        if self.global_capable {
+            return Ok(());
+        }
+        match specs.into_iter().find(|s| s.scope == Scope::Global) {
+            Some(s) => Err(RuleBookError::GlobalNeedsEtcd { id: s.id.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates or replaces run-time rules, all or none. Returns how many rules
+    /// were created or changed.
+    ///
+    /// # Errors
+    /// Invalid rules, ids owned by the config file, or a failed save.
+    pub fn set(&self, specs: Vec<RuleSpec>) -> Result<u32, RuleBookError> {
+        let mut layers = self.layers.lock();
+        self.check_scopes(&specs)?;
+        let mut next = layers.runtime.clone();
+        let mut changed = 0;
+        let mut seen = std::collections::HashMap::new();
+        for spec in specs {
+            spec.validate().map_err(RuleSetError::from)?;
+            if seen
+                .insert(spec.id.clone(), spec.clone())
+                .is_some_and(|s| s != spec)
+            {
+                return Err(RuleSetError::DuplicateId(spec.id).into());
+            }
+            if layers.config.iter().any(|c| c.id == spec.id) {
+                return Err(RuleBookError::ReadOnly {
+                    id: spec.id,
+                    path: layers.config_path.clone(),
+                });
+            }
+            if next.get(&spec.id) != Some(&spec) {
+                changed += 1;
+                next.insert(spec.id.clone(), spec);
+            }
+        }
+        if changed == 0 {
+            return Ok(0);
+        }
+        self.commit(&mut layers, next)?;
+        Ok(changed)
+    }
+
+    /// Deletes a run-time rule.
+    ///
+    /// # Errors
+    /// Unknown id, a config-file rule, or a failed save.
+    pub fn delete(&self, id: &str) -> Result<(), RuleBookError> {
+        let mut layers = self.layers.lock();
+        if layers.config.iter().any(|c| c.id == id) {
+            return Err(RuleBookError::ReadOnly {
+                id: id.to_owned(),
+                path: layers.config_path.clone(),
+            });
+        }
+        let mut next = layers.runtime.clone();
+        if next.remove(id).is_none() {
+            return Err(RuleBookError::NotFound(id.to_owned()));
+        }
+        self.commit(&mut layers, next)
+    }
+
+    /// Replaces the config layer (SIGHUP).
+    ///
+    /// # Errors
+    /// The new set does not validate; the old rules stay in force.
+    pub fn reload_config(&self, config_rules: Vec<RuleSpec>) -> Result<(), RuleBookError> {
+        let mut layers = self.layers.lock();
+        self.check_scopes(&config_rules)?;
+        let next = Layers {
+            config_path: layers.config_path.clone(),
+            config: config_rules,
+            runtime: layers.runtime.clone(),
+        };
+        if let Some(clash) = next
+            .config
+            .iter()
+            .find(|c| next.runtime.contains_key(&c.id))
+        {
+            return Err(RuleSetError::DuplicateId(clash.id.clone()).into());
+        }
+        self.limiter
+            .set_rules(next.combined(), self.clock.now_ns())?;
+        *layers = next;
+        Ok(())
+    }
+
+    /// Removes run-time rules with `expire_idle` that no request has matched
+    /// for that long. Returns the ids removed.
+    ///
+    /// # Errors
+    /// A failed save (the rules then stay).
+    pub fn expire_idle(&self, now_ns: u64) -> Result<Vec<String>, RuleBookError> {
+        let rules = self.limiter.rules();
+        let expired: Vec<String> = rules
+            .iter()
+            .filter(|r| r.source == RuleSource::Runtime)
+            .filter(|r| {
+                r.spec.expire_idle.is_some_and(|idle| {
+                    now_ns.saturating_sub(r.activity.last_match_ns()) >= idle.as_nanos() as u64
+                })
+            })
+            .map(|r| r.id().to_owned())
+            .collect();
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        let mut layers = self.layers.lock();
+        let mut next = layers.runtime.clone();
+        for id in &expired {
+            next.remove(id);
+        }
+        self.commit(&mut layers, next)?;
+        Ok(expired)
+    }
+
+    /// Checks, persists, then installs a new run-time layer.
+    fn commit(
+        &self,
+        layers: &mut Layers,
+        runtime: BTreeMap<String, RuleSpec>,
+    ) -> Result<(), RuleBookError> {
+        let next = Layers {
+            config_path: layers.config_path.clone(),
+            config: layers.config.clone(),
+            runtime,
+        };
+        let now = self.clock.now_ns();
+        self.limiter.check_rules(next.combined(), now)?;
+        let specs: Vec<RuleSpec> = next.runtime.values().cloned().collect();
+        self.store.save(&specs)?;
+        self.limiter.set_rules(next.combined(), now)?;
+        *layers = next;
+        Ok(())
+    }
+
+    /// One rule with its counters.
+    pub fn get(&self, id: &str) -> Option<RuleInfo> {
+        let now = self.clock.now_ns();
+        self.limiter.rules().get(id).map(|r| info(r, now))
+    }
+
+    /// Every rule in force, config rules first.
+    pub fn list(&self) -> Vec<RuleInfo> {
+        let now = self.clock.now_ns();
+        self.limiter.rules().iter().map(|r| info(r, now)).collect()
+    }
+}
+
+fn info(rule: &super::limiter::Rule, now: u64) -> RuleInfo {
+    let (allowed, rejected, bypassed) = rule.activity.totals();
+    RuleInfo {
+        spec: rule.spec.clone(),
+        source: rule.source,
+        allowed,
+        rejected,
+        bypassed,
+        idle_ns: now.saturating_sub(rule.activity.last_match_ns()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::limiter::{DefaultAction, LimiterConfig};
+    use std::time::Duration;
+
+    fn book(dir: &Path, config: Vec<RuleSpec>) -> RuleBook {
+        let limiter = Arc::new(Limiter::new(LimiterConfig {
+            shards: 4,
+            max_buckets: 100,
+            default_action: DefaultAction::Allow,
+        }));
+        RuleBook::open(
+            limiter,
+            MonotonicClock::new(),
+            StateStore::open(dir).unwrap(),
+            Some(Path::new("/etc/rld/rld.toml")),
+            config,
+            false,
+        )
+        .unwrap()
+    }
+
+    fn spec(id: &str, client: &str) -> RuleSpec {
+        RuleSpec::new(id, client, "*", 10, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn rules_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = book(dir.path(), vec![]);
+            assert_eq!(b.set(vec![spec("a", "x"), spec("b", "y")]).unwrap(), 2);
+            assert_eq!(b.set(vec![spec("a", "x")]).unwrap(), 0);
+            b.delete("b").unwrap();
+        }
+        let b = book(dir.path(), vec![]);
+        let ids: Vec<String> = b.list().into_iter().map(|r| r.spec.id).collect();
+        assert_eq!(ids, ["a"]);
+    }
+
+    #[test]
+    fn config_rules_are_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = book(dir.path(), vec![spec("cfg", "x")]);
+        assert!(matches!(
+            b.set(vec![spec("cfg", "y")]),
+            Err(RuleBookError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            b.delete("cfg"),
+            Err(RuleBookError::ReadOnly { .. })
+        ));
+        assert!(matches!(b.delete("nope"), Err(RuleBookError::NotFound(_))));
+    }
+
+    #[test]
+    fn rejected_changes_leave_rules_and_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = book(dir.path(), vec![]);
+        b.set(vec![spec("a", "x")]).unwrap();
+        let before = fs::read_to_string(dir.path().join(RULES_FILE)).unwrap();
+        // Same patterns as "a": ambiguous.
+        assert!(matches!(
+            b.set(vec![spec("b", "x")]),
+            Err(RuleBookError::Invalid(RuleSetError::Ambiguous(..)))
+        ));
+        let mut global = spec("g", "z");
+        global.scope = Scope::Global;
+        assert!(matches!(
+            b.set(vec![global]),
+            Err(RuleBookError::GlobalNeedsEtcd { .. })
+        ));
+        assert_eq!(
+            fs::read_to_string(dir.path().join(RULES_FILE)).unwrap(),
+            before
+        );
+        assert_eq!(b.list().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_save_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = book(dir.path(), vec![]);
+        b.set(vec![spec("a", "x")]).unwrap();
+        // Make the rename target a non-empty directory: the save must fail.
+        fs::remove_file(dir.path().join(RULES_FILE)).unwrap();
+        fs::create_dir(dir.path().join(RULES_FILE)).unwrap();
+        fs::write(dir.path().join(RULES_FILE).join("x"), "x").unwrap();
+        let e = b.set(vec![spec("b", "y")]).unwrap_err();
+        assert!(matches!(e, RuleBookError::Storage { .. }), "{e}");
+        assert_eq!(b.list().len(), 1, "the rule in force is unchanged");
+    }
+
+    #[test]
+    fn a_second_daemon_cannot_share_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = StateStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            StateStore::open(dir.path()),
+            Err(RuleBookError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn idle_rules_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = book(dir.path(), vec![]);
+        let mut s = spec("tenant", "t1");
+        s.expire_idle = Some(Duration::from_secs(5));
+        b.set(vec![s, spec("keep", "k")]).unwrap();
+        assert!(b.expire_idle(0).unwrap().is_empty());
+        let expired = b
+            .expire_idle(10 * 1_000_000_000 + b.clock.now_ns())
+            .unwrap();
+        assert_eq!(expired, ["tenant"]);
+        assert_eq!(b.list().len(), 1);
+    }
+}
