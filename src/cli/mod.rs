@@ -73,6 +73,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
+// Parsed once per process; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
     /// Create or replace a rule.

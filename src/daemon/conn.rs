@@ -32,6 +32,8 @@ use crate::protocol::{
 
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
+/// At shutdown, requests already sent are answered up to this many bytes.
+const DRAIN_BYTES: usize = 1024 * 1024;
 
 /// Serves one connection until the peer leaves, breaks the protocol, idles
 /// out, or `cancel` fires (then requests already read are still answered).
@@ -85,7 +87,7 @@ impl Conn {
             let read = self.stream.read_buf(&mut self.read_buf);
             let n = tokio::select! {
                 biased;
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => return self.drain().await,
                 r = idle_timeout(self.shared.idle_timeout, read) => r?,
             };
             if n == 0 {
@@ -101,6 +103,22 @@ impl Conn {
                 return Ok(());
             }
         }
+    }
+
+    /// Shutdown: answers whatever the peer had already sent (up to
+    /// [`DRAIN_BYTES`], read without waiting), then closes.
+    async fn drain(&mut self) -> io::Result<()> {
+        let mut read = 0;
+        while read < DRAIN_BYTES {
+            match self.stream.try_read_buf(&mut self.read_buf) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        self.answer_buffered().await?;
+        self.flush().await
     }
 
     /// Answers every complete frame in the read buffer.

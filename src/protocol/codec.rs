@@ -1,14 +1,13 @@
 //! Framing: a 4-byte big-endian length, then that many bytes of postcard.
 //!
-//! [`FrameCodec`] splits frames out of a read buffer (a `LengthDelimitedCodec`
-//! with an explicit maximum); [`encode`] appends one frame to a write buffer;
+//! [`FrameCodec`] splits frames out of a read buffer, refusing any above an
+//! explicit maximum; [`encode`] appends one frame to a write buffer;
 //! [`decode_request`] and [`decode_response`] turn frame bodies into messages.
 //! No sockets here and no allocation on the request path: requests borrow from
 //! the frame, encoding writes straight into the caller's buffer.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use serde::Serialize;
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use super::message::{REQUEST_VARIANTS, RequestFrame, ResponseFrame};
 use super::{MAX_RESPONSE_FRAME, ProtocolError};
@@ -17,6 +16,9 @@ use super::{MAX_RESPONSE_FRAME, ProtocolError};
 pub const HEADER_LEN: usize = 4;
 
 /// Splits length-prefixed frames out of a byte stream.
+///
+/// Stateless: it only looks at the buffer, so it can name the announced length
+/// of an oversized frame before any of its body arrives.
 ///
 /// ```
 /// use bytes::BytesMut;
@@ -29,44 +31,40 @@ pub const HEADER_LEN: usize = 4;
 /// let frame = FrameCodec::new(64).decode_frame(&mut buf).unwrap().unwrap();
 /// assert_eq!(&frame[..], &[7, 7]);
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
-    inner: LengthDelimitedCodec,
     max_frame: usize,
 }
 
 impl FrameCodec {
     /// A codec refusing frames longer than `max_frame` bytes (header excluded).
     pub fn new(max_frame: usize) -> FrameCodec {
-        FrameCodec {
-            inner: LengthDelimitedCodec::builder()
-                .big_endian()
-                .length_field_length(HEADER_LEN)
-                .max_frame_length(max_frame)
-                .new_codec(),
-            max_frame,
-        }
+        FrameCodec { max_frame }
     }
 
     /// Takes the next complete frame body out of `buf`, or `None` if more bytes
-    /// are needed.
+    /// are needed (reserving room for them).
     ///
     /// # Errors
     /// [`ProtocolError::FrameTooLarge`] as soon as a header announces a frame
     /// above the maximum (the stream cannot be resynchronised after that).
     pub fn decode_frame(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
-        if buf.len() >= HEADER_LEN {
-            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if len > self.max_frame {
-                return Err(ProtocolError::FrameTooLarge {
-                    len,
-                    max: self.max_frame,
-                });
-            }
+        let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*header) as usize;
+        if len > self.max_frame {
+            return Err(ProtocolError::FrameTooLarge {
+                len,
+                max: self.max_frame,
+            });
         }
-        self.inner
-            .decode(buf)
-            .map_err(|e| ProtocolError::Malformed(e.to_string()))
+        if buf.len() < HEADER_LEN + len {
+            buf.reserve(HEADER_LEN + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        Ok(Some(buf.split_to(len)))
     }
 }
 
@@ -214,6 +212,21 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(decode_response(&frame).unwrap(), resp);
+    }
+
+    #[test]
+    fn a_header_split_across_reads_is_not_misread() {
+        // Regression: a stateful decoder that consumed the header early made a
+        // later size check read body bytes as a length.
+        let mut codec = FrameCodec::new(16);
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 3, 0xff][..]);
+        assert!(codec.decode_frame(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert_eq!(
+            &codec.decode_frame(&mut buf).unwrap().unwrap()[..],
+            &[0xff; 3]
+        );
+        assert_eq!(&buf[..], &[0xff]);
     }
 
     #[test]

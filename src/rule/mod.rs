@@ -443,7 +443,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_fields_naming_them() {
-        let cases: Vec<(Box<dyn Fn(&mut RuleSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut RuleSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|r| r.window = Duration::ZERO), "window"),
             (Box::new(|r| r.limit = 0), "limit"),
             (Box::new(|r| r.burst = Some(0)), "burst"),

@@ -97,7 +97,8 @@ pub enum AcquireError {
     CostExceedsBurst {
         cost: u64,
         burst: u64,
-        rule: ArrayString<MAX_RULE_ID_BYTES>,
+        /// Boxed: errors are rare, and a small `Err` keeps `Result` small.
+        rule: Box<str>,
     },
 }
 
@@ -300,7 +301,7 @@ fn check_cost(rule: &Rule, cost: u64) -> Result<(), AcquireError> {
         return Err(AcquireError::CostExceedsBurst {
             cost,
             burst: rule.params.capacity,
-            rule: ArrayString::from(rule.id()).expect("rule ids are validated to fit"),
+            rule: rule.id().into(),
         });
     }
     Ok(())

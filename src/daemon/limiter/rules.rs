@@ -158,7 +158,7 @@ impl<T> Index<T> {
     }
 
     fn sort(&mut self) {
-        self.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
     }
 
     /// Candidates matching `name`, most specific first.

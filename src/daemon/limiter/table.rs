@@ -158,11 +158,6 @@ impl Buckets {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
-
-    /// Visits every bucket (for tests and introspection).
-    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
-        self.map.iter().for_each(|e| f(e));
-    }
 }
 
 /// Eviction counters of the whole table.

@@ -1,0 +1,221 @@
+//! Decisions through the real socket: allow/deny sequences, pipelining with
+//! ids, batches, priorities, the shared multiplexed client.
+
+use std::time::Duration;
+
+use rld::protocol::*;
+
+use crate::harness::{TestDaemon, rule};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allows_up_to_the_limit_then_denies_with_retry_after() {
+    let d = TestDaemon::start(vec![rule("api", "*", "api/*", 3, HOUR)]).await;
+    let mut c = d.connect().await;
+    for remaining in [2, 1, 0] {
+        let dec = c.acquire(Acquire::new("alice", "api/x")).await.unwrap();
+        assert_eq!(dec.outcome, Outcome::Allowed);
+        assert_eq!(
+            (dec.remaining, dec.limit, dec.rule.as_ref()),
+            (remaining, 3, "api")
+        );
+    }
+    let dec = c.acquire(Acquire::new("alice", "api/x")).await.unwrap();
+    assert_eq!(dec.outcome, Outcome::Denied);
+    // One token every 20 minutes.
+    let twenty_min = 20 * 60 * 1_000_000_000u64;
+    assert!(dec.retry_after_ns <= twenty_min && dec.retry_after_ns > twenty_min - 1_000_000_000);
+    // Other clients and other resources have their own buckets.
+    assert!(
+        c.acquire(Acquire::new("bob", "api/x"))
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    assert!(
+        c.acquire(Acquire::new("alice", "api/y"))
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    // No rule matches "db": the default action (allow) answers, rule empty.
+    let dec = c.acquire(Acquire::new("alice", "db")).await.unwrap();
+    assert_eq!((dec.outcome, dec.rule.as_ref()), (Outcome::Allowed, ""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refills_at_the_rule_rate() {
+    let d = TestDaemon::start(vec![rule("fast", "*", "*", 10, Duration::from_millis(100))]).await;
+    let mut c = d.connect().await;
+    let mut allowed = 0;
+    for _ in 0..20 {
+        allowed += u32::from(
+            c.acquire(Acquire::new("a", "r"))
+                .await
+                .unwrap()
+                .is_allowed(),
+        );
+    }
+    assert!(
+        (10..=12).contains(&allowed),
+        "burst of 10 (+ refill while asking): {allowed}"
+    );
+    let dec = c.acquire(Acquire::new("a", "r")).await.unwrap();
+    if !dec.is_allowed() {
+        tokio::time::sleep(Duration::from_nanos(dec.retry_after_ns)).await;
+        assert!(
+            c.acquire(Acquire::new("a", "r"))
+                .await
+                .unwrap()
+                .is_allowed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_with_their_ids() {
+    let d = TestDaemon::start(vec![rule("api", "*", "*", 50, HOUR)]).await;
+    let mut c = d.connect().await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let req = Request::Acquire(Acquire::new("pipelined", "r"));
+        ids.push(c.queue(&req).unwrap());
+        if i == 100 {
+            ids.push(c.queue(&Request::Health).unwrap());
+        }
+    }
+    c.flush().await.unwrap();
+    let mut allowed = 0;
+    for &id in &ids {
+        let frame = c.receive().await.unwrap();
+        assert_eq!(frame.id, id);
+        match frame.response {
+            Response::Decision(d) => allowed += u32::from(d.is_allowed()),
+            Response::Health(h) => assert_eq!(h.state, ServingState::Ok),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(allowed, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_decide_each_item_in_order() {
+    let d = TestDaemon::start(vec![rule("api", "*", "*", 3, HOUR)]).await;
+    let mut c = d.connect().await;
+    let mut items: Vec<Acquire> = (0..5).map(|_| Acquire::new("a", "r")).collect();
+    items.insert(2, Acquire::new("a", "r").cost(99));
+    items.push(Acquire::new("b", "r"));
+    let answers = c.acquire_many(items).await.unwrap();
+    let outcomes: Vec<String> = answers
+        .iter()
+        .map(|a| match a {
+            BatchItem::Decision(d) => format!("{:?}", d.outcome),
+            BatchItem::Error(e) => e.code.name().to_owned(),
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "Allowed",
+            "Allowed",
+            "cost_exceeds_burst",
+            "Allowed",
+            "Denied",
+            "Denied",
+            "Allowed"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_respect_reserves_and_critical_bypasses() {
+    let mut spec = rule("api", "*", "*", 10, HOUR);
+    spec.reserve = rld::rule::Reserve {
+        high: 100,
+        normal: 200,
+        low: 500,
+    };
+    let d = TestDaemon::start(vec![spec]).await;
+    let mut c = d.connect().await;
+    let mut ask = async |p: Priority| c.acquire(Acquire::new("a", "r").priority(p)).await.unwrap();
+    for _ in 0..5 {
+        assert!(ask(Priority::Low).await.is_allowed());
+    }
+    assert!(!ask(Priority::Low).await.is_allowed());
+    for _ in 0..3 {
+        assert!(ask(Priority::Normal).await.is_allowed());
+    }
+    assert!(!ask(Priority::Normal).await.is_allowed());
+    assert!(ask(Priority::High).await.is_allowed());
+    assert!(!ask(Priority::High).await.is_allowed());
+    assert_eq!(ask(Priority::Critical).await.outcome, Outcome::Allowed);
+    assert_eq!(ask(Priority::Critical).await.outcome, Outcome::Bypassed);
+    let stats = d.connect().await.stats().await.unwrap();
+    assert_eq!(stats.bypassed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_pipelines_concurrent_callers() {
+    let d = TestDaemon::start(vec![rule("api", "*", "*", 100, HOUR)]).await;
+    let client = Client::connect(&d.socket).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..10 {
+                allowed += u32::from(
+                    client
+                        .acquire(Acquire::new("shared", "r"))
+                        .await
+                        .unwrap()
+                        .is_allowed(),
+                );
+            }
+            allowed
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(
+        total, 100,
+        "exactly the burst is admitted across 500 concurrent asks"
+    );
+}
+
+#[test]
+fn the_blocking_client_works_without_a_runtime() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let d = rt.block_on(TestDaemon::start(vec![rule("api", "*", "*", 1, HOUR)]));
+    let socket = d.socket.clone();
+    let handle = std::thread::spawn(move || {
+        let mut c = rld::protocol::client::blocking::Client::connect(&socket).unwrap();
+        let first = c.acquire(Acquire::new("x", "y")).unwrap();
+        let second = c.acquire(Acquire::new("x", "y")).unwrap();
+        (
+            first.is_allowed(),
+            second.is_allowed(),
+            c.rule_list().unwrap().len(),
+        )
+    });
+    assert_eq!(handle.join().unwrap(), (true, false, 1));
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_action_deny_refuses_unmatched_requests() {
+    let d = TestDaemon::start_with(|c| {
+        c.default_action = rld::daemon::limiter::DefaultAction::Deny;
+    })
+    .await;
+    let dec = d
+        .connect()
+        .await
+        .acquire(Acquire::new("a", "b"))
+        .await
+        .unwrap();
+    assert_eq!((dec.outcome, dec.rule.as_ref()), (Outcome::Denied, ""));
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, shared harness (`harness.rs`).
+
+mod harness;
+
+mod bad_input;
+mod cli;
+mod decisions;
+mod docs;
+mod eviction;
+mod persistence;
+mod wire;

@@ -1,0 +1,213 @@
+//! Real `rld` processes: rules survive restarts and `kill -9`, SIGTERM drains
+//! and removes the socket, a stale socket is replaced, a live one refused,
+//! SIGHUP reloads the config file's rules.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::harness::{ProcessDaemon, code, rlctl, stderr, stdout};
+
+fn set_rule(socket: &std::path::Path, id: &str, limit: &str) {
+    let out = rlctl(
+        socket,
+        &[
+            "rules",
+            "set",
+            id,
+            "--client",
+            "*",
+            "--resource",
+            id,
+            "--limit",
+            limit,
+            "--window",
+            "1h",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+fn rule_ids(socket: &std::path::Path) -> Vec<String> {
+    let out = rlctl(socket, &["rules", "list", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn rules_survive_a_graceful_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    set_rule(&d.socket, "alpha", "5");
+    set_rule(&d.socket, "beta", "7");
+    assert_eq!(
+        rlctl(&d.socket, &["rules", "delete", "beta"]).status.code(),
+        Some(0)
+    );
+    let socket = d.socket.clone();
+    let status = d.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(!socket.exists(), "the socket file is removed on shutdown");
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    assert_eq!(rule_ids(&d.socket), ["alpha"]);
+}
+
+#[test]
+fn rules_survive_kill_9_and_the_stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    for i in 0..20 {
+        set_rule(&d.socket, &format!("r{i}"), "3");
+    }
+    let socket = d.socket.clone();
+    d.kill9();
+    assert!(socket.exists(), "kill -9 leaves the socket file behind");
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    assert_eq!(rule_ids(&d.socket).len(), 20);
+    assert!(d.log().contains("replacing stale socket"), "{}", d.log());
+}
+
+#[test]
+fn a_second_daemon_on_a_live_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = ProcessDaemon::start(dir.path(), &[]);
+    let other_state = dir.path().join("other-state");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+        .arg("--socket")
+        .arg(dir.path().join("rld.sock"))
+        .arg("--state-dir")
+        .arg(&other_state)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("another rld is already serving"),
+        "{}",
+        stderr(&out)
+    );
+    // And a second daemon on the same state directory is refused too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+        .arg("--socket")
+        .arg(dir.path().join("other.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("in use by another rld"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn sigterm_answers_requests_already_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let mut bytes = vec![0, 0, 0, 3, 1, 0, 1];
+    for _ in 0..1000 {
+        bytes.extend_from_slice(&[0, 0, 0, 9, 2, 1, 1, b'a', 1, b'b', 1, 1, 0]);
+    }
+    s.write_all(&bytes).unwrap();
+    let mut first = [0u8; 4];
+    s.read_exact(&mut first).unwrap();
+    d.signal(Signal::SIGTERM);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    // The HelloOk plus 1000 decisions, all complete.
+    let mut frames = 0;
+    let mut all = first.to_vec();
+    all.extend(rest);
+    let mut at = 0;
+    while at + 4 <= all.len() {
+        let len = u32::from_be_bytes(all[at..at + 4].try_into().unwrap()) as usize;
+        at += 4 + len;
+        frames += 1;
+    }
+    assert_eq!((frames, at), (1001, all.len()));
+    let status = d.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_config_rules_and_keeps_them_when_the_file_is_bad() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rld.toml");
+    let write = |limit: &str| {
+        std::fs::write(
+            &config,
+            format!("[[rule]]\nid = \"cfg\"\nclient = \"*\"\nresource = \"*\"\nlimit = {limit}\nwindow = \"1h\"\n"),
+        )
+        .unwrap()
+    };
+    write("5");
+    let d = ProcessDaemon::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let limit = |d: &ProcessDaemon| {
+        let out = rlctl(&d.socket, &["rules", "get", "cfg", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            v["limit"].as_u64().unwrap(),
+            v["source"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(limit(&d), (5, "config".into()));
+    let del = rlctl(&d.socket, &["rules", "delete", "cfg"]);
+    assert_eq!(code(&del), 2);
+    assert!(stderr(&del).contains("config file"), "{}", stderr(&del));
+    write("9");
+    d.signal(Signal::SIGHUP);
+    wait_for(|| limit(&d).0 == 9);
+    std::fs::write(&config, "[[rule]]\nid = \"cfg\"\nlimit = \"lots\"\n").unwrap();
+    d.signal(Signal::SIGHUP);
+    wait_for(|| d.log().contains("reload refused"));
+    assert_eq!(limit(&d).0, 9, "the last good rules stay in force");
+}
+
+#[test]
+fn check_config_reports_problems_without_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rld.toml");
+    std::fs::write(
+        &config,
+        "[[rule]]\nid = \"a\"\nclient = \"x\"\nresource = \"*\"\nlimit = 1\nwindow = \"1s\"\n\
+         [[rule]]\nid = \"b\"\nclient = \"x\"\nresource = \"*\"\nlimit = 2\nwindow = \"1s\"\n",
+    )
+    .unwrap();
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+            .args(["--check-config", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = run(&config);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("same client and resource patterns"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&config, "max_buckets = 10\n[[rule]]\nid = \"a\"\nclient = \"x\"\nresource = \"*\"\nlimit = 1\nwindow = \"1s\"\n").unwrap();
+    let out = run(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("config OK"), "{}", stdout(&out));
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("condition not reached in 5 s");
+}
