@@ -152,7 +152,9 @@ pub async fn bench(
             "--connections, --pipeline, --batch and --keys must be at least 1",
         ));
     }
-    if args.distribution == Distribution::Zipf && (args.zipf_exponent.is_nan() || args.zipf_exponent < 0.0) {
+    if args.distribution == Distribution::Zipf
+        && (args.zipf_exponent.is_nan() || args.zipf_exponent < 0.0)
+    {
         return Err(CliError::usage("--zipf-exponent must be 0 or more"));
     }
     let names: Arc<Vec<String>> = Arc::new(
