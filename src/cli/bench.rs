@@ -330,21 +330,17 @@ impl Worker {
     }
 
     fn queue(&mut self) -> Result<(), CliError> {
-        let keys: Vec<usize> = (0..self.args.batch).map(|_| self.next_key()).collect();
-        let (names, args) = (&self.names, &self.args);
-        let item = |k: usize| Acquire {
-            client: names[k].as_str().into(),
-            resource: args.resource.as_str().into(),
-            cost: args.cost,
-            priority: args.priority,
-            trace: None,
-        };
-        let request = if args.batch == 1 {
-            Request::Acquire(item(keys[0]))
+        if self.args.batch == 1 {
+            let k = self.next_key();
+            let request = Request::Acquire(item(&self.names, &self.args, k));
+            self.conn.queue(&request)?;
         } else {
-            Request::AcquireMany(keys.into_iter().map(item).collect())
-        };
-        self.conn.queue(&request)?;
+            let keys: Vec<usize> = (0..self.args.batch).map(|_| self.next_key()).collect();
+            let (names, args) = (&self.names, &self.args);
+            let request =
+                Request::AcquireMany(keys.into_iter().map(|k| item(names, args, k)).collect());
+            self.conn.queue(&request)?;
+        }
         Ok(())
     }
 
@@ -374,6 +370,16 @@ impl Worker {
                 t.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+fn item<'a>(names: &'a [String], args: &'a BenchArgs, k: usize) -> Acquire<'a> {
+    Acquire {
+        client: names[k].as_str().into(),
+        resource: args.resource.as_str().into(),
+        cost: args.cost,
+        priority: args.priority,
+        trace: None,
     }
 }
 

@@ -25,6 +25,41 @@ use crate::protocol::{ClientError, Connection, ErrorCode, Priority, client_socke
 
 pub use output::Output;
 
+/// Sections of `rlctl(1)` beyond the options (appended to the generated page).
+pub const MAN_EXTRA: &str = r#".SH EXIT STATUS
+.TP
+0
+Success; for acquire and run, the request was allowed.
+.TP
+1
+Denied: rate limited (acquire prints the retry-after time; run does not run
+the command).
+.TP
+2
+Usage error or bad input, an invalid rule included; also an unknown rule id
+and a cost above the rule's burst.
+.TP
+3
+The daemon is unreachable or failed (including permission denied for rule
+changes).
+.PP
+rlctl run exits with the command's own status when it runs it.
+.SH EXAMPLES
+.EX
+rlctl rules set api \-\-client '*' \-\-resource 'api/*' \-\-limit 100 \-\-window 1m
+rlctl acquire alice api/search && curl ...
+rlctl run \-\-client nightly \-\-resource backup \-\-wait \-\-timeout 1h \-\- ./backup.sh
+rlctl stats \-\-watch
+rlctl bench \-\-connections 16 \-\-pipeline 16 \-\-keys 100000
+.EE
+.SH ENVIRONMENT
+.TP
+RLD_SOCKET
+The daemon's socket (same as \-\-socket).
+.SH SEE ALSO
+rld(8), rld.toml(5), rld-protocol(7)
+"#;
+
 /// `rlctl`: control and query the rld rate limiter.
 #[derive(Debug, Parser)]
 #[command(

@@ -32,7 +32,7 @@ fn render_stats(s: &StatsReport) -> String {
     let mut text = format!(
         "uptime       {}\n\
          decisions    allowed {}  rejected {}  bypassed {}  unmatched {}\n\
-         latency      avg {}  p50 {}  p99 {}  p99.9 {}  max {}  ({} decisions)\n\
+         latency      avg {}  p50 {}  p99 {}  p99.9 {}  max {}  ({} sampled)\n\
          buckets      {} of {} max  evicted: idle {}  lru {}\n\
          connections  open {}  total {}  refused {}  protocol errors {}\n\
          rules        {}  expired {}",

@@ -71,6 +71,44 @@ pub struct Args {
     pub check_config: bool,
 }
 
+/// Sections of `rld(8)` beyond the options (appended to the generated page).
+pub const MAN_EXTRA: &str = r#".SH EXIT STATUS
+.TP
+0
+Stopped cleanly (SIGTERM or SIGINT), or --check-config found no problem.
+.TP
+1
+Failed at run time: the socket is in use by another rld, the state directory
+is locked or unwritable, persisted rules are invalid.
+.TP
+2
+Bad command line or configuration.
+.SH SIGNALS
+.TP
+SIGTERM, SIGINT
+Stop accepting, answer every request already received, remove the socket, exit.
+.TP
+SIGHUP
+Re-read the rules of the config file; if they are invalid the previous rules
+stay in force and the error is logged.
+.SH FILES
+.TP
+/etc/rld/rld.toml
+Configuration, see rld.toml(5).
+.TP
+/run/rld/rld.sock
+Default socket (root); $XDG_RUNTIME_DIR/rld.sock for other users.
+.TP
+/var/lib/rld/rules.toml
+Rules set at run time (rlctl rules set), written atomically.
+.SH SYSTEMD
+The daemon supports Type=notify (READY=1 once the socket is bound and rules
+are loaded), the watchdog (WatchdogSec=) and socket activation (rld.socket).
+Units are shipped in dist/systemd.
+.SH SEE ALSO
+rlctl(1), rld.toml(5), rld-protocol(7)
+"#;
+
 /// The TOML config file. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -214,6 +214,7 @@ impl Daemon {
             env!("CARGO_PKG_VERSION")
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
         listener::accept_loop(
             bound.listener,
             Arc::clone(&shared),
@@ -238,12 +239,31 @@ impl Daemon {
         background.cancel();
         let _ = sweeper.await;
         let _ = reloader.await;
+        let _ = watchdog.await;
         if let Some(path) = bound.owned_path {
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("could not remove socket {}: {e}", path.display());
             }
         }
         tracing::info!("rld stopped");
+    }
+}
+
+/// Pings the systemd watchdog (`WatchdogSec=`) at half its interval, after
+/// taking every shard lock once, so a wedged daemon gets restarted.
+async fn watchdog(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let _buckets = shared.limiter.table().len();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::Mutex;
 
+use super::limiter::rules::LAST_MATCH_GRANULE_NS;
 use super::limiter::{Limiter, MonotonicClock, RuleSetError};
 use crate::protocol::{ErrorBody, ErrorCode, RuleInfo, RuleSource};
 use crate::rule::file::{parse_rules, render_rules};
@@ -322,7 +323,8 @@ impl RuleBook {
     }
 
     /// Removes run-time rules with `expire_idle` that no request has matched
-    /// for that long. Returns the ids removed.
+    /// for that long (plus the granule of the last-match time, so a rule in
+    /// use is never removed). Returns the ids removed.
     ///
     /// # Errors
     /// A failed save (the rules then stay).
@@ -333,7 +335,8 @@ impl RuleBook {
             .filter(|r| r.source == RuleSource::Runtime)
             .filter(|r| {
                 r.spec.expire_idle.is_some_and(|idle| {
-                    now_ns.saturating_sub(r.activity.last_match_ns()) >= idle.as_nanos() as u64
+                    let idle_ns = now_ns.saturating_sub(r.activity.last_match_ns());
+                    idle_ns >= idle.as_nanos() as u64 + LAST_MATCH_GRANULE_NS
                 })
             })
             .map(|r| r.id().to_owned())

@@ -219,3 +219,25 @@ async fn default_action_deny_refuses_unmatched_requests() {
         .unwrap();
     assert_eq!((dec.outcome, dec.rule.as_ref()), (Outcome::Denied, ""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_rules_expire_and_rules_in_use_stay() {
+    let d = TestDaemon::start_with(|c| c.sweep_interval = Duration::from_millis(50)).await;
+    let mut c = d.connect().await;
+    let mut idle = rule("tenant-a", "a", "*", 5, HOUR);
+    idle.expire_idle = Some(Duration::from_secs(1));
+    let mut busy = rule("tenant-b", "b", "*", 5, HOUR);
+    busy.expire_idle = Some(Duration::from_secs(1));
+    c.rule_set(vec![idle, busy, rule("forever", "c", "*", 5, HOUR)]).await.unwrap();
+    // Keep tenant-b in use for 3 s; tenant-a and forever see no traffic.
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.acquire(Acquire::new("b", "r").cost(0)).await.unwrap();
+    }
+    let ids: Vec<String> = c.rule_list().await.unwrap().into_iter().map(|r| r.spec.id).collect();
+    assert_eq!(ids, ["forever", "tenant-b"]);
+    assert_eq!(c.stats().await.unwrap().rules_expired, 1);
+    // The removal is persisted like any other change.
+    let saved = std::fs::read_to_string(d.dir.path().join("state/rules.toml")).unwrap();
+    assert!(!saved.contains("tenant-a") && saved.contains("tenant-b"), "{saved}");
+}

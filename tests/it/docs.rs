@@ -26,6 +26,11 @@ fn render(cmd: clap::Command, section: &str, prefix: &str, pages: &mut Vec<(Stri
         .manual("rld manual")
         .render(&mut buf)
         .unwrap();
+    match name.as_str() {
+        "rld" => buf.extend_from_slice(rld::daemon::config::MAN_EXTRA.as_bytes()),
+        "rlctl" => buf.extend_from_slice(rld::cli::MAN_EXTRA.as_bytes()),
+        _ => {}
+    }
     pages.push((format!("{name}.{section}"), buf));
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         render(sub.clone(), section, &name, pages);

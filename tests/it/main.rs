@@ -7,5 +7,6 @@ mod cli;
 mod decisions;
 mod docs;
 mod eviction;
+mod ops;
 mod persistence;
 mod wire;

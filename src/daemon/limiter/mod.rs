@@ -8,6 +8,7 @@
 //! it with a fake clock.
 
 pub mod bucket;
+pub mod key;
 pub mod rules;
 pub mod table;
 
@@ -147,7 +148,7 @@ impl Limiter {
         let mut guard = self.table.lock(stripe);
         let table::Shard { buckets, rules } = &mut *guard;
         let entry = match buckets.find(hash, client, resource) {
-            Some(entry) if entry.generation == rules.generation => entry,
+            Some(entry) if entry.generation == rules.generation as u32 => entry,
             Some(entry) => match rules.resolve(client, resource) {
                 Some(rule) => {
                     if !Arc::ptr_eq(rule, &entry.rule) {
@@ -158,7 +159,7 @@ impl Limiter {
                         };
                         entry.rule = Arc::clone(rule);
                     }
-                    entry.generation = rules.generation;
+                    entry.generation = rules.generation as u32;
                     entry
                 }
                 None => {
@@ -172,7 +173,7 @@ impl Limiter {
                     check_cost(rule, cost)?;
                     let rule = Arc::clone(rule);
                     let (entry, evicted) =
-                        buckets.insert(hash, client, resource, rule, rules.generation, now);
+                        buckets.insert(hash, client, resource, rule, rules.generation as u32, now);
                     if evicted > 0 {
                         self.table
                             .evictions
@@ -190,7 +191,7 @@ impl Limiter {
         let rule = &*entry.rule;
         check_cost(rule, cost)?;
         let verdict = try_take(&mut entry.tat, &rule.params, now, cost, priority);
-        entry.last_used = now;
+        entry.last_used = table::tick(now);
         rule.activity.record(stripe, verdict.outcome, now);
         Ok(LocalDecision {
             outcome: verdict.outcome,

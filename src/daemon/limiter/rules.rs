@@ -21,6 +21,10 @@ use crate::rule::{Pattern, RuleError, RuleSpec, precedence};
 /// Stripes of the per-rule counters: enough that cores rarely share one.
 pub const STRIPES: usize = 8;
 
+/// [`RuleActivity::last_match_ns`] is refreshed at most this often, so it may
+/// lag the true last match by up to this much.
+pub const LAST_MATCH_GRANULE_NS: u64 = 1_000_000_000;
+
 /// Idle time after which a full bucket is dropped, unless the rule's window
 /// asks for longer (`max(2 x window, MIN_IDLE_TTL)`).
 pub const MIN_IDLE_TTL_NS: u64 = 60_000_000_000;
@@ -68,7 +72,8 @@ impl Rule {
 #[derive(Debug)]
 pub struct RuleActivity {
     stripes: [CachePadded<[AtomicU64; 3]>; STRIPES],
-    /// Monotonic ns of the last match, updated at most about once a second.
+    /// Monotonic ns of the last match, updated at most once per
+    /// [`LAST_MATCH_GRANULE_NS`].
     last_match_ns: AtomicU64,
 }
 
@@ -89,8 +94,9 @@ impl RuleActivity {
             Outcome::Bypassed => 2,
         };
         self.stripes[stripe % STRIPES][slot].fetch_add(1, Ordering::Relaxed);
-        // Read first: the line stays shared unless a second has passed.
-        if now_ns.saturating_sub(self.last_match_ns.load(Ordering::Relaxed)) >= 1_000_000_000 {
+        // Read first: the line stays shared unless a granule has passed.
+        if now_ns.saturating_sub(self.last_match_ns.load(Ordering::Relaxed)) >= LAST_MATCH_GRANULE_NS
+        {
             self.last_match_ns.store(now_ns, Ordering::Relaxed);
         }
     }

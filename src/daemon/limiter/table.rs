@@ -18,39 +18,47 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::bucket;
+use super::key::BucketKey;
 use super::rules::{Rule, RuleSet};
 
-/// One bucket. About 48 bytes plus the key bytes (and their allocation).
+/// Coarse time unit of [`Entry::last_used`]: 2^24 ns (about 16.8 ms), so a
+/// `u32` spans 2.2 years and wrapping differences stay correct below that.
+pub const TICK_SHIFT: u32 = 24;
+
+/// The coarse tick of a nanosecond time.
+#[inline]
+pub fn tick(now_ns: u64) -> u32 {
+    (now_ns >> TICK_SHIFT) as u32
+}
+
+/// One bucket: 48 bytes, keys of up to 22 bytes included.
+///
+/// No hash is stored (the table rehashes keys when it grows, which is rare;
+/// hashbrown's 7-bit tags already filter lookups), and times are coarse, so
+/// that a bucket costs well under 128 bytes including table overhead.
 #[derive(Debug)]
 pub struct Entry {
-    /// The full hash, kept so the table can grow without rehashing keys.
-    hash: u64,
-    /// `client_len: u16 LE`, client bytes, resource bytes.
-    key: Box<[u8]>,
+    key: BucketKey,
     /// GCRA theoretical arrival time, ns.
     pub tat: u64,
-    /// Last request, ns: orders LRU eviction and gates idle eviction.
-    pub last_used: u64,
     /// The rule this bucket was resolved to...
     pub rule: Arc<Rule>,
-    /// ...under this rules generation; re-resolved when the shard's differs.
-    pub generation: u64,
+    /// ...under this rules generation (truncated); re-resolved when the
+    /// shard's differs.
+    pub generation: u32,
+    /// Last request, in [`tick`]s: orders LRU eviction and gates idle eviction.
+    pub last_used: u32,
 }
 
 impl Entry {
-    fn matches(&self, hash: u64, client: &str, resource: &str) -> bool {
-        self.hash == hash
-            && self.key.len() == 2 + client.len() + resource.len()
-            && self.key[..2] == (client.len() as u16).to_le_bytes()
-            && &self.key[2..2 + client.len()] == client.as_bytes()
-            && &self.key[2 + client.len()..] == resource.as_bytes()
+    #[inline]
+    fn matches(&self, client: &str, resource: &str) -> bool {
+        self.key.matches(client, resource)
     }
 
     /// The (client, resource) this bucket belongs to.
     pub fn names(&self) -> (&str, &str) {
-        let split = 2 + usize::from(u16::from_le_bytes([self.key[0], self.key[1]]));
-        let text = |b| std::str::from_utf8(b).expect("keys are built from str");
-        (text(&self.key[2..split]), text(&self.key[split..]))
+        self.key.names()
     }
 }
 
@@ -67,18 +75,19 @@ pub struct Shard {
 #[derive(Debug)]
 pub struct Buckets {
     map: HashTable<Entry>,
+    /// The table's hasher, to rehash keys when the map grows.
+    hasher: DefaultHashBuilder,
     /// Most buckets this shard may hold.
     cap: usize,
     /// Reused buffer for LRU selection.
-    scratch: Vec<u64>,
+    scratch: Vec<u32>,
 }
 
 impl Buckets {
     /// The bucket for (client, resource), if present.
     #[inline]
     pub fn find(&mut self, hash: u64, client: &str, resource: &str) -> Option<&mut Entry> {
-        self.map
-            .find_mut(hash, |e| e.matches(hash, client, resource))
+        self.map.find_mut(hash, |e| e.matches(client, resource))
     }
 
     /// Inserts a new bucket, first evicting the least recently used batch if
@@ -89,63 +98,64 @@ impl Buckets {
         client: &str,
         resource: &str,
         rule: Arc<Rule>,
-        generation: u64,
+        generation: u32,
         now: u64,
     ) -> (&mut Entry, usize) {
         let evicted = if self.map.len() >= self.cap {
-            self.evict_lru()
+            self.evict_lru(now)
         } else {
             0
         };
-        let mut key = Vec::with_capacity(2 + client.len() + resource.len());
-        key.extend_from_slice(&(client.len() as u16).to_le_bytes());
-        key.extend_from_slice(client.as_bytes());
-        key.extend_from_slice(resource.as_bytes());
         let entry = Entry {
-            hash,
-            key: key.into_boxed_slice(),
+            key: BucketKey::new(client, resource),
             tat: 0,
-            last_used: now,
             rule,
             generation,
+            last_used: tick(now),
         };
-        let slot = self.map.insert_unique(hash, entry, |e| e.hash);
+        let hasher = &self.hasher;
+        let slot = self
+            .map
+            .insert_unique(hash, entry, |e| hasher.hash_one(e.names()));
         (slot.into_mut(), evicted)
     }
 
     /// Removes the bucket for (client, resource) if present.
     pub fn remove(&mut self, hash: u64, client: &str, resource: &str) {
-        if let Ok(entry) = self
-            .map
-            .find_entry(hash, |e| e.matches(hash, client, resource))
-        {
+        if let Ok(entry) = self.map.find_entry(hash, |e| e.matches(client, resource)) {
             entry.remove();
         }
     }
 
-    /// Evicts the oldest eighth of the shard (at least one bucket).
-    fn evict_lru(&mut self) -> usize {
+    /// Evicts the least recently used eighth of the shard (at least one
+    /// bucket; ties at the cutoff go too).
+    fn evict_lru(&mut self, now: u64) -> usize {
+        let now = tick(now);
         let batch = (self.cap / 8).max(1);
         self.scratch.clear();
-        self.scratch.extend(self.map.iter().map(|e| e.last_used));
+        self.scratch
+            .extend(self.map.iter().map(|e| now.wrapping_sub(e.last_used)));
         if self.scratch.is_empty() {
             return 0;
         }
-        let nth = batch.min(self.scratch.len()) - 1;
+        // The `batch` largest ages: select the cutoff from the top.
+        let nth = self.scratch.len() - batch.min(self.scratch.len());
         let (_, &mut cutoff, _) = self.scratch.select_nth_unstable(nth);
         let before = self.map.len();
-        self.map.retain(|e| e.last_used > cutoff);
+        self.map.retain(|e| now.wrapping_sub(e.last_used) < cutoff);
         before - self.map.len()
     }
 
     /// Drops buckets that are full and either unused for their rule's idle TTL
     /// or resolved under an older rules generation than `generation`.
     /// Returns how many were dropped.
-    pub fn evict_idle(&mut self, now: u64, generation: u64) -> usize {
+    pub fn evict_idle(&mut self, now: u64, generation: u32) -> usize {
         let before = self.map.len();
+        let now_tick = tick(now);
         self.map.retain(|e| {
             let full = bucket::is_full(e.tat, now);
-            let idle = now.saturating_sub(e.last_used) >= e.rule.idle_ttl_ns;
+            let idle_ns = u64::from(now_tick.wrapping_sub(e.last_used)) << TICK_SHIFT;
+            let idle = idle_ns >= e.rule.idle_ttl_ns;
             !(full && (idle || e.generation != generation))
         });
         before - self.map.len()
@@ -189,12 +199,14 @@ impl ShardedTable {
         }
         // Spread the remainder so the caps add up to exactly `max_buckets`.
         let (cap, extra) = (max_buckets / n, max_buckets % n);
+        let hasher = DefaultHashBuilder::default();
         let shards = (0..n)
             .map(|i| {
                 let cap = cap + usize::from(i < extra);
                 CachePadded::new(Mutex::new(Shard {
                     buckets: Buckets {
                         map: HashTable::new(),
+                        hasher: hasher.clone(),
                         cap,
                         scratch: Vec::new(),
                     },
@@ -204,7 +216,7 @@ impl ShardedTable {
             .collect();
         ShardedTable {
             shards,
-            hasher: DefaultHashBuilder::default(),
+            hasher,
             // Shard choice uses bits 32.. of the hash; hashbrown uses the low
             // bits for the slot and the top 7 for tags, so they stay independent.
             shift: 32,
@@ -253,7 +265,7 @@ impl ShardedTable {
     pub fn evict_idle(&self, shard: usize, now: u64) -> usize {
         let n = {
             let shard = &mut *self.shards[shard].lock();
-            shard.buckets.evict_idle(now, shard.rules.generation)
+            shard.buckets.evict_idle(now, shard.rules.generation as u32)
         };
         self.evictions.idle.fetch_add(n as u64, Ordering::Relaxed);
         n
@@ -296,6 +308,11 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    }
+
+    #[test]
     fn keys_do_not_collide_across_the_split() {
         let table = ShardedTable::new(1, 100);
         let shard = &mut table.lock(0).buckets;
@@ -314,16 +331,17 @@ mod tests {
         let table = ShardedTable::new(1, 16);
         let r = rule();
         let shard = &mut table.lock(0).buckets;
+        let t = 1u64 << TICK_SHIFT;
         for i in 0..16u64 {
             let c = format!("c{i}");
             let h = table.hash(&c, "x");
-            shard.insert(h, &c, "x", Arc::clone(&r), 0, i);
+            shard.insert(h, &c, "x", Arc::clone(&r), 0, i * t);
         }
         // Touch c0 so it is the most recent.
         let h0 = table.hash("c0", "x");
-        shard.find(h0, "c0", "x").unwrap().last_used = 100;
+        shard.find(h0, "c0", "x").unwrap().last_used = tick(100 * t);
         let h = table.hash("new", "x");
-        let (_, evicted) = shard.insert(h, "new", "x", Arc::clone(&r), 0, 101);
+        let (_, evicted) = shard.insert(h, "new", "x", Arc::clone(&r), 0, 101 * t);
         assert_eq!(evicted, 2, "cap/8 oldest go");
         assert!(shard.len() <= 16);
         assert!(shard.find(h0, "c0", "x").is_some());
@@ -336,7 +354,8 @@ mod tests {
     fn idle_eviction_only_drops_full_idle_buckets() {
         let table = ShardedTable::new(1, 100);
         let r = rule();
-        let ttl = r.idle_ttl_ns;
+        // Times are kept in ticks: eviction may come up to one tick late.
+        let ttl = r.idle_ttl_ns + (1 << TICK_SHIFT);
         {
             let shard = &mut table.lock(0).buckets;
             let (e, _) = shard.insert(table.hash("full", "x"), "full", "x", Arc::clone(&r), 0, 0);

@@ -218,7 +218,18 @@ impl Connection {
     /// Transport errors, server errors, or a response with the wrong id.
     pub async fn call(&mut self, request: &Request<'_>) -> Result<Response<'static>, ClientError> {
         let id = self.queue(request)?;
-        self.flush().await?;
+        if let Err(e) = self.flush().await {
+            // The daemon may have refused us (too many connections) and closed
+            // before we wrote: its reason is still readable.
+            if let Ok(ResponseFrame {
+                response: Response::Error(body),
+                ..
+            }) = self.receive().await
+            {
+                return Err(ClientError::Server(body));
+            }
+            return Err(e);
+        }
         let frame = self.receive().await?;
         if let Response::Error(e) = frame.response {
             return Err(ClientError::Server(e));

@@ -1,0 +1,142 @@
+//! The limiter core without the socket: ns per decision on 1 hot key, 100,000
+//! and 1,000,000 keys (uniformly random), on 1 and 2 threads, with and without
+//! eviction pressure, beside the governor crate's keyed limiter (the
+//! in-process ceiling) on the same keys. Run: `cargo bench --bench core`.
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rld::daemon::limiter::{DefaultAction, Limiter, LimiterConfig, MonotonicClock};
+use rld::protocol::{Priority, RuleSource};
+use rld::rule::RuleSpec;
+
+/// Client names and a pre-drawn random visiting order (so RNG cost is not
+/// measured, and both limiters see the same sequence).
+struct Keys {
+    names: Vec<String>,
+    order: Vec<u32>,
+}
+
+impl Keys {
+    fn new(count: usize) -> Keys {
+        let names = (0..count).map(|i| format!("client-{i}")).collect();
+        // xorshift: deterministic and cheap.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let order = (0..(1 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % count as u64) as u32
+            })
+            .collect();
+        Keys { names, order }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> &String {
+        &self.names[self.order[i & (self.order.len() - 1)] as usize]
+    }
+}
+
+fn limiter(max_buckets: usize) -> Limiter {
+    let l = Limiter::new(LimiterConfig {
+        shards: 128,
+        max_buckets,
+        default_action: DefaultAction::Allow,
+    });
+    let rule = RuleSpec::new("bench", "*", "*", 1_000, Duration::from_secs(1));
+    l.set_rules(vec![(rule, RuleSource::Config)], 0).unwrap();
+    l
+}
+
+type Governor = governor::DefaultKeyedRateLimiter<String>;
+
+fn governor() -> Governor {
+    governor::RateLimiter::keyed(governor::Quota::per_second(NonZeroU32::new(1000).unwrap()))
+}
+
+/// Runs `iters` decisions split over `threads` threads; returns wall time.
+fn run_threads(
+    threads: usize,
+    iters: u64,
+    op: impl Fn(usize, u64) + Send + Sync + 'static + Clone,
+) -> Duration {
+    let per = iters / threads as u64;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let op = op.clone();
+            s.spawn(move || {
+                for i in 0..per {
+                    op(t, i);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let clock = MonotonicClock::new();
+    for (label, keys, cap) in [
+        ("1 key", 1usize, 1_000_000usize),
+        ("100k keys", 100_000, 1_000_000),
+        ("1M keys", 1_000_000, 2_000_000),
+        ("1M keys, cap 100k (eviction)", 1_000_000, 100_000),
+    ] {
+        let mut group = c.benchmark_group(format!("decision/{label}"));
+        group.throughput(Throughput::Elements(1));
+        group.measurement_time(Duration::from_secs(3));
+        group.warm_up_time(Duration::from_secs(1));
+        let keys = Arc::new(Keys::new(keys));
+        for threads in [1usize, 2] {
+            let l = Arc::new(limiter(cap));
+            // Fill the table first so the measurement is the steady state.
+            for i in 0..keys.names.len().min(cap) {
+                let _ = l.acquire(&keys.names[i], "api", 1, Priority::Normal, clock.now_ns());
+            }
+            let (l2, k2) = (Arc::clone(&l), Arc::clone(&keys));
+            group.bench_function(format!("rld/{threads} thread"), move |b| {
+                let (l, k) = (Arc::clone(&l2), Arc::clone(&k2));
+                b.iter_custom(move |iters| {
+                    let (l, k) = (Arc::clone(&l), Arc::clone(&k));
+                    run_threads(threads, iters, move |t, i| {
+                        // The daemon reads the clock once per wake-up or
+                        // sampled decision, not per decision; so does this.
+                        thread_local!(static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+                        let now = NOW.with(|n| {
+                            if i % 8 == 0 {
+                                n.set(clock.now_ns());
+                            }
+                            n.get()
+                        });
+                        let key = k.get(i as usize * 2 + t);
+                        black_box(l.acquire(key, "api", 1, Priority::Normal, now).unwrap());
+                    })
+                })
+            });
+            if cap >= keys.names.len() {
+                let g = Arc::new(governor());
+                let k2 = Arc::clone(&keys);
+                group.bench_function(format!("governor/{threads} thread"), move |b| {
+                    let (g, k) = (Arc::clone(&g), Arc::clone(&k2));
+                    b.iter_custom(move |iters| {
+                        let (g, k) = (Arc::clone(&g), Arc::clone(&k));
+                        run_threads(threads, iters, move |t, i| {
+                            let key = k.get(i as usize * 2 + t);
+                            black_box(g.check_key(key).is_ok());
+                        })
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
