@@ -228,16 +228,27 @@ async fn idle_rules_expire_and_rules_in_use_stay() {
     idle.expire_idle = Some(Duration::from_secs(1));
     let mut busy = rule("tenant-b", "b", "*", 5, HOUR);
     busy.expire_idle = Some(Duration::from_secs(1));
-    c.rule_set(vec![idle, busy, rule("forever", "c", "*", 5, HOUR)]).await.unwrap();
+    c.rule_set(vec![idle, busy, rule("forever", "c", "*", 5, HOUR)])
+        .await
+        .unwrap();
     // Keep tenant-b in use for 3 s; tenant-a and forever see no traffic.
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         c.acquire(Acquire::new("b", "r").cost(0)).await.unwrap();
     }
-    let ids: Vec<String> = c.rule_list().await.unwrap().into_iter().map(|r| r.spec.id).collect();
+    let ids: Vec<String> = c
+        .rule_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.spec.id)
+        .collect();
     assert_eq!(ids, ["forever", "tenant-b"]);
     assert_eq!(c.stats().await.unwrap().rules_expired, 1);
     // The removal is persisted like any other change.
     let saved = std::fs::read_to_string(d.dir.path().join("state/rules.toml")).unwrap();
-    assert!(!saved.contains("tenant-a") && saved.contains("tenant-b"), "{saved}");
+    assert!(
+        !saved.contains("tenant-a") && saved.contains("tenant-b"),
+        "{saved}"
+    );
 }

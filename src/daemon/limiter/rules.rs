@@ -95,7 +95,8 @@ impl RuleActivity {
         };
         self.stripes[stripe % STRIPES][slot].fetch_add(1, Ordering::Relaxed);
         // Read first: the line stays shared unless a granule has passed.
-        if now_ns.saturating_sub(self.last_match_ns.load(Ordering::Relaxed)) >= LAST_MATCH_GRANULE_NS
+        if now_ns.saturating_sub(self.last_match_ns.load(Ordering::Relaxed))
+            >= LAST_MATCH_GRANULE_NS
         {
             self.last_match_ns.store(now_ns, Ordering::Relaxed);
         }
