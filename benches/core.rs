@@ -115,7 +115,8 @@ fn bench(c: &mut Criterion) {
                             n.get()
                         });
                         let key = k.get(i as usize * 2 + t);
-                        black_box(l.acquire(key, "api", 1, Priority::Normal, now).unwrap());
+                        let allowed = l.decide(key, "api", 1, Priority::Normal, now, |d| d.is_allowed());
+                        black_box(allowed.unwrap());
                     })
                 })
             });

@@ -43,7 +43,7 @@ fn main() {
         .unwrap();
     for (i, n) in names.iter().enumerate() {
         limiter
-            .acquire(n, "api", 1, Priority::Normal, i as u64)
+            .decide(n, "api", 1, Priority::Normal, i as u64, |_| ())
             .unwrap();
     }
     assert_eq!(limiter.table().len(), BUCKETS);

@@ -13,27 +13,28 @@
 use std::io;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use serde::ser::{Serialize, SerializeSeq, Serializer};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::Peer;
-use super::limiter::{AcquireError, LocalDecision};
+use super::limiter::AcquireError;
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
-use crate::protocol::codec::{FrameCodec, decode_request, encode};
+use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
 use crate::protocol::{
-    Acquire, Decision, ErrorBody, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtocolError,
-    Request, RequestFrame, Response,
+    Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ProtocolError, Request, RequestFrame, Response,
 };
 
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
-/// At shutdown, requests already sent are answered up to this many bytes.
+/// At shutdown, requests already sent are answered up to this many bytes...
 const DRAIN_BYTES: usize = 1024 * 1024;
+/// ...that arrive without a pause longer than this.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Serves one connection until the peer leaves, breaks the protocol, idles
 /// out, or `cancel` fires (then requests already read are still answered).
@@ -48,7 +49,6 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         greeted: false,
         latency: LocalHistogram::default(),
         timing: Timing::default(),
-        batch: Vec::new(),
     };
     if let Err(e) = conn.run(&cancel).await {
         tracing::debug!(uid = conn.peer.uid, "connection ended: {e}");
@@ -66,8 +66,6 @@ struct Conn {
     greeted: bool,
     latency: LocalHistogram,
     timing: Timing,
-    /// Reused decision buffer for `AcquireMany`.
-    batch: Vec<Result<LocalDecision, AcquireError>>,
 }
 
 /// Whether to keep the connection after a request.
@@ -108,15 +106,17 @@ impl Conn {
     }
 
     /// Shutdown: answers whatever the peer had already sent (up to
-    /// [`DRAIN_BYTES`], read without waiting), then closes.
+    /// [`DRAIN_BYTES`]), then closes. Reads wait a few milliseconds: a
+    /// `try_read` could see stale readiness and leave sent bytes unread, and
+    /// closing with unread bytes resets the peer's connection.
     async fn drain(&mut self) -> io::Result<()> {
         let mut read = 0;
         while read < DRAIN_BYTES {
-            match self.stream.try_read_buf(&mut self.read_buf) {
-                Ok(0) => break,
-                Ok(n) => read += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+            let more = self.stream.read_buf(&mut self.read_buf);
+            match tokio::time::timeout(DRAIN_WAIT, more).await {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(n)) => read += n,
+                Ok(Err(e)) => return Err(e),
             }
         }
         self.answer_buffered().await?;
@@ -126,22 +126,33 @@ impl Conn {
     /// Answers every complete frame in the read buffer.
     async fn answer_buffered(&mut self) -> io::Result<Next> {
         self.timing.now = self.shared.clock.now_ns();
+        // Requests borrow from the buffer while answers are written, so take
+        // it out of `self` for the duration (no per-frame split or refcount).
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let result = self.answer_frames(&mut buf).await;
+        self.read_buf = buf;
+        result
+    }
+
+    async fn answer_frames(&mut self, buf: &mut BytesMut) -> io::Result<Next> {
         loop {
-            let frame = match self.codec.decode_frame(&mut self.read_buf) {
-                Ok(Some(frame)) => frame,
+            let len = match self.codec.frame_len(buf) {
+                Ok(Some(len)) => len,
                 Ok(None) => return Ok(Next::Continue),
                 Err(e) => {
                     self.protocol_error(0, &e);
                     return Ok(Next::Close);
                 }
             };
-            let next = match decode_request(&frame) {
+            let frame = &buf[HEADER_LEN..HEADER_LEN + len];
+            let next = match decode_request(frame) {
                 Ok(RequestFrame { id, request }) => self.answer(id, request).await,
                 Err(bad) => {
                     self.protocol_error(bad.id, &bad.error);
                     Next::Close
                 }
             };
+            buf.advance(HEADER_LEN + len);
             if next == Next::Close {
                 return Ok(next);
             }
@@ -225,24 +236,47 @@ impl Conn {
         )
     }
 
-    /// The hot path: decide and encode, nothing else.
+    /// The hot path: decide and encode the answer straight into the write
+    /// buffer (borrowing the rule id under the shard lock), nothing else.
     fn acquire(&mut self, id: u64, a: &Acquire<'_>) -> Next {
-        let result = self.timing.decide(&self.shared, &mut self.latency, a);
-        match result {
-            Ok(d) => self.respond(id, &Response::Decision(wire_decision(&d))),
+        let out = &mut self.write_buf;
+        let encoded = self.timing.decide(&self.shared, &mut self.latency, a, |d| {
+            encode(&(id, Response::Decision(d.clone())), out)
+        });
+        match encoded {
+            Ok(Ok(())) => Next::Continue,
+            Ok(Err(e)) => self.error(id, ErrorCode::INTERNAL, e.to_string()),
             Err(e) => self.respond(id, &Response::Error(acquire_error(&e))),
         }
     }
 
+    /// Decides each item in order, appending each answer to one
+    /// `Response::Decisions` frame as it is decided (no intermediate list).
     fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
-        self.batch.clear();
+        let Conn {
+            shared,
+            write_buf: out,
+            timing,
+            latency,
+            ..
+        } = self;
+        let start = codec::begin_frame(out);
+        let mut result = codec::append(&(id, DECISIONS_VARIANT, items.len()), out);
         for a in items {
-            let result = self.timing.decide(&self.shared, &mut self.latency, a);
-            self.batch.push(result);
+            let item = timing.decide(shared, latency, a, |d| {
+                codec::append(&BatchItem::Decision(d.clone()), out)
+            });
+            result = result.and(match item {
+                Ok(encoded) => encoded,
+                Err(e) => codec::append(&BatchItem::Error(acquire_error(&e)), out),
+            });
         }
-        match encode(&(id, BatchAnswer(&self.batch)), &mut self.write_buf) {
+        match result.and_then(|()| codec::finish_frame(out, start)) {
             Ok(()) => Next::Continue,
-            Err(e) => self.error(id, ErrorCode::INTERNAL, e.to_string()),
+            Err(e) => {
+                out.truncate(start);
+                self.error(id, ErrorCode::INTERNAL, e.to_string())
+            }
         }
     }
 
@@ -281,6 +315,9 @@ impl Conn {
     }
 }
 
+/// The wire index of `Response::Decisions` (see rld-protocol(7)).
+const DECISIONS_VARIANT: u32 = 2;
+
 /// One decision in this many has its latency measured.
 const SAMPLE_EVERY: u32 = 8;
 
@@ -296,23 +333,26 @@ struct Timing {
 }
 
 impl Timing {
+    /// [`Limiter::decide`](super::limiter::Limiter::decide) at the current
+    /// time, sampling its latency.
     #[inline]
-    fn decide(
+    fn decide<R>(
         &mut self,
         shared: &Shared,
         latency: &mut LocalHistogram,
         a: &Acquire<'_>,
-    ) -> Result<LocalDecision, AcquireError> {
+        answer: impl FnOnce(&Decision<'_>) -> R,
+    ) -> Result<R, AcquireError> {
         if let Some(trace) = &a.trace {
             tracing::trace!(traceparent = %trace, client = %a.client, resource = %a.resource, "acquire");
         }
         self.decisions = self.decisions.wrapping_add(1);
         let limiter = &shared.limiter;
         if self.decisions % SAMPLE_EVERY != 0 {
-            return limiter.acquire(&a.client, &a.resource, a.cost, a.priority, self.now);
+            return limiter.decide(&a.client, &a.resource, a.cost, a.priority, self.now, answer);
         }
         let start = shared.clock.now_ns();
-        let result = limiter.acquire(&a.client, &a.resource, a.cost, a.priority, start);
+        let result = limiter.decide(&a.client, &a.resource, a.cost, a.priority, start, answer);
         self.now = shared.clock.now_ns();
         latency.record(self.now - start);
         result
@@ -334,17 +374,6 @@ async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
     }
 }
 
-fn wire_decision(d: &LocalDecision) -> Decision<'_> {
-    Decision {
-        outcome: d.outcome,
-        limit: d.limit,
-        remaining: d.remaining,
-        retry_after_ns: d.retry_after_ns,
-        reset_after_ns: d.reset_after_ns,
-        rule: d.rule.as_str().into(),
-    }
-}
-
 fn acquire_error(e: &AcquireError) -> ErrorBody<'static> {
     let code = match e {
         AcquireError::CostExceedsBurst { .. } => ErrorCode::COST_EXCEEDS_BURST,
@@ -353,56 +382,36 @@ fn acquire_error(e: &AcquireError) -> ErrorBody<'static> {
     ErrorBody::new(code, e.to_string())
 }
 
-/// Encodes `Response::Decisions` from the reused decision buffer, with the same
-/// bytes as the owned type, without building a `Vec<BatchItem>`.
-struct BatchAnswer<'a>(&'a [Result<LocalDecision, AcquireError>]);
-
-impl Serialize for BatchAnswer<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        struct Items<'a>(&'a [Result<LocalDecision, AcquireError>]);
-        impl Serialize for Items<'_> {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                use crate::protocol::BatchItem;
-                let mut seq = s.serialize_seq(Some(self.0.len()))?;
-                for item in self.0 {
-                    match item {
-                        Ok(d) => seq.serialize_element(&BatchItem::Decision(wire_decision(d)))?,
-                        Err(e) => seq.serialize_element(&BatchItem::Error(acquire_error(e)))?,
-                    }
-                }
-                seq.end()
-            }
-        }
-        // Variant 2 of `Response` is `Decisions(Vec<BatchItem>)`.
-        s.serialize_newtype_variant("Response", 2, "Decisions", &Items(self.0))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::codec::decode_response;
-    use crate::protocol::{BatchItem, Outcome, ResponseFrame};
-    use arrayvec::ArrayString;
+    use crate::protocol::{Outcome, ResponseFrame};
 
+    /// The piecewise batch frame of `acquire_many` is byte for byte the
+    /// owned `Response::Decisions`.
     #[test]
-    fn batch_answer_encodes_like_the_owned_response() {
-        let decision = LocalDecision {
+    fn piecewise_batch_frames_match_the_owned_encoding() {
+        let decision = Decision {
             outcome: Outcome::Denied,
             limit: 5,
             remaining: 0,
             retry_after_ns: 7,
             reset_after_ns: 9,
-            rule: ArrayString::from("r").unwrap(),
+            rule: "r".into(),
         };
-        let items = vec![Ok(decision), Err(AcquireError::Empty("client"))];
+        let error = acquire_error(&AcquireError::Empty("client"));
         let mut fast = BytesMut::new();
-        encode(&(3u64, BatchAnswer(&items)), &mut fast).unwrap();
+        let start = codec::begin_frame(&mut fast);
+        codec::append(&(3u64, DECISIONS_VARIANT, 2usize), &mut fast).unwrap();
+        codec::append(&BatchItem::Decision(decision.clone()), &mut fast).unwrap();
+        codec::append(&BatchItem::Error(error.clone()), &mut fast).unwrap();
+        codec::finish_frame(&mut fast, start).unwrap();
         let owned = ResponseFrame {
             id: 3,
             response: Response::Decisions(vec![
-                BatchItem::Decision(wire_decision(&decision)),
-                BatchItem::Error(acquire_error(&AcquireError::Empty("client"))),
+                BatchItem::Decision(decision),
+                BatchItem::Error(error),
             ]),
         };
         let mut slow = BytesMut::new();

@@ -49,6 +49,21 @@ impl FrameCodec {
     /// [`ProtocolError::FrameTooLarge`] as soon as a header announces a frame
     /// above the maximum (the stream cannot be resynchronised after that).
     pub fn decode_frame(&mut self, buf: &mut BytesMut) -> Result<Option<BytesMut>, ProtocolError> {
+        let Some(len) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        buf.advance(HEADER_LEN);
+        Ok(Some(buf.split_to(len)))
+    }
+
+    /// The body length of the complete frame at the start of `buf`, or `None`
+    /// if more bytes are needed (reserving room for them). The body is
+    /// `buf[HEADER_LEN..HEADER_LEN + len]`; the caller advances past it.
+    ///
+    /// # Errors
+    /// As [`FrameCodec::decode_frame`].
+    #[inline]
+    pub fn frame_len(&self, buf: &mut BytesMut) -> Result<Option<usize>, ProtocolError> {
         let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
@@ -63,8 +78,7 @@ impl FrameCodec {
             buf.reserve(HEADER_LEN + len - buf.len());
             return Ok(None);
         }
-        buf.advance(HEADER_LEN);
-        Ok(Some(buf.split_to(len)))
+        Ok(Some(len))
     }
 }
 
@@ -74,12 +88,37 @@ impl FrameCodec {
 /// [`ProtocolError::FrameTooLarge`] if the encoded message is above
 /// [`MAX_RESPONSE_FRAME`]; `out` is left as it was.
 pub fn encode<T: Serialize>(msg: &T, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    let start = begin_frame(out);
+    if let Err(e) = append(msg, out) {
+        out.truncate(start);
+        return Err(e);
+    }
+    finish_frame(out, start)
+}
+
+/// Starts a frame built piece by piece with [`append`]: writes a placeholder
+/// header and returns where the frame starts, for [`finish_frame`].
+pub fn begin_frame(out: &mut BytesMut) -> usize {
     let start = out.len();
     out.put_u32(0);
-    if let Err(e) = postcard::serialize_with_flavor(msg, BytesFlavor(out)) {
-        out.truncate(start);
-        return Err(ProtocolError::Malformed(e.to_string()));
-    }
+    start
+}
+
+/// Appends `value` in postcard form, without a frame header.
+///
+/// # Errors
+/// Only if `value`'s `Serialize` fails (not for the types of this crate).
+pub fn append<T: Serialize + ?Sized>(value: &T, out: &mut BytesMut) -> Result<(), ProtocolError> {
+    postcard::serialize_with_flavor(value, BytesFlavor(out))
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// Writes the header of the frame begun at `start`.
+///
+/// # Errors
+/// [`ProtocolError::FrameTooLarge`] above [`MAX_RESPONSE_FRAME`]; the frame
+/// is then removed from `out`.
+pub fn finish_frame(out: &mut BytesMut, start: usize) -> Result<(), ProtocolError> {
     let len = out.len() - start - HEADER_LEN;
     if len > MAX_RESPONSE_FRAME {
         out.truncate(start);
@@ -127,28 +166,36 @@ pub struct BadRequest {
 /// [`ProtocolError::UnknownRequest`] for a variant this version does not know,
 /// [`ProtocolError::Malformed`] for anything else that is not exactly one
 /// well-formed request.
+#[inline]
 pub fn decode_request(frame: &[u8]) -> Result<RequestFrame<'_>, BadRequest> {
-    let (id, rest) = postcard::take_from_bytes::<u64>(frame).map_err(|e| BadRequest {
-        id: 0,
-        error: ProtocolError::Malformed(format!("unreadable request id: {e}")),
-    })?;
-    let bad = |error| BadRequest { id, error };
-    let (variant, _) = postcard::take_from_bytes::<u32>(rest).map_err(|e| {
-        bad(ProtocolError::Malformed(format!(
-            "unreadable request type: {e}"
-        )))
-    })?;
-    if variant >= REQUEST_VARIANTS {
-        return Err(bad(ProtocolError::UnknownRequest(variant)));
-    }
+    // One pass when the frame is good; the slow path explains a bad one.
     match postcard::take_from_bytes::<RequestFrame<'_>>(frame) {
         Ok((msg, [])) => Ok(msg),
-        Ok((_, trailing)) => Err(bad(ProtocolError::Malformed(format!(
-            "{} unexpected bytes after the request",
-            trailing.len()
-        )))),
-        Err(e) => Err(bad(ProtocolError::Malformed(e.to_string()))),
+        _ => Err(explain_bad_request(frame)),
     }
+}
+
+/// Why `frame` is not a request: which id to answer under and what is wrong.
+#[cold]
+fn explain_bad_request(frame: &[u8]) -> BadRequest {
+    let Ok((id, rest)) = postcard::take_from_bytes::<u64>(frame) else {
+        return BadRequest {
+            id: 0,
+            error: ProtocolError::Malformed("unreadable request id".into()),
+        };
+    };
+    let error = match postcard::take_from_bytes::<u32>(rest) {
+        Err(e) => ProtocolError::Malformed(format!("unreadable request type: {e}")),
+        Ok((variant, _)) if variant >= REQUEST_VARIANTS => ProtocolError::UnknownRequest(variant),
+        Ok(_) => match postcard::take_from_bytes::<RequestFrame<'_>>(frame) {
+            Ok((_, trailing)) => ProtocolError::Malformed(format!(
+                "{} unexpected bytes after the request",
+                trailing.len()
+            )),
+            Err(e) => ProtocolError::Malformed(e.to_string()),
+        },
+    };
+    BadRequest { id, error }
 }
 
 /// Decodes a response frame body into owned values.

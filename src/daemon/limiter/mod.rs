@@ -16,16 +16,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use arrayvec::ArrayString;
 use crossbeam::utils::CachePadded;
 use parking_lot::Mutex;
+use std::borrow::Cow;
 
 pub use bucket::{BucketParams, Verdict, try_take};
 pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
 
-use crate::protocol::{Outcome, Priority, RuleCounters, RuleSource};
-use crate::rule::{MAX_NAME_BYTES, MAX_RULE_ID_BYTES, RuleSpec};
+use crate::protocol::{Decision, Outcome, Priority, RuleCounters, RuleSource};
+use crate::rule::{MAX_NAME_BYTES, RuleSpec};
 
 /// A monotonic clock in nanoseconds since the daemon started.
 #[derive(Debug, Clone, Copy)]
@@ -72,19 +72,6 @@ pub struct LimiterConfig {
     pub default_action: DefaultAction,
 }
 
-/// A decision, with the rule id copied inline so no allocation or shared
-/// reference count is needed to report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalDecision {
-    pub outcome: Outcome,
-    pub limit: u64,
-    pub remaining: u64,
-    pub retry_after_ns: u64,
-    pub reset_after_ns: u64,
-    /// Empty when no rule matched.
-    pub rule: ArrayString<MAX_RULE_ID_BYTES>,
-}
-
 /// An acquire that cannot be decided (as opposed to a denial).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcquireError {
@@ -129,10 +116,12 @@ impl Limiter {
         }
     }
 
-    /// Decides one request at time `now` (ns of [`MonotonicClock`]).
+    /// Decides one request at time `now` (ns of [`MonotonicClock`]) and
+    /// returns the decision with its own copy of the rule id (for tests and
+    /// tools; the daemon uses [`Limiter::decide`]).
     ///
     /// # Errors
-    /// Empty or overlong names, or a cost above the matching rule's bucket size.
+    /// As [`Limiter::decide`].
     pub fn acquire(
         &self,
         client: &str,
@@ -140,7 +129,30 @@ impl Limiter {
         cost: u64,
         priority: Priority,
         now: u64,
-    ) -> Result<LocalDecision, AcquireError> {
+    ) -> Result<Decision<'static>, AcquireError> {
+        self.decide(client, resource, cost, priority, now, |d| {
+            d.clone().into_owned()
+        })
+    }
+
+    /// Decides one request at time `now` and hands the decision to `answer`,
+    /// which runs with the shard still locked so that the decision can borrow
+    /// the rule id: nothing is copied or reference-counted. Keep `answer`
+    /// short (encoding a response is fine); its result is returned.
+    ///
+    /// # Errors
+    /// Empty or overlong names, or a cost above the matching rule's bucket
+    /// size (`answer` is not called then).
+    #[inline]
+    pub fn decide<R>(
+        &self,
+        client: &str,
+        resource: &str,
+        cost: u64,
+        priority: Priority,
+        now: u64,
+        answer: impl FnOnce(&Decision<'_>) -> R,
+    ) -> Result<R, AcquireError> {
         check_name("client", client)?;
         check_name("resource", resource)?;
         let hash = self.table.hash(client, resource);
@@ -165,7 +177,7 @@ impl Limiter {
                 None => {
                     buckets.remove(hash, client, resource);
                     drop(guard);
-                    return Ok(self.unmatched(stripe));
+                    return Ok(answer(&self.unmatched(stripe)));
                 }
             },
             None => match rules.resolve(client, resource) {
@@ -184,7 +196,7 @@ impl Limiter {
                 }
                 None => {
                     drop(guard);
-                    return Ok(self.unmatched(stripe));
+                    return Ok(answer(&self.unmatched(stripe)));
                 }
             },
         };
@@ -193,19 +205,19 @@ impl Limiter {
         let verdict = try_take(&mut entry.tat, &rule.params, now, cost, priority);
         entry.last_used = table::tick(now);
         rule.activity.record(stripe, verdict.outcome, now);
-        Ok(LocalDecision {
+        Ok(answer(&Decision {
             outcome: verdict.outcome,
             limit: rule.spec.limit,
             remaining: verdict.remaining,
             retry_after_ns: verdict.retry_after_ns,
             reset_after_ns: verdict.reset_after_ns,
-            rule: ArrayString::from(rule.id()).expect("rule ids are validated to fit"),
-        })
+            rule: Cow::Borrowed(rule.id()),
+        }))
     }
 
-    fn unmatched(&self, stripe: usize) -> LocalDecision {
+    fn unmatched(&self, stripe: usize) -> Decision<'static> {
         self.unmatched.stripes[stripe % rules::STRIPES].fetch_add(1, Ordering::Relaxed);
-        LocalDecision {
+        Decision {
             outcome: match self.default_action {
                 DefaultAction::Allow => Outcome::Allowed,
                 DefaultAction::Deny => Outcome::Denied,
@@ -214,7 +226,7 @@ impl Limiter {
             remaining: 0,
             retry_after_ns: 0,
             reset_after_ns: 0,
-            rule: ArrayString::new(),
+            rule: Cow::Borrowed(""),
         }
     }
 
@@ -346,7 +358,7 @@ mod tests {
         assert_eq!(outcome(&l, "b", SEC), Outcome::Allowed);
         let d = l.acquire("a", "other", 1, Priority::Normal, SEC).unwrap();
         assert_eq!(
-            (d.outcome, d.rule.as_str(), d.limit),
+            (d.outcome, d.rule.as_ref(), d.limit),
             (Outcome::Allowed, "r", 2)
         );
         assert_eq!(l.table().len(), 3);
@@ -357,7 +369,7 @@ mod tests {
         let l = limiter(1000, DefaultAction::Deny);
         l.set_rules(vec![rule("r", "bob", "*", 2)], 0).unwrap();
         let d = l.acquire("alice", "api", 1, Priority::Normal, 0).unwrap();
-        assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Denied, ""));
+        assert_eq!((d.outcome, d.rule.as_ref()), (Outcome::Denied, ""));
         assert_eq!(l.unmatched_total(), 1);
         assert_eq!(l.table().len(), 0, "unmatched requests create no bucket");
     }
@@ -397,7 +409,7 @@ mod tests {
         l.set_rules(vec![rule("r", "*", "*", 3), rule("a", "a", "*", 1)], SEC)
             .unwrap();
         let d = l.acquire("a", "api", 1, Priority::Normal, SEC).unwrap();
-        assert_eq!((d.outcome, d.rule.as_str()), (Outcome::Allowed, "a"));
+        assert_eq!((d.outcome, d.rule.as_ref()), (Outcome::Allowed, "a"));
         // Deleting every rule falls back to the default and drops the bucket.
         l.set_rules(vec![], SEC).unwrap();
         assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
