@@ -79,7 +79,12 @@ struct Scenario {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let opts = Opts::parse();
+    let mut opts = Opts::parse();
+    // Servers run in a temp directory: make every path absolute (without
+    // resolving symlinks: redis-server is a link that dispatches on its name).
+    for path in [&mut opts.rld, &mut opts.redis_server, &mut opts.cell_module] {
+        *path = std::path::absolute(&*path)?;
+    }
     let dir = tempfile::tempdir()?;
     let rld = servers::Rld::start(&opts.rld, dir.path(), RATE, BURST).await?;
     let redis = servers::Redis::start(&opts.redis_server, &opts.cell_module, dir.path()).await?;

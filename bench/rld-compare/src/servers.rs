@@ -124,10 +124,13 @@ impl Redis {
             .arg(cell_module)
             .arg("--dir")
             .arg(dir)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("redis.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        wait_for_socket(&socket, &mut child).await?;
+        if let Err(e) = wait_for_socket(&socket, &mut child).await {
+            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            bail!("redis-server: {e}\n{log}");
+        }
         Ok(Redis { child, socket })
     }
 
