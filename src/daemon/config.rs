@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::limiter::DefaultAction;
 use crate::protocol::{DEFAULT_MAX_FRAME, daemon_socket_path};
 use crate::rule::file::{RuleEntry, RuleFileError, specs_from_entries};
-use crate::rule::{RuleSpec, parse_duration};
+use crate::rule::{OnFailure, RuleSpec, parse_duration};
 
 /// The config file read when `--config` is not given (if it exists).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rld/rld.toml";
@@ -61,6 +61,20 @@ pub struct Args {
     /// the daemon's own user.
     #[arg(long, value_name = "GROUP")]
     pub admin_group: Option<String>,
+
+    /// etcd endpoints (comma-separated) to share global limits and rules with
+    /// other daemons, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379.
+    /// Without it rld runs standalone.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', env = "RLD_ETCD")]
+    pub etcd: Vec<String>,
+
+    /// Key prefix of this deployment in etcd.
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+
+    /// This daemon's name among the daemons sharing etcd (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
 
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, value_name = "FILTER", env = "RLD_LOG", default_value = "info")]
@@ -126,8 +140,35 @@ pub struct ConfigFile {
     pub drain_timeout: Option<String>,
     pub sweep_interval: Option<String>,
     pub admin_group: Option<String>,
+    /// etcd endpoints; none means standalone.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    pub etcd_prefix: Option<String>,
+    pub node_id: Option<String>,
+    /// Deadline of each etcd call.
+    pub etcd_timeout: Option<String>,
+    /// Largest wall-clock difference between hosts that accuracy is planned for.
+    pub max_clock_skew: Option<String>,
+    /// `on_failure` of global rules that set none.
+    pub default_on_failure: Option<OnFailure>,
+    /// Extra fraction for the default fallback limit: limit x (1 + slack) / N.
+    pub fallback_slack: Option<f64>,
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleEntry>,
+}
+
+/// How this daemon shares limits through etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Key prefix, without a trailing slash (`/rld`).
+    pub prefix: String,
+    pub node_id: String,
+    /// Deadline of each etcd call (also the Txn deadline on the lease path).
+    pub timeout: Duration,
+    pub max_clock_skew: Duration,
+    pub default_on_failure: OnFailure,
+    pub fallback_slack: f64,
 }
 
 /// Everything the daemon needs, resolved.
@@ -152,6 +193,8 @@ pub struct Config {
     pub admin_gid: Option<u32>,
     /// Rules of the config file (the per-host layer).
     pub rules: Vec<RuleSpec>,
+    /// `None`: standalone.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// A config that cannot be used.
@@ -193,6 +236,7 @@ impl Default for Config {
             sweep_interval: Duration::from_secs(1),
             admin_gid: None,
             rules: Vec::new(),
+            etcd: None,
         }
     }
 }
@@ -234,6 +278,26 @@ impl Config {
         }
         if let Some(g) = &args.admin_group {
             config.admin_gid = Some(resolve_group(g)?);
+        }
+        if !args.etcd.is_empty() {
+            let etcd = config
+                .etcd
+                .get_or_insert_with(|| EtcdConfig::defaults(Vec::new()));
+            etcd.endpoints = args.etcd.clone();
+        }
+        if let Some(etcd) = config.etcd.as_mut() {
+            if let Some(p) = &args.etcd_prefix {
+                etcd.prefix = normalize_prefix(p)?;
+            }
+            if let Some(n) = &args.node_id {
+                etcd.node_id = n.clone();
+            }
+        } else if args.etcd_prefix.is_some() || args.node_id.is_some() {
+            return Err(ConfigError::Value {
+                field: "etcd",
+                message: "--etcd-prefix and --node-id need --etcd (or etcd in the config file)"
+                    .into(),
+            });
         }
         config.check()?;
         Ok(config)
@@ -292,6 +356,27 @@ impl Config {
             drain_timeout: duration("drain_timeout", file.drain_timeout, d.drain_timeout)?,
             sweep_interval: duration("sweep_interval", file.sweep_interval, d.sweep_interval)?,
             admin_gid: file.admin_group.as_deref().map(resolve_group).transpose()?,
+            etcd: if file.etcd.is_empty() {
+                None
+            } else {
+                let mut e = EtcdConfig::defaults(file.etcd);
+                if let Some(p) = &file.etcd_prefix {
+                    e.prefix = normalize_prefix(p)?;
+                }
+                if let Some(n) = file.node_id {
+                    e.node_id = n;
+                }
+                e.timeout = duration("etcd_timeout", file.etcd_timeout, e.timeout)?;
+                e.max_clock_skew =
+                    duration("max_clock_skew", file.max_clock_skew, e.max_clock_skew)?;
+                if let Some(p) = file.default_on_failure {
+                    e.default_on_failure = p;
+                }
+                if let Some(s) = file.fallback_slack {
+                    e.fallback_slack = s;
+                }
+                Some(e)
+            },
             rules,
         })
     }
@@ -318,6 +403,32 @@ impl Config {
         if self.sweep_interval < Duration::from_millis(10) {
             return bad("sweep_interval", "must be at least 10ms");
         }
+        if let Some(e) = &self.etcd {
+            if let Some(bad_url) = e
+                .endpoints
+                .iter()
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                return Err(ConfigError::Value {
+                    field: "etcd",
+                    message: format!(
+                        "endpoint {bad_url:?} must be a URL like http://127.0.0.1:2379"
+                    ),
+                });
+            }
+            if let Err(problem) = crate::rule::validate_rule_id(&e.node_id) {
+                return Err(ConfigError::Value {
+                    field: "node_id",
+                    message: problem,
+                });
+            }
+            if e.timeout < Duration::from_millis(10) {
+                return bad("etcd_timeout", "must be at least 10ms");
+            }
+            if !(0.0..=10.0).contains(&e.fallback_slack) {
+                return bad("fallback_slack", "must be between 0.0 and 10.0");
+            }
+        }
         Ok(())
     }
 }
@@ -335,6 +446,35 @@ pub fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
         path: path.to_owned(),
         message: e.to_string(),
     })
+}
+
+impl EtcdConfig {
+    /// Defaults for the given endpoints.
+    pub fn defaults(endpoints: Vec<String>) -> EtcdConfig {
+        EtcdConfig {
+            endpoints,
+            prefix: "/rld".into(),
+            node_id: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "rld".into()),
+            timeout: Duration::from_millis(500),
+            max_clock_skew: Duration::from_millis(10),
+            default_on_failure: OnFailure::Local,
+            fallback_slack: 0.1,
+        }
+    }
+}
+
+fn normalize_prefix(p: &str) -> Result<String, ConfigError> {
+    let trimmed = p.trim_end_matches('/');
+    if !trimmed.starts_with('/') || trimmed.len() < 2 {
+        return Err(ConfigError::Value {
+            field: "etcd_prefix",
+            message: format!("{p:?} must start with '/' and name something, like \"/rld\""),
+        });
+    }
+    Ok(trimmed.to_owned())
 }
 
 /// `4 x cores x 16` shards: enough that two cores rarely meet on one lock.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::auth::Peer;
+use super::cluster::Cluster;
 use super::limiter::AcquireError;
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
@@ -28,6 +29,7 @@ use crate::protocol::{
     Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
     ProtocolError, Request, RequestFrame, Response,
 };
+use crate::rule::RuleSpec;
 
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
@@ -174,19 +176,22 @@ impl Conn {
                 ErrorCode::INVALID_ARGUMENT,
                 "Hello was already received on this connection".into(),
             ),
-            Request::RuleGet { id: rule } => match self.shared.rulebook.get(&rule) {
+            Request::RuleGet { id: rule } => match self.shared.rule_info(&rule) {
                 Some(info) => self.respond(id, &Response::Rule(info)),
                 None => {
                     let e = RuleBookError::NotFound(rule.into_owned());
                     self.respond(id, &Response::Error(e.to_wire()))
                 }
             },
-            Request::RuleList => self.respond(id, &Response::Rules(self.shared.rulebook.list())),
+            Request::RuleList => self.respond(id, &Response::Rules(self.shared.rule_list())),
             Request::Stats => self.respond(id, &Response::Stats(self.shared.stats())),
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
             Request::RuleSet { rules } => {
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "set rules");
+                }
+                if let Some(cluster) = self.shared.cluster.clone() {
+                    return self.set_in_etcd(id, &cluster, rules).await;
                 }
                 let book = Arc::clone(&self.shared.rulebook);
                 let result = tokio::task::spawn_blocking(move || book.set(rules)).await;
@@ -202,6 +207,9 @@ impl Conn {
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "delete rules");
                 }
+                if let Some(cluster) = self.shared.cluster.clone() {
+                    return self.delete_in_etcd(id, &cluster, &rule).await;
+                }
                 let book = Arc::clone(&self.shared.rulebook);
                 let rule = rule.into_owned();
                 let result = tokio::task::spawn_blocking(move || book.delete(&rule)).await;
@@ -213,6 +221,40 @@ impl Conn {
                     }
                 }
             }
+        }
+    }
+
+    /// `RuleSet` with etcd: checked here first (an invalid rule never reaches
+    /// etcd), written in one transaction, mirrored locally at once; the other
+    /// daemons apply it from their watch.
+    async fn set_in_etcd(&mut self, id: u64, cluster: &Cluster, rules: Vec<RuleSpec>) -> Next {
+        let book = &self.shared.rulebook;
+        let changed = match book.check_etcd_set(&rules) {
+            Ok(changed) => changed,
+            Err(e) => return self.respond(id, &Response::Error(e.to_wire())),
+        };
+        if let Err(e) = cluster.put_rules(&rules).await {
+            return self.error(id, ErrorCode::UNAVAILABLE, e.to_string());
+        }
+        book.apply_etcd_upserts(rules);
+        self.respond(id, &Response::RulesApplied { changed })
+    }
+
+    async fn delete_in_etcd(&mut self, id: u64, cluster: &Cluster, rule: &str) -> Next {
+        let book = &self.shared.rulebook;
+        if let Err(e) = book.check_delete(rule) {
+            return self.respond(id, &Response::Error(e.to_wire()));
+        }
+        match cluster.delete_rule(rule).await {
+            Ok(true) => {
+                book.apply_etcd_delete(rule);
+                self.respond(id, &Response::RuleDeleted)
+            }
+            Ok(false) => {
+                let e = RuleBookError::NotFound(rule.to_owned());
+                self.respond(id, &Response::Error(e.to_wire()))
+            }
+            Err(e) => self.error(id, ErrorCode::UNAVAILABLE, e.to_string()),
         }
     }
 

@@ -58,6 +58,14 @@ impl Default for LatencyHistogram {
 }
 
 impl LatencyHistogram {
+    /// Records one value directly (for rare events such as etcd calls; the
+    /// request path uses a [`LocalHistogram`]).
+    pub fn record_one(&self, ns: u64) {
+        self.slots[slot_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
     /// Count, mean, quantiles and maximum so far.
     pub fn summary(&self) -> LatencySummary {
         let counts: Vec<u64> = self

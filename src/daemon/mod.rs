@@ -12,11 +12,14 @@
 //! [`metrics`], [`auth`] (peer credentials), [`shutdown`] (signals).
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod lease;
 pub mod limiter;
 pub mod listener;
 pub mod metrics;
+mod report;
 pub mod rulebook;
 pub mod shutdown;
 pub mod sweeper;
@@ -33,12 +36,14 @@ use tokio_util::task::TaskTracker;
 pub use config::{Args, Config, ConfigError};
 
 use auth::Authorizer;
+use cluster::{Cluster, ClusterError};
+use lease::etcd::EtcdSource;
+use lease::{Coordinator, LeaseSettings};
+use limiter::global::{ClusterLink, LeaseEvent};
 use limiter::{Limiter, LimiterConfig, MonotonicClock};
 use listener::{BindError, Bound};
 use metrics::Metrics;
 use rulebook::{RuleBook, RuleBookError, StateStore};
-
-use crate::protocol::{HealthReport, ServingState, StatsReport};
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,8 @@ pub enum DaemonError {
     Rules(#[from] RuleBookError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// State shared by every connection and background task.
@@ -63,53 +70,12 @@ pub struct Shared {
     pub auth: Authorizer,
     pub max_frame: usize,
     pub idle_timeout: Option<Duration>,
-    stopping: AtomicBool,
+    /// The etcd side, when limits are shared.
+    pub cluster: Option<Arc<Cluster>>,
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Shared {
-    /// Counters, gauges and latency for `Stats`.
-    pub fn stats(&self) -> StatsReport {
-        let per_rule = self.limiter.rule_counters();
-        let sum = |f: fn(&crate::protocol::RuleCounters) -> u64| per_rule.iter().map(f).sum();
-        let m = &self.metrics;
-        let table = self.limiter.table();
-        let unmatched = self.limiter.unmatched_total();
-        StatsReport {
-            uptime_ns: self.clock.now_ns(),
-            allowed: sum(|r| r.allowed),
-            rejected: sum(|r| r.rejected),
-            bypassed: sum(|r| r.bypassed),
-            unmatched,
-            buckets: table.len() as u64,
-            max_buckets: table.max_buckets() as u64,
-            evicted_idle: Metrics::get(&table.evictions.idle),
-            evicted_lru: Metrics::get(&table.evictions.lru),
-            rules: per_rule.len() as u64,
-            rules_expired: Metrics::get(&m.rules_expired),
-            connections_open: Metrics::get(&m.connections_open),
-            connections_total: Metrics::get(&m.connections_total),
-            connections_rejected: Metrics::get(&m.connections_rejected),
-            protocol_errors: Metrics::get(&m.protocol_errors),
-            latency: m.latency.summary(),
-            per_rule,
-        }
-    }
-
-    /// Serving state for `Health`.
-    pub fn health(&self) -> HealthReport {
-        HealthReport {
-            state: if self.stopping.load(Ordering::Relaxed) {
-                ServingState::Stopping
-            } else {
-                ServingState::Ok
-            },
-            version: env!("CARGO_PKG_VERSION").into(),
-            uptime_ns: self.clock.now_ns(),
-            rules: self.limiter.rules().len() as u64,
-            mode: "standalone".into(),
-        }
-    }
-
     fn count_connection(&self, open: bool) {
         if open {
             Metrics::inc(&self.metrics.connections_open);
@@ -129,7 +95,13 @@ pub struct Daemon {
     bound: Bound,
     config: Config,
     socket: PathBuf,
+    /// The hot path's lease events, for the coordinator started by `serve`.
+    lease_events: Option<tokio::sync::mpsc::Receiver<LeaseEvent>>,
 }
+
+/// Lease events queued between the hot path and the coordinator; beyond it
+/// events are dropped and counted (a bucket then asks again).
+const LEASE_QUEUE: usize = 65_536;
 
 impl Daemon {
     /// Loads state and rules and binds the socket. Must run inside a Tokio
@@ -138,7 +110,7 @@ impl Daemon {
     /// # Errors
     /// Unusable state directory, invalid persisted rules, or a socket that is
     /// in use or cannot be bound.
-    pub fn start(config: Config) -> Result<Daemon, DaemonError> {
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
         let clock = MonotonicClock::new();
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: config.shards,
@@ -146,14 +118,32 @@ impl Daemon {
             default_action: config.default_action,
         }));
         let store = StateStore::open(&config.state_dir)?;
+        let (cluster, lease_events) = match &config.etcd {
+            Some(etcd) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
+                let link = Arc::new(ClusterLink::new(tx));
+                limiter.attach(Arc::clone(&link));
+                let cluster = Arc::new(Cluster::connect(etcd.clone(), link).await?);
+                cluster.join().await?;
+                (Some(cluster), Some(rx))
+            }
+            None => (None, None),
+        };
         let rulebook = Arc::new(RuleBook::open(
             Arc::clone(&limiter),
             clock,
             store,
             config.config_path.as_deref(),
             config.rules.clone(),
-            false,
+            cluster.is_some(),
         )?);
+        if let Some(cluster) = &cluster {
+            // Rules from etcd are in force before the socket answers.
+            match cluster.list_rules().await {
+                Ok((specs, _)) => rulebook.replace_etcd_layer(specs),
+                Err(e) => tracing::warn!("rules in etcd not loaded yet: {e}"),
+            }
+        }
         let bound = listener::bind(&config.socket, config.socket_mode)?;
         let shared = Arc::new(Shared {
             limiter,
@@ -163,6 +153,7 @@ impl Daemon {
             auth: Authorizer::new(config.admin_gid),
             max_frame: config.max_frame,
             idle_timeout: config.idle_timeout,
+            cluster,
             stopping: AtomicBool::new(false),
         });
         Ok(Daemon {
@@ -170,6 +161,7 @@ impl Daemon {
             bound,
             socket: config.socket.clone(),
             config,
+            lease_events,
         })
     }
 
@@ -191,9 +183,49 @@ impl Daemon {
             bound,
             config,
             socket,
+            lease_events,
         } = self;
         let tracker = TaskTracker::new();
         let background = cancel.child_token();
+        // Cluster tasks stop after the connections have drained, so leases
+        // are returned last.
+        let cluster_stop = CancellationToken::new();
+        let mut cluster_tasks = Vec::new();
+        if let (Some(cluster), Some(events)) = (&shared.cluster, lease_events) {
+            cluster_tasks.push(tokio::spawn(
+                Arc::clone(cluster).run_membership(cluster_stop.clone()),
+            ));
+            cluster_tasks.push(tokio::spawn(
+                Arc::clone(cluster)
+                    .run_rules_watch(Arc::clone(&shared.rulebook), cluster_stop.clone()),
+            ));
+            let etcd = &cluster.config;
+            let source = EtcdSource::new(
+                cluster.client(),
+                etcd.prefix.clone(),
+                etcd.node_id.clone(),
+                etcd.timeout,
+                Arc::clone(&cluster.health),
+                Arc::clone(&cluster.stats),
+            );
+            let coordinator = Coordinator::new(
+                source,
+                Arc::clone(&shared.limiter),
+                Arc::clone(&cluster.link),
+                events,
+                LeaseSettings {
+                    max_clock_skew: etcd.max_clock_skew,
+                    fallback_slack: etcd.fallback_slack,
+                    ..LeaseSettings::default()
+                },
+                Arc::clone(&cluster.stats),
+                Arc::clone(&cluster.members),
+                Arc::clone(&cluster.health),
+            );
+            cluster_tasks.push(tokio::spawn(
+                coordinator.run(cluster_stop.clone(), config.drain_timeout),
+            ));
+        }
         let sweeper = tokio::spawn(sweeper::run(
             Arc::clone(&shared),
             config.sweep_interval,
@@ -210,7 +242,8 @@ impl Daemon {
             rules = shared.limiter.rules().len(),
             shards = shared.limiter.table().shard_count(),
             max_buckets = shared.limiter.table().max_buckets(),
-            "rld {} serving (standalone)",
+            mode = if shared.cluster.is_some() { "etcd" } else { "standalone" },
+            "rld {} serving",
             env!("CARGO_PKG_VERSION")
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -240,6 +273,10 @@ impl Daemon {
         let _ = sweeper.await;
         let _ = reloader.await;
         let _ = watchdog.await;
+        cluster_stop.cancel();
+        for task in cluster_tasks {
+            let _ = task.await;
+        }
         if let Some(path) = bound.owned_path {
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("could not remove socket {}: {e}", path.display());
@@ -308,7 +345,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let cancel = CancellationToken::new();
     let reload = Arc::new(Notify::new());
     shutdown::install(cancel.clone(), Arc::clone(&reload)).map_err(DaemonError::Signals)?;
-    let daemon = Daemon::start(config)?;
+    let daemon = Daemon::start(config).await?;
     daemon.serve(cancel, reload).await;
     Ok(())
 }
@@ -332,15 +369,20 @@ pub fn check_config(config: &Config) -> Result<String, DaemonError> {
     limiter
         .check_rules(specs, 0)
         .map_err(|e| DaemonError::Rules(RuleBookError::Invalid(e)))?;
-    if let Some(g) = config
-        .rules
-        .iter()
-        .find(|r| r.scope == crate::rule::Scope::Global)
+    if config.etcd.is_none()
+        && let Some(g) = config
+            .rules
+            .iter()
+            .find(|r| r.scope == crate::rule::Scope::Global)
     {
         return Err(RuleBookError::GlobalNeedsEtcd { id: g.id.clone() }.into());
     }
+    let mode = match &config.etcd {
+        Some(e) => format!("etcd {} as {}", e.endpoints.join(","), e.node_id),
+        None => "standalone".into(),
+    };
     Ok(format!(
-        "config OK: {} ({} rules), socket {}, state dir {}",
+        "config OK: {} ({} rules), socket {}, state dir {}, {mode}",
         config
             .config_path
             .as_deref()

@@ -1,6 +1,8 @@
 //! The rules in force and where they come from: the config file (a read-only
-//! per-host layer, reloaded on SIGHUP) and rules set at run time (persisted
-//! atomically in the state directory, so they survive restarts and `kill -9`).
+//! per-host layer, reloaded on SIGHUP) and rules set at run time: standalone,
+//! persisted atomically in the state directory (they survive restarts and
+//! `kill -9`); with etcd, stored in etcd and shared by every daemon (this
+//! module then checks changes and mirrors what the watcher lists).
 //!
 //! Every change is checked as a whole, persisted, and only then installed in
 //! the limiter: a rejected or unpersistable change leaves the rules in force
@@ -164,8 +166,8 @@ pub struct RuleBook {
     limiter: Arc<Limiter>,
     clock: MonotonicClock,
     store: StateStore,
-    /// Whether global rules can be served (an etcd backend is configured).
-    global_capable: bool,
+    /// Run-time rules live in etcd (and global rules can be served).
+    etcd_mode: bool,
     layers: Mutex<Layers>,
 }
 
@@ -173,20 +175,28 @@ pub struct RuleBook {
 struct Layers {
     config_path: String,
     config: Vec<RuleSpec>,
+    /// Rules set at run time: the state file's, or etcd's.
     runtime: BTreeMap<String, RuleSpec>,
+    runtime_source: Option<RuleSource>,
 }
 
 impl Layers {
     fn combined(&self) -> Vec<(RuleSpec, RuleSource)> {
+        let source = self.runtime_source.unwrap_or(RuleSource::Runtime);
         self.config
             .iter()
             .map(|s| (s.clone(), RuleSource::Config))
-            .chain(
-                self.runtime
-                    .values()
-                    .map(|s| (s.clone(), RuleSource::Runtime)),
-            )
+            .chain(self.runtime.values().map(|s| (s.clone(), source)))
             .collect()
+    }
+
+    fn with_runtime(&self, runtime: BTreeMap<String, RuleSpec>) -> Layers {
+        Layers {
+            config_path: self.config_path.clone(),
+            config: self.config.clone(),
+            runtime,
+            runtime_source: self.runtime_source,
+        }
     }
 }
 
@@ -202,23 +212,33 @@ impl RuleBook {
         store: StateStore,
         config_path: Option<&Path>,
         config_rules: Vec<RuleSpec>,
-        global_capable: bool,
+        etcd_mode: bool,
     ) -> Result<RuleBook, RuleBookError> {
-        let runtime = store
-            .load()?
-            .into_iter()
-            .map(|s| (s.id.clone(), s))
-            .collect();
+        // With etcd, run-time rules come from etcd (the watcher lists them).
+        let runtime = if etcd_mode {
+            BTreeMap::new()
+        } else {
+            store
+                .load()?
+                .into_iter()
+                .map(|s| (s.id.clone(), s))
+                .collect()
+        };
         let layers = Layers {
             config_path: config_path.map_or_else(String::new, |p| p.display().to_string()),
             config: config_rules,
             runtime,
+            runtime_source: Some(if etcd_mode {
+                RuleSource::Etcd
+            } else {
+                RuleSource::Runtime
+            }),
         };
         let book = RuleBook {
             limiter,
             clock,
             store,
-            global_capable,
+            etcd_mode,
             layers: Mutex::new(Layers::default()),
         };
         book.check_scopes(layers.config.iter().chain(layers.runtime.values()))?;
@@ -232,7 +252,7 @@ impl RuleBook {
         &self,
         specs: impl IntoIterator<Item = &'a RuleSpec>,
     ) -> Result<(), RuleBookError> {
-        if self.global_capable {
+        if self.etcd_mode {
             return Ok(());
         }
         match specs.into_iter().find(|s| s.scope == Scope::Global) {
@@ -241,13 +261,109 @@ impl RuleBook {
         }
     }
 
-    /// Creates or replaces run-time rules, all or none. Returns how many rules
-    /// were created or changed.
+    /// Creates or replaces run-time rules, all or none (standalone: persisted
+    /// in the state directory). Returns how many rules were created or changed.
     ///
     /// # Errors
     /// Invalid rules, ids owned by the config file, or a failed save.
     pub fn set(&self, specs: Vec<RuleSpec>) -> Result<u32, RuleBookError> {
         let mut layers = self.layers.lock();
+        let (next, changed) = self.next_runtime(&layers, specs)?;
+        if changed == 0 {
+            return Ok(0);
+        }
+        self.commit(&mut layers, next)?;
+        Ok(changed)
+    }
+
+    /// Checks a change for etcd before it is written there: every rule valid,
+    /// none owned by the config file, and the combined set unambiguous here.
+    /// Returns how many rules it creates or changes.
+    ///
+    /// # Errors
+    /// As [`RuleBook::set`]; also `expire_idle`, which etcd rules cannot use.
+    pub fn check_etcd_set(&self, specs: &[RuleSpec]) -> Result<u32, RuleBookError> {
+        if let Some(s) = specs.iter().find(|s| s.expire_idle.is_some()) {
+            return Err(RuleSetError::Invalid(crate::rule::RuleError {
+                id: s.id.clone(),
+                field: "expire_idle",
+                problem: "is not available with etcd (each daemon sees only its own traffic); \
+                          remove it or delete the rule when done"
+                    .into(),
+            })
+            .into());
+        }
+        let layers = self.layers.lock();
+        let (next, changed) = self.next_runtime(&layers, specs.to_vec())?;
+        self.limiter
+            .check_rules(layers.with_runtime(next).combined(), self.clock.now_ns())?;
+        Ok(changed)
+    }
+
+    /// Mirrors rules just written to etcd (the watcher confirms them later).
+    pub fn apply_etcd_upserts(&self, specs: Vec<RuleSpec>) {
+        let mut layers = self.layers.lock();
+        let mut next = layers.runtime.clone();
+        for s in specs {
+            next.insert(s.id.clone(), s);
+        }
+        self.install_lenient(&mut layers, next);
+    }
+
+    /// Mirrors a rule just deleted from etcd.
+    pub fn apply_etcd_delete(&self, id: &str) {
+        let mut layers = self.layers.lock();
+        let mut next = layers.runtime.clone();
+        if next.remove(id).is_some() {
+            self.install_lenient(&mut layers, next);
+        }
+    }
+
+    /// Replaces the etcd layer with what etcd holds (the watcher's list).
+    pub fn replace_etcd_layer(&self, specs: Vec<RuleSpec>) {
+        let mut layers = self.layers.lock();
+        let next = specs.into_iter().map(|s| (s.id.clone(), s)).collect();
+        if next != layers.runtime {
+            self.install_lenient(&mut layers, next);
+        }
+    }
+
+    /// Installs a run-time layer from etcd, leaving out (with an error) each
+    /// rule that clashes with this host's config rules, so one bad rule
+    /// cannot take the others down.
+    fn install_lenient(&self, layers: &mut Layers, runtime: BTreeMap<String, RuleSpec>) {
+        let now = self.clock.now_ns();
+        let mut accepted = BTreeMap::new();
+        for (id, spec) in runtime {
+            if layers.config.iter().any(|c| c.id == id) {
+                tracing::error!(rule = %id, "etcd rule has the id of a config-file rule; the config rule wins");
+                continue;
+            }
+            let mut trial = accepted.clone();
+            trial.insert(id.clone(), spec.clone());
+            match self
+                .limiter
+                .check_rules(layers.with_runtime(trial).combined(), now)
+            {
+                Ok(()) => {
+                    accepted.insert(id, spec);
+                }
+                Err(e) => tracing::error!(rule = %id, "skipping rule from etcd: {e}"),
+            }
+        }
+        let next = layers.with_runtime(accepted);
+        match self.limiter.set_rules(next.combined(), now) {
+            Ok(_) => *layers = next,
+            Err(e) => tracing::error!("rules from etcd not installed: {e}"),
+        }
+    }
+
+    /// The run-time layer after upserting `specs`, and how many changed.
+    fn next_runtime(
+        &self,
+        layers: &Layers,
+        specs: Vec<RuleSpec>,
+    ) -> Result<(BTreeMap<String, RuleSpec>, u32), RuleBookError> {
         self.check_scopes(&specs)?;
         let mut next = layers.runtime.clone();
         let mut changed = 0;
@@ -266,16 +382,40 @@ impl RuleBook {
                     path: layers.config_path.clone(),
                 });
             }
+            if spec.scope == Scope::Global && spec.reserve != crate::rule::Reserve::default() {
+                return Err(RuleSetError::Invalid(crate::rule::RuleError {
+                    id: spec.id,
+                    field: "reserve",
+                    problem: "is not supported on global rules yet; remove it".into(),
+                })
+                .into());
+            }
             if next.get(&spec.id) != Some(&spec) {
                 changed += 1;
                 next.insert(spec.id.clone(), spec);
             }
         }
-        if changed == 0 {
-            return Ok(0);
+        Ok((next, changed))
+    }
+
+    /// Checks that `id` may be deleted here (not a config-file rule).
+    ///
+    /// # Errors
+    /// [`RuleBookError::ReadOnly`].
+    pub fn check_delete(&self, id: &str) -> Result<(), RuleBookError> {
+        let layers = self.layers.lock();
+        if layers.config.iter().any(|c| c.id == id) {
+            return Err(RuleBookError::ReadOnly {
+                id: id.to_owned(),
+                path: layers.config_path.clone(),
+            });
         }
-        self.commit(&mut layers, next)?;
-        Ok(changed)
+        Ok(())
+    }
+
+    /// Whether run-time rules live in etcd.
+    pub fn etcd_mode(&self) -> bool {
+        self.etcd_mode
     }
 
     /// Deletes a run-time rule.
@@ -305,9 +445,8 @@ impl RuleBook {
         let mut layers = self.layers.lock();
         self.check_scopes(&config_rules)?;
         let next = Layers {
-            config_path: layers.config_path.clone(),
             config: config_rules,
-            runtime: layers.runtime.clone(),
+            ..layers.with_runtime(layers.runtime.clone())
         };
         if let Some(clash) = next
             .config
@@ -359,11 +498,7 @@ impl RuleBook {
         layers: &mut Layers,
         runtime: BTreeMap<String, RuleSpec>,
     ) -> Result<(), RuleBookError> {
-        let next = Layers {
-            config_path: layers.config_path.clone(),
-            config: layers.config.clone(),
-            runtime,
-        };
+        let next = layers.with_runtime(runtime);
         let now = self.clock.now_ns();
         self.limiter.check_rules(next.combined(), now)?;
         let specs: Vec<RuleSpec> = next.runtime.values().cloned().collect();
@@ -395,6 +530,7 @@ fn info(rule: &super::limiter::Rule, now: u64) -> RuleInfo {
         rejected,
         bypassed,
         idle_ns: now.saturating_sub(rule.activity.last_match_ns()),
+        lease: None,
     }
 }
 

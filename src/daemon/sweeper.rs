@@ -33,7 +33,7 @@ pub async fn sweep(shared: &Arc<Shared>) {
     let table = shared.limiter.table();
     let mut evicted = 0;
     for shard in 0..table.shard_count() {
-        evicted += table.evict_idle(shard, shared.clock.now_ns());
+        evicted += shared.limiter.evict_idle(shard, shared.clock.now_ns());
         if shard % SHARDS_PER_YIELD == SHARDS_PER_YIELD - 1 {
             tokio::task::yield_now().await;
         }

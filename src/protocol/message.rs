@@ -383,6 +383,25 @@ pub struct RuleInfo {
     pub bypassed: u64,
     /// Nanoseconds since a request last matched the rule.
     pub idle_ns: u64,
+    /// Global rules: how tokens are leased here.
+    pub lease: Option<LeaseInfo>,
+}
+
+/// How a global rule leases tokens on this daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// Largest batch per lease (`b_max`).
+    pub batch: u64,
+    /// Accuracy too tight for batching: one token per lease.
+    pub per_request: bool,
+    /// Live daemons sharing the rule (`N`).
+    pub members: u64,
+    /// Promised over-admission bound in tokens: `N * b_max + rate * skew`.
+    pub bound: f64,
+    /// Over-admission the rule's accuracy allows over its horizon, tokens.
+    pub allowed_error: f64,
+    /// Tokens this daemon holds now.
+    pub held: u64,
 }
 
 /// Counters, gauges and latency of the daemon.
@@ -406,6 +425,33 @@ pub struct StatsReport {
     pub protocol_errors: u64,
     pub latency: LatencySummary,
     pub per_rule: Vec<RuleCounters>,
+    /// Present when limits are shared through etcd.
+    pub cluster: Option<ClusterStats>,
+}
+
+/// Coordination through etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    /// `healthy`, `suspect`, `degraded` or `recovering`.
+    pub state: String,
+    pub members: u64,
+    pub lease_txns: u64,
+    pub lease_conflicts: u64,
+    pub lease_failures: u64,
+    pub tokens_leased: u64,
+    pub tokens_returned: u64,
+    pub debt_charged: u64,
+    /// Refill or release events dropped because the coordinator lagged.
+    pub dropped_events: u64,
+    pub txn_latency: LatencySummary,
+    pub rules: Vec<GlobalRuleStats>,
+}
+
+/// One global rule's lease state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalRuleStats {
+    pub id: String,
+    pub lease: LeaseInfo,
 }
 
 /// Decision latency inside the daemon, in nanoseconds, from a sample of one
@@ -439,6 +485,22 @@ pub struct HealthReport {
     pub rules: u64,
     /// `standalone`, or `etcd` when limits are shared.
     pub mode: String,
+    /// Present when limits are shared through etcd.
+    pub etcd: Option<EtcdHealth>,
+}
+
+/// The etcd cluster as this daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdHealth {
+    /// `healthy`, `suspect`, `degraded` or `recovering`.
+    pub state: String,
+    /// When the state was entered, Unix milliseconds.
+    pub since_unix_ms: u64,
+    /// Live daemons counted in etcd.
+    pub members: u64,
+    pub node_id: String,
+    /// The last etcd error seen (empty if none).
+    pub last_error: String,
 }
 
 /// The daemon's overall state.

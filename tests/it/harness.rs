@@ -38,7 +38,7 @@ impl TestDaemon {
             ..Config::default()
         };
         tweak(&mut config);
-        let daemon = Daemon::start(config).expect("daemon starts");
+        let daemon = Daemon::start(config).await.expect("daemon starts");
         let socket = daemon.socket().to_owned();
         let shared = Arc::clone(daemon.shared());
         let cancel = CancellationToken::new();

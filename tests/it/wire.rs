@@ -171,6 +171,7 @@ fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
                     uptime_ns: 1_000_000_000,
                     rules: 2,
                     mode: "standalone".into(),
+                    etcd: None,
                 }),
             ),
         ),

@@ -62,6 +62,17 @@ impl BucketParams {
         }
     }
 
+    /// Parameters without reserves: one token every `interval_ns`, a bucket
+    /// of `tau_ns` (the local fallback of global rules).
+    pub fn plain(interval_ns: u64, tau_ns: u64) -> BucketParams {
+        BucketParams {
+            interval_ns,
+            capacity: tau_ns / interval_ns,
+            tau_ns,
+            floors_ns: [0; 3],
+        }
+    }
+
     fn floor_ns(&self, priority: Priority) -> u64 {
         match priority {
             Priority::Low => self.floors_ns[0],

@@ -7,7 +7,7 @@
 pub const INLINE: usize = 22;
 
 /// A (client, resource) pair, compact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum BucketKey {
     Inline { len: u8, bytes: [u8; INLINE] },
     Boxed(Box<[u8]>),
@@ -36,8 +36,10 @@ impl BucketKey {
         }
     }
 
+    /// The encoded key (`client_len: u16 LE`, client, resource): stable across
+    /// hosts, so it names the global bucket in etcd too.
     #[inline]
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         match self {
             BucketKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
             BucketKey::Boxed(b) => b,

@@ -8,12 +8,13 @@
 //! it with a fake clock.
 
 pub mod bucket;
+pub mod global;
 pub mod key;
 pub mod rules;
 pub mod table;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crossbeam::utils::CachePadded;
@@ -21,6 +22,8 @@ use parking_lot::Mutex;
 use std::borrow::Cow;
 
 pub use bucket::{BucketParams, Verdict, try_take};
+use global::{Allotment, ClusterLink, LeaseEvent};
+use key::BucketKey;
 pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
 
@@ -104,6 +107,8 @@ pub struct Limiter {
     rules: Mutex<Arc<RuleSet>>,
     default_action: DefaultAction,
     unmatched: Unmatched,
+    /// The lease coordinator's side, when limits are shared through etcd.
+    link: OnceLock<Arc<ClusterLink>>,
 }
 
 impl Limiter {
@@ -113,6 +118,34 @@ impl Limiter {
             rules: Mutex::new(Arc::new(RuleSet::default())),
             default_action: config.default_action,
             unmatched: Unmatched::default(),
+            link: OnceLock::new(),
+        }
+    }
+
+    /// Connects global rules to a lease coordinator (once, before any global
+    /// rule is installed).
+    pub fn attach(&self, link: Arc<ClusterLink>) {
+        let _ = self.link.set(link);
+    }
+
+    /// The coordinator link, if any.
+    pub fn link(&self) -> Option<&Arc<ClusterLink>> {
+        self.link.get()
+    }
+
+    /// Gives a bucket's lease state back to the coordinator (no-op for local
+    /// buckets or when nothing is held or owed).
+    fn release(&self, entry: &table::Entry) {
+        let allotment = Allotment::unpack(entry.aux);
+        if entry.rule.global.is_none() || (allotment.held == 0 && allotment.debt == 0) {
+            return;
+        }
+        if let Some(link) = self.link.get() {
+            link.send(LeaseEvent::Release {
+                rule: Arc::clone(&entry.rule),
+                key: entry.key().clone(),
+                allotment,
+            });
         }
     }
 
@@ -164,7 +197,12 @@ impl Limiter {
             Some(entry) => match rules.resolve(client, resource) {
                 Some(rule) => {
                     if !Arc::ptr_eq(rule, &entry.rule) {
-                        entry.tat = if rule.id() == entry.rule.id() {
+                        self.release(entry);
+                        entry.aux = 0;
+                        let same_local_rule = rule.id() == entry.rule.id()
+                            && rule.global.is_none()
+                            && entry.rule.global.is_none();
+                        entry.tat = if same_local_rule {
                             bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
                         } else {
                             0
@@ -175,7 +213,9 @@ impl Limiter {
                     entry
                 }
                 None => {
-                    buckets.remove(hash, client, resource);
+                    if let Some(gone) = buckets.remove(hash, client, resource) {
+                        self.release(&gone);
+                    }
                     drop(guard);
                     return Ok(answer(&self.unmatched(stripe)));
                 }
@@ -184,8 +224,11 @@ impl Limiter {
                 Some(rule) => {
                     check_cost(rule, cost)?;
                     let rule = Arc::clone(rule);
+                    let generation = rules.generation as u32;
                     let (entry, evicted) =
-                        buckets.insert(hash, client, resource, rule, rules.generation as u32, now);
+                        buckets.insert(hash, client, resource, rule, generation, now, |gone| {
+                            self.release(gone)
+                        });
                     if evicted > 0 {
                         self.table
                             .evictions
@@ -200,9 +243,23 @@ impl Limiter {
                 }
             },
         };
-        let rule = &*entry.rule;
+        let rule = &entry.rule;
         check_cost(rule, cost)?;
-        let verdict = try_take(&mut entry.tat, &rule.params, now, cost, priority);
+        let verdict = match (&rule.global, self.link.get()) {
+            (Some(_), Some(link)) => global::spend(
+                &mut entry.aux,
+                &mut entry.tat,
+                rule,
+                client,
+                resource,
+                hash,
+                cost,
+                priority,
+                now,
+                link,
+            ),
+            _ => try_take(&mut entry.tat, &rule.params, now, cost, priority),
+        };
         entry.last_used = table::tick(now);
         rule.activity.record(stripe, verdict.outcome, now);
         Ok(answer(&Decision {
@@ -230,6 +287,90 @@ impl Limiter {
         }
     }
 
+    /// Adds leased tokens to the bucket of (rule, key) and clears its refill
+    /// request. Returns `false` if that bucket no longer exists or now follows
+    /// another rule: the caller gives the tokens back.
+    pub fn credit(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64, tokens: u64) -> bool {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        match guard.buckets.find(hash, client, resource) {
+            Some(entry) if Arc::ptr_eq(&entry.rule, rule) => {
+                let mut a = Allotment::unpack(entry.aux);
+                a.held = (u64::from(a.held) + tokens).min(u64::from(u32::MAX)) as u32;
+                a.requested = false;
+                entry.aux = a.pack();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Clears the refill request of (rule, key) after a lease failed, so
+    /// the next request asks again.
+    pub fn clear_request(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64) {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        if let Some(entry) = guard.buckets.find(hash, client, resource)
+            && Arc::ptr_eq(&entry.rule, rule)
+        {
+            let mut a = Allotment::unpack(entry.aux);
+            a.requested = false;
+            entry.aux = a.pack();
+        }
+    }
+
+    /// Takes the lease state out of every global bucket matching `which`:
+    /// `(rule, key, held, debt)` for each with anything held or owed; the
+    /// buckets keep serving from zero. For shutdown (everything) and
+    /// recovery (`held` kept, only debts taken).
+    pub fn take_leases(&self, take_held: bool) -> Vec<(Arc<Rule>, BucketKey, u64, u64)> {
+        let mut out = Vec::new();
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).buckets.for_each_mut(|e| {
+                if e.rule.global.is_none() {
+                    return;
+                }
+                let mut a = Allotment::unpack(e.aux);
+                let held = if take_held { a.held } else { 0 };
+                if held == 0 && a.debt == 0 {
+                    return;
+                }
+                out.push((
+                    Arc::clone(&e.rule),
+                    e.key().clone(),
+                    u64::from(held),
+                    u64::from(a.debt),
+                ));
+                if take_held {
+                    a.held = 0;
+                }
+                a.debt = 0;
+                e.aux = a.pack();
+            });
+        }
+        out
+    }
+
+    /// Tokens held by global buckets, per rule id (a scan; for stats).
+    pub fn held_tokens(&self) -> hashbrown::HashMap<String, u64> {
+        let mut held: hashbrown::HashMap<String, u64> = hashbrown::HashMap::new();
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).buckets.for_each_mut(|e| {
+                if e.rule.global.is_some() {
+                    let a = Allotment::unpack(e.aux);
+                    *held.entry_ref(e.rule.id()).or_default() += u64::from(a.held);
+                }
+            });
+        }
+        held
+    }
+
+    /// Idle eviction of one shard (the sweeper's step); leases of evicted
+    /// global buckets go back to the coordinator.
+    pub fn evict_idle(&self, shard: usize, now: u64) -> usize {
+        self.table.evict_idle(shard, now, |gone| self.release(gone))
+    }
+
     /// Replaces the rules with `specs` (all or nothing) and returns the new
     /// snapshot. Buckets of unchanged rules are untouched.
     ///
@@ -243,8 +384,32 @@ impl Limiter {
         let mut current = self.rules.lock();
         let next = Arc::new(RuleSet::build(specs, &current, now)?);
         self.table.install_rules(&next);
+        let changed_global = current
+            .iter()
+            .any(|r| r.global.is_some() && next.get(r.id()).is_none_or(|n| !Arc::ptr_eq(n, r)));
         *current = Arc::clone(&next);
+        drop(current);
+        if changed_global {
+            self.release_replaced(&next);
+        }
         Ok(next)
+    }
+
+    /// Gives back the leases of buckets whose global rule was changed or
+    /// deleted (they would otherwise wait for their next request or eviction).
+    fn release_replaced(&self, next: &RuleSet) {
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).buckets.for_each_mut(|e| {
+                let stale = e.rule.global.is_some()
+                    && next
+                        .get(e.rule.id())
+                        .is_none_or(|n| !Arc::ptr_eq(n, &e.rule));
+                if stale {
+                    self.release(e);
+                    e.aux = 0;
+                }
+            });
+        }
     }
 
     /// Checks `specs` as [`Limiter::set_rules`] would, without installing them.

@@ -15,8 +15,9 @@ use crossbeam::utils::CachePadded;
 use hashbrown::HashMap;
 
 use super::bucket::BucketParams;
+use super::global::GlobalRuleState;
 use crate::protocol::{Outcome, RuleSource};
-use crate::rule::{Pattern, RuleError, RuleSpec, precedence};
+use crate::rule::{Pattern, RuleError, RuleSpec, Scope, precedence};
 
 /// Stripes of the per-rule counters: enough that cores rarely share one.
 pub const STRIPES: usize = 8;
@@ -40,6 +41,8 @@ pub struct Rule {
     /// How long a full bucket of this rule may sit unused before eviction.
     pub idle_ttl_ns: u64,
     pub activity: Arc<RuleActivity>,
+    /// Lease state of a global rule (`scope = "global"`); `None` for local.
+    pub global: Option<GlobalRuleState>,
 }
 
 impl Rule {
@@ -57,6 +60,7 @@ impl Rule {
             idle_ttl_ns: window_ns.saturating_mul(2).max(MIN_IDLE_TTL_NS),
             client,
             resource,
+            global: (spec.scope == Scope::Global).then(|| GlobalRuleState::new(&spec)),
             spec,
             source,
             activity,

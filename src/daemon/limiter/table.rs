@@ -31,7 +31,7 @@ pub fn tick(now_ns: u64) -> u32 {
     (now_ns >> TICK_SHIFT) as u32
 }
 
-/// One bucket: 48 bytes, keys of up to 22 bytes included.
+/// One bucket: 56 bytes, keys of up to 22 bytes included.
 ///
 /// No hash is stored (the table rehashes keys when it grows, which is rare;
 /// hashbrown's 7-bit tags already filter lookups), and times are coarse, so
@@ -39,8 +39,11 @@ pub fn tick(now_ns: u64) -> u32 {
 #[derive(Debug)]
 pub struct Entry {
     key: BucketKey,
-    /// GCRA theoretical arrival time, ns.
+    /// GCRA theoretical arrival time, ns (for a global rule: its local
+    /// fallback bucket).
     pub tat: u64,
+    /// Global rules: the packed lease state (`global::Allotment`); else 0.
+    pub aux: u64,
     /// The rule this bucket was resolved to...
     pub rule: Arc<Rule>,
     /// ...under this rules generation (truncated); re-resolved when the
@@ -59,6 +62,21 @@ impl Entry {
     /// The (client, resource) this bucket belongs to.
     pub fn names(&self) -> (&str, &str) {
         self.key.names()
+    }
+
+    /// The bucket's key.
+    pub fn key(&self) -> &BucketKey {
+        &self.key
+    }
+
+    /// Whether dropping the bucket loses nothing: a local bucket that is full,
+    /// or a global one that holds no leased tokens and owes no debt.
+    fn is_settled(&self, now: u64) -> bool {
+        if self.rule.global.is_some() {
+            self.aux & !(1 << 63) == 0
+        } else {
+            bucket::is_full(self.tat, now)
+        }
     }
 }
 
@@ -91,7 +109,9 @@ impl Buckets {
     }
 
     /// Inserts a new bucket, first evicting the least recently used batch if
-    /// the shard is at its cap. Returns the new entry and how many were evicted.
+    /// the shard is at its cap (`on_evict` sees each evicted bucket). Returns
+    /// the new entry and how many were evicted.
+    #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &mut self,
         hash: u64,
@@ -100,15 +120,17 @@ impl Buckets {
         rule: Arc<Rule>,
         generation: u32,
         now: u64,
+        on_evict: impl FnMut(&Entry),
     ) -> (&mut Entry, usize) {
         let evicted = if self.map.len() >= self.cap {
-            self.evict_lru(now)
+            self.evict_lru(now, on_evict)
         } else {
             0
         };
         let entry = Entry {
             key: BucketKey::new(client, resource),
             tat: 0,
+            aux: 0,
             rule,
             generation,
             last_used: tick(now),
@@ -120,16 +142,22 @@ impl Buckets {
         (slot.into_mut(), evicted)
     }
 
-    /// Removes the bucket for (client, resource) if present.
-    pub fn remove(&mut self, hash: u64, client: &str, resource: &str) {
-        if let Ok(entry) = self.map.find_entry(hash, |e| e.matches(client, resource)) {
-            entry.remove();
+    /// Removes the bucket for (client, resource) if present and returns it.
+    pub fn remove(&mut self, hash: u64, client: &str, resource: &str) -> Option<Entry> {
+        match self.map.find_entry(hash, |e| e.matches(client, resource)) {
+            Ok(entry) => Some(entry.remove().0),
+            Err(_) => None,
         }
+    }
+
+    /// Visits every bucket mutably (admin scans: draining leases, debts).
+    pub fn for_each_mut(&mut self, f: impl FnMut(&mut Entry)) {
+        self.map.iter_mut().for_each(f);
     }
 
     /// Evicts the least recently used eighth of the shard (at least one
     /// bucket; ties at the cutoff go too).
-    fn evict_lru(&mut self, now: u64) -> usize {
+    fn evict_lru(&mut self, now: u64, mut on_evict: impl FnMut(&Entry)) -> usize {
         let now = tick(now);
         let batch = (self.cap / 8).max(1);
         self.scratch.clear();
@@ -142,21 +170,42 @@ impl Buckets {
         let nth = self.scratch.len() - batch.min(self.scratch.len());
         let (_, &mut cutoff, _) = self.scratch.select_nth_unstable(nth);
         let before = self.map.len();
-        self.map.retain(|e| now.wrapping_sub(e.last_used) < cutoff);
+        self.map.retain(|e| {
+            let keep = now.wrapping_sub(e.last_used) < cutoff;
+            if !keep {
+                on_evict(e);
+            }
+            keep
+        });
         before - self.map.len()
     }
 
-    /// Drops buckets that are full and either unused for their rule's idle TTL
-    /// or resolved under an older rules generation than `generation`.
-    /// Returns how many were dropped.
-    pub fn evict_idle(&mut self, now: u64, generation: u32) -> usize {
+    /// Drops buckets unused for their rule's idle TTL, and settled buckets
+    /// resolved under an older rules generation than `generation`. A local
+    /// bucket goes only when full (so forgetting it changes nothing); a
+    /// global one goes when idle whatever it holds, and `on_evict` sees it so
+    /// its leased tokens can be given back. Returns how many were dropped.
+    pub fn evict_idle(
+        &mut self,
+        now: u64,
+        generation: u32,
+        mut on_evict: impl FnMut(&Entry),
+    ) -> usize {
         let before = self.map.len();
         let now_tick = tick(now);
         self.map.retain(|e| {
-            let full = bucket::is_full(e.tat, now);
             let idle_ns = u64::from(now_tick.wrapping_sub(e.last_used)) << TICK_SHIFT;
             let idle = idle_ns >= e.rule.idle_ttl_ns;
-            !(full && (idle || e.generation != generation))
+            let settled = e.is_settled(now);
+            let evict = if e.rule.global.is_some() {
+                idle || (settled && e.generation != generation)
+            } else {
+                settled && (idle || e.generation != generation)
+            };
+            if evict {
+                on_evict(e);
+            }
+            !evict
         });
         before - self.map.len()
     }
@@ -262,10 +311,12 @@ impl ShardedTable {
     }
 
     /// Idle eviction of one shard; the sweeper calls this shard by shard.
-    pub fn evict_idle(&self, shard: usize, now: u64) -> usize {
+    pub fn evict_idle(&self, shard: usize, now: u64, on_evict: impl FnMut(&Entry)) -> usize {
         let n = {
             let shard = &mut *self.shards[shard].lock();
-            shard.buckets.evict_idle(now, shard.rules.generation as u32)
+            shard
+                .buckets
+                .evict_idle(now, shard.rules.generation as u32, on_evict)
         };
         self.evictions.idle.fetch_add(n as u64, Ordering::Relaxed);
         n
@@ -308,8 +359,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_48_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 48);
+    fn an_entry_is_56_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
     }
 
     #[test]
@@ -318,7 +369,7 @@ mod tests {
         let shard = &mut table.lock(0).buckets;
         let r = rule();
         let h1 = table.hash("ab", "c");
-        shard.insert(h1, "ab", "c", Arc::clone(&r), 0, 0);
+        shard.insert(h1, "ab", "c", Arc::clone(&r), 0, 0, |_| {});
         assert!(shard.find(h1, "ab", "c").is_some());
         // Same bytes, different split: must not match even with the same hash.
         assert!(shard.find(h1, "a", "bc").is_none());
@@ -335,13 +386,13 @@ mod tests {
         for i in 0..16u64 {
             let c = format!("c{i}");
             let h = table.hash(&c, "x");
-            shard.insert(h, &c, "x", Arc::clone(&r), 0, i * t);
+            shard.insert(h, &c, "x", Arc::clone(&r), 0, i * t, |_| {});
         }
         // Touch c0 so it is the most recent.
         let h0 = table.hash("c0", "x");
         shard.find(h0, "c0", "x").unwrap().last_used = tick(100 * t);
         let h = table.hash("new", "x");
-        let (_, evicted) = shard.insert(h, "new", "x", Arc::clone(&r), 0, 101 * t);
+        let (_, evicted) = shard.insert(h, "new", "x", Arc::clone(&r), 0, 101 * t, |_| {});
         assert_eq!(evicted, 2, "cap/8 oldest go");
         assert!(shard.len() <= 16);
         assert!(shard.find(h0, "c0", "x").is_some());
@@ -358,9 +409,25 @@ mod tests {
         let ttl = r.idle_ttl_ns + (1 << TICK_SHIFT);
         {
             let shard = &mut table.lock(0).buckets;
-            let (e, _) = shard.insert(table.hash("full", "x"), "full", "x", Arc::clone(&r), 0, 0);
+            let (e, _) = shard.insert(
+                table.hash("full", "x"),
+                "full",
+                "x",
+                Arc::clone(&r),
+                0,
+                0,
+                |_| {},
+            );
             e.tat = 0;
-            let (e, _) = shard.insert(table.hash("debt", "x"), "debt", "x", Arc::clone(&r), 0, 0);
+            let (e, _) = shard.insert(
+                table.hash("debt", "x"),
+                "debt",
+                "x",
+                Arc::clone(&r),
+                0,
+                0,
+                |_| {},
+            );
             e.tat = ttl + 10;
             shard.insert(
                 table.hash("fresh", "x"),
@@ -369,9 +436,10 @@ mod tests {
                 Arc::clone(&r),
                 0,
                 ttl,
+                |_| {},
             );
         }
-        assert_eq!(table.evict_idle(0, ttl), 1);
+        assert_eq!(table.evict_idle(0, ttl, |_| {}), 1);
         assert_eq!(table.len(), 2);
         assert_eq!(table.evictions.idle.load(Ordering::Relaxed), 1);
     }

@@ -1,0 +1,309 @@
+//! The etcd side of a daemon: the client (with deadlines and keep-alives so a
+//! hung etcd hangs nothing), membership (one key per daemon under a lease, so
+//! the number of live daemons `N` is known), the prober that drives the health
+//! machine, and the rules stored in etcd (listed, watched, written).
+//!
+//! Key schema (v1), under the configured prefix:
+//! `/v1/members/{node}` (JSON, attached to the daemon's lease),
+//! `/v1/rules/{id}` (JSON in the TOML field names), and
+//! `/v1/buckets/{rule}/{hash}` (see `lease::etcd`).
+
+pub mod health;
+mod rules;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tokio_util::sync::CancellationToken;
+
+pub use health::Health;
+pub use rules::{rule_from_json, rule_to_json};
+
+use super::config::EtcdConfig;
+use super::lease::LeaseStats;
+use super::limiter::global::ClusterLink;
+use crate::rule::RuleSpec;
+
+/// Seconds a member key outlives its daemon.
+const MEMBER_TTL_SECS: i64 = 5;
+/// A failing cluster is declared degraded after this long.
+const DEGRADE_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the cluster refused us.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot set up the etcd client: {0}")]
+    Client(etcd_client::Error),
+    #[error(
+        "node id {0:?} is in use by another live rld (its member key exists in etcd); give each daemon its own --node-id"
+    )]
+    DuplicateNode(String),
+    #[error("etcd is unreachable: {0}; the change was not made, retry when etcd is back")]
+    Unavailable(String),
+}
+
+/// The connection to etcd and what is known about the cluster.
+pub struct Cluster {
+    client: Client,
+    pub config: EtcdConfig,
+    pub health: Arc<Health>,
+    pub link: Arc<ClusterLink>,
+    /// Live daemons, counted by the prober.
+    pub members: Arc<AtomicU64>,
+    pub stats: Arc<LeaseStats>,
+    /// The lease our member key is attached to (0 until registered).
+    lease_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("endpoints", &self.config.endpoints)
+            .field("node", &self.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Builds the client. Connecting is lazy: this succeeds with etcd down;
+    /// [`Cluster::join`] makes the first real call.
+    ///
+    /// # Errors
+    /// Malformed endpoints.
+    pub async fn connect(
+        config: EtcdConfig,
+        link: Arc<ClusterLink>,
+    ) -> Result<Cluster, ClusterError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.timeout)
+            .with_timeout(config.timeout)
+            .with_keep_alive(Duration::from_secs(1), config.timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let client = Client::connect(&config.endpoints, Some(options))
+            .await
+            .map_err(ClusterError::Client)?;
+        Ok(Cluster {
+            client,
+            health: Arc::new(Health::new(Arc::clone(&link), DEGRADE_AFTER)),
+            link,
+            members: Arc::new(AtomicU64::new(1)),
+            stats: Arc::new(LeaseStats::default()),
+            lease_id: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// A clone of the client (cheap; shares the channel).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}/v1/{rest}", self.config.prefix)
+    }
+
+    fn member_key(&self) -> String {
+        self.key(&format!("members/{}", self.config.node_id))
+    }
+
+    /// Runs one call with the deadline, feeding the health machine.
+    async fn call<T>(
+        &self,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.config.timeout, f).await {
+            Ok(Ok(v)) => {
+                self.health.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                self.health.failure(&e);
+                Err(e)
+            }
+            Err(_) => {
+                let e = format!("no answer within {:?}", self.config.timeout);
+                self.health.failure(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers this daemon. A member key of the same node id that stays
+    /// alive for a lease period belongs to another daemon: refused. With etcd
+    /// unreachable this returns `Ok` (the prober registers later).
+    ///
+    /// # Errors
+    /// [`ClusterError::DuplicateNode`].
+    pub async fn join(&self) -> Result<(), ClusterError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(MEMBER_TTL_SECS as u64 + 1);
+        loop {
+            match self.register().await {
+                Ok(true) => return Ok(()),
+                Ok(false) if tokio::time::Instant::now() < deadline => {
+                    // Perhaps our own previous run, whose lease has not expired.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(false) => return Err(ClusterError::DuplicateNode(self.config.node_id.clone())),
+                Err(e) => {
+                    tracing::warn!(
+                        endpoints = ?self.config.endpoints,
+                        "etcd unreachable at start-up ({e}); serving, global rules follow on_failure"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Creates our member key under a fresh lease if no one holds the node id.
+    async fn register(&self) -> Result<bool, String> {
+        let mut client = self.client.clone();
+        let lease = self.call(client.lease_grant(MEMBER_TTL_SECS, None)).await?;
+        let key = self.member_key();
+        let value = serde_json::json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+        .to_string();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        let resp = self.call(client.txn(txn)).await?;
+        if resp.succeeded() {
+            self.lease_id.store(lease.id() as u64, Ordering::Relaxed);
+            Ok(true)
+        } else {
+            let _ = self.call(client.lease_revoke(lease.id())).await;
+            Ok(false)
+        }
+    }
+
+    /// Keeps the member lease alive, counts members, and probes etcd (which
+    /// drives the health machine) until `cancel`; then revokes the lease so
+    /// the others see one daemon less at once.
+    pub async fn run_membership(self: Arc<Self>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beats = 0u64;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            beats += 1;
+            self.health.check_timeout();
+            // Every tick while unhealthy, every second otherwise.
+            let healthy = self.link.state() == super::limiter::global::EtcdState::Healthy;
+            if healthy && beats % 4 != 0 {
+                continue;
+            }
+            if self.lease_id.load(Ordering::Relaxed) == 0 {
+                if let Ok(false) = self.register().await {
+                    tracing::error!(
+                        node = %self.config.node_id,
+                        "node id in use by another live daemon; not registered (membership count excludes us)"
+                    );
+                }
+            } else {
+                let id = self.lease_id.load(Ordering::Relaxed) as i64;
+                let mut client = self.client.clone();
+                if let Ok((mut keeper, mut stream)) = self.call(client.lease_keep_alive(id)).await {
+                    let alive = async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    };
+                    match self.call(alive).await {
+                        Ok(Some(resp)) if resp.ttl() > 0 => {}
+                        // The lease expired while we were cut off: re-register.
+                        _ => self.lease_id.store(0, Ordering::Relaxed),
+                    }
+                }
+            }
+            let mut client = self.client.clone();
+            let prefix = self.key("members/");
+            let count = client.get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            );
+            if let Ok(resp) = self.call(count).await {
+                self.members
+                    .store(resp.count().max(1) as u64, Ordering::Relaxed);
+            }
+        }
+        let id = self.lease_id.load(Ordering::Relaxed) as i64;
+        if id != 0 {
+            let mut client = self.client.clone();
+            let _ = tokio::time::timeout(self.config.timeout, client.lease_revoke(id)).await;
+        }
+    }
+
+    /// Writes rules (all or none, one transaction).
+    ///
+    /// # Errors
+    /// etcd unreachable; nothing was written.
+    pub async fn put_rules(&self, specs: &[RuleSpec]) -> Result<(), ClusterError> {
+        let ops: Vec<TxnOp> = specs
+            .iter()
+            .map(|s| TxnOp::put(self.key(&format!("rules/{}", s.id)), rule_to_json(s), None))
+            .collect();
+        let mut client = self.client.clone();
+        self.call(client.txn(Txn::new().and_then(ops)))
+            .await
+            .map(drop)
+            .map_err(ClusterError::Unavailable)
+    }
+
+    /// Deletes a rule; `false` if it did not exist.
+    ///
+    /// # Errors
+    /// etcd unreachable.
+    pub async fn delete_rule(&self, id: &str) -> Result<bool, ClusterError> {
+        let mut client = self.client.clone();
+        let key = self.key(&format!("rules/{id}"));
+        self.call(client.delete(key, None))
+            .await
+            .map(|r| r.deleted() > 0)
+            .map_err(ClusterError::Unavailable)
+    }
+
+    /// Every rule under the prefix and the revision read at. Values that are
+    /// not valid rules are skipped with an error naming the key.
+    ///
+    /// # Errors
+    /// etcd unreachable.
+    pub async fn list_rules(&self) -> Result<(Vec<RuleSpec>, i64), ClusterError> {
+        let mut client = self.client.clone();
+        let prefix = self.key("rules/");
+        let resp = self
+            .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+            .await
+            .map_err(ClusterError::Unavailable)?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut specs = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match rule_from_json(kv.value()) {
+                Ok(spec) if key.ends_with(&format!("/rules/{}", spec.id)) => specs.push(spec),
+                Ok(spec) => {
+                    tracing::error!(%key, id = %spec.id, "skipping rule whose id does not match its key")
+                }
+                Err(e) => tracing::error!(%key, "skipping invalid rule in etcd: {e}"),
+            }
+        }
+        Ok((specs, revision))
+    }
+
+    /// The prefix rules live under (for the watcher).
+    pub fn rules_prefix(&self) -> String {
+        self.key("rules/")
+    }
+}

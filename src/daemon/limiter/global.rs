@@ -1,0 +1,308 @@
+//! Global rules on the hot path. A bucket of a global rule spends tokens
+//! leased from its global bucket in etcd ("held"); below a low-water mark it
+//! asks the lease coordinator for more with a non-blocking `try_send` and
+//! never waits. While etcd is unreachable the rule's `on_failure` policy
+//! decides, and what is admitted beyond the held tokens is remembered as debt
+//! to charge to the global bucket when etcd is back.
+//!
+//! No I/O and no `.await` here; the coordinator (`daemon::lease`) does the
+//! etcd work and writes grants back through [`super::Limiter::credit`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::bucket::{self, BucketParams, Verdict};
+use super::key::BucketKey;
+use super::rules::Rule;
+use crate::protocol::{Outcome, Priority};
+use crate::rule::{OnFailure, RuleSpec};
+
+/// Lease state of one bucket, packed into its `u64` `aux` word:
+/// held tokens (32 bits), debt (31 bits), refill requested (1 bit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allotment {
+    /// Leased tokens not yet spent.
+    pub held: u32,
+    /// Tokens admitted beyond the held ones while etcd was unreachable, to be
+    /// charged to the global bucket on recovery.
+    pub debt: u32,
+    /// A refill was asked for and not yet answered.
+    pub requested: bool,
+}
+
+const DEBT_MAX: u32 = (1 << 31) - 1;
+
+impl Allotment {
+    #[inline]
+    pub fn unpack(word: u64) -> Allotment {
+        Allotment {
+            held: word as u32,
+            debt: ((word >> 32) as u32) & DEBT_MAX,
+            requested: word >> 63 == 1,
+        }
+    }
+
+    #[inline]
+    pub fn pack(self) -> u64 {
+        u64::from(self.held)
+            | (u64::from(self.debt.min(DEBT_MAX)) << 32)
+            | (u64::from(self.requested) << 63)
+    }
+
+    fn add_debt(&mut self, cost: u64) {
+        self.debt = (u64::from(self.debt) + cost).min(u64::from(DEBT_MAX)) as u32;
+    }
+}
+
+/// State of the etcd cluster as the hot path sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum EtcdState {
+    /// Calls succeed.
+    Healthy = 0,
+    /// Calls started failing: keep serving held tokens.
+    Suspect = 1,
+    /// Unreachable: global rules follow their `on_failure` policy.
+    Degraded = 2,
+    /// Reachable again: rules re-listed, debts being posted.
+    Recovering = 3,
+}
+
+impl EtcdState {
+    fn from_u8(v: u8) -> EtcdState {
+        match v {
+            0 => EtcdState::Healthy,
+            1 => EtcdState::Suspect,
+            2 => EtcdState::Degraded,
+            _ => EtcdState::Recovering,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EtcdState::Healthy => "healthy",
+            EtcdState::Suspect => "suspect",
+            EtcdState::Degraded => "degraded",
+            EtcdState::Recovering => "recovering",
+        }
+    }
+}
+
+/// A message from the hot path (or eviction) to the lease coordinator.
+#[derive(Debug)]
+pub enum LeaseEvent {
+    /// The bucket ran low: lease more tokens.
+    Refill {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        hash: u64,
+    },
+    /// The bucket is gone (evicted, rule changed): give its held tokens back
+    /// and charge its debt.
+    Release {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        allotment: Allotment,
+    },
+}
+
+/// What the hot path shares with the coordinator.
+#[derive(Debug)]
+pub struct ClusterLink {
+    state: AtomicU8,
+    events: mpsc::Sender<LeaseEvent>,
+    /// Events dropped because the coordinator's queue was full.
+    pub dropped_events: AtomicU64,
+}
+
+impl ClusterLink {
+    pub fn new(events: mpsc::Sender<LeaseEvent>) -> ClusterLink {
+        ClusterLink {
+            state: AtomicU8::new(EtcdState::Suspect as u8),
+            events,
+            dropped_events: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn state(&self) -> EtcdState {
+        EtcdState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: EtcdState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Hands an event to the coordinator without waiting; `false` if its
+    /// queue is full (the event is counted and dropped).
+    pub fn send(&self, event: LeaseEvent) -> bool {
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped_events.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+}
+
+/// Per global rule, tuned by the coordinator and read by the hot path.
+#[derive(Debug)]
+pub struct GlobalRuleState {
+    /// Ask for a refill when held tokens drop below this.
+    pub low_water: AtomicU64,
+    /// Current largest batch per lease (`b_max`, for stats).
+    pub batch: AtomicU64,
+    /// Live daemons using the rule at the last count (`N`).
+    pub members: AtomicU64,
+    /// The local fallback bucket used with `on_failure = "local"`.
+    pub fallback_interval_ns: AtomicU64,
+    pub fallback_tau_ns: AtomicU64,
+    /// The accuracy cannot be met by batching: one lease per request.
+    pub per_request: AtomicBool,
+}
+
+impl GlobalRuleState {
+    pub fn new(spec: &RuleSpec) -> GlobalRuleState {
+        let p = BucketParams::from_spec(spec);
+        GlobalRuleState {
+            low_water: AtomicU64::new(1),
+            batch: AtomicU64::new(1),
+            members: AtomicU64::new(1),
+            fallback_interval_ns: AtomicU64::new(p.interval_ns),
+            fallback_tau_ns: AtomicU64::new(p.tau_ns),
+            per_request: AtomicBool::new(false),
+        }
+    }
+
+    fn fallback_params(&self) -> BucketParams {
+        let interval_ns = self.fallback_interval_ns.load(Ordering::Relaxed).max(1);
+        let tau_ns = self
+            .fallback_tau_ns
+            .load(Ordering::Relaxed)
+            .max(interval_ns);
+        BucketParams::plain(interval_ns, tau_ns)
+    }
+}
+
+/// Decides a request on a global rule's bucket. `aux` is the bucket's packed
+/// [`Allotment`]; `tat` its local fallback bucket. May send one refill event.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn spend(
+    aux: &mut u64,
+    tat: &mut u64,
+    rule: &Arc<Rule>,
+    client: &str,
+    resource: &str,
+    hash: u64,
+    cost: u64,
+    priority: Priority,
+    now: u64,
+    link: &ClusterLink,
+) -> Verdict {
+    let g = rule
+        .global
+        .as_ref()
+        .expect("global rules carry lease state");
+    let mut a = Allotment::unpack(*aux);
+    let held = u64::from(a.held);
+    let degraded = link.state() == EtcdState::Degraded;
+    let interval = rule.params.interval_ns;
+    let verdict = if held >= cost {
+        a.held -= cost as u32;
+        granted(a.held, Outcome::Allowed)
+    } else if !degraded {
+        if priority == Priority::Critical {
+            // Admitted, counted, and charged to the global bucket later.
+            a.held = 0;
+            a.add_debt(cost - held);
+            granted(0, Outcome::Bypassed)
+        } else {
+            Verdict {
+                outcome: Outcome::Denied,
+                remaining: held,
+                retry_after_ns: (cost - held) * interval,
+                reset_after_ns: 0,
+            }
+        }
+    } else {
+        match rule.spec.on_failure.unwrap_or(OnFailure::Local) {
+            OnFailure::Open => {
+                a.held = 0;
+                a.add_debt(cost - held);
+                granted(0, Outcome::Allowed)
+            }
+            OnFailure::Closed if priority != Priority::Critical => Verdict {
+                outcome: Outcome::Denied,
+                remaining: held,
+                retry_after_ns: (cost - held) * interval,
+                reset_after_ns: 0,
+            },
+            OnFailure::Closed => {
+                a.held = 0;
+                a.add_debt(cost - held);
+                granted(0, Outcome::Bypassed)
+            }
+            OnFailure::Local => {
+                let fallback = g.fallback_params();
+                let extra = (cost - held).min(fallback.capacity);
+                let v = bucket::try_take(tat, &fallback, now, extra, priority);
+                if v.outcome != Outcome::Denied {
+                    a.held = 0;
+                    a.add_debt(cost - held);
+                }
+                v
+            }
+        }
+    };
+    if !degraded && u64::from(a.held) < g.low_water.load(Ordering::Relaxed) && !a.requested {
+        let event = LeaseEvent::Refill {
+            rule: Arc::clone(rule),
+            key: BucketKey::new(client, resource),
+            hash,
+        };
+        a.requested = link.send(event);
+    }
+    *aux = a.pack();
+    verdict
+}
+
+fn granted(remaining: u32, outcome: Outcome) -> Verdict {
+    Verdict {
+        outcome,
+        remaining: u64::from(remaining),
+        retry_after_ns: 0,
+        reset_after_ns: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allotments_pack_losslessly() {
+        for a in [
+            Allotment::default(),
+            Allotment {
+                held: u32::MAX,
+                debt: DEBT_MAX,
+                requested: true,
+            },
+            Allotment {
+                held: 7,
+                debt: 3,
+                requested: false,
+            },
+        ] {
+            assert_eq!(Allotment::unpack(a.pack()), a);
+        }
+        let mut a = Allotment::default();
+        a.add_debt(u64::MAX);
+        assert_eq!(a.debt, DEBT_MAX, "debt saturates");
+    }
+}

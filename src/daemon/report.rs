@@ -1,0 +1,166 @@
+//! What `Stats`, `Health`, `RuleGet` and `RuleList` answer: counters gathered
+//! from the limiter, the metrics and, with etcd, the cluster and the lease
+//! plan of every global rule. Admin-rate work (may scan the bucket table);
+//! never on the acquire path.
+
+use std::sync::atomic::Ordering;
+use std::time::UNIX_EPOCH;
+
+use super::Shared;
+use super::lease::{allowed_error, plan};
+use super::limiter::Rule;
+use super::limiter::global::EtcdState;
+use super::metrics::Metrics;
+use crate::protocol::{
+    ClusterStats, EtcdHealth, GlobalRuleStats, HealthReport, LeaseInfo, RuleCounters, RuleInfo,
+    ServingState, StatsReport,
+};
+
+impl Shared {
+    /// Counters, gauges and latency for `Stats`.
+    pub fn stats(&self) -> StatsReport {
+        let per_rule = self.limiter.rule_counters();
+        let sum = |f: fn(&RuleCounters) -> u64| per_rule.iter().map(f).sum();
+        let m = &self.metrics;
+        let table = self.limiter.table();
+        StatsReport {
+            uptime_ns: self.clock.now_ns(),
+            allowed: sum(|r| r.allowed),
+            rejected: sum(|r| r.rejected),
+            bypassed: sum(|r| r.bypassed),
+            unmatched: self.limiter.unmatched_total(),
+            buckets: table.len() as u64,
+            max_buckets: table.max_buckets() as u64,
+            evicted_idle: Metrics::get(&table.evictions.idle),
+            evicted_lru: Metrics::get(&table.evictions.lru),
+            rules: per_rule.len() as u64,
+            rules_expired: Metrics::get(&m.rules_expired),
+            connections_open: Metrics::get(&m.connections_open),
+            connections_total: Metrics::get(&m.connections_total),
+            connections_rejected: Metrics::get(&m.connections_rejected),
+            protocol_errors: Metrics::get(&m.protocol_errors),
+            latency: m.latency.summary(),
+            per_rule,
+            cluster: self.cluster_stats(),
+        }
+    }
+
+    fn cluster_stats(&self) -> Option<ClusterStats> {
+        let cluster = self.cluster.as_ref()?;
+        let s = &cluster.stats;
+        let held = self.limiter.held_tokens();
+        let rules = self
+            .limiter
+            .rules()
+            .iter()
+            .filter_map(|r| {
+                let lease = self.lease_info(r, held.get(r.id()).copied().unwrap_or(0))?;
+                Some(GlobalRuleStats {
+                    id: r.id().to_owned(),
+                    lease,
+                })
+            })
+            .collect();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Some(ClusterStats {
+            state: cluster.health.state().name().into(),
+            members: get(&cluster.members),
+            lease_txns: get(&s.txns),
+            lease_conflicts: get(&s.conflicts),
+            lease_failures: get(&s.failures),
+            tokens_leased: get(&s.tokens_leased),
+            tokens_returned: get(&s.tokens_returned),
+            debt_charged: get(&s.debt_charged),
+            dropped_events: get(&cluster.link.dropped_events),
+            txn_latency: s.latency.summary(),
+            rules,
+        })
+    }
+
+    /// The lease plan of a global rule (`None` for local rules).
+    fn lease_info(&self, rule: &Rule, held: u64) -> Option<LeaseInfo> {
+        let g = rule.global.as_ref()?;
+        let cluster = self.cluster.as_ref()?;
+        let members = cluster.members.load(Ordering::Relaxed).max(1);
+        let p = plan(&rule.spec, members, cluster.config.max_clock_skew);
+        Some(LeaseInfo {
+            batch: g.batch.load(Ordering::Relaxed),
+            per_request: p.per_request,
+            members,
+            bound: p.bound,
+            allowed_error: allowed_error(&rule.spec),
+            held,
+        })
+    }
+
+    /// One rule with counters (and lease plan) for `RuleGet`.
+    pub fn rule_info(&self, id: &str) -> Option<RuleInfo> {
+        let mut info = self.rulebook.get(id)?;
+        if let Some(rule) = self.limiter.rules().get(id) {
+            let held = if rule.global.is_some() {
+                self.limiter.held_tokens().get(id).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            info.lease = self.lease_info(rule, held);
+        }
+        Some(info)
+    }
+
+    /// Every rule for `RuleList`.
+    pub fn rule_list(&self) -> Vec<RuleInfo> {
+        let rules = self.limiter.rules();
+        let any_global = rules.iter().any(|r| r.global.is_some());
+        let held = if any_global {
+            self.limiter.held_tokens()
+        } else {
+            Default::default()
+        };
+        let mut list = self.rulebook.list();
+        for info in &mut list {
+            if let Some(rule) = rules.get(&info.spec.id) {
+                info.lease = self.lease_info(rule, held.get(rule.id()).copied().unwrap_or(0));
+            }
+        }
+        list
+    }
+
+    /// Serving state for `Health`.
+    pub fn health(&self) -> HealthReport {
+        let etcd = self.cluster.as_ref().map(|c| {
+            let (state, since, last_error) = c.health.snapshot();
+            EtcdHealth {
+                state: state.name().into(),
+                since_unix_ms: since
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                members: c.members.load(Ordering::Relaxed),
+                node_id: c.config.node_id.clone(),
+                last_error,
+            }
+        });
+        let degraded = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.health.state() != EtcdState::Healthy);
+        HealthReport {
+            state: if self.stopping.load(Ordering::Relaxed) {
+                ServingState::Stopping
+            } else if degraded {
+                ServingState::Degraded
+            } else {
+                ServingState::Ok
+            },
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ns: self.clock.now_ns(),
+            rules: self.limiter.rules().len() as u64,
+            mode: if self.cluster.is_some() {
+                "etcd"
+            } else {
+                "standalone"
+            }
+            .into(),
+            etcd,
+        }
+    }
+}
