@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::output::fmt_ns;
 use super::{CliError, Exit, Output, RuleSetArgs, RulesCommand, connect};
-use crate::protocol::{RuleInfo, RuleSource};
+use crate::protocol::{LeaseInfo, RuleInfo, RuleSource};
 use crate::rule::file::{ReserveEntry, RuleEntry, parse_rules};
 use crate::rule::{OnFailure, RuleSpec, Scope};
 
@@ -122,6 +122,8 @@ struct RuleView {
     rejected: u64,
     bypassed: u64,
     idle_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseInfo>,
 }
 
 impl From<&RuleInfo> for RuleView {
@@ -134,6 +136,7 @@ impl From<&RuleInfo> for RuleView {
             rejected: info.rejected,
             bypassed: info.bypassed,
             idle_ms: info.idle_ns / 1_000_000,
+            lease: info.lease.clone(),
         }
     }
 }
@@ -182,6 +185,22 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
     }
     if let Some(f) = s.fallback_limit {
         lines.push(format!("fallback      {f} per {}", e.window));
+    }
+    if let Some(l) = &info.lease {
+        let mode = if l.per_request {
+            "one token per lease: batching cannot meet the accuracy at this rate".to_string()
+        } else {
+            format!("batches of up to {} tokens", l.batch)
+        };
+        lines.push(format!("leasing       {mode}"));
+        lines.push(format!(
+            "daemons       {}  (this one holds {} tokens)",
+            l.members, l.held
+        ));
+        lines.push(format!(
+            "accuracy      over-admission bound {:.1} tokens (N x batch + rate x skew); allowed {:.1}",
+            l.bound, l.allowed_error
+        ));
     }
     lines.push(format!(
         "decisions     allowed {}  rejected {}  bypassed {}",

@@ -58,6 +58,36 @@ fn render_stats(s: &StatsReport) -> String {
         s.rules,
         s.rules_expired,
     );
+    if let Some(c) = &s.cluster {
+        text.push_str(&format!(
+            "\netcd         {}  members {}  lease txns {}  conflicts {}  failures {}\n\
+             leases       leased {}  returned {}  debt charged {}  txn p50 {} p99 {}",
+            c.state,
+            c.members,
+            c.lease_txns,
+            c.lease_conflicts,
+            c.lease_failures,
+            c.tokens_leased,
+            c.tokens_returned,
+            c.debt_charged,
+            fmt_ns(c.txn_latency.p50_ns),
+            fmt_ns(c.txn_latency.p99_ns),
+        ));
+        for r in &c.rules {
+            text.push_str(&format!(
+                "\n  {}: held {}  batch {}{}  bound {:.1} tokens",
+                r.id,
+                r.lease.held,
+                r.lease.batch,
+                if r.lease.per_request {
+                    " (per request)"
+                } else {
+                    ""
+                },
+                r.lease.bound
+            ));
+        }
+    }
     if !s.per_rule.is_empty() {
         let width = s
             .per_rule
@@ -99,11 +129,28 @@ fn render_health(h: &HealthReport) -> String {
         ServingState::Degraded => "degraded",
         ServingState::Stopping => "stopping",
     };
-    format!(
+    let mut text = format!(
         "{state}: rld {} ({}), up {}, {} rules",
         h.version,
         h.mode,
         fmt_ns(h.uptime_ns),
         h.rules
-    )
+    );
+    if let Some(e) = &h.etcd {
+        let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.since_unix_ms);
+        let ago = std::time::SystemTime::now()
+            .duration_since(since)
+            .map_or(0, |d| d.as_nanos() as u64);
+        text.push_str(&format!(
+            "\netcd: {} for {} as node {}, {} daemons",
+            e.state,
+            fmt_ns(ago),
+            e.node_id,
+            e.members
+        ));
+        if !e.last_error.is_empty() {
+            text.push_str(&format!("; last error: {}", e.last_error));
+        }
+    }
+    text
 }

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::auth::Peer;
 use super::cluster::Cluster;
-use super::limiter::AcquireError;
+use super::lease::{BucketRef, Source};
+use super::limiter::{AcquireError, LeaseNeeded, SpendMode};
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
@@ -169,8 +171,8 @@ impl Conn {
             return self.hello(id, &request);
         }
         match request {
-            Request::Acquire(acquire) => self.acquire(id, &acquire),
-            Request::AcquireMany(items) => self.acquire_many(id, &items),
+            Request::Acquire(acquire) => self.acquire(id, &acquire).await,
+            Request::AcquireMany(items) => self.acquire_many(id, &items).await,
             Request::Hello { .. } => self.error(
                 id,
                 ErrorCode::INVALID_ARGUMENT,
@@ -280,11 +282,17 @@ impl Conn {
 
     /// The hot path: decide and encode the answer straight into the write
     /// buffer (borrowing the rule id under the shard lock), nothing else.
-    fn acquire(&mut self, id: u64, a: &Acquire<'_>) -> Next {
+    async fn acquire(&mut self, id: u64, a: &Acquire<'_>) -> Next {
         let out = &mut self.write_buf;
-        let encoded = self.timing.decide(&self.shared, &mut self.latency, a, |d| {
-            encode(&(id, Response::Decision(d.clone())), out)
-        });
+        let mut answer = |d: &Decision<'_>| encode(&(id, Response::Decision(d.clone())), out);
+        let encoded = decide(
+            &self.shared,
+            &mut self.timing,
+            &mut self.latency,
+            a,
+            &mut answer,
+        )
+        .await;
         match encoded {
             Ok(Ok(())) => Next::Continue,
             Ok(Err(e)) => self.error(id, ErrorCode::INTERNAL, e.to_string()),
@@ -294,7 +302,7 @@ impl Conn {
 
     /// Decides each item in order, appending each answer to one
     /// `Response::Decisions` frame as it is decided (no intermediate list).
-    fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
+    async fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
         let Conn {
             shared,
             write_buf: out,
@@ -305,9 +313,8 @@ impl Conn {
         let start = codec::begin_frame(out);
         let mut result = codec::append(&(id, DECISIONS_VARIANT, items.len()), out);
         for a in items {
-            let item = timing.decide(shared, latency, a, |d| {
-                codec::append(&BatchItem::Decision(d.clone()), out)
-            });
+            let mut answer = |d: &Decision<'_>| codec::append(&BatchItem::Decision(d.clone()), out);
+            let item = decide(shared, timing, latency, a, &mut answer).await;
             result = result.and(match item {
                 Ok(encoded) => encoded,
                 Err(e) => codec::append(&BatchItem::Error(acquire_error(&e)), out),
@@ -403,6 +410,54 @@ impl Timing {
     }
 }
 
+/// Decides one acquire. Almost always synchronous; only a global rule whose
+/// accuracy forbids batching (`per_request`) waits for one lease transaction,
+/// bounded by a short deadline after which its `on_failure` policy decides.
+async fn decide<R>(
+    shared: &Shared,
+    timing: &mut Timing,
+    latency: &mut LocalHistogram,
+    a: &Acquire<'_>,
+    answer: &mut impl FnMut(&Decision<'_>) -> R,
+) -> Result<R, AcquireError> {
+    let need = match timing.decide(shared, latency, a, &mut *answer) {
+        Err(AcquireError::NeedsLease(need)) => need,
+        decided => return decided,
+    };
+    let mode = match &shared.cluster {
+        Some(cluster) => lease_now(cluster, need, a.cost).await,
+        None => SpendMode::LeaseFailed,
+    };
+    let now = shared.clock.now_ns();
+    shared.limiter.decide_with(
+        &a.client,
+        &a.resource,
+        a.cost,
+        a.priority,
+        now,
+        mode,
+        answer,
+    )
+}
+
+/// One lease of exactly `cost` tokens for one request, within
+/// `max(50 ms, 3 x p99)` of recent lease transactions (and the etcd timeout).
+async fn lease_now(cluster: &Cluster, need: LeaseNeeded, cost: u64) -> SpendMode {
+    let p99 = Duration::from_nanos(cluster.stats.latency.summary().p99_ns);
+    let deadline = (p99 * 3)
+        .max(Duration::from_millis(50))
+        .min(cluster.config.timeout);
+    let bucket = BucketRef {
+        rule: need.rule,
+        key: need.key,
+    };
+    match tokio::time::timeout(deadline, cluster.source.take(&bucket, cost, cost)).await {
+        Ok(Ok(grant)) if grant.tokens >= cost => SpendMode::Leased,
+        Ok(Ok(_)) => SpendMode::NotGranted,
+        Ok(Err(_)) | Err(_) => SpendMode::LeaseFailed,
+    }
+}
+
 async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
     limit: Option<std::time::Duration>,
     read: F,
@@ -420,6 +475,7 @@ async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
 
 fn acquire_error(e: &AcquireError) -> ErrorBody<'static> {
     let code = match e {
+        AcquireError::NeedsLease(_) => ErrorCode::INTERNAL,
         AcquireError::CostExceedsBurst { .. } => ErrorCode::COST_EXCEEDS_BURST,
         AcquireError::Empty(_) | AcquireError::TooLong { .. } => ErrorCode::INVALID_ARGUMENT,
     };

@@ -37,7 +37,6 @@ pub use config::{Args, Config, ConfigError};
 
 use auth::Authorizer;
 use cluster::{Cluster, ClusterError};
-use lease::etcd::EtcdSource;
 use lease::{Coordinator, LeaseSettings};
 use limiter::global::{ClusterLink, LeaseEvent};
 use limiter::{Limiter, LimiterConfig, MonotonicClock};
@@ -200,16 +199,8 @@ impl Daemon {
                     .run_rules_watch(Arc::clone(&shared.rulebook), cluster_stop.clone()),
             ));
             let etcd = &cluster.config;
-            let source = EtcdSource::new(
-                cluster.client(),
-                etcd.prefix.clone(),
-                etcd.node_id.clone(),
-                etcd.timeout,
-                Arc::clone(&cluster.health),
-                Arc::clone(&cluster.stats),
-            );
             let coordinator = Coordinator::new(
-                source,
+                cluster.source.clone(),
                 Arc::clone(&shared.limiter),
                 Arc::clone(&cluster.link),
                 events,

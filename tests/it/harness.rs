@@ -207,3 +207,85 @@ pub fn code(o: &Output) -> i32 {
 pub fn rule(id: &str, client: &str, resource: &str, limit: u64, window: Duration) -> RuleSpec {
     RuleSpec::new(id, client, resource, limit, window)
 }
+
+/// An etcd cluster for a test: the suite's shared one (`RLD_TEST_ETCD`, set by
+/// scripts/test) or, failing that, a private 3-node cluster started here and
+/// stopped (by PID) on drop. Each test also gets its own key prefix.
+pub struct Etcd {
+    pub endpoints: String,
+    pub prefix: String,
+    private: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl Etcd {
+    /// `None` (with a note) when etcd is not available outside CI; under
+    /// `CI=true` a missing etcd fails the test.
+    pub fn get() -> Option<Etcd> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("/rld-test-{}-{n}", std::process::id());
+        if let Ok(endpoints) = std::env::var("RLD_TEST_ETCD") {
+            return Some(Etcd {
+                endpoints,
+                prefix,
+                private: None,
+            });
+        }
+        if Command::new("etcd").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "etcd is missing under CI: scripts/test installs etcd-server and sets RLD_TEST_ETCD"
+            );
+            eprintln!("skipped: etcd is not installed (run scripts/test)");
+            return None;
+        }
+        // Ports 25000-35000, 20 per cluster, apart per process and per test.
+        let slot = (std::process::id() % 50) * 10 + n % 10;
+        Some(Etcd::private(prefix, 25_000 + slot as u16 * 20))
+    }
+
+    /// Starts a private cluster with client ports `base+1..3`.
+    pub fn private(prefix: String, base: u16) -> Etcd {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/etcd-cluster");
+        let out = Command::new(&script)
+            .args(["start"])
+            .arg(dir.path())
+            .env("RLD_ETCD_BASE_PORT", base.to_string())
+            .output()
+            .expect("run scripts/etcd-cluster");
+        assert!(out.status.success(), "etcd did not start: {}", stderr(&out));
+        Etcd {
+            endpoints: stdout(&out).trim().to_owned(),
+            prefix,
+            private: Some((dir, script)),
+        }
+    }
+
+    /// `rld` arguments joining this cluster as `node`.
+    pub fn args(&self, node: &str) -> Vec<String> {
+        vec![
+            "--etcd".into(),
+            self.endpoints.clone(),
+            "--etcd-prefix".into(),
+            self.prefix.clone(),
+            "--node-id".into(),
+            node.into(),
+        ]
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        let eps: Vec<&str> = self.endpoints.split(',').collect();
+        etcd_client::Client::connect(eps, None)
+            .await
+            .expect("etcd client")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some((dir, script)) = &self.private {
+            let _ = Command::new(script).arg("stop").arg(dir.path()).output();
+        }
+    }
+}

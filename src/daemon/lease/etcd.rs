@@ -227,7 +227,7 @@ fn parse(key: &str, bytes: &[u8]) -> Result<BucketValue, LeaseError> {
 }
 
 impl Source for EtcdSource {
-    async fn take(&self, bucket: &BucketRef, want: u64) -> Result<Grant, LeaseError> {
+    async fn take(&self, bucket: &BucketRef, want: u64, min: u64) -> Result<Grant, LeaseError> {
         let key = bucket_key(&self.prefix, bucket);
         let p = bucket.rule.params;
         let node = self.node.clone();
@@ -235,9 +235,9 @@ impl Source for EtcdSource {
         let granted = self
             .update(&key, |value, now| {
                 let (granted, tat) = take_tokens(value, now, want, p.interval_ns, p.tau_ns);
-                if granted == 0 {
+                if granted == 0 || granted < min {
                     let base = value.tat_ns.max(now);
-                    let ready = base + want * p.interval_ns;
+                    let ready = base + want.max(min) * p.interval_ns;
                     retry_after = Duration::from_nanos(ready.saturating_sub(now + p.tau_ns));
                     return None;
                 }

@@ -61,11 +61,13 @@ pub enum LeaseError {
 
 /// Where tokens come from. Implemented on etcd; unit tests script a fake.
 pub trait Source: Clone + Send + Sync + 'static {
-    /// Takes up to `want` tokens from the global bucket.
+    /// Takes up to `want` tokens from the global bucket, or none if fewer
+    /// than `min` are there.
     fn take(
         &self,
         bucket: &BucketRef,
         want: u64,
+        min: u64,
     ) -> impl Future<Output = Result<Grant, LeaseError>> + Send;
 
     /// Returns `held` unspent tokens and charges `debt` tokens admitted while
@@ -278,6 +280,14 @@ impl<S: Source> Coordinator<S> {
     fn handle(&mut self, event: LeaseEvent) {
         match event {
             LeaseEvent::Refill { rule, key, hash } => {
+                if rule
+                    .global
+                    .as_ref()
+                    .is_some_and(|g| g.batch.load(Ordering::Relaxed) == 0)
+                {
+                    // A rule installed since the last tick: plan it now.
+                    self.retune();
+                }
                 let id: KeyId = (rule.id().into(), key.clone());
                 let now = Instant::now();
                 let state = self.keys.entry(id.clone()).or_insert(KeyState {
@@ -446,7 +456,7 @@ impl<S: Source> Coordinator<S> {
 async fn lease<S: Source>(source: &S, bucket: &BucketRef, want: u64, max_backoff: Duration) -> u64 {
     let give_up = Instant::now() + max_backoff * 4;
     loop {
-        match source.take(bucket, want).await {
+        match source.take(bucket, want, 1).await {
             Ok(grant) if grant.tokens > 0 => return grant.tokens,
             Ok(grant) => {
                 let now = Instant::now();

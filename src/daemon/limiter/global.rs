@@ -19,20 +19,24 @@ use super::rules::Rule;
 use crate::protocol::{Outcome, Priority};
 use crate::rule::{OnFailure, RuleSpec};
 
-/// Lease state of one bucket, packed into its `u64` `aux` word:
-/// held tokens (32 bits), debt (31 bits), refill requested (1 bit).
+/// Lease state of one bucket, packed into its `u64` `aux` word: held tokens
+/// (32 bits), debt (30 bits), leased at least once (1 bit), refill requested
+/// (1 bit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Allotment {
     /// Leased tokens not yet spent.
     pub held: u32,
-    /// Tokens admitted beyond the held ones while etcd was unreachable, to be
-    /// charged to the global bucket on recovery.
+    /// Tokens admitted beyond the held ones (a fresh bucket's first request,
+    /// critical requests, requests while etcd was unreachable), to be charged
+    /// to the global bucket.
     pub debt: u32,
+    /// The bucket has received a grant (so it is not fresh any more).
+    pub leased: bool,
     /// A refill was asked for and not yet answered.
     pub requested: bool,
 }
 
-const DEBT_MAX: u32 = (1 << 31) - 1;
+const DEBT_MAX: u32 = (1 << 30) - 1;
 
 impl Allotment {
     #[inline]
@@ -40,6 +44,7 @@ impl Allotment {
         Allotment {
             held: word as u32,
             debt: ((word >> 32) as u32) & DEBT_MAX,
+            leased: (word >> 62) & 1 == 1,
             requested: word >> 63 == 1,
         }
     }
@@ -48,7 +53,17 @@ impl Allotment {
     pub fn pack(self) -> u64 {
         u64::from(self.held)
             | (u64::from(self.debt.min(DEBT_MAX)) << 32)
+            | (u64::from(self.leased) << 62)
             | (u64::from(self.requested) << 63)
+    }
+
+    /// Adds a grant: it first pays the debt, the rest is held.
+    pub fn credit(&mut self, tokens: u64) {
+        let pay = tokens.min(u64::from(self.debt));
+        self.debt -= pay as u32;
+        self.held = (u64::from(self.held) + tokens - pay).min(u64::from(u32::MAX)) as u32;
+        self.leased = true;
+        self.requested = false;
     }
 
     fn add_debt(&mut self, cost: u64) {
@@ -170,7 +185,8 @@ impl GlobalRuleState {
         let p = BucketParams::from_spec(spec);
         GlobalRuleState {
             low_water: AtomicU64::new(1),
-            batch: AtomicU64::new(1),
+            // 0 until the coordinator plans the rule.
+            batch: AtomicU64::new(0),
             members: AtomicU64::new(1),
             fallback_interval_ns: AtomicU64::new(p.interval_ns),
             fallback_tau_ns: AtomicU64::new(p.tau_ns),
@@ -188,6 +204,28 @@ impl GlobalRuleState {
     }
 }
 
+/// How [`spend`] should treat the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendMode {
+    /// As the cluster state says.
+    Normal,
+    /// A synchronous lease for this request just failed: apply `on_failure`.
+    LeaseFailed,
+    /// A synchronous lease for this request just granted the cost.
+    Leased,
+    /// A synchronous lease found too few tokens in the global bucket.
+    NotGranted,
+}
+
+/// What [`spend`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    Decided(Verdict),
+    /// The rule leases one request at a time: the caller must lease `cost`
+    /// tokens synchronously (with a short deadline) and call again.
+    NeedsLease,
+}
+
 /// Decides a request on a global rule's bucket. `aux` is the bucket's packed
 /// [`Allotment`]; `tat` its local fallback bucket. May send one refill event.
 #[allow(clippy::too_many_arguments)]
@@ -203,31 +241,52 @@ pub fn spend(
     priority: Priority,
     now: u64,
     link: &ClusterLink,
-) -> Verdict {
+    mode: SpendMode,
+) -> Spend {
     let g = rule
         .global
         .as_ref()
         .expect("global rules carry lease state");
     let mut a = Allotment::unpack(*aux);
     let held = u64::from(a.held);
-    let degraded = link.state() == EtcdState::Degraded;
+    let degraded = match mode {
+        SpendMode::Normal => link.state() == EtcdState::Degraded,
+        SpendMode::LeaseFailed => true,
+        SpendMode::Leased | SpendMode::NotGranted => false,
+    };
+    let per_request = g.per_request.load(Ordering::Relaxed);
+    if per_request && !degraded && mode == SpendMode::Normal && held < cost {
+        return Spend::NeedsLease;
+    }
     let interval = rule.params.interval_ns;
-    let verdict = if held >= cost {
+    let denied = |held: u64| Verdict {
+        outcome: Outcome::Denied,
+        remaining: held,
+        retry_after_ns: (cost - held) * interval,
+        reset_after_ns: 0,
+    };
+    let verdict = if mode == SpendMode::Leased {
+        granted(a.held, Outcome::Allowed)
+    } else if mode == SpendMode::NotGranted {
+        denied(held)
+    } else if held >= cost {
         a.held -= cost as u32;
         granted(a.held, Outcome::Allowed)
     } else if !degraded {
-        if priority == Priority::Critical {
+        if !a.leased && !per_request && cost <= g.batch.load(Ordering::Relaxed).max(1) {
+            // A fresh bucket: admit now against debt, which its first grant
+            // pays; denying every first request would be worse, and the
+            // over-admission stays within one batch per daemon.
+            a.held = 0;
+            a.add_debt(cost - held);
+            granted(0, Outcome::Allowed)
+        } else if priority == Priority::Critical {
             // Admitted, counted, and charged to the global bucket later.
             a.held = 0;
             a.add_debt(cost - held);
             granted(0, Outcome::Bypassed)
         } else {
-            Verdict {
-                outcome: Outcome::Denied,
-                remaining: held,
-                retry_after_ns: (cost - held) * interval,
-                reset_after_ns: 0,
-            }
+            denied(held)
         }
     } else {
         match rule.spec.on_failure.unwrap_or(OnFailure::Local) {
@@ -236,12 +295,7 @@ pub fn spend(
                 a.add_debt(cost - held);
                 granted(0, Outcome::Allowed)
             }
-            OnFailure::Closed if priority != Priority::Critical => Verdict {
-                outcome: Outcome::Denied,
-                remaining: held,
-                retry_after_ns: (cost - held) * interval,
-                reset_after_ns: 0,
-            },
+            OnFailure::Closed if priority != Priority::Critical => denied(held),
             OnFailure::Closed => {
                 a.held = 0;
                 a.add_debt(cost - held);
@@ -249,17 +303,22 @@ pub fn spend(
             }
             OnFailure::Local => {
                 let fallback = g.fallback_params();
-                let extra = (cost - held).min(fallback.capacity);
-                let v = bucket::try_take(tat, &fallback, now, extra, priority);
-                if v.outcome != Outcome::Denied {
-                    a.held = 0;
-                    a.add_debt(cost - held);
+                let extra = cost - held;
+                if extra > fallback.capacity {
+                    denied(held)
+                } else {
+                    let v = bucket::try_take(tat, &fallback, now, extra, priority);
+                    if v.outcome != Outcome::Denied {
+                        a.held = 0;
+                        a.add_debt(extra);
+                    }
+                    v
                 }
-                v
             }
         }
     };
-    if !degraded && u64::from(a.held) < g.low_water.load(Ordering::Relaxed) && !a.requested {
+    let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
+    if !degraded && !per_request && low && !a.requested {
         let event = LeaseEvent::Refill {
             rule: Arc::clone(rule),
             key: BucketKey::new(client, resource),
@@ -268,7 +327,7 @@ pub fn spend(
         a.requested = link.send(event);
     }
     *aux = a.pack();
-    verdict
+    Spend::Decided(verdict)
 }
 
 fn granted(remaining: u32, outcome: Outcome) -> Verdict {
@@ -291,11 +350,13 @@ mod tests {
             Allotment {
                 held: u32::MAX,
                 debt: DEBT_MAX,
+                leased: true,
                 requested: true,
             },
             Allotment {
                 held: 7,
                 debt: 3,
+                leased: false,
                 requested: false,
             },
         ] {
@@ -304,5 +365,22 @@ mod tests {
         let mut a = Allotment::default();
         a.add_debt(u64::MAX);
         assert_eq!(a.debt, DEBT_MAX, "debt saturates");
+    }
+
+    #[test]
+    fn grants_pay_debt_first() {
+        let mut a = Allotment {
+            debt: 3,
+            requested: true,
+            ..Allotment::default()
+        };
+        a.credit(10);
+        assert_eq!((a.held, a.debt, a.leased, a.requested), (7, 0, true, false));
+        let mut b = Allotment {
+            debt: 30,
+            ..Allotment::default()
+        };
+        b.credit(10);
+        assert_eq!((b.held, b.debt), (0, 20));
     }
 }

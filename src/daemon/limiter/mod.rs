@@ -22,7 +22,8 @@ use parking_lot::Mutex;
 use std::borrow::Cow;
 
 pub use bucket::{BucketParams, Verdict, try_take};
-use global::{Allotment, ClusterLink, LeaseEvent};
+pub use global::SpendMode;
+use global::{Allotment, ClusterLink, LeaseEvent, Spend};
 use key::BucketKey;
 pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
@@ -75,8 +76,15 @@ pub struct LimiterConfig {
     pub default_action: DefaultAction,
 }
 
+/// A per-request global rule needs a synchronous lease before deciding.
+#[derive(Debug, Clone)]
+pub struct LeaseNeeded {
+    pub rule: Arc<Rule>,
+    pub key: BucketKey,
+}
+
 /// An acquire that cannot be decided (as opposed to a denial).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AcquireError {
     #[error("{0} is empty; name the {0}")]
     Empty(&'static str),
@@ -91,6 +99,10 @@ pub enum AcquireError {
         /// Boxed: errors are rare, and a small `Err` keeps `Result` small.
         rule: Box<str>,
     },
+    /// Not an error for the caller: lease `cost` tokens synchronously, then
+    /// call [`Limiter::decide_with`] (the daemon's connection does this).
+    #[error("rule {:?} leases one request at a time", .0.rule.id())]
+    NeedsLease(LeaseNeeded),
 }
 
 /// Decisions not made by any rule.
@@ -186,6 +198,34 @@ impl Limiter {
         now: u64,
         answer: impl FnOnce(&Decision<'_>) -> R,
     ) -> Result<R, AcquireError> {
+        self.decide_with(
+            client,
+            resource,
+            cost,
+            priority,
+            now,
+            SpendMode::Normal,
+            answer,
+        )
+    }
+
+    /// [`Limiter::decide`] after a synchronous lease of a per-request global
+    /// rule: `mode` says whether it granted the cost or failed.
+    ///
+    /// # Errors
+    /// As [`Limiter::decide`].
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    pub fn decide_with<R>(
+        &self,
+        client: &str,
+        resource: &str,
+        cost: u64,
+        priority: Priority,
+        now: u64,
+        mode: SpendMode,
+        answer: impl FnOnce(&Decision<'_>) -> R,
+    ) -> Result<R, AcquireError> {
         check_name("client", client)?;
         check_name("resource", resource)?;
         let hash = self.table.hash(client, resource);
@@ -246,7 +286,7 @@ impl Limiter {
         let rule = &entry.rule;
         check_cost(rule, cost)?;
         let verdict = match (&rule.global, self.link.get()) {
-            (Some(_), Some(link)) => global::spend(
+            (Some(_), Some(link)) => match global::spend(
                 &mut entry.aux,
                 &mut entry.tat,
                 rule,
@@ -257,7 +297,16 @@ impl Limiter {
                 priority,
                 now,
                 link,
-            ),
+                mode,
+            ) {
+                Spend::Decided(v) => v,
+                Spend::NeedsLease => {
+                    return Err(AcquireError::NeedsLease(LeaseNeeded {
+                        rule: Arc::clone(rule),
+                        key: BucketKey::new(client, resource),
+                    }));
+                }
+            },
             _ => try_take(&mut entry.tat, &rule.params, now, cost, priority),
         };
         entry.last_used = table::tick(now);
@@ -296,8 +345,7 @@ impl Limiter {
         match guard.buckets.find(hash, client, resource) {
             Some(entry) if Arc::ptr_eq(&entry.rule, rule) => {
                 let mut a = Allotment::unpack(entry.aux);
-                a.held = (u64::from(a.held) + tokens).min(u64::from(u32::MAX)) as u32;
-                a.requested = false;
+                a.credit(tokens);
                 entry.aux = a.pack();
                 true
             }

@@ -1,0 +1,389 @@
+//! Global rules across daemons, against a real etcd cluster: accuracy under
+//! uneven load, rules propagating, tokens returned, bad input in etcd.
+
+use std::time::{Duration, Instant};
+
+use rld::protocol::{Acquire, BatchItem, Connection};
+
+use crate::harness::{Etcd, ProcessDaemon, code, rlctl, stderr, stdout};
+
+fn start(etcd: &Etcd, dir: &std::path::Path, node: &str) -> ProcessDaemon {
+    let sub = dir.join(node);
+    std::fs::create_dir_all(&sub).unwrap();
+    let args = etcd.args(node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ProcessDaemon::start(&sub, &args)
+}
+
+fn set_global(d: &ProcessDaemon, id: &str, extra: &[&str]) {
+    let mut args = vec![
+        "rules",
+        "set",
+        id,
+        "--client",
+        "*",
+        "--resource",
+        id,
+        "--scope",
+        "global",
+    ];
+    args.extend_from_slice(extra);
+    let out = rlctl(&d.socket, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+/// Offers `rate` requests/s on one key for `duration` in 10 ms batches
+/// (open loop); returns how many were allowed.
+async fn offer(socket: std::path::PathBuf, resource: &str, rate: u64, duration: Duration) -> u64 {
+    let mut conn = Connection::connect(&socket).await.unwrap();
+    let per_tick = rate / 100;
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut allowed = 0;
+    while start.elapsed() < duration {
+        tick.tick().await;
+        let items = (0..per_tick)
+            .map(|_| Acquire::new("tenant", resource))
+            .collect();
+        for item in conn.acquire_many(items).await.unwrap() {
+            if matches!(item, BatchItem::Decision(d) if d.is_allowed()) {
+                allowed += 1;
+            }
+        }
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_admit_the_global_limit_within_two_percent() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let daemons: Vec<ProcessDaemon> = ["a", "b", "c"]
+        .iter()
+        .map(|n| start(&etcd, dir.path(), n))
+        .collect();
+    set_global(
+        &daemons[0],
+        "api",
+        &[
+            "--limit",
+            "1000",
+            "--window",
+            "1s",
+            "--burst",
+            "100",
+            "--accuracy",
+            "2%/10s",
+        ],
+    );
+    // Every daemon has the rule and sees 3 members before the load starts.
+    for d in &daemons {
+        wait_for(Duration::from_secs(5), || {
+            let out = rlctl(&d.socket, &["rules", "get", "api", "--json"]);
+            code(&out) == 0
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["lease"]["members"]
+                    == 3
+        });
+    }
+    // 5000/s offered for 10 s, split 70/20/10.
+    let secs = 10;
+    let shares = [3500, 1000, 500];
+    let mut tasks = Vec::new();
+    for (d, rate) in daemons.iter().zip(shares) {
+        tasks.push(tokio::spawn(offer(
+            d.socket.clone(),
+            "api",
+            rate,
+            Duration::from_secs(secs),
+        )));
+    }
+    let mut admitted = Vec::new();
+    for t in tasks {
+        admitted.push(t.await.unwrap());
+    }
+    let total: u64 = admitted.iter().sum();
+    let stats: Vec<serde_json::Value> = daemons
+        .iter()
+        .map(|d| serde_json::from_slice(&rlctl(&d.socket, &["stats", "--json"]).stdout).unwrap())
+        .collect();
+    let txns: u64 = stats
+        .iter()
+        .map(|s| s["cluster"]["lease_txns"].as_u64().unwrap())
+        .sum();
+    let conflicts: u64 = stats
+        .iter()
+        .map(|s| s["cluster"]["lease_conflicts"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "admitted per daemon (70/20/10 of 5000/s for {secs} s): {admitted:?}, total {total}; \
+         {txns} lease txns ({:.0}/s), {conflicts} conflicts ({:.1}%)",
+        txns as f64 / secs as f64,
+        100.0 * conflicts as f64 / txns.max(1) as f64
+    );
+    let ideal = 1000 * secs;
+    assert!(
+        total as f64 <= ideal as f64 * 1.02 + 100.0 && total as f64 >= ideal as f64 * 0.98,
+        "admitted {total}, ideal {ideal} (+100 burst)"
+    );
+    for (i, a) in admitted.iter().enumerate() {
+        assert!(*a * 4 >= total, "daemon {i} got {a} of {total}: below 25%");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_set_on_one_daemon_is_enforced_by_the_others_within_a_second() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    let b = start(&etcd, dir.path(), "b");
+    let c = start(&etcd, dir.path(), "c");
+    let set_at = Instant::now();
+    set_global(&a, "deploy", &["--limit", "1", "--window", "1h"]);
+    for d in [&b, &c] {
+        wait_for(Duration::from_secs(1), || {
+            let out = rlctl(&d.socket, &["acquire", "--json", "ci", "deploy"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["rule"] == "deploy")
+        });
+    }
+    let elapsed = set_at.elapsed();
+    eprintln!("rule enforced on b and c {elapsed:?} after rlctl rules set on a");
+    assert!(elapsed < Duration::from_secs(2));
+    // One token per hour across all three: at most one of these is allowed.
+    let allowed = [&a, &b, &c]
+        .iter()
+        .map(|d| rlctl(&d.socket, &["acquire", "-q", "other", "deploy"]))
+        .filter(|o| code(o) == 0)
+        .count();
+    assert!(allowed <= 1, "{allowed} allowed of a 1/h global limit");
+    // Deleting through c removes it everywhere.
+    assert_eq!(code(&rlctl(&c.socket, &["rules", "delete", "deploy"])), 0);
+    wait_for(Duration::from_secs(1), || {
+        code(&rlctl(&a.socket, &["rules", "get", "deploy"])) == 2
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_gives_leased_tokens_back() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    set_global(
+        &a,
+        "batch",
+        &["--limit", "6000", "--window", "1m", "--burst", "100"],
+    );
+    // The first request of a fresh bucket is admitted at once (charged to its
+    // first lease); the lease brings a batch, of which the daemon holds the rest.
+    let out = rlctl(&a.socket, &["acquire", "--json", "job", "batch"]);
+    assert_eq!(code(&out), 0, "{}", stdout(&out));
+    wait_for(Duration::from_secs(2), || {
+        let out = rlctl(&a.socket, &["rules", "get", "batch", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["lease"]["held"].as_u64().unwrap_or(0) > 0)
+    });
+    let mut client = etcd.client().await;
+    let prefix = format!("{}/v1/buckets/batch/", etcd.prefix);
+    let read = |resp: etcd_client::GetResponse| -> serde_json::Value {
+        serde_json::from_slice(resp.kvs()[0].value()).unwrap()
+    };
+    let before = read(
+        client
+            .get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap(),
+    );
+    assert!(before["holders"]["a"].as_u64().unwrap() > 1, "{before}");
+    let status = a.terminate();
+    assert!(status.success());
+    let after = read(
+        client
+            .get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap(),
+    );
+    assert!(after["holders"].get("a").is_none(), "{after}");
+    assert!(
+        after["tat_ns"].as_u64().unwrap() < before["tat_ns"].as_u64().unwrap(),
+        "the returned tokens are back in the bucket: {before} -> {after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_rate_rules_lease_one_request_at_a_time() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    let b = start(&etcd, dir.path(), "b");
+    // 10 per minute: 2% over 10 s is a fraction of a token, so no batching.
+    set_global(&a, "slow", &["--limit", "10", "--window", "1m"]);
+    wait_for(Duration::from_secs(2), || {
+        code(&rlctl(&b.socket, &["rules", "get", "slow"])) == 0
+    });
+    let info = stdout(&rlctl(&a.socket, &["rules", "get", "slow"]));
+    assert!(info.contains("one token per lease"), "{info}");
+    let mut allowed = 0;
+    for i in 0..30 {
+        let d = if i % 2 == 0 { &a } else { &b };
+        if code(&rlctl(&d.socket, &["acquire", "-q", "u", "slow"])) == 0 {
+            allowed += 1;
+        }
+    }
+    // Exactly the burst of 10 across both daemons (refill is 1 per 6 s).
+    assert!((10..=11).contains(&allowed), "{allowed} allowed");
+    let held = stdout(&rlctl(&a.socket, &["stats", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&held).unwrap();
+    assert_eq!(
+        v["cluster"]["rules"][0]["lease"]["held"], 0,
+        "nothing is prefetched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rules_never_reach_etcd_and_corrupt_ones_are_skipped() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = etcd.client().await;
+    let bad_key = format!("{}/v1/rules/broken", etcd.prefix);
+    client
+        .put(bad_key.as_str(), "not json", None)
+        .await
+        .unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    set_global(&a, "ok", &["--limit", "10", "--window", "1s"]);
+    assert!(
+        a.log().contains("skipping invalid rule") && a.log().contains(&bad_key),
+        "{}",
+        a.log()
+    );
+    // Invalid specs are refused before etcd sees them.
+    let out = rlctl(
+        &a.socket,
+        &[
+            "rules",
+            "set",
+            "bad",
+            "--client",
+            "*",
+            "--resource",
+            "ok",
+            "--limit",
+            "0",
+            "--window",
+            "1s",
+            "--scope",
+            "global",
+        ],
+    );
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let out = rlctl(
+        &a.socket,
+        &[
+            "rules",
+            "set",
+            "twin",
+            "--client",
+            "*",
+            "--resource",
+            "ok",
+            "--limit",
+            "5",
+            "--window",
+            "1s",
+            "--scope",
+            "global",
+        ],
+    );
+    assert_eq!(code(&out), 2, "ambiguous with rule ok: {}", stderr(&out));
+    for id in ["bad", "twin"] {
+        let key = format!("{}/v1/rules/{id}", etcd.prefix);
+        assert_eq!(client.get(key, None).await.unwrap().kvs().len(), 0);
+    }
+    let list = rlctl(&a.socket, &["rules", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_with_the_same_node_id_is_refused() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let _a = start(&etcd, dir.path(), "a");
+    let other = dir.path().join("other");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+        .arg("--socket")
+        .arg(other.join("rld.sock"))
+        .arg("--state-dir")
+        .arg(other.join("state"))
+        .args(etcd.args("a"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("node id \"a\" is in use"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_etcd_at_start_up_serves_with_the_failure_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rld.toml");
+    std::fs::write(
+        &config,
+        "[[rule]]\nid = \"open\"\nclient = \"*\"\nresource = \"o\"\nlimit = 10\nwindow = \"1s\"\nscope = \"global\"\non_failure = \"open\"\n\
+         [[rule]]\nid = \"closed\"\nclient = \"*\"\nresource = \"c\"\nlimit = 10\nwindow = \"1s\"\nscope = \"global\"\non_failure = \"closed\"\n",
+    )
+    .unwrap();
+    // Nothing listens on port 1.
+    let d = ProcessDaemon::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--node-id",
+            "lonely",
+        ],
+    );
+    wait_for(Duration::from_secs(5), || {
+        let out = rlctl(&d.socket, &["health", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|v| v["etcd"]["state"] == "degraded")
+    });
+    assert!(
+        d.log().contains("etcd unreachable at start-up"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        code(&rlctl(&d.socket, &["acquire", "x", "o"])),
+        0,
+        "open admits"
+    );
+    assert_eq!(
+        code(&rlctl(&d.socket, &["acquire", "x", "c"])),
+        1,
+        "closed denies without tokens"
+    );
+}
+
+fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cond(), "condition not reached within {limit:?}");
+}
