@@ -120,7 +120,7 @@ impl Daemon {
         let (cluster, lease_events) = match &config.etcd {
             Some(etcd) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
-                let link = Arc::new(ClusterLink::new(tx));
+                let link = Arc::new(ClusterLink::new(tx, etcd.default_on_failure));
                 limiter.attach(Arc::clone(&link));
                 let cluster = Arc::new(Cluster::connect(etcd.clone(), link).await?);
                 cluster.join().await?;

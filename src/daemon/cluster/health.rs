@@ -144,7 +144,10 @@ mod tests {
 
     fn health() -> Health {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        Health::new(Arc::new(ClusterLink::new(tx)), Duration::from_secs(60))
+        Health::new(
+            Arc::new(ClusterLink::new(tx, crate::rule::OnFailure::Local)),
+            Duration::from_secs(60),
+        )
     }
 
     #[test]
@@ -171,7 +174,10 @@ mod tests {
     #[test]
     fn hanging_calls_degrade_by_time() {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let h = Health::new(Arc::new(ClusterLink::new(tx)), Duration::from_millis(1));
+        let h = Health::new(
+            Arc::new(ClusterLink::new(tx, crate::rule::OnFailure::Local)),
+            Duration::from_millis(1),
+        );
         std::thread::sleep(Duration::from_millis(5));
         h.check_timeout();
         assert_eq!(h.state(), EtcdState::Degraded);

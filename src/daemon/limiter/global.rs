@@ -129,15 +129,18 @@ pub enum LeaseEvent {
 pub struct ClusterLink {
     state: AtomicU8,
     events: mpsc::Sender<LeaseEvent>,
+    /// `on_failure` of global rules that set none.
+    pub default_on_failure: OnFailure,
     /// Events dropped because the coordinator's queue was full.
     pub dropped_events: AtomicU64,
 }
 
 impl ClusterLink {
-    pub fn new(events: mpsc::Sender<LeaseEvent>) -> ClusterLink {
+    pub fn new(events: mpsc::Sender<LeaseEvent>, default_on_failure: OnFailure) -> ClusterLink {
         ClusterLink {
             state: AtomicU8::new(EtcdState::Suspect as u8),
             events,
+            default_on_failure,
             dropped_events: AtomicU64::new(0),
         }
     }
@@ -289,7 +292,7 @@ pub fn spend(
             denied(held)
         }
     } else {
-        match rule.spec.on_failure.unwrap_or(OnFailure::Local) {
+        match rule.spec.on_failure.unwrap_or(link.default_on_failure) {
             OnFailure::Open => {
                 a.held = 0;
                 a.add_debt(cost - held);
