@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use rld::protocol::{Acquire, BatchItem, Connection};
 
-use crate::harness::{Etcd, ProcessDaemon, code, rlctl, stderr, stdout};
+use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, stderr, stdout};
 
 fn start(etcd: &Etcd, dir: &std::path::Path, node: &str) -> ProcessDaemon {
     let sub = dir.join(node);
@@ -58,6 +58,7 @@ async fn offer(socket: std::path::PathBuf, resource: &str, rate: u64, duration: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_daemons_admit_the_global_limit_within_two_percent() {
     let Some(etcd) = Etcd::get() else { return };
+    let _heavy = HEAVY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let daemons: Vec<ProcessDaemon> = ["a", "b", "c"]
         .iter()

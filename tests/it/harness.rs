@@ -289,3 +289,301 @@ impl Drop for Etcd {
         }
     }
 }
+
+impl Etcd {
+    /// A private cluster (faults allowed), on its own ports.
+    pub fn private_for_faults() -> Option<Etcd> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "etcd is missing under CI: scripts/test installs etcd-server"
+            );
+            eprintln!("skipped: etcd is not installed (run scripts/test)");
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let slot = 500 + (std::process::id() % 25) * 4 + n % 4;
+        let prefix = format!("/rld-fault-{n}");
+        Some(Etcd::private(prefix, 25_000 + slot as u16 * 20))
+    }
+
+    fn dir(&self) -> &Path {
+        self.private.as_ref().expect("a private cluster").0.path()
+    }
+
+    /// PIDs of the members, by member number 1..=3.
+    pub fn pids(&self) -> Vec<(usize, i32)> {
+        (1..=3)
+            .filter_map(|i| {
+                let pid = std::fs::read_to_string(self.dir().join(format!("n{i}.pid"))).ok()?;
+                Some((i, pid.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Sends `sig` to member `i` (1..=3).
+    pub fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let (_, pid) = self
+            .pids()
+            .into_iter()
+            .find(|(n, _)| *n == i)
+            .expect("member");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+
+    /// Sends `sig` to every member.
+    pub fn signal_all(&self, sig: nix::sys::signal::Signal) {
+        for (i, _) in self.pids() {
+            self.signal(i, sig);
+        }
+    }
+
+    /// Kills every member and reaps them (their data stays).
+    pub fn kill_all(&self) {
+        self.signal_all(nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    /// Starts every member again on its existing data.
+    pub fn restart(&self) {
+        let (dir, script) = self.private.as_ref().expect("a private cluster");
+        let base: u16 = self
+            .endpoints
+            .split(',')
+            .next()
+            .and_then(|e| e.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port")
+            - 1;
+        let out = Command::new(script)
+            .arg("start")
+            .arg(dir.path())
+            .env("RLD_ETCD_BASE_PORT", base.to_string())
+            .output()
+            .expect("restart etcd");
+        assert!(
+            out.status.success(),
+            "etcd did not restart: {}",
+            stderr(&out)
+        );
+    }
+
+    /// The member number (1..=3) of the current leader.
+    pub async fn leader(&self) -> usize {
+        for (i, endpoint) in self.endpoints.split(',').enumerate() {
+            if let Ok(mut c) = etcd_client::Client::connect([endpoint], None).await
+                && let Ok(status) = c.status().await
+                && status.leader() == status.header().map_or(0, |h| h.member_id())
+            {
+                return i + 1;
+            }
+        }
+        panic!("no etcd member says it is the leader");
+    }
+}
+
+/// A TCP proxy in front of etcd members that a test can cut: while
+/// `blackhole` is on, bytes are neither forwarded nor connections closed
+/// (a silent partition).
+pub struct Proxy {
+    pub endpoints: String,
+    pub blackhole: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// One listener on 127.0.0.1 per target endpoint.
+    pub async fn start(targets: &str) -> Proxy {
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut endpoints = Vec::new();
+        let mut tasks = Vec::new();
+        for target in targets.split(',') {
+            let addr = target.trim_start_matches("http://").to_owned();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            endpoints.push(format!("http://{}", listener.local_addr().unwrap()));
+            let hole = Arc::clone(&blackhole);
+            tasks.push(tokio::spawn(async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let (addr, hole) = (addr.clone(), Arc::clone(&hole));
+                    tokio::spawn(async move {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(&addr).await else {
+                            return;
+                        };
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::join!(pipe(ri, wo, Arc::clone(&hole)), pipe(ro, wi, hole));
+                    });
+                }
+            }));
+        }
+        Proxy {
+            endpoints: endpoints.join(","),
+            blackhole,
+            tasks,
+        }
+    }
+
+    pub fn cut(&self, on: bool) {
+        self.blackhole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hole: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Partitioned: hold the bytes back (drop them) but keep the
+        // connection open, as a network that silently loses packets.
+        if hole.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Serializes the heavy multi-process tests (etcd clusters under load) so
+/// they do not skew each other's timing on a small machine.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What an open-loop load saw, per 10 ms tick.
+#[derive(Debug, Default, Clone)]
+pub struct Timeline {
+    /// (time since start, allowed per resource, round trip of the tick's batch)
+    pub ticks: Vec<(Duration, Vec<u32>, Duration)>,
+    pub per_tick: Vec<u32>,
+}
+
+impl Timeline {
+    /// Allowed of resource `r` in [from, to).
+    pub fn allowed(&self, r: usize, from: Duration, to: Duration) -> u64 {
+        self.ticks
+            .iter()
+            .filter(|(t, _, _)| *t >= from && *t < to)
+            .map(|(_, a, _)| u64::from(a[r]))
+            .sum()
+    }
+
+    /// Offered of resource `r` in [from, to).
+    pub fn offered(&self, r: usize, from: Duration, to: Duration) -> u64 {
+        let ticks = self
+            .ticks
+            .iter()
+            .filter(|(t, _, _)| *t >= from && *t < to)
+            .count();
+        ticks as u64 * u64::from(self.per_tick[r])
+    }
+
+    pub fn max_latency(&self) -> Duration {
+        self.ticks
+            .iter()
+            .map(|(_, _, l)| *l)
+            .max()
+            .unwrap_or_default()
+    }
+
+    pub fn latency_quantile(&self, q: f64) -> Duration {
+        let mut l: Vec<Duration> = self.ticks.iter().map(|(_, _, l)| *l).collect();
+        l.sort();
+        l.get(((l.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Offers `rates[i]` requests/s of client "load" on `resources[i]`, in one
+/// `AcquireMany` every 10 ms (open loop), until `stop` or `limit`.
+pub async fn drive(
+    socket: PathBuf,
+    resources: Vec<String>,
+    rates: Vec<u32>,
+    start: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
+) -> Timeline {
+    let mut conn = Connection::connect(&socket).await.expect("connect");
+    let per_tick: Vec<u32> = rates.iter().map(|r| r / 100).collect();
+    let mut timeline = Timeline {
+        ticks: Vec::new(),
+        per_tick: per_tick.clone(),
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < limit {
+        tick.tick().await;
+        let mut items = Vec::new();
+        for (r, n) in resources.iter().zip(&per_tick) {
+            for _ in 0..*n {
+                items.push(rld::protocol::Acquire::new("load", r.as_str()));
+            }
+        }
+        let sent = Instant::now();
+        let answers = conn
+            .acquire_many(items)
+            .await
+            .expect("every request is answered");
+        let rtt = sent.elapsed();
+        let mut allowed = vec![0u32; resources.len()];
+        let mut i = 0;
+        for (r, n) in per_tick.iter().enumerate() {
+            for _ in 0..*n {
+                if matches!(&answers[i], rld::protocol::BatchItem::Decision(d) if d.is_allowed()) {
+                    allowed[r] += 1;
+                }
+                i += 1;
+            }
+        }
+        timeline.ticks.push((start.elapsed(), allowed, rtt));
+    }
+    timeline
+}
+
+/// The etcd state a daemon reports (`healthy`, `degraded`, ...).
+pub fn etcd_state(socket: &Path) -> String {
+    let out = rlctl(socket, &["health", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["etcd"]["state"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Polls until the daemon reports `state`; returns when (since `start`).
+pub async fn wait_state(socket: &Path, state: &str, start: Instant, limit: Duration) -> Duration {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = {
+            let socket = socket.to_owned();
+            tokio::task::spawn_blocking(move || etcd_state(&socket))
+                .await
+                .unwrap()
+        };
+        if s == state {
+            return start.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not {state} within {limit:?} (is {s})",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

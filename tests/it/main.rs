@@ -7,6 +7,7 @@ mod cli;
 mod decisions;
 mod docs;
 mod eviction;
+mod faults;
 mod global;
 mod ops;
 mod persistence;

@@ -15,10 +15,37 @@ use crate::daemon::limiter::global::{ClusterLink, EtcdState};
 
 /// Consecutive failures that make a suspect cluster degraded.
 const FAILURES_TO_DEGRADE: u32 = 3;
+/// Immediate retries of a call that etcd answered Unavailable (each may
+/// reach another endpoint; the deadline still bounds them all).
+const RETRIES: u32 = 4;
+
+/// A failed etcd call.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("etcd gave no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("etcd: {0}")]
+    Etcd(etcd_client::Error),
+}
+
+/// Errors worth an immediate retry: the member we reached is down or has
+/// no leader; another endpoint may answer.
+fn retryable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable || s.message().contains("leader changed")
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
 
 #[derive(Debug)]
 struct Inner {
     state: EtcdState,
+    /// Entered DEGRADED since the last completed recovery: the way back to
+    /// HEALTHY goes through RECOVERING (debts must be posted).
+    owes_recovery: bool,
     since: SystemTime,
     first_failure: Option<Instant>,
     failures: u32,
@@ -44,6 +71,7 @@ impl Health {
             degrade_after,
             inner: Mutex::new(Inner {
                 state: EtcdState::Suspect,
+                owes_recovery: false,
                 since: SystemTime::now(),
                 first_failure: Some(Instant::now()),
                 failures: 0,
@@ -69,18 +97,57 @@ impl Health {
         i.failures = 0;
         i.first_failure = None;
         match i.state {
+            EtcdState::Suspect if i.owes_recovery => self.enter(&mut i, EtcdState::Recovering),
             EtcdState::Suspect => self.enter(&mut i, EtcdState::Healthy),
             EtcdState::Degraded => self.enter(&mut i, EtcdState::Recovering),
             EtcdState::Healthy | EtcdState::Recovering => {}
         }
     }
 
-    /// A call failed or timed out.
-    pub fn failure(&self, error: &str) {
+    /// Runs one etcd call within `deadline`, retrying at once (on another
+    /// endpoint) while etcd answers Unavailable, as it does while a member is
+    /// down or a leader is being elected, and reports the outcome.
+    ///
+    /// # Errors
+    /// The call failed, or did not finish within the deadline.
+    pub async fn guard<T, Fut>(
+        &self,
+        deadline: Duration,
+        mut call: impl FnMut() -> Fut,
+    ) -> Result<T, CallError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let left = deadline.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, call()).await {
+                Ok(Ok(v)) => {
+                    self.success();
+                    return Ok(v);
+                }
+                Ok(Err(e)) if attempt < RETRIES && retryable(&e) => attempt += 1,
+                Ok(Err(e)) => {
+                    self.failure(&e.to_string(), started);
+                    return Err(CallError::Etcd(e));
+                }
+                Err(_) => {
+                    let error = CallError::Timeout(deadline);
+                    self.failure(&error.to_string(), started);
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    /// A call that started at `started` failed or timed out.
+    pub fn failure(&self, error: &str, started: Instant) {
         let mut i = self.inner.lock();
         i.failures += 1;
         i.last_error = error.to_owned();
-        let first = *i.first_failure.get_or_insert_with(Instant::now);
+        // A hang counts from when the call began, not when it timed out.
+        let first = *i.first_failure.get_or_insert(started);
         match i.state {
             EtcdState::Healthy | EtcdState::Recovering => self.enter(&mut i, EtcdState::Suspect),
             EtcdState::Suspect
@@ -108,6 +175,7 @@ impl Health {
     pub fn recovered(&self) {
         let mut i = self.inner.lock();
         if i.state == EtcdState::Recovering {
+            i.owes_recovery = false;
             self.enter(&mut i, EtcdState::Healthy);
         }
     }
@@ -115,6 +183,9 @@ impl Health {
     fn enter(&self, i: &mut Inner, state: EtcdState) {
         let from = i.state;
         i.state = state;
+        if state == EtcdState::Degraded {
+            i.owes_recovery = true;
+        }
         i.since = SystemTime::now();
         if state == EtcdState::Suspect {
             i.first_failure.get_or_insert_with(Instant::now);
@@ -156,19 +227,24 @@ mod tests {
         assert_eq!(h.state(), EtcdState::Suspect);
         h.success();
         assert_eq!(h.state(), EtcdState::Healthy);
-        h.failure("boom");
+        h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Suspect);
-        h.failure("boom");
+        h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Suspect);
-        h.failure("boom");
+        h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Degraded);
-        h.failure("boom");
+        h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Degraded);
+        h.success();
+        assert_eq!(h.state(), EtcdState::Recovering);
+        // A failure while recovering does not skip the recovery.
+        h.failure("boom", Instant::now());
+        assert_eq!(h.state(), EtcdState::Suspect);
         h.success();
         assert_eq!(h.state(), EtcdState::Recovering);
         h.recovered();
         assert_eq!(h.state(), EtcdState::Healthy);
-        assert_eq!(h.transitions.load(Ordering::Relaxed), 5);
+        assert_eq!(h.transitions.load(Ordering::Relaxed), 7);
     }
 
     #[test]

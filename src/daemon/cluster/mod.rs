@@ -30,7 +30,9 @@ use crate::rule::RuleSpec;
 /// Seconds a member key outlives its daemon.
 const MEMBER_TTL_SECS: i64 = 5;
 /// A failing cluster is declared degraded after this long.
-const DEGRADE_AFTER: Duration = Duration::from_secs(1);
+const DEGRADE_AFTER: Duration = Duration::from_millis(400);
+/// Probe cadence while unhealthy (twice this while healthy).
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Why the cluster refused us.
 #[derive(Debug, thiserror::Error)]
@@ -124,26 +126,14 @@ impl Cluster {
     }
 
     /// Runs one call with the deadline, feeding the health machine.
-    async fn call<T>(
-        &self,
-        f: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, f).await {
-            Ok(Ok(v)) => {
-                self.health.success();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                let e = e.to_string();
-                self.health.failure(&e);
-                Err(e)
-            }
-            Err(_) => {
-                let e = format!("no answer within {:?}", self.config.timeout);
-                self.health.failure(&e);
-                Err(e)
-            }
-        }
+    async fn call<T, Fut>(&self, call: impl FnMut() -> Fut) -> Result<T, String>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.health
+            .guard(self.config.timeout, call)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Registers this daemon. A member key of the same node id that stays
@@ -176,8 +166,13 @@ impl Cluster {
 
     /// Creates our member key under a fresh lease if no one holds the node id.
     async fn register(&self) -> Result<bool, String> {
-        let mut client = self.client.clone();
-        let lease = self.call(client.lease_grant(MEMBER_TTL_SECS, None)).await?;
+        let client = self.client.clone();
+        let lease = self
+            .call(|| {
+                let mut c = client.clone();
+                async move { c.lease_grant(MEMBER_TTL_SECS, None).await }
+            })
+            .await?;
         let key = self.member_key();
         let value = serde_json::json!({
             "pid": std::process::id(),
@@ -191,21 +186,86 @@ impl Cluster {
                 value,
                 Some(PutOptions::new().with_lease(lease.id())),
             )]);
-        let resp = self.call(client.txn(txn)).await?;
+        let resp = self
+            .call(|| {
+                let (mut c, txn) = (client.clone(), txn.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if resp.succeeded() {
             self.lease_id.store(lease.id() as u64, Ordering::Relaxed);
             Ok(true)
         } else {
-            let _ = self.call(client.lease_revoke(lease.id())).await;
+            let _ = self.revoke(lease.id()).await;
             Ok(false)
         }
+    }
+
+    async fn revoke(&self, id: i64) -> Result<(), String> {
+        let client = self.client.clone();
+        self.call(|| {
+            let mut c = client.clone();
+            async move { c.lease_revoke(id).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// One keep-alive of our member lease; `false` if the lease is gone.
+    async fn keep_alive(&self, id: i64) -> Result<bool, String> {
+        let client = self.client.clone();
+        let resp = self
+            .call(|| {
+                let mut c = client.clone();
+                async move {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                }
+            })
+            .await?;
+        Ok(resp.is_some_and(|r| r.ttl() > 0))
+    }
+
+    /// Counts live members (a real call: it also probes etcd).
+    async fn count_members(&self) -> Result<u64, String> {
+        let client = self.client.clone();
+        let prefix = self.key("members/");
+        let resp = self
+            .call(|| {
+                let (mut c, prefix) = (client.clone(), prefix.clone());
+                async move {
+                    c.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        Ok(resp.count().max(1) as u64)
     }
 
     /// Keeps the member lease alive, counts members, and probes etcd (which
     /// drives the health machine) until `cancel`; then revokes the lease so
     /// the others see one daemon less at once.
     pub async fn run_membership(self: Arc<Self>, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        // The clock side of the health machine runs apart from the probes,
+        // so a probe hanging until its deadline cannot delay DEGRADED.
+        let clock = {
+            let health = Arc::clone(&self.health);
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = tick.tick() => health.check_timeout(),
+                    }
+                }
+            })
+        };
+        let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u64;
         loop {
@@ -214,49 +274,31 @@ impl Cluster {
                 _ = tick.tick() => {}
             }
             beats += 1;
-            self.health.check_timeout();
-            // Every tick while unhealthy, every second otherwise.
+            // Every tick while unhealthy, every other one otherwise.
             let healthy = self.link.state() == super::limiter::global::EtcdState::Healthy;
-            if healthy && beats % 4 != 0 {
+            if healthy && beats % 2 != 0 {
                 continue;
             }
-            if self.lease_id.load(Ordering::Relaxed) == 0 {
+            let id = self.lease_id.load(Ordering::Relaxed) as i64;
+            if id == 0 {
                 if let Ok(false) = self.register().await {
                     tracing::error!(
                         node = %self.config.node_id,
                         "node id in use by another live daemon; not registered (membership count excludes us)"
                     );
                 }
-            } else {
-                let id = self.lease_id.load(Ordering::Relaxed) as i64;
-                let mut client = self.client.clone();
-                if let Ok((mut keeper, mut stream)) = self.call(client.lease_keep_alive(id)).await {
-                    let alive = async {
-                        keeper.keep_alive().await?;
-                        stream.message().await
-                    };
-                    match self.call(alive).await {
-                        Ok(Some(resp)) if resp.ttl() > 0 => {}
-                        // The lease expired while we were cut off: re-register.
-                        _ => self.lease_id.store(0, Ordering::Relaxed),
-                    }
-                }
+            } else if let Ok(false) = self.keep_alive(id).await {
+                // The lease expired while we were cut off: register again.
+                self.lease_id.store(0, Ordering::Relaxed);
             }
-            let mut client = self.client.clone();
-            let prefix = self.key("members/");
-            let count = client.get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            );
-            if let Ok(resp) = self.call(count).await {
-                self.members
-                    .store(resp.count().max(1) as u64, Ordering::Relaxed);
+            if let Ok(n) = self.count_members().await {
+                self.members.store(n, Ordering::Relaxed);
             }
         }
+        clock.abort();
         let id = self.lease_id.load(Ordering::Relaxed) as i64;
         if id != 0 {
-            let mut client = self.client.clone();
-            let _ = tokio::time::timeout(self.config.timeout, client.lease_revoke(id)).await;
+            let _ = self.revoke(id).await;
         }
     }
 
@@ -269,11 +311,15 @@ impl Cluster {
             .iter()
             .map(|s| TxnOp::put(self.key(&format!("rules/{}", s.id)), rule_to_json(s), None))
             .collect();
-        let mut client = self.client.clone();
-        self.call(client.txn(Txn::new().and_then(ops)))
-            .await
-            .map(drop)
-            .map_err(ClusterError::Unavailable)
+        let txn = Txn::new().and_then(ops);
+        let client = self.client.clone();
+        self.call(|| {
+            let (mut c, txn) = (client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map(drop)
+        .map_err(ClusterError::Unavailable)
     }
 
     /// Deletes a rule; `false` if it did not exist.
@@ -281,12 +327,15 @@ impl Cluster {
     /// # Errors
     /// etcd unreachable.
     pub async fn delete_rule(&self, id: &str) -> Result<bool, ClusterError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let key = self.key(&format!("rules/{id}"));
-        self.call(client.delete(key, None))
-            .await
-            .map(|r| r.deleted() > 0)
-            .map_err(ClusterError::Unavailable)
+        self.call(|| {
+            let (mut c, key) = (client.clone(), key.clone());
+            async move { c.delete(key, None).await }
+        })
+        .await
+        .map(|r| r.deleted() > 0)
+        .map_err(ClusterError::Unavailable)
     }
 
     /// Every rule under the prefix and the revision read at. Values that are
@@ -295,10 +344,13 @@ impl Cluster {
     /// # Errors
     /// etcd unreachable.
     pub async fn list_rules(&self) -> Result<(Vec<RuleSpec>, i64), ClusterError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.key("rules/");
         let resp = self
-            .call(client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())))
+            .call(|| {
+                let (mut c, prefix) = (client.clone(), prefix.clone());
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await
             .map_err(ClusterError::Unavailable)?;
         let revision = resp.header().map_or(0, |h| h.revision());

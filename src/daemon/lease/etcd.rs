@@ -18,7 +18,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::{BucketRef, Grant, LeaseError, LeaseStats, Source};
-use crate::daemon::cluster::health::Health;
+use crate::daemon::cluster::health::{CallError, Health};
 
 /// Attempts of one lease before reporting contention.
 const MAX_ATTEMPTS: u32 = 5;
@@ -127,32 +127,39 @@ impl EtcdSource {
         }
     }
 
-    /// Runs one etcd call with the deadline, feeding the health machine.
-    async fn call<T>(
-        &self,
-        f: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, LeaseError> {
-        match tokio::time::timeout(self.deadline, f).await {
-            Ok(Ok(v)) => {
-                self.health.success();
-                Ok(v)
+    /// Runs one etcd call with the deadline (retrying Unavailable on another
+    /// endpoint), feeding the health machine.
+    async fn call<T, Fut>(&self, call: impl FnMut() -> Fut) -> Result<T, LeaseError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        // Lease calls get max(50 ms, 3 x p99) of recent ones (within the etcd
+        // timeout): a stalled cluster is noticed in a few round trips, not
+        // after the generic deadline.
+        let p99 = Duration::from_nanos(self.stats.latency.summary().p99_ns);
+        let deadline = if p99.is_zero() {
+            self.deadline
+        } else {
+            (p99 * 3).clamp(Duration::from_millis(50), self.deadline)
+        };
+        self.health.guard(deadline, call).await.map_err(|e| {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            match e {
+                CallError::Timeout(d) => LeaseError::Timeout(d),
+                CallError::Etcd(e) => LeaseError::Etcd(e),
             }
-            Ok(Err(e)) => {
-                self.health.failure(&e.to_string());
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                Err(e.into())
-            }
-            Err(_) => {
-                self.health.failure("deadline exceeded");
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                Err(LeaseError::Timeout(self.deadline))
-            }
-        }
+        })
     }
 
     async fn read(&self, key: &str) -> Result<Current, LeaseError> {
-        let mut client = self.client.clone();
-        let resp = self.call(client.get(key, None)).await?;
+        let client = self.client.clone();
+        let resp = self
+            .call(|| {
+                let mut c = client.clone();
+                let key = key.to_owned();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         match resp.kvs().first() {
             Some(kv) => Ok(Current {
                 value: parse(key, kv.value())?,
@@ -188,8 +195,13 @@ impl EtcdSource {
                 .and_then([TxnOp::put(key, json, None)])
                 .or_else([TxnOp::get(key, None)]);
             let started = Instant::now();
-            let mut client = self.client.clone();
-            let resp = self.call(client.txn(txn)).await?;
+            let client = self.client.clone();
+            let resp = self
+                .call(|| {
+                    let (mut c, txn) = (client.clone(), txn.clone());
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             self.stats.txns.fetch_add(1, Ordering::Relaxed);
             self.stats
                 .latency

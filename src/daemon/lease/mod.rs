@@ -233,7 +233,6 @@ impl<S: Source> Coordinator<S> {
     /// `drain_timeout`).
     pub async fn run(mut self, cancel: CancellationToken, drain_timeout: Duration) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut last_state = self.link.state();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -245,11 +244,9 @@ impl<S: Source> Coordinator<S> {
                 }
                 _ = tick.tick() => {
                     self.retune();
-                    let state = self.link.state();
-                    if state == EtcdState::Recovering && last_state != EtcdState::Recovering {
+                    if self.link.state() == EtcdState::Recovering {
                         self.post_debts().await;
                     }
-                    last_state = state;
                     self.forget_idle_keys();
                 }
             }

@@ -1,0 +1,352 @@
+//! Graceful degradation against real failures of a real etcd cluster: every
+//! member killed, every member hung (SIGSTOP), the leader killed under load,
+//! one daemon cut off by a silent partition. Each test reports its figures
+//! on stderr (`cargo test --test it faults -- --nocapture`).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::harness::{
+    Etcd, HEAVY, ProcessDaemon, Proxy, Timeline, code, drive, etcd_state, rlctl, stderr, wait_state,
+};
+
+const RULES: &str = r#"
+[[rule]]
+id = "open"
+client = "*"
+resource = "o"
+limit = 100
+window = "1s"
+burst = 50
+scope = "global"
+on_failure = "open"
+
+[[rule]]
+id = "closed"
+client = "*"
+resource = "c"
+limit = 100
+window = "1s"
+burst = 50
+scope = "global"
+on_failure = "closed"
+
+[[rule]]
+id = "local"
+client = "*"
+resource = "l"
+limit = 100
+window = "1s"
+burst = 50
+scope = "global"
+on_failure = "local"
+fallback_limit = 40
+"#;
+
+fn daemon(etcd_endpoints: &str, etcd: &Etcd, dir: &std::path::Path, node: &str) -> ProcessDaemon {
+    let sub = dir.join(node);
+    std::fs::create_dir_all(&sub).unwrap();
+    let prefix = etcd.prefix.clone();
+    ProcessDaemon::start(
+        &sub,
+        &[
+            "--etcd",
+            etcd_endpoints,
+            "--etcd-prefix",
+            &prefix,
+            "--node-id",
+            node,
+        ],
+    )
+}
+
+fn import(d: &ProcessDaemon, dir: &std::path::Path, toml: &str) {
+    let file = dir.join("rules.toml");
+    std::fs::write(&file, toml).unwrap();
+    let out = rlctl(&d.socket, &["rules", "import", file.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// The shared scenario of "all members killed" and "all members hung":
+/// 200/s offered on each policy's rule; `fail` at 4 s; `heal` 6 s later.
+async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
+    let Some(etcd) = Etcd::private_for_faults() else {
+        return;
+    };
+    let _heavy = HEAVY.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon(&etcd.endpoints, &etcd, dir.path(), "a");
+    import(&d, dir.path(), RULES);
+    wait_state(&d.socket, "healthy", Instant::now(), Duration::from_secs(5)).await;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(drive(
+        d.socket.clone(),
+        vec!["o".into(), "c".into(), "l".into()],
+        vec![200, 200, 200],
+        start,
+        Arc::clone(&stop),
+        Duration::from_secs(60),
+    ));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failed_at = start.elapsed();
+    fail(&etcd);
+    let degraded_at = wait_state(&d.socket, "degraded", start, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(start.elapsed() - failed_at)).await;
+    let healed_at = start.elapsed();
+    heal(&etcd);
+    let healthy_at = wait_state(&d.socket, "healthy", start, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t: Timeline = load.await.unwrap();
+
+    let healthy = (Duration::from_secs(1), failed_at);
+    let fault = (degraded_at + Duration::from_millis(50), healed_at);
+    let after = (healthy_at, healthy_at + Duration::from_secs(10));
+    let secs = |w: (Duration, Duration)| (w.1 - w.0).as_secs_f64();
+    let during: Vec<u64> = (0..3).map(|r| t.allowed(r, fault.0, fault.1)).collect();
+    let offered: Vec<u64> = (0..3).map(|r| t.offered(r, fault.0, fault.1)).collect();
+    let post: Vec<u64> = (0..3).map(|r| t.allowed(r, after.0, after.1)).collect();
+    let healthy_lat: Vec<Duration> = {
+        let h = Timeline {
+            ticks: t
+                .ticks
+                .iter()
+                .filter(|(at, ..)| *at < healthy.1)
+                .cloned()
+                .collect(),
+            per_tick: t.per_tick.clone(),
+        };
+        vec![h.latency_quantile(0.5), h.latency_quantile(0.99)]
+    };
+    let fault_lat = Timeline {
+        ticks: t
+            .ticks
+            .iter()
+            .filter(|(at, ..)| *at >= failed_at && *at < healthy_at)
+            .cloned()
+            .collect(),
+        per_tick: t.per_tick.clone(),
+    };
+    eprintln!(
+        "{name}: DEGRADED {} ms after the fault, HEALTHY {} ms after healing; \
+         during the fault ({:.1} s, offered {offered:?}) admitted open/closed/local {during:?}; \
+         10 s after recovery {post:?} (ideal 1000 each); batch latency p50/p99 healthy {:?}/{:?}, \
+         during the fault {:?}/{:?}, max {:?}",
+        ms(degraded_at - failed_at),
+        ms(healthy_at - healed_at),
+        secs(fault),
+        healthy_lat[0],
+        healthy_lat[1],
+        fault_lat.latency_quantile(0.5),
+        fault_lat.latency_quantile(0.99),
+        t.max_latency(),
+    );
+    assert!(
+        t.max_latency() < Duration::from_millis(100),
+        "a request waited {:?}",
+        t.max_latency()
+    );
+    assert!(degraded_at - failed_at <= Duration::from_secs(2));
+    assert!(healthy_at - healed_at <= Duration::from_secs(5));
+    // open: everything.
+    assert_eq!(during[0], offered[0], "open admits all");
+    // closed: only tokens held when etcd went away (at most a batch or two).
+    assert!(
+        during[1] <= 40,
+        "closed admitted {} without etcd",
+        during[1]
+    );
+    // local: the fallback limit, 40/s, plus its burst (50 with one daemon).
+    let local_cap = 40.0 * secs(fault) + 50.0 + 1.0;
+    assert!(
+        during[2] as f64 <= local_cap,
+        "local admitted {} > {local_cap}",
+        during[2]
+    );
+    // No burst after recovery: the debt was charged.
+    for (r, n) in post.iter().enumerate() {
+        assert!(
+            *n as f64 <= 1000.0 * 1.02 + 50.0,
+            "rule {r}: {n} admitted in the 10 s after recovery"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_degrades_per_policy_and_recovers_without_a_burst() {
+    outage("killed", Etcd::kill_all, Etcd::restart).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_hung_by_sigstop_is_handled_like_a_dead_one() {
+    outage(
+        "hung",
+        |e| e.signal_all(Signal::SIGSTOP),
+        |e| e.signal_all(Signal::SIGCONT),
+    )
+    .await;
+}
+
+const GLOBAL: &str = r#"
+[[rule]]
+id = "g"
+client = "*"
+resource = "g"
+limit = 1000
+window = "1s"
+burst = 100
+scope = "global"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_stays_within_three_percent() {
+    let Some(etcd) = Etcd::private_for_faults() else {
+        return;
+    };
+    let _heavy = HEAVY.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a");
+    let b = daemon(&etcd.endpoints, &etcd, dir.path(), "b");
+    import(&a, dir.path(), GLOBAL);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = [&a, &b]
+        .iter()
+        .map(|d| {
+            tokio::spawn(drive(
+                d.socket.clone(),
+                vec!["g".into()],
+                vec![800],
+                start,
+                Arc::clone(&stop),
+                Duration::from_secs(12),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = etcd.leader().await;
+    let killed_at = start.elapsed();
+    etcd.signal(leader, Signal::SIGKILL);
+    let mut timelines = Vec::new();
+    for l in loads {
+        timelines.push(l.await.unwrap());
+    }
+    let window = (Duration::from_secs(1), Duration::from_secs(11));
+    let admitted: u64 = timelines
+        .iter()
+        .map(|t| t.allowed(0, window.0, window.1))
+        .sum();
+    let max = timelines.iter().map(Timeline::max_latency).max().unwrap();
+    eprintln!(
+        "leader (member {leader}) killed at {} ms: admitted {admitted} in 10 s (ideal 10000), \
+         states a={} b={}, max batch latency {max:?}",
+        ms(killed_at),
+        etcd_state(&a.socket),
+        etcd_state(&b.socket)
+    );
+    for d in [&a, &b] {
+        for line in d
+            .log()
+            .lines()
+            .filter(|l| l.contains("etcd unreachable") || l.contains("charged"))
+        {
+            eprintln!("  {line}");
+        }
+    }
+    assert!(
+        (admitted as f64 - 10_000.0).abs() <= 300.0,
+        "admitted {admitted}"
+    );
+    assert!(max < Duration::from_millis(100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
+    let Some(etcd) = Etcd::private_for_faults() else {
+        return;
+    };
+    let _heavy = HEAVY.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(&etcd.endpoints).await;
+    let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a");
+    let b = daemon(&etcd.endpoints, &etcd, dir.path(), "b");
+    let c = daemon(&proxy.endpoints, &etcd, dir.path(), "c");
+    import(&a, dir.path(), GLOBAL);
+    wait_state(&c.socket, "healthy", Instant::now(), Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = [&a, &b, &c]
+        .iter()
+        .map(|d| {
+            tokio::spawn(drive(
+                d.socket.clone(),
+                vec!["g".into()],
+                vec![600],
+                start,
+                Arc::clone(&stop),
+                Duration::from_secs(20),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut_at = start.elapsed();
+    proxy.cut(true);
+    let degraded_at = wait_state(&c.socket, "degraded", start, Duration::from_secs(5)).await;
+    // Ten seconds of partition; a and b must stay healthy throughout.
+    let mut others_healthy = true;
+    while start.elapsed() < degraded_at + Duration::from_secs(10) {
+        for d in [&a, &b] {
+            let socket = d.socket.clone();
+            let s = tokio::task::spawn_blocking(move || etcd_state(&socket))
+                .await
+                .unwrap();
+            others_healthy &= s == "healthy";
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let window = (degraded_at, degraded_at + Duration::from_secs(10));
+    proxy.cut(false);
+    let healed_at = start.elapsed();
+    let healthy_at = wait_state(&c.socket, "healthy", start, Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut t = Vec::new();
+    for l in loads {
+        t.push(l.await.unwrap());
+    }
+    let ab = t[0].allowed(0, window.0, window.1) + t[1].allowed(0, window.0, window.1);
+    let c_admitted = t[2].allowed(0, window.0, window.1);
+    eprintln!(
+        "partition: c DEGRADED {} ms after the cut, HEALTHY {} ms after healing; in 10 s of \
+         partition a+b admitted {ab} (ideal 10000), c admitted {c_admitted} on its fallback; \
+         max latency a/b/c {:?}/{:?}/{:?}",
+        ms(degraded_at - cut_at),
+        ms(healthy_at - healed_at),
+        t[0].max_latency(),
+        t[1].max_latency(),
+        t[2].max_latency()
+    );
+    assert!(others_healthy, "a and b stayed healthy");
+    assert!(degraded_at - cut_at <= Duration::from_secs(2));
+    assert!(
+        ab as f64 <= 10_000.0 * 1.02 + 100.0 && ab as f64 >= 10_000.0 * 0.95,
+        "a+b admitted {ab}"
+    );
+    // c's fallback: limit x 1.1 / N (N = 3 when cut) per second, plus burst.
+    assert!(
+        c_admitted as f64 <= 1000.0 * 1.1 / 3.0 * 10.0 + 100.0,
+        "c admitted {c_admitted}"
+    );
+    for timeline in &t {
+        assert!(timeline.max_latency() < Duration::from_millis(100));
+    }
+}
