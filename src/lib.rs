@@ -10,7 +10,9 @@
 //! * [`rule`]: what a rule says, how it is validated, and its TOML syntax.
 //! * [`daemon`]: the `rld` process: configuration, listener, connections, the
 //!   limiter core ([`daemon::limiter`]), the rule book (layers, persistence),
-//!   the eviction sweeper, metrics, signals.
+//!   the eviction sweeper, metrics, signals; with etcd, the cluster side
+//!   ([`daemon::cluster`]: membership, health, rules in etcd) and the lease
+//!   coordinator ([`daemon::lease`]) that feeds global rules' buckets.
 //! * [`cli`]: the `rlctl` commands.
 //!
 //! # The life of one acquire
@@ -24,6 +26,8 @@
 //!    (resolving the most specific rule only for a new bucket or after a rule
 //!    change), run the GCRA arithmetic on one integer, count, unlock. No I/O,
 //!    no `.await`, no global lock, no allocation for an existing bucket.
+//!    A bucket of a global rule spends tokens leased from etcd instead, and
+//!    only nudges the lease coordinator (`try_send`) when it runs low.
 //! 4. The decision (allowed, limit, remaining, retry-after, reset-after, rule
 //!    id) is encoded straight into the connection's write buffer; all answers
 //!    of one wake-up leave in one write.

@@ -202,16 +202,13 @@ impl Daemon {
             let coordinator = Coordinator::new(
                 cluster.source.clone(),
                 Arc::clone(&shared.limiter),
-                Arc::clone(&cluster.link),
+                cluster,
                 events,
                 LeaseSettings {
                     max_clock_skew: etcd.max_clock_skew,
                     fallback_slack: etcd.fallback_slack,
                     ..LeaseSettings::default()
                 },
-                Arc::clone(&cluster.stats),
-                Arc::clone(&cluster.members),
-                Arc::clone(&cluster.health),
             );
             cluster_tasks.push(tokio::spawn(
                 coordinator.run(cluster_stop.clone(), config.drain_timeout),

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::Cluster;
 use super::cluster::health::Health;
 use super::limiter::global::{ClusterLink, EtcdState, LeaseEvent};
 use super::limiter::key::BucketKey;
@@ -204,26 +205,24 @@ pub struct Coordinator<S: Source> {
 }
 
 impl<S: Source> Coordinator<S> {
-    #[allow(clippy::too_many_arguments)]
+    /// A coordinator leasing from `source` for `limiter`, reporting through
+    /// the cluster's link, health, statistics and member count.
     pub fn new(
         source: S,
         limiter: Arc<Limiter>,
-        link: Arc<ClusterLink>,
+        cluster: &Cluster,
         events: mpsc::Receiver<LeaseEvent>,
         settings: LeaseSettings,
-        stats: Arc<LeaseStats>,
-        members: Arc<AtomicU64>,
-        health: Arc<Health>,
     ) -> Self {
         Coordinator {
             source,
             limiter,
-            link,
+            link: Arc::clone(&cluster.link),
             events,
             settings,
-            stats,
-            members,
-            health,
+            stats: Arc::clone(&cluster.stats),
+            members: Arc::clone(&cluster.members),
+            health: Arc::clone(&cluster.health),
             keys: HashMap::new(),
             tasks: JoinSet::new(),
         }
