@@ -473,6 +473,196 @@ async fn lease<S: Source>(source: &S, bucket: &BucketRef, want: u64, max_backoff
 }
 
 #[cfg(test)]
+mod coordinator_tests {
+    //! The coordinator against a scripted token source.
+
+    use super::*;
+    use crate::daemon::config::EtcdConfig;
+    use crate::daemon::limiter::{DefaultAction, LimiterConfig};
+    use crate::protocol::{Outcome, Priority, RuleSource};
+    use crate::rule::{OnFailure, Scope};
+    use parking_lot::Mutex;
+
+    /// A global bucket in memory, with a switch to make every call fail.
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<FakeBucket>>);
+
+    #[derive(Default)]
+    struct FakeBucket {
+        available: u64,
+        taken: u64,
+        returned: u64,
+        debt: u64,
+        failing: bool,
+    }
+
+    impl Source for Fake {
+        async fn take(&self, _: &BucketRef, want: u64, min: u64) -> Result<Grant, LeaseError> {
+            let mut b = self.0.lock();
+            if b.failing {
+                return Err(LeaseError::Timeout(Duration::from_millis(1)));
+            }
+            let tokens = want.min(b.available);
+            if tokens == 0 || tokens < min {
+                return Ok(Grant {
+                    tokens: 0,
+                    retry_after: Duration::from_millis(5),
+                });
+            }
+            b.available -= tokens;
+            b.taken += tokens;
+            Ok(Grant {
+                tokens,
+                retry_after: Duration::ZERO,
+            })
+        }
+
+        async fn give_back(&self, _: &BucketRef, held: u64, debt: u64) -> Result<(), LeaseError> {
+            let mut b = self.0.lock();
+            if b.failing {
+                return Err(LeaseError::Timeout(Duration::from_millis(1)));
+            }
+            b.returned += held;
+            b.debt += debt;
+            Ok(())
+        }
+    }
+
+    struct Setup {
+        limiter: Arc<Limiter>,
+        cluster: Cluster,
+        fake: Fake,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn setup(available: u64, on_failure: OnFailure) -> Setup {
+        let limiter = Arc::new(Limiter::new(LimiterConfig {
+            shards: 4,
+            max_buckets: 100,
+            default_action: DefaultAction::Allow,
+        }));
+        let (tx, rx) = mpsc::channel(64);
+        let link = Arc::new(ClusterLink::new(tx, on_failure));
+        limiter.attach(Arc::clone(&link));
+        // Connecting is lazy: nothing listens here and nothing needs to.
+        let config = EtcdConfig::defaults(vec!["http://127.0.0.1:1".into()]);
+        let cluster = Cluster::connect(config, Arc::clone(&link)).await.unwrap();
+        cluster.health.success();
+        let mut spec = RuleSpec::new("g", "*", "*", 1000, Duration::from_secs(1));
+        spec.scope = Scope::Global;
+        spec.burst = Some(100);
+        spec.on_failure = Some(on_failure);
+        limiter
+            .set_rules(vec![(spec, RuleSource::Etcd)], 0)
+            .unwrap();
+        let fake = Fake::default();
+        fake.0.lock().available = available;
+        let coordinator = Coordinator::new(
+            fake.clone(),
+            Arc::clone(&limiter),
+            &cluster,
+            rx,
+            LeaseSettings::default(),
+        );
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(coordinator.run(cancel.clone(), Duration::from_secs(1)));
+        Setup {
+            limiter,
+            cluster,
+            fake,
+            cancel,
+            task,
+        }
+    }
+
+    fn ask(l: &Limiter, client: &str) -> Outcome {
+        l.acquire(client, "r", 1, Priority::Normal, 0)
+            .unwrap()
+            .outcome
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_fresh_bucket_is_admitted_then_served_from_leased_tokens() {
+        let s = setup(20, OnFailure::Closed).await;
+        // The first request is admitted against debt and asks for a lease.
+        assert_eq!(ask(&s.limiter, "a"), Outcome::Allowed);
+        settle().await;
+        let taken = s.fake.0.lock().taken;
+        assert!(taken > 1, "a batch was leased: {taken}");
+        // The grant paid the first request's debt; the rest is spent, then
+        // the global bucket (20) is exhausted and requests are denied.
+        let mut allowed = 1;
+        for _ in 0..100 {
+            if ask(&s.limiter, "a") == Outcome::Allowed {
+                allowed += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(allowed, 20, "exactly what the global bucket had");
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_held_tokens_back() {
+        let s = setup(1000, OnFailure::Closed).await;
+        ask(&s.limiter, "a");
+        settle().await;
+        let held: u64 = s.limiter.held_tokens().values().sum();
+        assert!(held > 0);
+        s.cancel.cancel();
+        s.task.await.unwrap();
+        assert_eq!(s.fake.0.lock().returned, held);
+        assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn deleting_the_rule_releases_its_leases() {
+        let s = setup(1000, OnFailure::Closed).await;
+        ask(&s.limiter, "a");
+        settle().await;
+        let held: u64 = s.limiter.held_tokens().values().sum();
+        s.limiter.set_rules(vec![], 0).unwrap();
+        settle().await;
+        assert_eq!(s.fake.0.lock().returned, held);
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn debts_made_while_degraded_are_charged_on_recovery() {
+        let s = setup(0, OnFailure::Open).await;
+        s.fake.0.lock().failing = true;
+        for _ in 0..3 {
+            s.cluster.health.failure("down", std::time::Instant::now());
+        }
+        assert_eq!(s.link_state(), EtcdState::Degraded);
+        for _ in 0..7 {
+            assert_eq!(ask(&s.limiter, "a"), Outcome::Allowed, "open admits");
+        }
+        s.fake.0.lock().failing = false;
+        s.cluster.health.success();
+        assert_eq!(s.link_state(), EtcdState::Recovering);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(s.fake.0.lock().debt, 7);
+        assert_eq!(s.link_state(), EtcdState::Healthy);
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    impl Setup {
+        fn link_state(&self) -> EtcdState {
+            self.cluster.link.state()
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::rule::Scope;
