@@ -60,9 +60,10 @@ fn render_stats(s: &StatsReport) -> String {
     );
     if let Some(c) = &s.cluster {
         text.push_str(&format!(
-            "\netcd         {}  members {}  lease txns {}  conflicts {}  failures {}\n\
+            "\netcd         {} ({} state changes)  members {}  lease txns {}  conflicts {}  failures {}\n\
              leases       leased {}  returned {}  debt charged {}  txn p50 {} p99 {}",
             c.state,
+            c.state_changes,
             c.members,
             c.lease_txns,
             c.lease_conflicts,

@@ -64,6 +64,7 @@ impl Shared {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         Some(ClusterStats {
             state: cluster.health.state().name().into(),
+            state_changes: get(&cluster.health.transitions),
             members: get(&cluster.members),
             lease_txns: get(&s.txns),
             lease_conflicts: get(&s.conflicts),

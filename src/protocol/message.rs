@@ -434,6 +434,8 @@ pub struct StatsReport {
 pub struct ClusterStats {
     /// `healthy`, `suspect`, `degraded` or `recovering`.
     pub state: String,
+    /// Transitions of the health state machine so far.
+    pub state_changes: u64,
     pub members: u64,
     pub lease_txns: u64,
     pub lease_conflicts: u64,

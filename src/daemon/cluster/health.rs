@@ -60,6 +60,9 @@ pub struct Health {
     degrade_after: Duration,
     inner: Mutex<Inner>,
     pub transitions: AtomicU64,
+    /// Woken on every entry into RECOVERING (the rules watcher re-lists and
+    /// re-creates its watch then, in case its stream stalled silently).
+    pub recovering: tokio::sync::Notify,
 }
 
 impl Health {
@@ -78,6 +81,7 @@ impl Health {
                 last_error: String::new(),
             }),
             transitions: AtomicU64::new(0),
+            recovering: tokio::sync::Notify::new(),
         }
     }
 
@@ -192,6 +196,9 @@ impl Health {
         }
         self.link.set_state(state);
         self.transitions.fetch_add(1, Ordering::Relaxed);
+        if state == EtcdState::Recovering {
+            self.recovering.notify_waiters();
+        }
         match state {
             EtcdState::Degraded => tracing::warn!(
                 from = from.name(),

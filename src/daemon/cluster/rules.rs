@@ -42,6 +42,10 @@ impl Cluster {
                     Ok(mut stream) => loop {
                         let next = tokio::select! {
                             () = cancel.cancelled() => return,
+                            () = self.health.recovering.notified() => {
+                                tracing::debug!("etcd recovering: re-listing rules and re-watching");
+                                break;
+                            }
                             m = stream.message() => m,
                         };
                         match next {
