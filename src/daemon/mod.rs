@@ -1,15 +1,20 @@
 //! The `rld` daemon: wiring and lifecycle.
 //!
-//! [`Daemon::start`] loads rules (config layer + persisted run-time layer) and
-//! binds the socket; [`Daemon::serve`] runs the accept loop, the sweeper and
-//! the SIGHUP reloader until the token is cancelled, then drains: stop
-//! accepting, let connections answer what they have read, stop the sweeper,
-//! remove the socket file.
+//! [`Daemon::start`] loads rules (config layer + run-time layer from the state
+//! directory or etcd), joins the etcd cluster when configured, and binds the
+//! socket; [`Daemon::serve`] runs the accept loop, the sweeper, the SIGHUP
+//! reloader and (with etcd) membership, the rules watch and the lease
+//! coordinator until the token is cancelled, then drains: stop accepting, let
+//! connections answer what they have read, stop the sweeper, give leased
+//! tokens back, leave the cluster, remove the socket file.
 //!
 //! Submodules: [`config`] (flags and TOML), [`listener`] (socket, accept,
 //! connection cap), [`conn`] (one connection), [`limiter`] (the decision core),
-//! [`rulebook`] (rule layers and persistence), [`sweeper`] (eviction timer),
-//! [`metrics`], [`auth`] (peer credentials), [`shutdown`] (signals).
+//! [`rulebook`] (rule layers) and [`store`] (standalone persistence),
+//! [`cluster`] (etcd: membership, health, rules), [`lease`] (leasing tokens
+//! of global rules), [`sweeper`] (eviction timer), [`metrics`], `report`
+//! (stats and health answers), [`auth`] (peer credentials), [`shutdown`]
+//! (signals).
 
 pub mod auth;
 pub mod cluster;
@@ -22,6 +27,7 @@ pub mod metrics;
 mod report;
 pub mod rulebook;
 pub mod shutdown;
+pub mod store;
 pub mod sweeper;
 
 use std::path::{Path, PathBuf};

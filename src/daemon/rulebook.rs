@@ -11,23 +11,17 @@
 //! `spawn_blocking` in async code.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::fcntl::{Flock, FlockArg};
 use parking_lot::Mutex;
 
 use super::limiter::rules::LAST_MATCH_GRANULE_NS;
 use super::limiter::{Limiter, MonotonicClock, RuleSetError};
 use crate::protocol::{ErrorBody, ErrorCode, RuleInfo, RuleSource};
-use crate::rule::file::{parse_rules, render_rules};
 use crate::rule::{RuleSpec, Scope};
 
-/// File in the state directory holding the run-time rules.
-pub const RULES_FILE: &str = "rules.toml";
-const LOCK_FILE: &str = "lock";
+pub use super::store::{RULES_FILE, StateStore};
 
 /// Why a rule change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -73,90 +67,6 @@ impl RuleBookError {
             | RuleBookError::Locked { .. } => ErrorCode::STORAGE_FAILED,
         };
         ErrorBody::new(code, self.to_string())
-    }
-}
-
-/// Persists run-time rules in one TOML file, replaced atomically.
-#[derive(Debug)]
-pub struct StateStore {
-    dir: PathBuf,
-    /// Held for the daemon's lifetime so two daemons never share a state dir.
-    _lock: Flock<File>,
-}
-
-impl StateStore {
-    /// Creates the directory if needed and takes its lock.
-    ///
-    /// # Errors
-    /// The directory cannot be created or is locked by another daemon.
-    pub fn open(dir: &Path) -> Result<StateStore, RuleBookError> {
-        let storage = |source| RuleBookError::Storage {
-            path: dir.to_owned(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(storage)?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(LOCK_FILE))
-            .map_err(storage)?;
-        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| RuleBookError::Locked { path: dir.into() })?;
-        Ok(StateStore {
-            dir: dir.to_owned(),
-            _lock: lock,
-        })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join(RULES_FILE)
-    }
-
-    /// The persisted rules (none if the file does not exist yet).
-    ///
-    /// # Errors
-    /// An unreadable or invalid file.
-    pub fn load(&self) -> Result<Vec<RuleSpec>, RuleBookError> {
-        let path = self.path();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(RuleBookError::Storage { path, source }),
-        };
-        parse_rules(&text).map_err(|e| RuleBookError::CorruptState {
-            path,
-            message: e.to_string(),
-        })
-    }
-
-    /// Replaces the file: write a temporary file, fsync, rename over, fsync the
-    /// directory. A crash at any point leaves either the old or the new file.
-    ///
-    /// # Errors
-    /// Any I/O failure (full disk included); the old file is then intact.
-    pub fn save(&self, rules: &[RuleSpec]) -> Result<(), RuleBookError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{RULES_FILE}.tmp"));
-        let storage = |source| RuleBookError::Storage {
-            path: path.clone(),
-            source,
-        };
-        let text = format!(
-            "# Rules set at run time with `rlctl rules set`. Written by rld; edits are read at start.\n{}",
-            render_rules(rules)
-        );
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result.map_err(storage)
     }
 }
 
@@ -538,6 +448,7 @@ fn info(rule: &super::limiter::Rule, now: u64) -> RuleInfo {
 mod tests {
     use super::*;
     use crate::daemon::limiter::{DefaultAction, LimiterConfig};
+    use std::fs;
     use std::time::Duration;
 
     fn book(dir: &Path, config: Vec<RuleSpec>) -> RuleBook {
