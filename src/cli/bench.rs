@@ -59,7 +59,7 @@ pub struct BenchArgs {
     /// Stop after this many requests in total (whichever comes first with --duration).
     #[arg(long, value_name = "N")]
     pub requests: Option<u64>,
-    /// Clients are named <PREFIX><k>; point a rule at "<PREFIX>*".
+    /// Clients are named PREFIX followed by a key number; point a rule at "PREFIX*".
     #[arg(long, default_value = "bench-", value_name = "PREFIX")]
     pub client_prefix: String,
     /// The resource every request names.

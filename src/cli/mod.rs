@@ -126,9 +126,9 @@ pub enum RulesCommand {
         /// Rule id.
         id: String,
     },
-    /// Create or replace every rule of a TOML file ([[rule]] tables), all or none.
+    /// Create or replace every rule of a TOML file of `[[rule]]` tables, all or none.
     Import {
-        /// TOML file with [[rule]] tables (the config file format).
+        /// TOML file with `[[rule]]` tables (the config file format).
         file: PathBuf,
     },
 }

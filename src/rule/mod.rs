@@ -1,6 +1,6 @@
 //! The rule model shared by the daemon, the CLI and the wire protocol: what a
 //! rule says ([`RuleSpec`]), how it is checked ([`RuleSpec::validate`]) and how
-//! operators write it in TOML ([`file`]).
+//! operators write it in TOML ([`mod@file`]).
 //!
 //! Pure data and pure checks: no I/O, no limiter state. A rule that passes
 //! [`RuleSpec::validate`] can always be compiled into a bucket configuration
