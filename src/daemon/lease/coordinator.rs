@@ -47,6 +47,9 @@ impl Default for LeaseSettings {
 
 type KeyId = (Box<str>, BucketKey);
 
+/// Concurrent give-backs at shutdown.
+const RETURNS_IN_FLIGHT: usize = 32;
+
 /// Demand and lease state of one global bucket.
 #[derive(Debug)]
 struct KeyState {
@@ -132,23 +135,33 @@ impl<S: Source> Coordinator<S> {
         self.tasks.abort_all();
         let leases = self.limiter.take_leases(true);
         let count = leases.len();
+        // Many buckets may hold tokens: return them RETURNS_IN_FLIGHT at a time.
+        let permits = Arc::new(tokio::sync::Semaphore::new(RETURNS_IN_FLIGHT));
+        let mut returns = JoinSet::new();
+        for (rule, key, held, debt) in leases {
+            let (source, permits) = (self.source.clone(), Arc::clone(&permits));
+            returns.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                source.give_back(&BucketRef { rule, key }, held, debt).await
+            });
+        }
         let returning = async {
-            for (rule, key, held, debt) in leases {
-                let bucket = BucketRef { rule, key };
-                if let Err(e) = self.source.give_back(&bucket, held, debt).await {
-                    tracing::warn!("could not return leased tokens at shutdown: {e}");
-                    return;
-                }
+            let mut failed = 0;
+            while let Some(done) = returns.join_next().await {
+                failed += usize::from(!matches!(done, Ok(Ok(()))));
             }
+            failed
         };
-        if tokio::time::timeout(drain_timeout, returning)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
+        match tokio::time::timeout(drain_timeout, returning).await {
+            Ok(0) => {}
+            Ok(failed) => tracing::warn!(
+                buckets = failed,
+                "some leased tokens could not be returned; they are lost"
+            ),
+            Err(_) => tracing::warn!(
                 buckets = count,
-                "returning leased tokens timed out; they are lost"
-            );
+                "returning leased tokens timed out; the rest are lost"
+            ),
         }
     }
 
