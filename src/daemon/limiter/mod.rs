@@ -270,8 +270,13 @@ impl Limiter {
         };
         let rule = &entry.rule;
         check_cost(rule, cost)?;
-        let verdict = match (&rule.global, self.link.get()) {
-            (Some(_), Some(link)) => match global::spend(
+        let link = if rule.global.is_some() {
+            self.link.get()
+        } else {
+            None
+        };
+        let verdict = match link {
+            Some(link) => match global::spend(
                 &mut entry.aux,
                 &mut entry.tat,
                 rule,
@@ -292,7 +297,7 @@ impl Limiter {
                     }));
                 }
             },
-            _ => try_take(&mut entry.tat, &rule.params, now, cost, priority),
+            None => try_take(&mut entry.tat, &rule.params, now, cost, priority),
         };
         entry.last_used = table::tick(now);
         rule.activity.record(stripe, verdict.outcome, now);
