@@ -152,11 +152,6 @@ impl Connection {
         Ok(id)
     }
 
-    /// Queues pre-encoded frames (for load generators that reuse them).
-    pub fn queue_raw(&mut self, frames: &[u8]) {
-        self.write_buf.extend_from_slice(frames);
-    }
-
     /// Sends everything queued.
     ///
     /// # Errors
@@ -174,14 +169,8 @@ impl Connection {
     /// # Errors
     /// [`ClientError::Closed`] on end of stream, I/O or decoding errors.
     pub async fn receive(&mut self) -> Result<ResponseFrame<'static>, ClientError> {
-        loop {
-            if let Some(frame) = self.codec.decode_frame(&mut self.read_buf)? {
-                return Ok(decode_response(&frame)?);
-            }
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(ClientError::Closed);
-            }
-        }
+        let frame = self.receive_raw().await?;
+        Ok(decode_response(&frame)?)
     }
 
     /// The next response if one is already buffered, without reading the socket
