@@ -27,8 +27,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/rld/rld.toml";
     long_about = "Rate limiter daemon. Local applications connect to its Unix socket and ask \
 whether a client may use a resource now; rld answers from memory in microseconds using \
 token buckets configured by rules. Rules come from the config file and from `rlctl rules set` \
-(persisted in the state directory). See rld.toml(5) for the file format, rlctl(1) for the \
-CLI and rld-protocol(7) for the wire protocol."
+(persisted in the state directory; with --etcd, stored in etcd and shared, as are the limits of \
+global rules). See rld.toml(5) for the file format, rlctl(1) for the CLI and rld-protocol(7) \
+for the wire protocol."
 )]
 pub struct Args {
     /// Config file (TOML). Default: /etc/rld/rld.toml if it exists, else built-in defaults.
