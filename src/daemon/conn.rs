@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::auth::Peer;
 use super::cluster::Cluster;
-use super::lease::{BucketRef, Source};
+use super::lease::{BucketRef, MIN_TXN_DEADLINE, Source};
 use super::limiter::{AcquireError, LeaseNeeded, SpendMode};
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
@@ -444,8 +444,10 @@ async fn decide<R>(
 /// recent lease transactions, kept between 50 and 100 ms so no request waits
 /// longer than that.
 async fn lease_now(cluster: &Cluster, need: LeaseNeeded, cost: u64) -> SpendMode {
-    let p99 = Duration::from_nanos(cluster.stats.latency.summary().p99_ns);
-    let deadline = (p99 * 3).clamp(Duration::from_millis(50), Duration::from_millis(100));
+    let deadline = cluster
+        .stats
+        .txn_deadline(Duration::from_millis(100))
+        .unwrap_or(MIN_TXN_DEADLINE);
     let bucket = BucketRef {
         rule: need.rule,
         key: need.key,

@@ -133,15 +133,11 @@ impl EtcdSource {
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        // Lease calls get max(50 ms, 3 x p99) of recent ones (within the etcd
-        // timeout): a stalled cluster is noticed in a few round trips, not
-        // after the generic deadline.
-        let p99 = Duration::from_nanos(self.stats.latency.summary().p99_ns);
-        let deadline = if p99.is_zero() {
-            self.deadline
-        } else {
-            (p99 * 3).clamp(Duration::from_millis(50), self.deadline)
-        };
+        // Adaptive within the etcd timeout, not the generic deadline.
+        let deadline = self
+            .stats
+            .txn_deadline(self.deadline)
+            .unwrap_or(self.deadline);
         self.health.guard(deadline, call).await.map_err(|e| {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             match e {

@@ -88,6 +88,19 @@ pub struct LeaseStats {
     pub latency: LatencyHistogram,
 }
 
+/// The shortest deadline a lease transaction gets.
+pub const MIN_TXN_DEADLINE: Duration = Duration::from_millis(50);
+
+impl LeaseStats {
+    /// The deadline of a lease transaction: `max(50 ms, 3 x p99)` of recent
+    /// ones, at most `cap`, so a stalled cluster is noticed within a few
+    /// round trips. `None` before any transaction has been timed.
+    pub fn txn_deadline(&self, cap: Duration) -> Option<Duration> {
+        let p99 = Duration::from_nanos(self.latency.summary().p99_ns);
+        (!p99.is_zero()).then(|| (p99 * 3).clamp(MIN_TXN_DEADLINE, cap))
+    }
+}
+
 /// The batch plan of a global rule with `members` live daemons.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Plan {
