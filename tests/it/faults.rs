@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::harness::{
-    Etcd, HEAVY, ProcessDaemon, Proxy, Timeline, code, drive, etcd_state, rlctl, stderr, wait_state,
+    Etcd, HEAVY, ProcessDaemon, Proxy, Timeline, code, drive, drive_each, etcd_state, rlctl,
+    stderr, wait_state,
 };
 
 const RULES: &str = r#"
@@ -219,19 +220,7 @@ async fn killing_the_leader_under_load_stays_within_three_percent() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = [&a, &b]
-        .iter()
-        .map(|d| {
-            tokio::spawn(drive(
-                d.socket.clone(),
-                vec!["g".into()],
-                vec![800],
-                start,
-                Arc::clone(&stop),
-                Duration::from_secs(12),
-            ))
-        })
-        .collect();
+    let loads = drive_each(&[&a, &b], "g", 800, start, &stop, Duration::from_secs(12));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let leader = etcd.leader().await;
     let killed_at = start.elapsed();
@@ -285,19 +274,14 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let loads: Vec<_> = [&a, &b, &c]
-        .iter()
-        .map(|d| {
-            tokio::spawn(drive(
-                d.socket.clone(),
-                vec!["g".into()],
-                vec![600],
-                start,
-                Arc::clone(&stop),
-                Duration::from_secs(20),
-            ))
-        })
-        .collect();
+    let loads = drive_each(
+        &[&a, &b, &c],
+        "g",
+        600,
+        start,
+        &stop,
+        Duration::from_secs(20),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cut_at = start.elapsed();
     proxy.cut(true);

@@ -186,30 +186,16 @@ async fn sigterm_gives_leased_tokens_back() {
     });
     let mut client = etcd.client().await;
     let prefix = format!("{}/v1/buckets/batch/", etcd.prefix);
-    let read = |resp: etcd_client::GetResponse| -> serde_json::Value {
+    let mut bucket = async || -> serde_json::Value {
+        let options = etcd_client::GetOptions::new().with_prefix();
+        let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
         serde_json::from_slice(resp.kvs()[0].value()).unwrap()
     };
-    let before = read(
-        client
-            .get(
-                prefix.as_str(),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap(),
-    );
+    let before = bucket().await;
     assert!(before["holders"]["a"].as_u64().unwrap() > 1, "{before}");
     let status = a.terminate();
     assert!(status.success());
-    let after = read(
-        client
-            .get(
-                prefix.as_str(),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
-            .await
-            .unwrap(),
-    );
+    let after = bucket().await;
     assert!(after["holders"].get("a").is_none(), "{after}");
     assert!(
         after["tat_ns"].as_u64().unwrap() < before["tat_ns"].as_u64().unwrap(),

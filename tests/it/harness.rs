@@ -231,12 +231,7 @@ impl Etcd {
                 private: None,
             });
         }
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "etcd is missing under CI: scripts/test installs etcd-server and sets RLD_TEST_ETCD"
-            );
-            eprintln!("skipped: etcd is not installed (run scripts/test)");
+        if !etcd_installed() {
             return None;
         }
         // Ports 25000-35000, 20 per cluster, apart per process and per test.
@@ -282,6 +277,20 @@ impl Etcd {
     }
 }
 
+/// Whether `etcd` is on PATH. Under `CI=true` a missing etcd fails the test
+/// (scripts/test installs etcd-server); elsewhere the test is skipped, saying so.
+fn etcd_installed() -> bool {
+    if Command::new("etcd").arg("--version").output().is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "etcd is missing under CI: scripts/test installs etcd-server and sets RLD_TEST_ETCD"
+    );
+    eprintln!("skipped: etcd is not installed (run scripts/test)");
+    false
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Some((dir, script)) = &self.private {
@@ -293,12 +302,7 @@ impl Drop for Etcd {
 impl Etcd {
     /// A private cluster (faults allowed), on its own ports.
     pub fn private_for_faults() -> Option<Etcd> {
-        if Command::new("etcd").arg("--version").output().is_err() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "etcd is missing under CI: scripts/test installs etcd-server"
-            );
-            eprintln!("skipped: etcd is not installed (run scripts/test)");
+        if !etcd_installed() {
             return None;
         }
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -555,6 +559,31 @@ pub async fn drive(
         timeline.ticks.push((start.elapsed(), allowed, rtt));
     }
     timeline
+}
+
+/// [`drive`] against each daemon at `rate` on one resource, all sharing
+/// `start` and `stop`.
+pub fn drive_each(
+    daemons: &[&ProcessDaemon],
+    resource: &str,
+    rate: u32,
+    start: Instant,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    limit: Duration,
+) -> Vec<tokio::task::JoinHandle<Timeline>> {
+    daemons
+        .iter()
+        .map(|d| {
+            tokio::spawn(drive(
+                d.socket.clone(),
+                vec![resource.to_owned()],
+                vec![rate],
+                start,
+                Arc::clone(stop),
+                limit,
+            ))
+        })
+        .collect()
 }
 
 /// The etcd state a daemon reports (`healthy`, `degraded`, ...).
