@@ -133,6 +133,9 @@ pub struct ClusterLink {
     pub default_on_failure: OnFailure,
     /// Events dropped because the coordinator's queue was full.
     pub dropped_events: AtomicU64,
+    /// This daemon's wall clock is further from its peers' than
+    /// `max_clock_skew`: it must not lease (set by the cluster's clock check).
+    clock_skewed: AtomicBool,
 }
 
 impl ClusterLink {
@@ -142,7 +145,25 @@ impl ClusterLink {
             events,
             default_on_failure,
             dropped_events: AtomicU64::new(0),
+            clock_skewed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this daemon's clock is beyond `max_clock_skew` of its peers.
+    #[inline]
+    pub fn clock_skewed(&self) -> bool {
+        self.clock_skewed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_clock_skewed(&self, skewed: bool) {
+        self.clock_skewed.store(skewed, Ordering::Relaxed);
+    }
+
+    /// Global rules follow their `on_failure` policy: etcd is unreachable, or
+    /// this daemon's clock cannot be trusted for leasing.
+    #[inline]
+    pub fn failing(&self) -> bool {
+        self.state() == EtcdState::Degraded || self.clock_skewed()
     }
 
     #[inline]
@@ -253,7 +274,7 @@ pub fn spend(
     let mut a = Allotment::unpack(*aux);
     let held = u64::from(a.held);
     let degraded = match mode {
-        SpendMode::Normal => link.state() == EtcdState::Degraded,
+        SpendMode::Normal => link.failing(),
         SpendMode::LeaseFailed => true,
         SpendMode::Leased | SpendMode::NotGranted => false,
     };
