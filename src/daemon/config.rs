@@ -84,6 +84,12 @@ pub struct Args {
     /// Check the config file and its rules, print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
+
+    /// Append one JSON line per lease operation and, every second, the
+    /// requests admitted per global rule to FILE (for `rlctl audit`; off by
+    /// default).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Sections of `rld(8)` beyond the options (appended to the generated page).
@@ -138,6 +144,8 @@ pub struct ConfigFile {
     pub max_frame: Option<usize>,
     pub max_connections: Option<usize>,
     pub idle_timeout: Option<String>,
+    /// Lease audit log file (etcd mode).
+    pub audit_log: Option<PathBuf>,
     pub drain_timeout: Option<String>,
     pub sweep_interval: Option<String>,
     pub admin_group: Option<String>,
@@ -196,6 +204,8 @@ pub struct Config {
     pub rules: Vec<RuleSpec>,
     /// `None`: standalone.
     pub etcd: Option<EtcdConfig>,
+    /// The lease audit log (etcd mode), if any.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// A config that cannot be used.
@@ -238,6 +248,7 @@ impl Default for Config {
             admin_gid: None,
             rules: Vec::new(),
             etcd: None,
+            audit_log: None,
         }
     }
 }
@@ -263,6 +274,9 @@ impl Config {
         }
         if let Some(d) = &args.state_dir {
             config.state_dir = d.clone();
+        }
+        if let Some(f) = &args.audit_log {
+            config.audit_log = Some(f.clone());
         }
         if let Some(a) = &args.default_action {
             config.default_action = if a == "deny" {
@@ -379,6 +393,7 @@ impl Config {
                 Some(e)
             },
             rules,
+            audit_log: file.audit_log,
         })
     }
 

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,8 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::auth::Peer;
 use super::cluster::Cluster;
-use super::lease::{BucketRef, MIN_TXN_DEADLINE, Source};
-use super::limiter::{AcquireError, LeaseNeeded, SpendMode};
+use super::limiter::{AcquireError, SpendMode};
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
@@ -424,8 +422,8 @@ async fn decide<R>(
         Err(AcquireError::NeedsLease(need)) => need,
         decided => return decided,
     };
-    let mode = match &shared.cluster {
-        Some(cluster) => lease_now(cluster, need, a.cost).await,
+    let mode = match &shared.lease {
+        Some(lease) => lease.lease_now(need, a.cost).await,
         None => SpendMode::LeaseFailed,
     };
     let now = shared.clock.now_ns();
@@ -438,25 +436,6 @@ async fn decide<R>(
         mode,
         answer,
     )
-}
-
-/// One lease of exactly `cost` tokens for one request, within 3 x the p99 of
-/// recent lease transactions, kept between 50 and 100 ms so no request waits
-/// longer than that.
-async fn lease_now(cluster: &Cluster, need: LeaseNeeded, cost: u64) -> SpendMode {
-    let deadline = cluster
-        .stats
-        .txn_deadline(Duration::from_millis(100))
-        .unwrap_or(MIN_TXN_DEADLINE);
-    let bucket = BucketRef {
-        rule: need.rule,
-        key: need.key,
-    };
-    match tokio::time::timeout(deadline, cluster.source.take(&bucket, cost, cost)).await {
-        Ok(Ok(grant)) if grant.tokens >= cost => SpendMode::Leased,
-        Ok(Ok(_)) => SpendMode::NotGranted,
-        Ok(Err(_)) | Err(_) => SpendMode::LeaseFailed,
-    }
 }
 
 async fn idle_timeout<F: Future<Output = io::Result<usize>>>(

@@ -44,7 +44,8 @@ pub use config::{Args, Config, ConfigError};
 use auth::Authorizer;
 use cluster::{Cluster, ClusterError};
 use lease::{Coordinator, LeaseSettings};
-use limiter::global::{ClusterLink, LeaseEvent};
+use lease::{LeaseEvent, LeaseHandle, QueueSink};
+use limiter::global::ClusterLink;
 use limiter::{Limiter, LimiterConfig, MonotonicClock};
 use listener::{BindError, Bound};
 use metrics::Metrics;
@@ -77,6 +78,8 @@ pub struct Shared {
     pub idle_timeout: Option<Duration>,
     /// The etcd side, when limits are shared.
     pub cluster: Option<Arc<Cluster>>,
+    /// Per-request leases go to the lease coordinator through this.
+    pub lease: Option<LeaseHandle>,
     pub(crate) stopping: AtomicBool,
 }
 
@@ -126,12 +129,23 @@ impl Daemon {
         let (cluster, lease_events) = match &config.etcd {
             Some(etcd) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
-                let link = Arc::new(ClusterLink::new(tx, etcd.default_on_failure));
+                let link = Arc::new(ClusterLink::new(
+                    QueueSink(tx.clone()),
+                    etcd.default_on_failure,
+                ));
                 limiter.attach(Arc::clone(&link));
                 let cluster = Arc::new(Cluster::connect(etcd.clone(), link).await?);
                 cluster.join().await?;
-                (Some(cluster), Some(rx))
+                let handle = LeaseHandle {
+                    events: tx,
+                    stats: Arc::clone(&cluster.stats),
+                };
+                (Some(cluster), Some((rx, handle)))
             }
+            None => (None, None),
+        };
+        let (lease_events, lease) = match lease_events {
+            Some((rx, handle)) => (Some(rx), Some(handle)),
             None => (None, None),
         };
         let rulebook = Arc::new(RuleBook::open(
@@ -159,6 +173,7 @@ impl Daemon {
             max_frame: config.max_frame,
             idle_timeout: config.idle_timeout,
             cluster,
+            lease,
             stopping: AtomicBool::new(false),
         });
         Ok(Daemon {
@@ -205,8 +220,29 @@ impl Daemon {
                     .run_rules_watch(Arc::clone(&shared.rulebook), cluster_stop.clone()),
             ));
             let etcd = &cluster.config;
+            let source = lease::etcd::EtcdSource::new(
+                cluster.client(),
+                etcd.prefix.clone(),
+                etcd.node_id.clone(),
+                etcd.timeout,
+                Arc::clone(&cluster.health),
+                Arc::clone(&cluster.stats),
+            );
+            let audit = match &config.audit_log {
+                Some(path) => match lease::audit::AuditLog::open(path) {
+                    Ok(log) => log,
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot open the audit log {}: {e}; auditing is off",
+                            path.display()
+                        );
+                        lease::audit::AuditLog::disabled()
+                    }
+                },
+                None => lease::audit::AuditLog::disabled(),
+            };
             let coordinator = Coordinator::new(
-                cluster.source.clone(),
+                source,
                 Arc::clone(&shared.limiter),
                 cluster,
                 events,
@@ -215,6 +251,7 @@ impl Daemon {
                     fallback_slack: etcd.fallback_slack,
                     ..LeaseSettings::default()
                 },
+                audit,
             );
             cluster_tasks.push(tokio::spawn(
                 coordinator.run(cluster_stop.clone(), config.drain_timeout),

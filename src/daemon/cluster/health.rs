@@ -221,9 +221,11 @@ mod tests {
     use super::*;
 
     fn health() -> Health {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
         Health::new(
-            Arc::new(ClusterLink::new(tx, crate::rule::OnFailure::Local)),
+            Arc::new(ClusterLink::new(
+                crate::daemon::limiter::NullSink,
+                crate::rule::OnFailure::Local,
+            )),
             Duration::from_secs(60),
         )
     }
@@ -256,9 +258,11 @@ mod tests {
 
     #[test]
     fn hanging_calls_degrade_by_time() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
         let h = Health::new(
-            Arc::new(ClusterLink::new(tx, crate::rule::OnFailure::Local)),
+            Arc::new(ClusterLink::new(
+                crate::daemon::limiter::NullSink,
+                crate::rule::OnFailure::Local,
+            )),
             Duration::from_millis(1),
         );
         std::thread::sleep(Duration::from_millis(5));

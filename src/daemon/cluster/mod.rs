@@ -23,7 +23,6 @@ pub use rules::{rule_from_json, rule_to_json};
 
 use super::config::EtcdConfig;
 use super::lease::LeaseStats;
-use super::lease::etcd::EtcdSource;
 use super::limiter::global::ClusterLink;
 use crate::rule::RuleSpec;
 
@@ -56,8 +55,6 @@ pub struct Cluster {
     /// Live daemons, counted by the prober.
     pub members: Arc<AtomicU64>,
     pub stats: Arc<LeaseStats>,
-    /// Leases tokens (shared with the coordinator).
-    pub source: EtcdSource,
     /// The lease our member key is attached to (0 until registered).
     lease_id: AtomicU64,
 }
@@ -92,21 +89,12 @@ impl Cluster {
             .map_err(ClusterError::Client)?;
         let health = Arc::new(Health::new(Arc::clone(&link), DEGRADE_AFTER));
         let stats = Arc::new(LeaseStats::default());
-        let source = EtcdSource::new(
-            client.clone(),
-            config.prefix.clone(),
-            config.node_id.clone(),
-            config.timeout,
-            Arc::clone(&health),
-            Arc::clone(&stats),
-        );
         Ok(Cluster {
             client,
             health,
             link,
             members: Arc::new(AtomicU64::new(1)),
             stats,
-            source,
             lease_id: AtomicU64::new(0),
             config,
         })

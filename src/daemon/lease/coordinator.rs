@@ -1,25 +1,33 @@
 //! The [`Coordinator`]: the task that owns the token [`Source`] and every
-//! lease transaction. It keeps one transaction in flight per bucket, sizes
-//! batches from the bucket's demand within the rule's plan, backs off while
-//! the global bucket is empty, credits grants to the limiter, returns tokens
-//! on shutdown, rule change and eviction, and charges debts on recovery.
-//! The hot path only ever sends it events.
+//! lease operation. The hot path only sends it events (refill, release, a
+//! per-request lease); it turns them into one operation per bucket at a
+//! time and sends many buckets' operations in one batch, at most
+//! [`LeaseSettings::batches_in_flight`] batches at once.
+//!
+//! An operation carries an identity (`boot nonce << 32 | sequence`) that the
+//! bucket value records. Its tokens in transit (held tokens given back,
+//! debt charged) stay with the operation until it commits: a failed
+//! operation is retried, and one whose outcome is unknown is retried under
+//! the same identity, so it is applied at most once and nothing is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{BucketRef, LeaseStats, Source, plan};
+use super::audit::{AuditLog, Record};
+use super::etcd::wall_ns;
+use super::value::Ask;
+use super::{BucketRef, Done, LeaseStats, Op, Outcome, Source, plan};
 use crate::daemon::cluster::Cluster;
 use crate::daemon::cluster::health::Health;
-use crate::daemon::limiter::Limiter;
-use crate::daemon::limiter::global::{ClusterLink, EtcdState, LeaseEvent};
+use crate::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSink};
 use crate::daemon::limiter::key::BucketKey;
+use crate::daemon::limiter::{LeaseNeeded, Limiter, Rule, SpendMode};
 
 /// Tuning of the coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +40,14 @@ pub struct LeaseSettings {
     pub max_backoff: Duration,
     /// Fallback limit of `on_failure = "local"`: `limit * (1 + slack) / N`.
     pub fallback_slack: f64,
+    /// Tokens a rule's fresh buckets may admit on credit at once on this
+    /// daemon (before their first lease commits).
+    pub max_credit: u64,
+    /// Global buckets per rule this daemon leases for; requests on new
+    /// buckets beyond it are denied until idle ones are forgotten.
+    pub max_buckets_per_rule: usize,
+    /// Lease batches (etcd transactions) in flight at once.
+    pub batches_in_flight: usize,
 }
 
 impl Default for LeaseSettings {
@@ -41,37 +57,138 @@ impl Default for LeaseSettings {
             prefetch: Duration::from_millis(500),
             max_backoff: Duration::from_secs(1),
             fallback_slack: 0.1,
+            max_credit: 64,
+            max_buckets_per_rule: 100_000,
+            batches_in_flight: 2,
+        }
+    }
+}
+
+/// A message to the coordinator.
+#[derive(Debug)]
+pub enum LeaseEvent {
+    Refill {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        hash: u64,
+        borrowed: u64,
+    },
+    Release {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        allotment: Allotment,
+    },
+    /// A per-request rule: lease exactly `cost` tokens; `true` if granted.
+    Now {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        hash: u64,
+        cost: u64,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// The hot path's [`LeaseSink`]: a bounded queue to the coordinator.
+#[derive(Debug, Clone)]
+pub struct QueueSink(pub mpsc::Sender<LeaseEvent>);
+
+impl LeaseSink for QueueSink {
+    fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool {
+        self.0
+            .try_send(LeaseEvent::Refill {
+                rule: Arc::clone(rule),
+                key,
+                hash,
+                borrowed,
+            })
+            .is_ok()
+    }
+
+    fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
+        self.0
+            .try_send(LeaseEvent::Release {
+                rule: Arc::clone(rule),
+                key,
+                allotment,
+            })
+            .is_ok()
+    }
+}
+
+/// What a connection needs to lease for a per-request rule.
+#[derive(Debug, Clone)]
+pub struct LeaseHandle {
+    pub events: mpsc::Sender<LeaseEvent>,
+    pub stats: Arc<LeaseStats>,
+}
+
+impl LeaseHandle {
+    /// One lease of exactly `cost` tokens for one request of a per-request
+    /// rule, through the coordinator (batched with other operations),
+    /// waiting at most `max(50 ms, 3 x p99)` of recent transactions (100 ms
+    /// at most); then the rule's `on_failure` decides.
+    pub async fn lease_now(&self, need: LeaseNeeded, cost: u64) -> SpendMode {
+        let deadline = self
+            .stats
+            .txn_deadline(Duration::from_millis(100))
+            .unwrap_or(super::MIN_TXN_DEADLINE);
+        let (reply, answer) = oneshot::channel();
+        let event = LeaseEvent::Now {
+            rule: need.rule,
+            key: need.key,
+            hash: need.hash,
+            cost,
+            reply,
+        };
+        if self.events.try_send(event).is_err() {
+            return SpendMode::LeaseFailed;
+        }
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(true)) => SpendMode::Leased,
+            Ok(Ok(false)) => SpendMode::NotGranted,
+            Ok(Err(_)) | Err(_) => SpendMode::LeaseFailed,
         }
     }
 }
 
 type KeyId = (Box<str>, BucketKey);
 
-/// Concurrent give-backs at shutdown.
-const RETURNS_IN_FLIGHT: usize = 32;
-
 /// Demand and lease state of one global bucket.
 #[derive(Debug)]
 struct KeyState {
+    bucket: BucketRef,
+    hash: u64,
+    /// The hot path asked for tokens.
+    refill: bool,
+    /// A per-request lease waiting for an answer.
+    now: Option<(u64, oneshot::Sender<bool>)>,
+    /// Tokens in transit: to give back and to charge, not yet in an operation.
+    give: u64,
+    debt: u64,
+    /// Credit taken by the bucket's fresh request, repaid when its lease commits.
+    borrowed: u64,
+    /// The operation sent or to be retried under the same identity.
+    op: Option<Op>,
     in_flight: bool,
-    /// Smoothed tokens per second this daemon spends from the bucket.
+    /// The bucket is gone: forget it once nothing is in transit.
+    released: bool,
+    known: Option<super::Known>,
+    not_before: Instant,
+    /// Smoothed tokens per second the bucket is asked for on this daemon.
     demand: f64,
-    last_grant: Option<(Instant, u64)>,
-    last_seen: Instant,
+    last_collect: Instant,
+    last_event: Instant,
+    /// When the current wait for tokens began (for giving up).
+    waiting_since: Option<Instant>,
 }
 
-/// How one lease task ended.
-enum Done {
-    Refill {
-        id: KeyId,
-        bucket: BucketRef,
-        hash: u64,
-        tokens: u64,
-    },
-    Released,
+impl KeyState {
+    fn has_work(&self) -> bool {
+        self.op.is_some() || self.refill || self.now.is_some() || self.give > 0 || self.debt > 0
+    }
 }
 
-/// Owns the [`Source`] and every lease transaction.
+/// Owns the [`Source`] and every lease operation.
 pub struct Coordinator<S: Source> {
     source: S,
     limiter: Arc<Limiter>,
@@ -83,7 +200,16 @@ pub struct Coordinator<S: Source> {
     members: Arc<AtomicU64>,
     health: Arc<Health>,
     keys: HashMap<KeyId, KeyState>,
-    tasks: JoinSet<Done>,
+    /// Buckets per rule id (for the per-rule cap).
+    per_rule: HashMap<Box<str>, usize>,
+    batches: JoinSet<Vec<(Op, Done)>>,
+    /// Operation identities: a random boot nonce and a sequence.
+    nonce: u64,
+    seq: u32,
+    audit: AuditLog,
+    /// Per rule: admitted counts at the last audit line.
+    audited: HashMap<Box<str>, (u64, u64)>,
+    recovering: bool,
 }
 
 impl<S: Source> Coordinator<S> {
@@ -95,6 +221,7 @@ impl<S: Source> Coordinator<S> {
         cluster: &Cluster,
         events: mpsc::Receiver<LeaseEvent>,
         settings: LeaseSettings,
+        audit: AuditLog,
     ) -> Self {
         Coordinator {
             source,
@@ -106,170 +233,491 @@ impl<S: Source> Coordinator<S> {
             members: Arc::clone(&cluster.members),
             health: Arc::clone(&cluster.health),
             keys: HashMap::new(),
-            tasks: JoinSet::new(),
+            per_rule: HashMap::new(),
+            batches: JoinSet::new(),
+            nonce: u64::from(rand::random::<u32>()) << 32,
+            seq: 0,
+            audit,
+            audited: HashMap::new(),
+            recovering: false,
         }
     }
 
-    /// Runs until `cancel`, then gives every held token back (bounded by
-    /// `drain_timeout`).
+    /// Runs until `cancel`, then gives every held token back and settles
+    /// every operation in transit (bounded by `drain_timeout`).
     pub async fn run(mut self, cancel: CancellationToken, drain_timeout: Duration) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut audit_tick = tokio::time::interval(Duration::from_secs(1));
+        // Wakes the loop when a backed-off key becomes ready.
+        let mut retry = tokio::time::interval(Duration::from_millis(20));
         loop {
+            self.flush();
             tokio::select! {
                 () = cancel.cancelled() => break,
-                Some(event) = self.events.recv() => self.handle(event),
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                Some(event) = self.events.recv() => {
+                    self.handle(event);
+                    // Take whatever else is queued before sending a batch.
+                    while let Ok(event) = self.events.try_recv() {
+                        self.handle(event);
+                    }
+                }
+                Some(done) = self.batches.join_next(), if !self.batches.is_empty() => {
                     if let Ok(done) = done {
                         self.finish(done);
                     }
                 }
+                _ = retry.tick() => {}
                 _ = tick.tick() => {
                     self.retune();
-                    if self.link.state() == EtcdState::Recovering {
-                        self.post_debts().await;
-                    }
+                    self.recover();
                     self.forget_idle_keys();
                 }
+                _ = audit_tick.tick() => self.audit_admissions(),
             }
         }
-        self.tasks.abort_all();
-        let leases = self.limiter.take_leases(true);
-        let count = leases.len();
-        // Many buckets may hold tokens: return them RETURNS_IN_FLIGHT at a time.
-        let permits = Arc::new(tokio::sync::Semaphore::new(RETURNS_IN_FLIGHT));
-        let mut returns = JoinSet::new();
-        for (rule, key, held, debt) in leases {
-            let (source, permits) = (self.source.clone(), Arc::clone(&permits));
-            returns.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                source.give_back(&BucketRef { rule, key }, held, debt).await
-            });
+        self.shutdown(drain_timeout).await;
+    }
+
+    /// Gives back every held token and settles what is in transit.
+    async fn shutdown(&mut self, drain_timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + drain_timeout;
+        // Events still queued (releases of evicted buckets) are not lost.
+        while let Ok(event) = self.events.try_recv() {
+            self.handle(event);
         }
-        let returning = async {
-            let mut failed = 0;
-            while let Some(done) = returns.join_next().await {
-                failed += usize::from(!matches!(done, Ok(Ok(()))));
+        for (rule, key, held, debt) in self.limiter.take_leases(true) {
+            let hash = self.limiter.table().hash_key(&key);
+            let state = self.key_state(&rule, key, hash);
+            state.give += held;
+            state.debt += debt;
+            state.refill = false;
+            state.released = true;
+        }
+        for state in self.keys.values_mut() {
+            state.refill = false;
+            state.not_before = Instant::now();
+            if let Some((_, reply)) = state.now.take() {
+                let _ = reply.send(false);
             }
-            failed
-        };
-        match tokio::time::timeout(drain_timeout, returning).await {
-            Ok(0) => {}
-            Ok(failed) => tracing::warn!(
-                buckets = failed,
-                "some leased tokens could not be returned; they are lost"
-            ),
-            Err(_) => tracing::warn!(
-                buckets = count,
-                "returning leased tokens timed out; the rest are lost"
-            ),
         }
+        loop {
+            self.flush();
+            if self.batches.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.batches.join_next()).await {
+                Ok(Some(Ok(done))) => self.finish(done),
+                Ok(Some(Err(_))) => {}
+                Ok(None) => break,
+                Err(_) => break,
+            }
+        }
+        let left: u64 = self
+            .keys
+            .values()
+            .map(|s| s.give + s.op.as_ref().map_or(0, |o| o.ask.give))
+            .sum();
+        if left > 0 {
+            tracing::warn!(
+                tokens = left,
+                "some leased tokens could not be returned before the drain timeout; they are lost (under-admission, never over)"
+            );
+        }
+        self.audit_admissions();
+        self.audit.flush();
+    }
+
+    fn key_state(&mut self, rule: &Arc<Rule>, key: BucketKey, hash: u64) -> &mut KeyState {
+        let id: KeyId = (rule.id().into(), key.clone());
+        let now = Instant::now();
+        let per_rule = &mut self.per_rule;
+        let state = self.keys.entry(id).or_insert_with(|| {
+            *per_rule.entry(rule.id().into()).or_default() += 1;
+            KeyState {
+                bucket: BucketRef {
+                    rule: Arc::clone(rule),
+                    key,
+                },
+                hash,
+                refill: false,
+                now: None,
+                give: 0,
+                debt: 0,
+                borrowed: 0,
+                op: None,
+                in_flight: false,
+                released: false,
+                known: None,
+                not_before: now,
+                demand: 0.0,
+                last_collect: now,
+                last_event: now,
+                waiting_since: None,
+            }
+        });
+        if !Arc::ptr_eq(&state.bucket.rule, rule) && state.op.is_none() {
+            // The rule was edited: new parameters, same global bucket.
+            state.bucket.rule = Arc::clone(rule);
+            state.hash = hash;
+        }
+        state.last_event = now;
+        state
+    }
+
+    fn at_cap(&self, rule: &Rule, key: &BucketKey) -> bool {
+        let id: KeyId = (rule.id().into(), key.clone());
+        !self.keys.contains_key(&id)
+            && self.per_rule.get(rule.id()).copied().unwrap_or(0)
+                >= self.settings.max_buckets_per_rule
     }
 
     fn handle(&mut self, event: LeaseEvent) {
         match event {
-            LeaseEvent::Refill { rule, key, hash } => {
-                if rule
-                    .global
-                    .as_ref()
-                    .is_some_and(|g| g.batch.load(Ordering::Relaxed) == 0)
-                {
-                    // A rule installed since the last tick: plan it now.
-                    self.retune();
-                }
-                let id: KeyId = (rule.id().into(), key.clone());
-                let now = Instant::now();
-                let state = self.keys.entry(id.clone()).or_insert(KeyState {
-                    in_flight: false,
-                    demand: 0.0,
-                    last_grant: None,
-                    last_seen: now,
-                });
-                state.last_seen = now;
-                if state.in_flight {
+            LeaseEvent::Refill {
+                rule,
+                key,
+                hash,
+                borrowed,
+            } => {
+                if self.at_cap(&rule, &key) {
+                    self.stats
+                        .bucket_cap_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(g) = &rule.global {
+                        g.repay(borrowed);
+                    }
+                    self.limiter.clear_request(&rule, &key, hash);
                     return;
                 }
-                // The bucket spent its last grant since then: that is its demand.
-                if let Some((at, tokens)) = state.last_grant {
-                    let secs = now.duration_since(at).as_secs_f64().max(0.001);
-                    let rate = tokens as f64 / secs;
-                    state.demand = if state.demand == 0.0 {
-                        rate
-                    } else {
-                        0.5 * state.demand + 0.5 * rate
-                    };
-                }
-                let g = rule
-                    .global
-                    .as_ref()
-                    .expect("refills come from global rules");
-                let b_max = g.batch.load(Ordering::Relaxed).max(1);
-                let want = if state.demand == 0.0 {
-                    (b_max / 4).max(1)
-                } else {
-                    ((state.demand * self.settings.prefetch.as_secs_f64()).ceil() as u64)
-                        .clamp(1, b_max)
-                };
-                state.in_flight = true;
-                let bucket = BucketRef { rule, key };
-                let source = self.source.clone();
-                let max_backoff = self.settings.max_backoff;
-                self.tasks.spawn(async move {
-                    let tokens = lease(&source, &bucket, want, max_backoff).await;
-                    Done::Refill {
-                        id,
-                        bucket,
-                        hash,
-                        tokens,
-                    }
-                });
+                let state = self.key_state(&rule, key, hash);
+                state.refill = true;
+                state.borrowed += borrowed;
+                state.waiting_since.get_or_insert_with(Instant::now);
             }
             LeaseEvent::Release {
                 rule,
                 key,
                 allotment,
             } => {
-                self.keys.remove(&(rule.id().into(), key.clone()));
-                let source = self.source.clone();
-                self.tasks.spawn(async move {
-                    let bucket = BucketRef { rule, key };
-                    let (held, debt) = (u64::from(allotment.held), u64::from(allotment.debt));
-                    if let Err(e) = source.give_back(&bucket, held, debt).await {
-                        tracing::debug!("could not return {held} tokens: {e}");
-                    }
-                    Done::Released
-                });
+                let hash = self.limiter.table().hash_key(&key);
+                let state = self.key_state(&rule, key, hash);
+                state.give += u64::from(allotment.held);
+                state.debt += u64::from(allotment.debt);
+                state.refill = false;
+                state.released = true;
+            }
+            LeaseEvent::Now {
+                rule,
+                key,
+                hash,
+                cost,
+                reply,
+            } => {
+                if self.at_cap(&rule, &key) {
+                    self.stats
+                        .bucket_cap_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    let _ = reply.send(false);
+                    return;
+                }
+                let state = self.key_state(&rule, key, hash);
+                if let Some((_, old)) = state.now.replace((cost, reply)) {
+                    // One per-request lease per bucket at a time.
+                    let _ = old.send(false);
+                }
+                state.not_before = Instant::now();
             }
         }
     }
 
-    fn finish(&mut self, done: Done) {
-        let Done::Refill {
-            id,
-            bucket,
-            hash,
-            tokens,
-        } = done
-        else {
+    /// Sends the operations that are ready, in batches.
+    fn flush(&mut self) {
+        if self.batches.len() >= self.settings.batches_in_flight {
             return;
-        };
-        if let Some(state) = self.keys.get_mut(&id) {
-            state.in_flight = false;
-            if tokens > 0 {
-                state.last_grant = Some((Instant::now(), tokens));
+        }
+        let failing = self.link.failing();
+        let now = Instant::now();
+        let mut ready: Vec<KeyId> = Vec::new();
+        for (id, s) in &self.keys {
+            if s.in_flight || now < s.not_before || !s.has_work() {
+                continue;
+            }
+            // While etcd is unreachable or our clock is off, nothing is sent
+            // but the probing of the health machine; returns wait too.
+            if failing {
+                continue;
+            }
+            ready.push(id.clone());
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(ready.len());
+        for id in ready {
+            if let Some(op) = self.build(&id) {
+                ops.push(op);
             }
         }
-        if tokens == 0 {
-            self.limiter.clear_request(&bucket.rule, &bucket.key, hash);
+        if ops.is_empty() {
             return;
         }
-        if !self.limiter.credit(&bucket.rule, &bucket.key, hash, tokens) {
-            // The bucket went away meanwhile: the tokens go straight back.
+        let per_batch = ops
+            .len()
+            .div_ceil(self.settings.batches_in_flight - self.batches.len());
+        while !ops.is_empty() {
+            let batch: Vec<Op> = ops.drain(..per_batch.min(ops.len())).collect();
+            self.stats
+                .ops
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let source = self.source.clone();
-            self.tasks.spawn(async move {
-                let _ = source.give_back(&bucket, tokens, 0).await;
-                Done::Released
+            self.batches.spawn(async move { source.apply(batch).await });
+        }
+    }
+
+    /// The next operation of a bucket, or `None` if it has nothing to do.
+    fn build(&mut self, id: &KeyId) -> Option<Op> {
+        let prefetch = self.settings.prefetch.as_secs_f64();
+        let state = self.keys.get_mut(id)?;
+        if let Some(op) = &state.op {
+            // Retried as it was, under the same identity.
+            state.in_flight = true;
+            return Some(op.clone());
+        }
+        let rule = Arc::clone(&state.bucket.rule);
+        let g = rule.global.as_ref()?;
+        let b_max = g.batch.load(Ordering::Relaxed).max(1);
+        let mut take = 0;
+        let mut min = 1;
+        if !state.released && (state.refill || state.now.is_some()) {
+            match self.limiter.collect(&rule, &state.bucket.key, state.hash) {
+                Some(c) => {
+                    let now = Instant::now();
+                    let secs = now.duration_since(state.last_collect).as_secs_f64();
+                    if secs > 0.0 {
+                        let rate = c.wanted as f64 / secs.max(0.05);
+                        state.demand = if state.demand == 0.0 {
+                            rate
+                        } else {
+                            0.7 * state.demand + 0.3 * rate
+                        };
+                        state.last_collect = now;
+                    }
+                    state.debt += c.debt;
+                    if let Some((cost, _)) = &state.now {
+                        take = *cost;
+                        min = *cost;
+                    } else {
+                        // Held plus the new batch stays within b_max.
+                        let wanted = ((state.demand * prefetch).ceil() as u64).clamp(1, b_max);
+                        take = wanted.saturating_sub(c.held);
+                    }
+                }
+                None => {
+                    // The bucket is gone; its release event brings the rest.
+                    state.refill = false;
+                    if let Some((_, reply)) = state.now.take() {
+                        let _ = reply.send(false);
+                    }
+                }
+            }
+        }
+        if take == 0 && state.give == 0 && state.debt == 0 {
+            if state.refill {
+                // Enough held already: answer the request.
+                state.refill = false;
+                self.limiter.credit(&rule, &state.bucket.key, state.hash, 0);
+            }
+            return None;
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let op = Op {
+            bucket: state.bucket.clone(),
+            ask: Ask {
+                op: self.nonce | u64::from(self.seq),
+                take,
+                min,
+                give: std::mem::take(&mut state.give),
+                debt: std::mem::take(&mut state.debt),
+                demand: state.demand,
+            },
+            known: state.known.take(),
+            uncertain: false,
+        };
+        state.op = Some(op.clone());
+        state.in_flight = true;
+        Some(op)
+    }
+
+    fn finish(&mut self, results: Vec<(Op, Done)>) {
+        let node = self.source.node().to_owned();
+        for (op, done) in results {
+            let id: KeyId = (op.bucket.rule.id().into(), op.bucket.key.clone());
+            self.audit_op(&node, &op, &done);
+            let Some(state) = self.keys.get_mut(&id) else {
+                continue;
+            };
+            state.in_flight = false;
+            state.known = done.known;
+            let now = Instant::now();
+            match done.outcome {
+                Outcome::Committed {
+                    granted,
+                    retry_after,
+                    ..
+                } => {
+                    if done.resolved {
+                        self.stats.resolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    state.op = None;
+                    self.stats
+                        .tokens_leased
+                        .fetch_add(granted, Ordering::Relaxed);
+                    self.stats
+                        .tokens_returned
+                        .fetch_add(op.ask.give, Ordering::Relaxed);
+                    self.stats
+                        .debt_charged
+                        .fetch_add(op.ask.debt, Ordering::Relaxed);
+                    if op.ask.debt > 0 && state.borrowed > 0 {
+                        // The fresh request's credit is charged now.
+                        if let Some(g) = &op.bucket.rule.global {
+                            g.repay(state.borrowed);
+                        }
+                        state.borrowed = 0;
+                    }
+                    let rule = &op.bucket.rule;
+                    if let Some((cost, reply)) = state.now.take() {
+                        let ok = granted >= cost;
+                        let _ = reply.send(ok);
+                        if granted > cost || (!ok && granted > 0) {
+                            state.give += if ok { granted - cost } else { granted };
+                        }
+                        state.not_before = now;
+                    } else if op.ask.take > 0 && granted == 0 {
+                        // The global bucket is empty: back off, with jitter
+                        // so daemons waiting for the same bucket spread out.
+                        let waited = state.waiting_since.map_or(Duration::ZERO, |w| now - w);
+                        if waited >= self.settings.max_backoff * 4 || state.released {
+                            state.refill = false;
+                            state.waiting_since = None;
+                            self.limiter.clear_request(rule, &op.bucket.key, state.hash);
+                        } else {
+                            let jitter = 0.8 + 0.4 * rand::random::<f64>();
+                            let wait = retry_after
+                                .min(self.settings.max_backoff)
+                                .mul_f64(jitter)
+                                .max(Duration::from_millis(1));
+                            state.not_before = now + wait;
+                        }
+                    } else if op.ask.take > 0 {
+                        state.refill = false;
+                        state.waiting_since = None;
+                        let left = if state.released {
+                            granted
+                        } else {
+                            self.limiter
+                                .credit(rule, &op.bucket.key, state.hash, granted)
+                        };
+                        // Tokens that found no bucket go straight back.
+                        state.give += left;
+                    }
+                }
+                Outcome::Unknown(e) => {
+                    self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("lease outcome unknown, retrying under the same identity: {e}");
+                    let mut op = op;
+                    op.uncertain = true;
+                    op.known = None;
+                    state.op = Some(op);
+                    if let Some((_, reply)) = state.now.take() {
+                        let _ = reply.send(false);
+                    }
+                    state.not_before = now + Duration::from_millis(50);
+                }
+                Outcome::Failed(e) => {
+                    tracing::debug!("lease operation not applied: {e}");
+                    // Nothing was applied: its tokens in transit go back to
+                    // the bucket's account and are sent again.
+                    state.op = None;
+                    state.give += op.ask.give;
+                    state.debt += op.ask.debt;
+                    if let Some((_, reply)) = state.now.take() {
+                        let _ = reply.send(false);
+                    }
+                    if op.ask.take > 0 && !state.released {
+                        // The request is answered by on_failure meanwhile;
+                        // the next request asks again. Never fresh again.
+                        state.refill = false;
+                        state.waiting_since = None;
+                        self.limiter
+                            .clear_request(&op.bucket.rule, &op.bucket.key, state.hash);
+                    }
+                    state.not_before = now + Duration::from_millis(100);
+                }
+            }
+        }
+    }
+
+    fn audit_op(&mut self, node: &str, op: &Op, done: &Done) {
+        if !self.audit.enabled() {
+            return;
+        }
+        let (outcome, granted, revision) = match &done.outcome {
+            Outcome::Committed {
+                granted, revision, ..
+            } if done.resolved => ("resolved", *granted, *revision),
+            Outcome::Committed {
+                granted, revision, ..
+            } => ("committed", *granted, *revision),
+            Outcome::Unknown(_) => ("unknown", 0, 0),
+            Outcome::Failed(_) => ("failed", 0, 0),
+        };
+        let key = super::etcd::bucket_key("", &op.bucket);
+        self.audit.write(&Record::Op {
+            node: node.to_owned(),
+            op: op.ask.op,
+            rule: op.bucket.rule.id().to_owned(),
+            key,
+            take: op.ask.take,
+            give: op.ask.give,
+            debt: op.ask.debt,
+            granted,
+            outcome: outcome.to_owned(),
+            revision,
+            wall_ns: wall_ns(),
+        });
+    }
+
+    /// One audit line per global rule with the requests admitted since the last.
+    fn audit_admissions(&mut self) {
+        if !self.audit.enabled() {
+            return;
+        }
+        let node = self.source.node().to_owned();
+        let now = wall_ns();
+        for rule in self.limiter.rules().iter() {
+            if rule.global.is_none() {
+                continue;
+            }
+            let (allowed, _, bypassed) = rule.activity.totals();
+            let last = self
+                .audited
+                .entry(rule.id().into())
+                .or_insert((allowed, bypassed));
+            let (da, db) = (
+                allowed - last.0.min(allowed),
+                bypassed - last.1.min(bypassed),
+            );
+            *last = (allowed, bypassed);
+            self.audit.write(&Record::Admitted {
+                node: node.clone(),
+                rule: rule.id().to_owned(),
+                wall_ns: now,
+                allowed: da,
+                bypassed: db,
             });
         }
+        self.audit.flush();
     }
 
     /// Recomputes every global rule's batch plan for the current membership.
@@ -283,7 +731,10 @@ impl<S: Source> Coordinator<S> {
             g.low_water.store((b_max / 4).max(1), Ordering::Relaxed);
             g.members.store(n, Ordering::Relaxed);
             g.per_request.store(p.per_request, Ordering::Relaxed);
-            // The lenient local limit while etcd is unreachable.
+            g.credit_cap
+                .store(self.settings.max_credit.max(b_max), Ordering::Relaxed);
+            // The lenient local limit while etcd is unreachable: its rate and
+            // its burst are both `fallback_limit` per window.
             let per_window = rule.spec.fallback_limit.unwrap_or_else(|| {
                 ((rule.spec.limit as f64 * (1.0 + self.settings.fallback_slack) / n as f64).ceil()
                     as u64)
@@ -291,76 +742,66 @@ impl<S: Source> Coordinator<S> {
             });
             let window_ns = rule.spec.window.as_nanos() as u64;
             let interval = window_ns.div_ceil(per_window).max(1);
-            let burst = rule.spec.capacity().div_ceil(n).max(1);
+            let burst = match rule.spec.fallback_limit {
+                Some(limit) => limit.min(rule.spec.capacity()),
+                None => rule.spec.capacity().div_ceil(n),
+            }
+            .max(1);
             g.fallback_interval_ns.store(interval, Ordering::Relaxed);
             g.fallback_tau_ns
                 .store(interval.saturating_mul(burst), Ordering::Relaxed);
         }
     }
 
-    /// Charges what was admitted while etcd was unreachable, then declares the
-    /// cluster healthy again. Batches ramp up from the demand estimate.
-    async fn post_debts(&mut self) {
-        let debts = self.limiter.take_leases(false);
-        let mut total = 0;
-        for (rule, key, _, debt) in &debts {
-            let bucket = BucketRef {
-                rule: Arc::clone(rule),
-                key: key.clone(),
-            };
-            match self.source.give_back(&bucket, 0, *debt).await {
-                Ok(()) => total += debt,
-                Err(e) => {
-                    tracing::warn!("could not post {debt} tokens of debt: {e}");
-                    return;
-                }
+    /// After an outage: collect every bucket's debt into operations; once
+    /// nothing is in transit any more, declare the cluster healthy.
+    fn recover(&mut self) {
+        if self.link.state() != EtcdState::Recovering {
+            self.recovering = false;
+            return;
+        }
+        if !self.recovering {
+            self.recovering = true;
+            let debts = self.limiter.take_leases(false);
+            let total: u64 = debts.iter().map(|d| d.3).sum();
+            for (rule, key, _, debt) in debts {
+                let hash = self.limiter.table().hash_key(&key);
+                self.key_state(&rule, key, hash).debt += debt;
             }
+            // Forget demand estimates from before the outage: start small.
+            for state in self.keys.values_mut() {
+                state.demand = 0.0;
+                state.not_before = Instant::now();
+            }
+            tracing::info!(
+                tokens = total,
+                "charging consumption made while etcd was unreachable"
+            );
         }
-        self.stats.debt_charged.fetch_add(total, Ordering::Relaxed);
-        // Forget demand estimates from before the outage: start small.
-        for state in self.keys.values_mut() {
-            state.demand = 0.0;
-            state.last_grant = None;
+        let owed = self
+            .keys
+            .values()
+            .any(|s| s.debt > 0 || s.op.as_ref().is_some_and(|o| o.ask.debt > 0));
+        if !owed {
+            self.recovering = false;
+            self.health.recovered();
         }
-        tracing::info!(
-            buckets = debts.len(),
-            tokens = total,
-            "charged consumption made while etcd was unreachable"
-        );
-        self.health.recovered();
     }
 
     fn forget_idle_keys(&mut self) {
-        let horizon = Duration::from_secs(600);
+        let horizon = Duration::from_secs(60);
         let now = Instant::now();
-        self.keys
-            .retain(|_, s| s.in_flight || now.duration_since(s.last_seen) < horizon);
-    }
-}
-
-/// Takes tokens for one bucket, retrying with back-off while the global
-/// bucket is empty (one transaction in flight for the bucket throughout).
-/// Returns 0 when etcd fails or the bucket stays empty for `max_backoff`s.
-async fn lease<S: Source>(source: &S, bucket: &BucketRef, want: u64, max_backoff: Duration) -> u64 {
-    let give_up = Instant::now() + max_backoff * 4;
-    loop {
-        match source.take(bucket, want, 1).await {
-            Ok(grant) if grant.tokens > 0 => return grant.tokens,
-            Ok(grant) => {
-                let now = Instant::now();
-                if now >= give_up {
-                    return 0;
-                }
-                // Jitter keeps daemons that wait for the same bucket apart.
-                let jitter = 0.8 + 0.4 * rand::random::<f64>();
-                let wait = grant.retry_after.min(max_backoff).mul_f64(jitter);
-                tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        let per_rule = &mut self.per_rule;
+        self.keys.retain(|(rule, _), s| {
+            let keep = s.has_work()
+                || s.in_flight
+                || (!s.released && now.duration_since(s.last_event) < horizon);
+            if !keep && let Some(n) = per_rule.get_mut(rule) {
+                *n = n.saturating_sub(1);
             }
-            Err(e) => {
-                tracing::debug!("lease failed: {e}");
-                return 0;
-            }
-        }
+            keep
+        });
+        self.per_rule.retain(|_, n| *n > 0);
     }
 }
 
@@ -370,55 +811,120 @@ mod tests {
 
     use super::*;
     use crate::daemon::config::EtcdConfig;
-    use crate::daemon::lease::{Grant, LeaseError};
+    use crate::daemon::lease::value::{self, BucketValue, Params};
+    use crate::daemon::lease::{Known, LeaseError};
     use crate::daemon::limiter::{DefaultAction, LimiterConfig};
-    use crate::protocol::{Outcome, Priority, RuleSource};
+    use crate::protocol::{Outcome as Decided, Priority, RuleSource};
     use crate::rule::RuleSpec;
     use crate::rule::{OnFailure, Scope};
     use parking_lot::Mutex;
 
-    /// A global bucket in memory, with a switch to make every call fail.
+    /// One global bucket in memory applying the real ledger rules, with
+    /// switches to fail calls or lose their answers after committing.
     #[derive(Clone, Default)]
     struct Fake(Arc<Mutex<FakeBucket>>);
 
     #[derive(Default)]
     struct FakeBucket {
-        available: u64,
+        value: Option<BucketValue>,
+        revision: i64,
         taken: u64,
         returned: u64,
         debt: u64,
+        commits: u64,
         failing: bool,
+        /// Commit, then report the outcome as unknown.
+        lose_answers: bool,
+        /// Tokens the bucket has; `None`: as the rule says.
+        available: Option<u64>,
     }
 
     impl Source for Fake {
-        async fn take(&self, _: &BucketRef, want: u64, min: u64) -> Result<Grant, LeaseError> {
-            let mut b = self.0.lock();
-            if b.failing {
-                return Err(LeaseError::Timeout(Duration::from_millis(1)));
-            }
-            let tokens = want.min(b.available);
-            if tokens == 0 || tokens < min {
-                return Ok(Grant {
-                    tokens: 0,
-                    retry_after: Duration::from_millis(5),
-                });
-            }
-            b.available -= tokens;
-            b.taken += tokens;
-            Ok(Grant {
-                tokens,
-                retry_after: Duration::ZERO,
-            })
+        fn node(&self) -> &str {
+            "me"
         }
 
-        async fn give_back(&self, _: &BucketRef, held: u64, debt: u64) -> Result<(), LeaseError> {
+        async fn apply(&self, ops: Vec<Op>) -> Vec<(Op, Done)> {
             let mut b = self.0.lock();
-            if b.failing {
-                return Err(LeaseError::Timeout(Duration::from_millis(1)));
-            }
-            b.returned += held;
-            b.debt += debt;
-            Ok(())
+            ops.into_iter()
+                .map(|mut op| {
+                    let params = Params {
+                        interval_ns: op.bucket.rule.params.interval_ns,
+                        tau_ns: op.bucket.rule.params.tau_ns,
+                    };
+                    if b.failing {
+                        let e = LeaseError::Timeout(Duration::from_millis(1));
+                        let outcome = if op.uncertain {
+                            Outcome::Unknown(e)
+                        } else {
+                            Outcome::Failed(e)
+                        };
+                        let done = Done {
+                            outcome,
+                            known: None,
+                            resolved: false,
+                            repaired: false,
+                            clamped: false,
+                        };
+                        return (op, done);
+                    }
+                    let mut v = b.value.clone().unwrap_or_else(|| value::fresh(params));
+                    if op.uncertain && v.holders.get("me").is_some_and(|h| h.op == op.ask.op) {
+                        let granted = v.holders["me"].granted;
+                        op.known = None;
+                        let done = Done {
+                            outcome: Outcome::Committed {
+                                granted,
+                                retry_after: Duration::ZERO,
+                                revision: b.revision,
+                            },
+                            known: None,
+                            resolved: true,
+                            repaired: false,
+                            clamped: false,
+                        };
+                        return (op, done);
+                    }
+                    let now = wall_ns();
+                    value::normalize(&mut v, params, now);
+                    let mut ask = op.ask;
+                    if let Some(avail) = b.available {
+                        ask.take = ask.take.min(avail);
+                    }
+                    let applied = value::apply(&mut v, "me", &ask, params, now);
+                    if let Some(avail) = &mut b.available {
+                        *avail -= applied.granted;
+                        *avail += ask.give;
+                    }
+                    b.taken += applied.granted;
+                    b.returned += ask.give;
+                    b.debt += ask.debt;
+                    b.commits += 1;
+                    b.revision += 1;
+                    b.value = Some(v.clone());
+                    let outcome = if b.lose_answers {
+                        Outcome::Unknown(LeaseError::Timeout(Duration::from_millis(1)))
+                    } else {
+                        Outcome::Committed {
+                            granted: applied.granted,
+                            retry_after: Duration::from_millis(5),
+                            revision: b.revision,
+                        }
+                    };
+                    let known = (!b.lose_answers).then(|| Known {
+                        value: v,
+                        revision: b.revision,
+                    });
+                    let done = Done {
+                        outcome,
+                        known,
+                        resolved: false,
+                        repaired: false,
+                        clamped: false,
+                    };
+                    (op, done)
+                })
+                .collect()
         }
     }
 
@@ -430,14 +936,18 @@ mod tests {
         task: tokio::task::JoinHandle<()>,
     }
 
-    async fn setup(available: u64, on_failure: OnFailure) -> Setup {
+    async fn setup(
+        available: Option<u64>,
+        on_failure: OnFailure,
+        settings: LeaseSettings,
+    ) -> Setup {
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: 4,
-            max_buckets: 100,
+            max_buckets: 1000,
             default_action: DefaultAction::Allow,
         }));
-        let (tx, rx) = mpsc::channel(64);
-        let link = Arc::new(ClusterLink::new(tx, on_failure));
+        let (tx, rx) = mpsc::channel(4096);
+        let link = Arc::new(ClusterLink::new(QueueSink(tx), on_failure));
         limiter.attach(Arc::clone(&link));
         // Connecting is lazy: nothing listens here and nothing needs to.
         let config = EtcdConfig::defaults(vec!["http://127.0.0.1:1".into()]);
@@ -457,8 +967,10 @@ mod tests {
             Arc::clone(&limiter),
             &cluster,
             rx,
-            LeaseSettings::default(),
+            settings,
+            AuditLog::disabled(),
         );
+        coordinator.retune();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(coordinator.run(cancel.clone(), Duration::from_secs(1)));
         Setup {
@@ -470,41 +982,132 @@ mod tests {
         }
     }
 
-    fn ask(l: &Limiter, client: &str) -> Outcome {
+    fn ask(l: &Limiter, client: &str) -> Decided {
         l.acquire(client, "r", 1, Priority::Normal, 0)
             .unwrap()
             .outcome
     }
 
     async fn settle() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     #[tokio::test]
-    async fn a_fresh_bucket_is_admitted_then_served_from_leased_tokens() {
-        let s = setup(20, OnFailure::Closed).await;
-        // The first request is admitted against debt and asks for a lease.
-        assert_eq!(ask(&s.limiter, "a"), Outcome::Allowed);
+    async fn a_fresh_bucket_borrows_once_then_is_served_from_leased_tokens() {
+        let s = setup(Some(20), OnFailure::Closed, LeaseSettings::default()).await;
+        // The first request is admitted on credit and asks for a lease.
+        assert_eq!(ask(&s.limiter, "a"), Decided::Allowed);
         settle().await;
-        let taken = s.fake.0.lock().taken;
+        let (taken, debt) = {
+            let b = s.fake.0.lock();
+            (b.taken, b.debt)
+        };
         assert!(taken > 1, "a batch was leased: {taken}");
-        // The grant paid the first request's debt; the rest is spent, then
-        // the global bucket (20) is exhausted and requests are denied.
+        assert_eq!(debt, 1, "the credit was charged with the first lease");
+        // The global bucket had 20: the credit was charged on top, so 19 of
+        // the leased tokens plus the first request make 20 admissions... and
+        // never more than what was granted plus the one credit.
         let mut allowed = 1;
         for _ in 0..100 {
-            if ask(&s.limiter, "a") == Outcome::Allowed {
+            if ask(&s.limiter, "a") == Decided::Allowed {
                 allowed += 1;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(allowed, 20, "exactly what the global bucket had");
+        let taken = s.fake.0.lock().taken;
+        assert_eq!(allowed, taken + 1, "grants plus one credit");
+        assert!(allowed <= 21);
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bucket_whose_first_lease_fails_never_borrows_again() {
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
+        s.fake.0.lock().failing = true;
+        assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "one credit");
+        settle().await;
+        for _ in 0..20 {
+            assert_eq!(ask(&s.limiter, "a"), Decided::Denied);
+        }
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn credit_is_capped_per_rule() {
+        let settings = LeaseSettings {
+            max_credit: 5,
+            ..LeaseSettings::default()
+        };
+        let s = setup(None, OnFailure::Closed, settings).await;
+        // The batch size (b_max) may raise the cap; make calls fail so no
+        // credit is repaid meanwhile.
+        s.fake.0.lock().failing = true;
+        let cap = s
+            .limiter
+            .rules()
+            .get("g")
+            .unwrap()
+            .global
+            .as_ref()
+            .unwrap()
+            .credit_cap
+            .load(Ordering::Relaxed);
+        let allowed = (0..1000)
+            .filter(|i| ask(&s.limiter, &format!("client-{i}")) == Decided::Allowed)
+            .count() as u64;
+        assert!(cap > 0 && cap < 1000, "cap {cap}");
+        assert_eq!(allowed, cap, "1000 fresh keys, credit for {cap}");
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn held_tokens_never_exceed_the_batch() {
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
+        let b_max = s
+            .limiter
+            .rules()
+            .get("g")
+            .unwrap()
+            .global
+            .as_ref()
+            .unwrap()
+            .batch
+            .load(Ordering::Relaxed);
+        for _ in 0..50 {
+            ask(&s.limiter, "a");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let held: u64 = s.limiter.held_tokens().values().sum();
+            assert!(held <= b_max, "held {held} > b_max {b_max}");
+        }
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unknown_outcome_is_applied_once() {
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
+        s.fake.0.lock().lose_answers = true;
+        ask(&s.limiter, "a");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        s.fake.0.lock().lose_answers = false;
+        settle().await;
+        let b = s.fake.0.lock();
+        assert_eq!(b.commits, 1, "the retry found its predecessor committed");
+        assert_eq!(b.debt, 1, "the credit was charged once");
+        let taken = b.taken;
+        drop(b);
+        let held: u64 = s.limiter.held_tokens().values().sum();
+        assert_eq!(held, taken, "the recorded grant was credited");
         s.cancel.cancel();
         s.task.await.unwrap();
     }
 
     #[tokio::test]
     async fn shutdown_gives_held_tokens_back() {
-        let s = setup(1000, OnFailure::Closed).await;
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         ask(&s.limiter, "a");
         settle().await;
         let held: u64 = s.limiter.held_tokens().values().sum();
@@ -517,7 +1120,7 @@ mod tests {
 
     #[tokio::test]
     async fn deleting_the_rule_releases_its_leases() {
-        let s = setup(1000, OnFailure::Closed).await;
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         ask(&s.limiter, "a");
         settle().await;
         let held: u64 = s.limiter.held_tokens().values().sum();
@@ -529,20 +1132,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn debts_made_while_degraded_are_charged_on_recovery() {
-        let s = setup(0, OnFailure::Open).await;
+    async fn debts_made_while_degraded_are_charged_on_recovery_and_kept_until_then() {
+        let s = setup(None, OnFailure::Open, LeaseSettings::default()).await;
         s.fake.0.lock().failing = true;
         for _ in 0..3 {
             s.cluster.health.failure("down", std::time::Instant::now());
         }
         assert_eq!(s.link_state(), EtcdState::Degraded);
         for _ in 0..7 {
-            assert_eq!(ask(&s.limiter, "a"), Outcome::Allowed, "open admits");
+            assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "open admits");
         }
-        s.fake.0.lock().failing = false;
+        // Recovery starts, but the first postings fail: nothing is dropped.
         s.cluster.health.success();
         assert_eq!(s.link_state(), EtcdState::Recovering);
         tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(s.fake.0.lock().debt, 0);
+        s.fake.0.lock().failing = false;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(s.fake.0.lock().debt, 7);
         assert_eq!(s.link_state(), EtcdState::Healthy);
         s.cancel.cancel();

@@ -1,35 +1,51 @@
-//! The global buckets in etcd, and [`EtcdSource`], which leases from them.
+//! [`EtcdSource`]: lease operations of many buckets applied to etcd in few
+//! transactions.
 //!
-//! Key (schema v1): `{prefix}/v1/buckets/{rule}/{xxh3-128 of the bucket key}`;
-//! value: JSON `{"tat_ns": .., "holders": {"node": tokens}}` where `tat_ns` is
-//! the GCRA theoretical arrival time in wall-clock nanoseconds and `holders`
-//! shows who holds tokens from the last grants. A lease is one transaction:
-//! compare the key's mod_revision, put the advanced TAT; on conflict the else
-//! branch returns the fresh value, so a retry costs one round trip. Wall
-//! clocks (`base = max(tat, now)`) mean clock skew costs at most `rate x skew`
-//! and never accumulates; durations use the monotonic clock.
+//! Key (schema v1 path, v2 value): `{prefix}/v1/buckets/{rule}/{xxh3-128 of
+//! the bucket key}`; the value is described in [`super::value`].
+//!
+//! One batch of operations (one per bucket, at most [`MAX_KEYS_PER_TXN`] per
+//! transaction, under etcd's default `--max-txn-ops` of 128) costs:
+//! - one read-only transaction for the keys whose value is not known yet
+//!   (first contact, or after an unknown outcome);
+//! - one compare-and-swap transaction: compare every key's mod_revision, put
+//!   every new value; on a failed compare the else branch returns every
+//!   current value, the keys that did not move are retried at once and the
+//!   ones that moved go in a transaction of their own, so one contended key
+//!   cannot hold the good ones back for long.
+//!
+//! Every value names the last operation of each daemon (`holders[node].op`),
+//! so an operation whose outcome was unknown (deadline passed, connection
+//! cut, leader change) is resolved on the next attempt: if its id is in the
+//! value it committed, and its recorded grant is used; otherwise it is tried
+//! again under the same id, and the compare on mod_revision makes sure at
+//! most one of the attempts can commit.
+//!
+//! Keys are written under an etcd lease per rule that is never kept alive
+//! and is replaced every [`KEY_LEASE_RENEW`]: a key expires no sooner than
+//! the rule's bucket depth plus a margin after its last write (by then the
+//! bucket would be full anyway), so idle buckets leave etcd by themselves.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
-use serde::{Deserialize, Serialize};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use parking_lot::Mutex;
 
-use super::{BucketRef, Grant, LeaseError, LeaseStats, Source};
+use super::value::{self, BucketValue, Params};
+use super::{BucketRef, Done, Known, LeaseError, LeaseStats, Op, Outcome, Source};
 use crate::daemon::cluster::health::{CallError, Health};
 
-/// Attempts of one lease before reporting contention.
-const MAX_ATTEMPTS: u32 = 5;
-
-/// The JSON value of a global bucket.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BucketValue {
-    pub tat_ns: u64,
-    #[serde(default)]
-    pub holders: BTreeMap<String, u64>,
-}
+/// Keys per transaction (etcd's default `--max-txn-ops` is 128).
+pub const MAX_KEYS_PER_TXN: usize = 100;
+/// Compare-and-swap attempts of one batch before reporting contention.
+const MAX_ATTEMPTS: u32 = 4;
+/// A rule's key lease is replaced this often.
+pub const KEY_LEASE_RENEW: Duration = Duration::from_secs(15);
+/// How long a key outlives a full bucket, beyond the renewal period.
+const KEY_MARGIN: Duration = Duration::from_secs(60);
 
 /// The etcd key of a global bucket.
 pub fn bucket_key(prefix: &str, bucket: &BucketRef) -> String {
@@ -44,42 +60,12 @@ pub fn wall_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Takes up to `want` tokens: `(granted, new value)`.
-pub fn take_tokens(
-    value: &BucketValue,
-    now: u64,
-    want: u64,
-    interval_ns: u64,
-    tau_ns: u64,
-) -> (u64, u64) {
-    let base = value.tat_ns.max(now);
-    let room = (now + tau_ns).saturating_sub(base) / interval_ns;
-    let granted = want.min(room);
-    (granted, base + granted * interval_ns)
-}
-
-/// Gives back `held` tokens and charges `debt`: the new TAT.
-pub fn return_tokens(
-    tat: u64,
-    now: u64,
-    held: u64,
-    debt: u64,
-    interval_ns: u64,
-    tau_ns: u64,
-) -> u64 {
-    let mut tat = tat;
-    if tat > now {
-        // Returned tokens refill, but never past full.
-        tat = tat
-            .saturating_sub(held.saturating_mul(interval_ns))
-            .max(now);
+/// The parameters of a bucket's rule.
+pub fn params_of(bucket: &BucketRef) -> Params {
+    Params {
+        interval_ns: bucket.rule.params.interval_ns,
+        tau_ns: bucket.rule.params.tau_ns,
     }
-    if debt > 0 {
-        // Debt is charged at most one full bucket deep: no burst after an
-        // outage, no lockout either.
-        tat = (tat.max(now) + debt.saturating_mul(interval_ns)).min(now + tau_ns);
-    }
-    tat
 }
 
 /// Leases from etcd.
@@ -88,9 +74,12 @@ pub struct EtcdSource {
     client: etcd_client::Client,
     prefix: String,
     node: String,
+    /// Upper bound of one call's deadline (the etcd timeout).
     deadline: Duration,
     health: Arc<Health>,
     stats: Arc<LeaseStats>,
+    /// Per rule: the etcd lease new key writes attach to, and when it was granted.
+    key_leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
 }
 
 impl std::fmt::Debug for EtcdSource {
@@ -102,10 +91,13 @@ impl std::fmt::Debug for EtcdSource {
     }
 }
 
-/// The current value and mod_revision of a key (revision 0: absent).
-struct Current {
-    value: BucketValue,
-    revision: i64,
+/// One operation being worked on within a batch.
+struct Slot {
+    op: Op,
+    key: String,
+    done: Option<Done>,
+    /// Set when the value read was not a bucket value and was replaced.
+    repaired: bool,
 }
 
 impl EtcdSource {
@@ -124,16 +116,21 @@ impl EtcdSource {
             deadline,
             health,
             stats,
+            key_leases: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
-    /// Runs one etcd call with the deadline (retrying Unavailable on another
-    /// endpoint), feeding the health machine.
+    /// This daemon's node id (the holder name in bucket values).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Runs one etcd call within the adaptive deadline, feeding the health
+    /// machine and the failure count.
     async fn call<T, Fut>(&self, call: impl FnMut() -> Fut) -> Result<T, LeaseError>
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        // Adaptive within the etcd timeout, not the generic deadline.
         let deadline = self
             .stats
             .txn_deadline(self.deadline)
@@ -147,201 +144,357 @@ impl EtcdSource {
         })
     }
 
-    async fn read(&self, key: &str) -> Result<Current, LeaseError> {
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, LeaseError> {
         let client = self.client.clone();
+        let started = Instant::now();
         let resp = self
             .call(|| {
-                let mut c = client.clone();
-                let key = key.to_owned();
-                async move { c.get(key, None).await }
+                let (mut c, txn) = (client.clone(), txn.clone());
+                async move { c.txn(txn).await }
             })
             .await?;
-        match resp.kvs().first() {
-            Some(kv) => Ok(Current {
-                value: parse(key, kv.value())?,
-                revision: kv.mod_revision(),
-            }),
-            None => Ok(Current {
-                value: BucketValue::default(),
-                revision: 0,
-            }),
+        self.stats.txns.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .latency
+            .record_one(started.elapsed().as_nanos() as u64);
+        Ok(resp)
+    }
+
+    /// The lease a new write of `rule`'s keys attaches to (granted anew
+    /// every [`KEY_LEASE_RENEW`], with a TTL of the bucket depth plus margins).
+    async fn key_lease(&self, rule: &str, params: Params) -> Result<i64, LeaseError> {
+        if let Some((id, at)) = self.key_leases.lock().get(rule)
+            && at.elapsed() < KEY_LEASE_RENEW
+        {
+            return Ok(*id);
+        }
+        let ttl = Duration::from_nanos(params.tau_ns) + KEY_LEASE_RENEW + KEY_MARGIN;
+        let ttl = ttl.as_secs().max(1) as i64;
+        let client = self.client.clone();
+        let lease = self
+            .call(|| {
+                let mut c = client.clone();
+                async move { c.lease_grant(ttl, None).await }
+            })
+            .await?;
+        self.key_leases
+            .lock()
+            .insert(rule.to_owned(), (lease.id(), Instant::now()));
+        Ok(lease.id())
+    }
+
+    /// Reads the values of the slots that have none known. On failure those
+    /// slots are done (`Failed`, or `Unknown` if they were uncertain).
+    async fn read_unknown(&self, slots: &mut [Slot]) {
+        let idx: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].done.is_none() && slots[i].op.known.is_none())
+            .collect();
+        if idx.is_empty() {
+            return;
+        }
+        let gets: Vec<TxnOp> = idx
+            .iter()
+            .map(|&i| TxnOp::get(slots[i].key.as_str(), None))
+            .collect();
+        match self.txn(Txn::new().and_then(gets)).await {
+            Ok(resp) => {
+                for (&i, r) in idx.iter().zip(resp.op_responses().iter()) {
+                    let slot = &mut slots[i];
+                    let (known, repaired) = known_from(&slot.key, &slot.op, r);
+                    slot.op.known = Some(known);
+                    slot.repaired |= repaired;
+                }
+            }
+            Err(e) => {
+                for &i in &idx {
+                    let slot = &mut slots[i];
+                    slot.done = Some(not_done(&slot.op, e.clone_kind()));
+                }
+            }
         }
     }
 
-    /// Compare-and-swap loop: `update` computes the new value from the
-    /// current one (or `None` for no change).
-    async fn update<R>(
-        &self,
-        key: &str,
-        mut update: impl FnMut(&BucketValue, u64) -> Option<(BucketValue, R)>,
-    ) -> Result<Option<R>, LeaseError> {
-        let mut current = self.read(key).await?;
-        for attempt in 0..MAX_ATTEMPTS {
-            let Some((next, result)) = update(&current.value, wall_ns()) else {
-                return Ok(None);
+    /// Resolves uncertain slots whose operation is recorded in the value:
+    /// it committed, and its recorded grant stands.
+    fn resolve(&self, slots: &mut [Slot]) {
+        for slot in slots
+            .iter_mut()
+            .filter(|s| s.done.is_none() && s.op.uncertain)
+        {
+            let Some(known) = &slot.op.known else {
+                continue;
             };
-            let json = serde_json::to_vec(&next).expect("bucket values serialize");
-            let compare = if current.revision == 0 {
-                Compare::create_revision(key, CompareOp::Equal, 0)
-            } else {
-                Compare::mod_revision(key, CompareOp::Equal, current.revision)
-            };
-            let txn = Txn::new()
-                .when([compare])
-                .and_then([TxnOp::put(key, json, None)])
-                .or_else([TxnOp::get(key, None)]);
-            let started = Instant::now();
-            let client = self.client.clone();
-            let resp = self
-                .call(|| {
-                    let (mut c, txn) = (client.clone(), txn.clone());
-                    async move { c.txn(txn).await }
-                })
-                .await?;
-            self.stats.txns.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .latency
-                .record_one(started.elapsed().as_nanos() as u64);
-            if resp.succeeded() {
-                return Ok(Some(result));
+            if let Some(h) = known.value.holders.get(&self.node)
+                && h.op == slot.op.ask.op
+            {
+                slot.done = Some(Done {
+                    outcome: Outcome::Committed {
+                        granted: h.granted,
+                        retry_after: Duration::ZERO,
+                        revision: known.revision,
+                    },
+                    known: slot.op.known.clone(),
+                    resolved: true,
+                    repaired: slot.repaired,
+                    clamped: false,
+                });
             }
-            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-            current = match resp.op_responses().into_iter().next() {
-                Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
-                    Some(kv) => Current {
-                        value: parse(key, kv.value())?,
-                        revision: kv.mod_revision(),
-                    },
-                    None => Current {
-                        value: BucketValue::default(),
-                        revision: 0,
-                    },
-                },
-                _ => self.read(key).await?,
-            };
-            // Conflicts mean another daemon is on this bucket: spread retries.
-            let jitter = rand::random::<u64>() % (2_000 * u64::from(attempt + 1));
-            tokio::time::sleep(Duration::from_micros(jitter)).await;
         }
-        Err(LeaseError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// One compare-and-swap round over the open slots in `idx`: `Ok(moved)`
+    /// with the slots whose key moved (to retry), all done on success.
+    async fn swap(&self, slots: &mut [Slot], idx: &[usize]) -> Vec<usize> {
+        let now = wall_ns();
+        let mut compares = Vec::with_capacity(idx.len());
+        let mut puts = Vec::with_capacity(idx.len());
+        let mut gets = Vec::with_capacity(idx.len());
+        let mut results = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let slot = &mut slots[i];
+            let params = params_of(&slot.op.bucket);
+            let known = slot.op.known.as_ref().expect("read before swap");
+            let mut next = known.value.clone();
+            let clamped = value::normalize(&mut next, params, now);
+            let applied = value::apply(&mut next, &self.node, &slot.op.ask, params, now);
+            let lease = match self.key_lease(slot.op.bucket.rule.id(), params).await {
+                Ok(id) => id,
+                Err(e) => {
+                    // Nothing was sent for any slot of this round.
+                    for &j in idx {
+                        let s = &mut slots[j];
+                        if s.done.is_none() {
+                            s.done = Some(not_done(&s.op, e.clone_kind()));
+                        }
+                    }
+                    return Vec::new();
+                }
+            };
+            compares.push(if known.revision == 0 {
+                Compare::create_revision(slot.key.as_str(), CompareOp::Equal, 0)
+            } else {
+                Compare::mod_revision(slot.key.as_str(), CompareOp::Equal, known.revision)
+            });
+            let json = serde_json::to_vec(&next).expect("bucket values serialize");
+            puts.push(TxnOp::put(
+                slot.key.as_str(),
+                json,
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+            gets.push(TxnOp::get(slot.key.as_str(), None));
+            results.push((next, applied, clamped));
+        }
+        let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
+        let resp = match self.txn(txn).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // The transaction may or may not have committed.
+                for &i in idx {
+                    let slot = &mut slots[i];
+                    slot.op.uncertain = true;
+                    slot.op.known = None;
+                    slot.done = Some(Done {
+                        outcome: Outcome::Unknown(e.clone_kind()),
+                        known: None,
+                        resolved: false,
+                        repaired: slot.repaired,
+                        clamped: false,
+                    });
+                }
+                return Vec::new();
+            }
+        };
+        if resp.succeeded() {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            for (&i, (next, applied, clamped)) in idx.iter().zip(results) {
+                let slot = &mut slots[i];
+                let known = Known {
+                    value: next,
+                    revision,
+                };
+                slot.done = Some(Done {
+                    outcome: Outcome::Committed {
+                        granted: applied.granted,
+                        retry_after: applied.retry_after,
+                        revision,
+                    },
+                    known: Some(known),
+                    resolved: false,
+                    repaired: slot.repaired,
+                    clamped,
+                });
+            }
+            return Vec::new();
+        }
+        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        // A compare failed: nothing was written. Learn every current value.
+        let mut moved = Vec::new();
+        for (&i, r) in idx.iter().zip(resp.op_responses().iter()) {
+            let slot = &mut slots[i];
+            let before = slot.op.known.as_ref().map_or(-1, |k| k.revision);
+            let (known, repaired) = known_from(&slot.key, &slot.op, r);
+            if known.revision != before {
+                moved.push(i);
+            }
+            slot.op.known = Some(known);
+            slot.repaired |= repaired;
+        }
+        moved
+    }
+
+    /// Applies one chunk (at most [`MAX_KEYS_PER_TXN`] operations).
+    async fn apply_chunk(&self, slots: &mut [Slot]) {
+        self.read_unknown(slots).await;
+        self.resolve(slots);
+        let mut queue: Vec<Vec<usize>> = vec![
+            (0..slots.len())
+                .filter(|&i| slots[i].done.is_none())
+                .collect(),
+        ];
+        let mut attempts = 0;
+        while let Some(idx) = queue.pop() {
+            if idx.is_empty() {
+                continue;
+            }
+            if attempts >= MAX_ATTEMPTS * 2 {
+                for &i in &idx {
+                    let slot = &mut slots[i];
+                    slot.done = Some(not_done(&slot.op, LeaseError::Contended(MAX_ATTEMPTS)));
+                }
+                continue;
+            }
+            attempts += 1;
+            let moved = self.swap(slots, &idx).await;
+            if moved.is_empty() && idx.iter().all(|&i| slots[i].done.is_some()) {
+                continue;
+            }
+            // Another daemon's write may have carried our uncertain op.
+            self.resolve(slots);
+            let open: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|&i| slots[i].done.is_none())
+                .collect();
+            let (hot, calm): (Vec<usize>, Vec<usize>) =
+                open.into_iter().partition(|i| moved.contains(i));
+            if !hot.is_empty() {
+                // Spread retries of contended keys between daemons.
+                let jitter = rand::random::<u64>() % (1_000 * u64::from(attempts));
+                tokio::time::sleep(Duration::from_micros(jitter)).await;
+            }
+            queue.push(hot);
+            queue.push(calm);
+        }
     }
 }
 
-fn parse(key: &str, bytes: &[u8]) -> Result<BucketValue, LeaseError> {
-    serde_json::from_slice(bytes).map_err(|e| LeaseError::Corrupt {
-        key: key.to_owned(),
-        message: format!("not a bucket value ({e}); delete the key to reset the bucket"),
-    })
+impl LeaseError {
+    /// A copy of the error's kind and message (etcd errors are not `Clone`).
+    pub fn clone_kind(&self) -> LeaseError {
+        match self {
+            LeaseError::Timeout(d) => LeaseError::Timeout(*d),
+            LeaseError::Contended(n) => LeaseError::Contended(*n),
+            other => LeaseError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// The outcome of an operation that was not sent this time: still unknown
+/// if an earlier attempt may have committed, otherwise not applied.
+fn not_done(op: &Op, e: LeaseError) -> Done {
+    Done {
+        outcome: if op.uncertain {
+            Outcome::Unknown(e)
+        } else {
+            Outcome::Failed(e)
+        },
+        known: None,
+        resolved: false,
+        repaired: false,
+        clamped: false,
+    }
+}
+
+/// The known value from a get response; an unreadable value is replaced by
+/// [`value::repaired`] (an empty bucket) at the same revision, so the next
+/// write overwrites it.
+fn known_from(key: &str, op: &Op, resp: &TxnOpResponse) -> (Known, bool) {
+    let kv = match resp {
+        TxnOpResponse::Get(get) => get.kvs().first(),
+        _ => None,
+    };
+    let Some(kv) = kv else {
+        return (
+            Known {
+                value: value::fresh(params_of(&op.bucket)),
+                revision: 0,
+            },
+            false,
+        );
+    };
+    match serde_json::from_slice::<BucketValue>(kv.value()) {
+        Ok(value) => (
+            Known {
+                value,
+                revision: kv.mod_revision(),
+            },
+            false,
+        ),
+        Err(e) => {
+            tracing::error!(
+                %key,
+                "global bucket value is unreadable ({e}); rewriting it as an empty bucket"
+            );
+            (
+                Known {
+                    value: value::repaired(params_of(&op.bucket), wall_ns()),
+                    revision: kv.mod_revision(),
+                },
+                true,
+            )
+        }
+    }
 }
 
 impl Source for EtcdSource {
-    async fn take(&self, bucket: &BucketRef, want: u64, min: u64) -> Result<Grant, LeaseError> {
-        let key = bucket_key(&self.prefix, bucket);
-        let p = bucket.rule.params;
-        let node = self.node.clone();
-        let mut retry_after = Duration::ZERO;
-        let granted = self
-            .update(&key, |value, now| {
-                let (granted, tat) = take_tokens(value, now, want, p.interval_ns, p.tau_ns);
-                if granted == 0 || granted < min {
-                    let base = value.tat_ns.max(now);
-                    let ready = base + want.max(min) * p.interval_ns;
-                    retry_after = Duration::from_nanos(ready.saturating_sub(now + p.tau_ns));
-                    return None;
-                }
-                let mut next = value.clone();
-                next.tat_ns = tat;
-                next.holders.insert(node.clone(), granted);
-                Some((next, granted))
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn apply(&self, ops: Vec<Op>) -> Vec<(Op, Done)> {
+        let mut slots: Vec<Slot> = ops
+            .into_iter()
+            .map(|op| Slot {
+                key: bucket_key(&self.prefix, &op.bucket),
+                op,
+                done: None,
+                repaired: false,
             })
-            .await?;
-        let tokens = granted.unwrap_or(0);
-        self.stats
-            .tokens_leased
-            .fetch_add(tokens, Ordering::Relaxed);
-        Ok(Grant {
-            tokens,
-            retry_after,
-        })
-    }
-
-    async fn give_back(&self, bucket: &BucketRef, held: u64, debt: u64) -> Result<(), LeaseError> {
-        if held == 0 && debt == 0 {
-            return Ok(());
+            .collect();
+        // Chunks go one after another: the number of transactions in flight
+        // per daemon is bounded by the coordinator's batches in flight.
+        for chunk in slots.chunks_mut(MAX_KEYS_PER_TXN) {
+            self.apply_chunk(chunk).await;
         }
-        let key = bucket_key(&self.prefix, bucket);
-        let p = bucket.rule.params;
-        let node = self.node.clone();
-        self.update(&key, |value, now| {
-            let mut next = value.clone();
-            next.tat_ns = return_tokens(value.tat_ns, now, held, debt, p.interval_ns, p.tau_ns);
-            next.holders.remove(&node);
-            Some((next, ()))
-        })
-        .await?;
-        self.stats
-            .tokens_returned
-            .fetch_add(held, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: u64 = 1_000_000;
-
-    #[test]
-    fn takes_only_what_the_bucket_has() {
-        // 1 token per ms, burst 100.
-        let v = BucketValue::default();
-        let now = 1_000_000 * MS;
-        assert_eq!(take_tokens(&v, now, 30, MS, 100 * MS), (30, now + 30 * MS));
-        let v = BucketValue {
-            tat_ns: now + 90 * MS,
-            ..Default::default()
-        };
-        assert_eq!(take_tokens(&v, now, 30, MS, 100 * MS), (10, now + 100 * MS));
-        let empty = BucketValue {
-            tat_ns: now + 100 * MS,
-            ..Default::default()
-        };
-        assert_eq!(take_tokens(&empty, now, 30, MS, 100 * MS).0, 0);
-    }
-
-    #[test]
-    fn returns_refill_and_debts_are_capped_at_one_bucket() {
-        let now = 1_000 * MS;
-        assert_eq!(
-            return_tokens(now + 50 * MS, now, 20, 0, MS, 100 * MS),
-            now + 30 * MS
-        );
-        assert_eq!(
-            return_tokens(now + 5 * MS, now, 20, 0, MS, 100 * MS),
-            now,
-            "never past full"
-        );
-        assert_eq!(
-            return_tokens(now - 5 * MS, now, 20, 0, MS, 100 * MS),
-            now - 5 * MS
-        );
-        assert_eq!(return_tokens(now, now, 0, 30, MS, 100 * MS), now + 30 * MS);
-        assert_eq!(
-            return_tokens(now, now, 0, 5000, MS, 100 * MS),
-            now + 100 * MS
-        );
-    }
-
-    #[test]
-    fn values_are_readable_json() {
-        let mut v = BucketValue {
-            tat_ns: 5,
-            ..Default::default()
-        };
-        v.holders.insert("a".into(), 3);
-        let json = serde_json::to_string(&v).unwrap();
-        assert_eq!(json, r#"{"tat_ns":5,"holders":{"a":3}}"#);
-        assert!(parse("k", b"garbage").is_err());
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let mut done = slot
+                .done
+                .unwrap_or_else(|| not_done(&slot.op, LeaseError::Failed("not attempted".into())));
+            done.repaired |= slot.repaired;
+            if done.repaired {
+                self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.health.failure(
+                    "an unreadable global bucket value was repaired",
+                    Instant::now(),
+                );
+            }
+            if done.clamped {
+                self.stats.clamped.fetch_add(1, Ordering::Relaxed);
+            }
+            out.push((slot.op, done));
+        }
+        out
     }
 }

@@ -1,19 +1,23 @@
 //! Leasing tokens of global rules: the batch-size arithmetic ([`plan`]), the
-//! [`Source`] of tokens (implemented on etcd by [`etcd::EtcdSource`]) and the
-//! [`Coordinator`] task that owns it.
+//! bucket values in etcd and their ledger rules ([`value`]), the [`Source`]
+//! of tokens (implemented on etcd by [`etcd::EtcdSource`]), the
+//! [`Coordinator`] task that owns it, and the audit log ([`audit`]).
 //!
-//! The hot path never waits for any of this: it spends held tokens and, below
-//! a low-water mark, sends a refill event (`limiter::global`). The coordinator
-//! runs at most one lease transaction per bucket at a time, sizes each batch
-//! from the bucket's own demand, caps it by the rule's accuracy knob, backs off
-//! while the global bucket is empty, and writes grants back with
-//! `Limiter::credit`. Tokens come back to the global bucket on shutdown, rule
-//! change and eviction.
+//! All token traffic with etcd lives here. The hot path never waits for any
+//! of it: it spends held tokens and, below a low-water mark, sends a refill
+//! event through `limiter::global::LeaseSink`. The coordinator turns events
+//! into lease operations (take, give back, charge debt), one per bucket in
+//! flight, many buckets per etcd transaction, each with an identity so an
+//! unknown outcome is never applied twice; it sizes batches from demand
+//! within the rule's plan, backs off while a global bucket is empty, and
+//! writes grants back with `Limiter::credit`.
 
+pub mod audit;
 mod coordinator;
 pub mod etcd;
+pub mod value;
 
-pub use coordinator::{Coordinator, LeaseSettings};
+pub use coordinator::{Coordinator, LeaseEvent, LeaseHandle, LeaseSettings, QueueSink};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use super::limiter::Rule;
 use super::limiter::key::BucketKey;
 use super::metrics::LatencyHistogram;
 use crate::rule::{Accuracy, RuleSpec};
+use value::{Ask, BucketValue};
 
 /// The global bucket of one (rule, client, resource).
 #[derive(Debug, Clone)]
@@ -32,13 +37,52 @@ pub struct BucketRef {
     pub key: BucketKey,
 }
 
-/// The answer to a lease request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    /// Tokens taken (0 when the global bucket is empty).
-    pub tokens: u64,
-    /// When empty: how long until the wanted tokens are there.
-    pub retry_after: Duration,
+/// A bucket's value as last seen, with its mod_revision (0: absent).
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub value: BucketValue,
+    pub revision: i64,
+}
+
+/// One lease operation on one global bucket.
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub bucket: BucketRef,
+    pub ask: Ask,
+    /// The value last seen (`None`: read it first).
+    pub known: Option<Known>,
+    /// An earlier attempt of this very operation (same `ask.op`) may have
+    /// committed: resolve before applying it again.
+    pub uncertain: bool,
+}
+
+/// How an operation ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Committed (by this attempt or, if `resolved`, an earlier one).
+    Committed {
+        granted: u64,
+        retry_after: Duration,
+        revision: i64,
+    },
+    /// Not applied (nothing sent, or a response said so); safe to drop.
+    Failed(LeaseError),
+    /// May have committed: retry under the same identity.
+    Unknown(LeaseError),
+}
+
+/// An operation's outcome with what was learnt about its bucket.
+#[derive(Debug)]
+pub struct Done {
+    pub outcome: Outcome,
+    /// The value after the operation (`None` when unknown).
+    pub known: Option<Known>,
+    /// The commit was found in the value (an earlier attempt's).
+    pub resolved: bool,
+    /// The value was unreadable and was rewritten.
+    pub repaired: bool,
+    /// The stored TAT was beyond the rule's depth and was clamped.
+    pub clamped: bool,
 }
 
 /// Why a lease call failed. The outcome of a failed call is unknown, so it
@@ -49,31 +93,19 @@ pub enum LeaseError {
     Timeout(Duration),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
-    #[error("global bucket {key}: {message}")]
-    Corrupt { key: String, message: String },
     #[error("gave up after {0} conflicting updates")]
     Contended(u32),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Where tokens come from. Implemented on etcd; unit tests script a fake.
 pub trait Source: Clone + Send + Sync + 'static {
-    /// Takes up to `want` tokens from the global bucket, or none if fewer
-    /// than `min` are there.
-    fn take(
-        &self,
-        bucket: &BucketRef,
-        want: u64,
-        min: u64,
-    ) -> impl Future<Output = Result<Grant, LeaseError>> + Send;
+    /// The name this daemon holds tokens under.
+    fn node(&self) -> &str;
 
-    /// Returns `held` unspent tokens and charges `debt` tokens admitted while
-    /// the bucket could not be reached.
-    fn give_back(
-        &self,
-        bucket: &BucketRef,
-        held: u64,
-        debt: u64,
-    ) -> impl Future<Output = Result<(), LeaseError>> + Send;
+    /// Applies operations on distinct buckets; one result per operation.
+    fn apply(&self, ops: Vec<Op>) -> impl Future<Output = Vec<(Op, Done)>> + Send;
 }
 
 /// Lease counters (for `rlctl stats` and metrics).
@@ -85,6 +117,18 @@ pub struct LeaseStats {
     pub tokens_leased: AtomicU64,
     pub tokens_returned: AtomicU64,
     pub debt_charged: AtomicU64,
+    /// Unreadable bucket values rewritten.
+    pub repairs: AtomicU64,
+    /// Bucket TATs beyond the rule's depth (a clock ahead) clamped.
+    pub clamped: AtomicU64,
+    /// Operations whose outcome was unknown, and how many of those were
+    /// later found committed.
+    pub unknown: AtomicU64,
+    pub resolved: AtomicU64,
+    /// Lease operations sent (one per bucket per transaction attempt).
+    pub ops: AtomicU64,
+    /// Refill requests refused because the rule has its maximum of buckets.
+    pub bucket_cap_refusals: AtomicU64,
     pub latency: LatencyHistogram,
 }
 

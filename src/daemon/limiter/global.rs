@@ -1,17 +1,21 @@
 //! Global rules on the hot path. A bucket of a global rule spends tokens
 //! leased from its global bucket in etcd ("held"); below a low-water mark it
-//! asks the lease coordinator for more with a non-blocking `try_send` and
-//! never waits. While etcd is unreachable the rule's `on_failure` policy
-//! decides, and what is admitted beyond the held tokens is remembered as debt
-//! to charge to the global bucket when etcd is back.
+//! asks the lease coordinator for more through a [`LeaseSink`] (non-blocking)
+//! and never waits. While etcd is unreachable (or this host's clock is off)
+//! the rule's `on_failure` policy decides, and what is admitted beyond the
+//! held tokens is remembered as debt to charge to the global bucket later.
+//!
+//! Credit is bounded: a fresh bucket may admit one request (at most one
+//! batch, `b_max`) before its first grant, once, and only while the rule's
+//! outstanding credit on this daemon is under its cap, so many fresh keys
+//! cannot each take a batch; a bucket whose first lease failed or came back
+//! empty never borrows again.
 //!
 //! No I/O and no `.await` here; the coordinator (`daemon::lease`) does the
 //! etcd work and writes grants back through [`super::Limiter::credit`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-
-use tokio::sync::mpsc;
 
 use super::bucket::{self, BucketParams, Verdict};
 use super::key::BucketKey;
@@ -20,30 +24,36 @@ use crate::protocol::{Outcome, Priority};
 use crate::rule::{OnFailure, RuleSpec};
 
 /// Lease state of one bucket, packed into its `u64` `aux` word: held tokens
-/// (32 bits), debt (30 bits), leased at least once (1 bit), refill requested
-/// (1 bit).
+/// (24 bits), debt (22 bits), tokens asked for since the coordinator last
+/// looked (16 bits), no longer fresh (1 bit), refill requested (1 bit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Allotment {
     /// Leased tokens not yet spent.
     pub held: u32,
-    /// Tokens admitted beyond the held ones (a fresh bucket's first request,
+    /// Tokens admitted beyond the held ones (a fresh bucket's one credit,
     /// critical requests, requests while etcd was unreachable), to be charged
     /// to the global bucket.
     pub debt: u32,
-    /// The bucket has received a grant (so it is not fresh any more).
+    /// Tokens asked for (allowed or not), saturating: the bucket's demand.
+    pub wanted: u16,
+    /// The bucket is not fresh: it borrowed once, or a lease round for it
+    /// ended (granted, empty or failed). It never borrows again.
     pub leased: bool,
     /// A refill was asked for and not yet answered.
     pub requested: bool,
 }
 
-const DEBT_MAX: u32 = (1 << 30) - 1;
+/// Largest held count (24 bits); grants beyond it are not credited.
+pub const HELD_MAX: u32 = (1 << 24) - 1;
+const DEBT_MAX: u32 = (1 << 22) - 1;
 
 impl Allotment {
     #[inline]
     pub fn unpack(word: u64) -> Allotment {
         Allotment {
-            held: word as u32,
-            debt: ((word >> 32) as u32) & DEBT_MAX,
+            held: (word & u64::from(HELD_MAX)) as u32,
+            debt: ((word >> 24) as u32) & DEBT_MAX,
+            wanted: (word >> 46) as u16,
             leased: (word >> 62) & 1 == 1,
             requested: word >> 63 == 1,
         }
@@ -51,23 +61,31 @@ impl Allotment {
 
     #[inline]
     pub fn pack(self) -> u64 {
-        u64::from(self.held)
-            | (u64::from(self.debt.min(DEBT_MAX)) << 32)
+        u64::from(self.held.min(HELD_MAX))
+            | (u64::from(self.debt.min(DEBT_MAX)) << 24)
+            | (u64::from(self.wanted) << 46)
             | (u64::from(self.leased) << 62)
             | (u64::from(self.requested) << 63)
     }
 
-    /// Adds a grant: it first pays the debt, the rest is held.
-    pub fn credit(&mut self, tokens: u64) {
-        let pay = tokens.min(u64::from(self.debt));
-        self.debt -= pay as u32;
-        self.held = (u64::from(self.held) + tokens - pay).min(u64::from(u32::MAX)) as u32;
+    /// Adds a grant to the held tokens (never past [`HELD_MAX`]); returns
+    /// what did not fit.
+    pub fn credit(&mut self, tokens: u64) -> u64 {
+        let room = u64::from(HELD_MAX - self.held.min(HELD_MAX));
+        let added = tokens.min(room);
+        self.held += added as u32;
         self.leased = true;
         self.requested = false;
+        tokens - added
     }
 
     fn add_debt(&mut self, cost: u64) {
         self.debt = (u64::from(self.debt) + cost).min(u64::from(DEBT_MAX)) as u32;
+    }
+
+    #[inline]
+    fn want(&mut self, cost: u64) {
+        self.wanted = (u64::from(self.wanted) + cost).min(u64::from(u16::MAX)) as u16;
     }
 }
 
@@ -106,29 +124,24 @@ impl EtcdState {
     }
 }
 
-/// A message from the hot path (or eviction) to the lease coordinator.
-#[derive(Debug)]
-pub enum LeaseEvent {
-    /// The bucket ran low: lease more tokens.
-    Refill {
-        rule: Arc<Rule>,
-        key: BucketKey,
-        hash: u64,
-    },
+/// How the hot path (and eviction) reaches the lease coordinator: both
+/// calls must return at once, never wait; `false` means the message was not
+/// taken (a full queue) and the caller acts as if it was never sent.
+pub trait LeaseSink: Send + Sync + std::fmt::Debug {
+    /// The bucket ran low (or is fresh and `borrowed` tokens on credit): lease
+    /// more tokens.
+    fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool;
+
     /// The bucket is gone (evicted, rule changed): give its held tokens back
     /// and charge its debt.
-    Release {
-        rule: Arc<Rule>,
-        key: BucketKey,
-        allotment: Allotment,
-    },
+    fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool;
 }
 
 /// What the hot path shares with the coordinator.
 #[derive(Debug)]
 pub struct ClusterLink {
     state: AtomicU8,
-    events: mpsc::Sender<LeaseEvent>,
+    sink: Box<dyn LeaseSink>,
     /// `on_failure` of global rules that set none.
     pub default_on_failure: OnFailure,
     /// Events dropped because the coordinator's queue was full.
@@ -139,10 +152,10 @@ pub struct ClusterLink {
 }
 
 impl ClusterLink {
-    pub fn new(events: mpsc::Sender<LeaseEvent>, default_on_failure: OnFailure) -> ClusterLink {
+    pub fn new(sink: impl LeaseSink + 'static, default_on_failure: OnFailure) -> ClusterLink {
         ClusterLink {
             state: AtomicU8::new(EtcdState::Suspect as u8),
-            events,
+            sink: Box::new(sink),
             default_on_failure,
             dropped_events: AtomicU64::new(0),
             clock_skewed: AtomicBool::new(false),
@@ -175,16 +188,24 @@ impl ClusterLink {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 
-    /// Hands an event to the coordinator without waiting; `false` if its
-    /// queue is full (the event is counted and dropped).
-    pub fn send(&self, event: LeaseEvent) -> bool {
-        match self.events.try_send(event) {
-            Ok(()) => true,
-            Err(_) => {
-                self.dropped_events.fetch_add(1, Ordering::Relaxed);
-                false
-            }
+    /// Asks the coordinator for a refill without waiting; `false` (counted)
+    /// if its queue is full.
+    pub fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool {
+        let sent = self.sink.refill(rule, key, hash, borrowed);
+        if !sent {
+            self.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
+        sent
+    }
+
+    /// Hands a gone bucket's lease to the coordinator; `false` (counted) if
+    /// its queue is full (the held tokens are then lost: under-admission).
+    pub fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
+        let sent = self.sink.release(rule, key, allotment);
+        if !sent {
+            self.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 }
 
@@ -202,6 +223,10 @@ pub struct GlobalRuleState {
     pub fallback_tau_ns: AtomicU64,
     /// The accuracy cannot be met by batching: one lease per request.
     pub per_request: AtomicBool,
+    /// Tokens admitted on credit by fresh buckets of this rule whose first
+    /// lease has not committed yet, and the cap on them.
+    pub credit_out: AtomicU64,
+    pub credit_cap: AtomicU64,
 }
 
 impl GlobalRuleState {
@@ -215,7 +240,30 @@ impl GlobalRuleState {
             fallback_interval_ns: AtomicU64::new(p.interval_ns),
             fallback_tau_ns: AtomicU64::new(p.tau_ns),
             per_request: AtomicBool::new(false),
+            credit_out: AtomicU64::new(0),
+            // 0 until the coordinator plans the rule: no credit before that.
+            credit_cap: AtomicU64::new(0),
         }
+    }
+
+    /// Takes `cost` tokens of the rule's credit, if under the cap.
+    fn try_borrow(&self, cost: u64) -> bool {
+        let cap = self.credit_cap.load(Ordering::Relaxed);
+        self.credit_out
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                (out + cost <= cap).then_some(out + cost)
+            })
+            .is_ok()
+    }
+
+    /// Gives back credit taken with `try_borrow` (its lease committed, or the
+    /// borrow was not sent).
+    pub fn repay(&self, cost: u64) {
+        let _ = self
+            .credit_out
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                Some(out.saturating_sub(cost))
+            });
     }
 
     fn fallback_params(&self) -> BucketParams {
@@ -272,6 +320,7 @@ pub fn spend(
         .as_ref()
         .expect("global rules carry lease state");
     let mut a = Allotment::unpack(*aux);
+    a.want(cost);
     let held = u64::from(a.held);
     let degraded = match mode {
         SpendMode::Normal => link.failing(),
@@ -297,13 +346,25 @@ pub fn spend(
         a.held -= cost as u32;
         granted(a.held, Outcome::Allowed)
     } else if !degraded {
-        if !a.leased && !per_request && cost <= g.batch.load(Ordering::Relaxed).max(1) {
-            // A fresh bucket: admit now against debt, which its first grant
-            // pays; denying every first request would be worse, and the
-            // over-admission stays within one batch per daemon.
-            a.held = 0;
-            a.add_debt(cost - held);
-            granted(0, Outcome::Allowed)
+        if !a.leased
+            && !per_request
+            && held == 0
+            && cost <= g.batch.load(Ordering::Relaxed)
+            && g.try_borrow(cost)
+        {
+            // A fresh bucket: admit now on credit, charged with its first
+            // lease; denying every first request would be worse, and the
+            // over-admission stays within one batch per daemon and bucket,
+            // and within the rule's credit cap per daemon.
+            if link.refill(rule, BucketKey::new(client, resource), hash, cost) {
+                a.leased = true;
+                a.requested = true;
+                a.add_debt(cost);
+                granted(0, Outcome::Allowed)
+            } else {
+                g.repay(cost);
+                denied(held)
+            }
         } else if priority == Priority::Critical {
             // Admitted, counted, and charged to the global bucket later.
             a.held = 0;
@@ -343,12 +404,7 @@ pub fn spend(
     };
     let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
     if !degraded && !per_request && low && !a.requested {
-        let event = LeaseEvent::Refill {
-            rule: Arc::clone(rule),
-            key: BucketKey::new(client, resource),
-            hash,
-        };
-        a.requested = link.send(event);
+        a.requested = link.refill(rule, BucketKey::new(client, resource), hash, 0);
     }
     *aux = a.pack();
     Spend::Decided(verdict)
@@ -363,6 +419,22 @@ fn granted(remaining: u32, outcome: Outcome) -> Verdict {
     }
 }
 
+/// A sink that takes every message and does nothing (tests of code that
+/// needs a [`ClusterLink`] but no coordinator).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct NullSink;
+
+#[cfg(test)]
+impl LeaseSink for NullSink {
+    fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
+        true
+    }
+    fn release(&self, _: &Arc<Rule>, _: BucketKey, _: Allotment) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,14 +444,16 @@ mod tests {
         for a in [
             Allotment::default(),
             Allotment {
-                held: u32::MAX,
+                held: HELD_MAX,
                 debt: DEBT_MAX,
+                wanted: u16::MAX,
                 leased: true,
                 requested: true,
             },
             Allotment {
                 held: 7,
                 debt: 3,
+                wanted: 9,
                 leased: false,
                 requested: false,
             },
@@ -389,22 +463,29 @@ mod tests {
         let mut a = Allotment::default();
         a.add_debt(u64::MAX);
         assert_eq!(a.debt, DEBT_MAX, "debt saturates");
+        a.want(u64::MAX);
+        assert_eq!(a.wanted, u16::MAX, "demand saturates");
     }
 
     #[test]
-    fn grants_pay_debt_first() {
+    fn grants_are_held_and_overflow_is_returned() {
         let mut a = Allotment {
             debt: 3,
             requested: true,
             ..Allotment::default()
         };
-        a.credit(10);
-        assert_eq!((a.held, a.debt, a.leased, a.requested), (7, 0, true, false));
+        assert_eq!(a.credit(10), 0);
+        // Debt is not paid from grants: it is charged to etcd by the
+        // coordinator, once, with the Txn that clears it.
+        assert_eq!(
+            (a.held, a.debt, a.leased, a.requested),
+            (10, 3, true, false)
+        );
         let mut b = Allotment {
-            debt: 30,
+            held: HELD_MAX - 4,
             ..Allotment::default()
         };
-        b.credit(10);
-        assert_eq!((b.held, b.debt), (0, 20));
+        assert_eq!(b.credit(10), 6);
+        assert_eq!(b.held, HELD_MAX);
     }
 }

@@ -1,15 +1,26 @@
 //! The limiter's side of leasing, for global rules: grants credited to
-//! buckets, refill requests cleared, leases taken out (shutdown, recovery),
+//! buckets, a bucket's demand and debt collected for its next lease
+//! operation, refill requests cleared, leases taken out (shutdown, recovery),
 //! held tokens counted, and leases released when buckets go away or their
 //! rule changes. Everything here locks one shard at a time and is called by
 //! the coordinator, the sweeper or admin paths, never per request.
 
 use std::sync::Arc;
 
-use super::global::{Allotment, LeaseEvent};
+use super::global::Allotment;
 use super::key::BucketKey;
 use super::rules::{Rule, RuleSet};
 use super::{Limiter, table};
+
+/// A bucket's state collected for its next lease operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    pub held: u64,
+    /// Debt moved out of the bucket into the operation.
+    pub debt: u64,
+    /// Tokens asked for since the last collection.
+    pub wanted: u64,
+}
 
 impl Limiter {
     /// Gives a bucket's lease state back to the coordinator (no-op for local
@@ -20,33 +31,31 @@ impl Limiter {
             return;
         }
         if let Some(link) = self.link.get() {
-            link.send(LeaseEvent::Release {
-                rule: Arc::clone(&entry.rule),
-                key: entry.key().clone(),
-                allotment,
-            });
+            link.release(&entry.rule, entry.key().clone(), allotment);
         }
     }
 
     /// Adds leased tokens to the bucket of (rule, key) and clears its refill
-    /// request. Returns `false` if that bucket no longer exists or now follows
-    /// another rule: the caller gives the tokens back.
-    pub fn credit(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64, tokens: u64) -> bool {
+    /// request. Returns the tokens that could not be credited (all of them if
+    /// that bucket no longer exists or now follows another rule): the caller
+    /// gives them back.
+    pub fn credit(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64, tokens: u64) -> u64 {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
         match guard.buckets.find(hash, client, resource) {
             Some(entry) if Arc::ptr_eq(&entry.rule, rule) => {
                 let mut a = Allotment::unpack(entry.aux);
-                a.credit(tokens);
+                let left = a.credit(tokens);
                 entry.aux = a.pack();
-                true
+                left
             }
-            _ => false,
+            _ => tokens,
         }
     }
 
-    /// Clears the refill request of (rule, key) after a lease failed, so
-    /// the next request asks again.
+    /// Clears the refill request of (rule, key) after a lease round ended
+    /// without tokens (empty or failed), so the next request asks again; the
+    /// bucket is no longer fresh, so it never borrows again.
     pub fn clear_request(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64) {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
@@ -55,8 +64,32 @@ impl Limiter {
         {
             let mut a = Allotment::unpack(entry.aux);
             a.requested = false;
+            a.leased = true;
             entry.aux = a.pack();
         }
+    }
+
+    /// For the next lease operation of (rule, key): the held tokens, the
+    /// debt (moved out: the operation now owes it) and the tokens asked for
+    /// since the last call. `None` if the bucket is gone or follows another
+    /// rule.
+    pub fn collect(&self, rule: &Arc<Rule>, key: &BucketKey, hash: u64) -> Option<Collected> {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        let entry = guard.buckets.find(hash, client, resource)?;
+        if !Arc::ptr_eq(&entry.rule, rule) {
+            return None;
+        }
+        let mut a = Allotment::unpack(entry.aux);
+        let out = Collected {
+            held: u64::from(a.held),
+            debt: u64::from(a.debt),
+            wanted: u64::from(a.wanted),
+        };
+        a.debt = 0;
+        a.wanted = 0;
+        entry.aux = a.pack();
+        Some(out)
     }
 
     /// Takes the lease state out of every global bucket matching `which`:
@@ -116,7 +149,12 @@ impl Limiter {
                         .is_none_or(|n| !Arc::ptr_eq(n, &e.rule));
                 if stale {
                     self.release(e);
-                    e.aux = 0;
+                    // Not fresh again: an edited rule does not hand out credit.
+                    e.aux = Allotment {
+                        leased: Allotment::unpack(e.aux).leased,
+                        ..Allotment::default()
+                    }
+                    .pack();
                 }
             });
         }

@@ -23,9 +23,12 @@ use parking_lot::Mutex;
 use std::borrow::Cow;
 
 pub use bucket::{BucketParams, Verdict, try_take};
+#[cfg(test)]
+pub use global::NullSink;
 pub use global::SpendMode;
 use global::{ClusterLink, Spend};
 use key::BucketKey;
+pub use leases::Collected;
 pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
 
@@ -82,6 +85,7 @@ pub struct LimiterConfig {
 pub struct LeaseNeeded {
     pub rule: Arc<Rule>,
     pub key: BucketKey,
+    pub hash: u64,
 }
 
 /// An acquire that cannot be decided (as opposed to a denial).
@@ -223,7 +227,13 @@ impl Limiter {
                 Some(rule) => {
                     if !Arc::ptr_eq(rule, &entry.rule) {
                         self.release(entry);
-                        entry.aux = 0;
+                        // Not fresh again: an edited rule gives no new credit.
+                        let leased = global::Allotment::unpack(entry.aux).leased;
+                        entry.aux = global::Allotment {
+                            leased,
+                            ..Default::default()
+                        }
+                        .pack();
                         let same_local_rule = rule.id() == entry.rule.id()
                             && rule.global.is_none()
                             && entry.rule.global.is_none();
@@ -294,6 +304,7 @@ impl Limiter {
                     return Err(AcquireError::NeedsLease(LeaseNeeded {
                         rule: Arc::clone(rule),
                         key: BucketKey::new(client, resource),
+                        hash,
                     }));
                 }
             },

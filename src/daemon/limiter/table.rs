@@ -282,6 +282,12 @@ impl ShardedTable {
 
     /// The shard index for a hash.
     #[inline]
+    /// [`ShardedTable::hash`] of a bucket key.
+    pub fn hash_key(&self, key: &super::key::BucketKey) -> u64 {
+        let (client, resource) = key.names();
+        self.hash(client, resource)
+    }
+
     pub fn shard_of(&self, hash: u64) -> usize {
         ((hash >> self.shift) as usize) & (self.shards.len() - 1)
     }
