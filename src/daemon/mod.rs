@@ -32,7 +32,7 @@ pub mod sweeper;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -44,7 +44,7 @@ pub use config::{Args, Config, ConfigError};
 use auth::Authorizer;
 use cluster::{Cluster, ClusterError};
 use lease::{Coordinator, LeaseSettings};
-use lease::{LeaseEvent, LeaseHandle, QueueSink};
+use lease::{LeaseEvent, LeaseHandle, Planner, QueueSink};
 use limiter::global::ClusterLink;
 use limiter::{Limiter, LimiterConfig, MonotonicClock};
 use listener::{BindError, Bound};
@@ -104,7 +104,7 @@ pub struct Daemon {
     config: Config,
     socket: PathBuf,
     /// The hot path's lease events, for the coordinator started by `serve`.
-    lease_events: Option<tokio::sync::mpsc::Receiver<LeaseEvent>>,
+    lease_events: Option<(tokio::sync::mpsc::Receiver<LeaseEvent>, Arc<Planner>)>,
 }
 
 /// Lease events queued between the hot path and the coordinator; beyond it
@@ -129,23 +129,33 @@ impl Daemon {
         let (cluster, lease_events) = match &config.etcd {
             Some(etcd) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
-                let link = Arc::new(ClusterLink::new(
-                    QueueSink(tx.clone()),
-                    etcd.default_on_failure,
-                ));
+                let members = Arc::new(AtomicU64::new(1));
+                let planner = Arc::new(Planner {
+                    settings: LeaseSettings {
+                        max_clock_skew: etcd.max_clock_skew,
+                        fallback_slack: etcd.fallback_slack,
+                        ..LeaseSettings::default()
+                    },
+                    members: Arc::clone(&members),
+                });
+                let sink = QueueSink {
+                    events: tx.clone(),
+                    planner: Arc::clone(&planner),
+                };
+                let link = Arc::new(ClusterLink::new(sink, etcd.default_on_failure));
                 limiter.attach(Arc::clone(&link));
-                let cluster = Arc::new(Cluster::connect(etcd.clone(), link).await?);
+                let cluster = Arc::new(Cluster::connect(etcd.clone(), link, members).await?);
                 cluster.join().await?;
                 let handle = LeaseHandle {
                     events: tx,
                     stats: Arc::clone(&cluster.stats),
                 };
-                (Some(cluster), Some((rx, handle)))
+                (Some(cluster), Some((rx, handle, planner)))
             }
             None => (None, None),
         };
         let (lease_events, lease) = match lease_events {
-            Some((rx, handle)) => (Some(rx), Some(handle)),
+            Some((rx, handle, planner)) => (Some((rx, planner)), Some(handle)),
             None => (None, None),
         };
         let rulebook = Arc::new(RuleBook::open(
@@ -211,7 +221,7 @@ impl Daemon {
         // are returned last.
         let cluster_stop = CancellationToken::new();
         let mut cluster_tasks = Vec::new();
-        if let (Some(cluster), Some(events)) = (&shared.cluster, lease_events) {
+        if let (Some(cluster), Some((events, planner))) = (&shared.cluster, lease_events) {
             cluster_tasks.push(tokio::spawn(
                 Arc::clone(cluster).run_membership(cluster_stop.clone()),
             ));
@@ -246,11 +256,7 @@ impl Daemon {
                 Arc::clone(&shared.limiter),
                 cluster,
                 events,
-                LeaseSettings {
-                    max_clock_skew: etcd.max_clock_skew,
-                    fallback_slack: etcd.fallback_slack,
-                    ..LeaseSettings::default()
-                },
+                planner,
                 audit,
             );
             cluster_tasks.push(tokio::spawn(

@@ -170,20 +170,34 @@ async fn sigterm_gives_leased_tokens_back() {
     let Some(etcd) = Etcd::get() else { return };
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
+    // One token per second, so the bucket cannot refill meaningfully while
+    // the test runs and the returned amount is visible exactly in the TAT.
     set_global(
         &a,
         "batch",
-        &["--limit", "6000", "--window", "1m", "--burst", "100"],
+        &[
+            "--limit",
+            "3600",
+            "--window",
+            "1h",
+            "--burst",
+            "600",
+            "--accuracy",
+            "20%/1m",
+        ],
     );
-    // The first request of a fresh bucket is admitted at once (charged to its
-    // first lease); the lease brings a batch, of which the daemon holds the rest.
-    let out = rlctl(&a.socket, &["acquire", "--json", "job", "batch"]);
-    assert_eq!(code(&out), 0, "{}", stdout(&out));
-    wait_for(Duration::from_secs(2), || {
+    let interval_ns: u64 = 1_000_000_000;
+    // Enough demand for a batch of several tokens.
+    for _ in 0..5 {
+        rlctl(&a.socket, &["acquire", "-q", "job", "batch"]);
+    }
+    let held = || -> u64 {
         let out = rlctl(&a.socket, &["rules", "get", "batch", "--json"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .is_ok_and(|v| v["lease"]["held"].as_u64().unwrap_or(0) > 0)
-    });
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["lease"]["held"]
+            .as_u64()
+            .unwrap()
+    };
+    wait_for(Duration::from_secs(5), || held() > 1);
     let mut client = etcd.client().await;
     let prefix = format!("{}/v1/buckets/batch/", etcd.prefix);
     let mut bucket = async || -> serde_json::Value {
@@ -191,15 +205,38 @@ async fn sigterm_gives_leased_tokens_back() {
         let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
         serde_json::from_slice(resp.kvs()[0].value()).unwrap()
     };
-    let before = bucket().await;
-    assert!(before["holders"]["a"].as_u64().unwrap() > 1, "{before}");
+    // A consistent pair: the daemon's held count and the bucket it came from
+    // (no lease in flight between the two reads).
+    let (held_before, before) = loop {
+        let h = held();
+        let b = bucket().await;
+        if held() == h && bucket().await == b {
+            break (h, b);
+        }
+    };
+    let op_before = before["holders"]["a"]["op"].as_u64().unwrap();
     let status = a.terminate();
     assert!(status.success());
     let after = bucket().await;
-    assert!(after["holders"].get("a").is_none(), "{after}");
-    assert!(
-        after["tat_ns"].as_u64().unwrap() < before["tat_ns"].as_u64().unwrap(),
-        "the returned tokens are back in the bucket: {before} -> {after}"
+    let holder = &after["holders"]["a"];
+    assert_ne!(
+        holder["op"].as_u64().unwrap(),
+        op_before,
+        "a return was written: {after}"
+    );
+    assert_eq!(holder["granted"], 0, "{after}");
+    assert_eq!(
+        holder["demand"], 0.0,
+        "a stopped daemon asks for nothing: {after}"
+    );
+    let (tat_before, tat_after) = (
+        before["tat_ns"].as_u64().unwrap(),
+        after["tat_ns"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        tat_before - tat_after,
+        held_before * interval_ns,
+        "all {held_before} held tokens are back in the bucket: {before} -> {after}"
     );
 }
 

@@ -77,6 +77,7 @@ impl Cluster {
     pub async fn connect(
         config: EtcdConfig,
         link: Arc<ClusterLink>,
+        members: Arc<AtomicU64>,
     ) -> Result<Cluster, ClusterError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
@@ -93,7 +94,7 @@ impl Cluster {
             client,
             health,
             link,
-            members: Arc::new(AtomicU64::new(1)),
+            members,
             stats,
             lease_id: AtomicU64::new(0),
             config,
@@ -135,7 +136,13 @@ impl Cluster {
             tokio::time::Instant::now() + Duration::from_secs(MEMBER_TTL_SECS as u64 + 1);
         loop {
             match self.register().await {
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    // Rules listed at start-up are planned for this count.
+                    if let Ok(n) = self.count_members().await {
+                        self.members.store(n, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
                 Ok(false) if tokio::time::Instant::now() < deadline => {
                     // Perhaps our own previous run, whose lease has not expired.
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -29,6 +29,9 @@ use crate::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSin
 use crate::daemon::limiter::key::BucketKey;
 use crate::daemon::limiter::{LeaseNeeded, Limiter, Rule, SpendMode};
 
+/// Shortest span a demand sample is measured over.
+const DEMAND_SAMPLE: Duration = Duration::from_millis(100);
+
 /// Tuning of the coordinator.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseSettings {
@@ -88,13 +91,62 @@ pub enum LeaseEvent {
     },
 }
 
+/// Plans global rules (batch size, low-water mark, credit cap, fallback
+/// bucket) for the current membership: when a rule is installed, so its
+/// first request already has a plan, and again on every coordinator tick.
+#[derive(Debug)]
+pub struct Planner {
+    pub settings: LeaseSettings,
+    /// Live daemons, kept current by the cluster's membership task.
+    pub members: Arc<AtomicU64>,
+}
+
+impl Planner {
+    pub fn plan(&self, rule: &Rule) {
+        let Some(g) = &rule.global else { return };
+        let n = self.members.load(Ordering::Relaxed).max(1);
+        let spec = &rule.spec;
+        let p = plan(spec, n, self.settings.max_clock_skew);
+        let b_max = p.b_max.floor().max(1.0) as u64;
+        g.batch.store(b_max, Ordering::Relaxed);
+        g.low_water.store((b_max / 4).max(1), Ordering::Relaxed);
+        g.members.store(n, Ordering::Relaxed);
+        g.per_request.store(p.per_request, Ordering::Relaxed);
+        g.credit_cap
+            .store(self.settings.max_credit.max(b_max), Ordering::Relaxed);
+        // The lenient local limit while etcd is unreachable: its rate and its
+        // burst are both `fallback_limit` per window.
+        let per_window = spec.fallback_limit.unwrap_or_else(|| {
+            ((spec.limit as f64 * (1.0 + self.settings.fallback_slack) / n as f64).ceil() as u64)
+                .max(1)
+        });
+        let window_ns = u64::try_from(spec.window.as_nanos()).unwrap_or(u64::MAX);
+        let interval = window_ns.div_ceil(per_window).max(1);
+        let burst = match spec.fallback_limit {
+            Some(limit) => limit.min(spec.capacity()),
+            None => spec.capacity().div_ceil(n),
+        }
+        .max(1);
+        g.fallback_interval_ns.store(interval, Ordering::Relaxed);
+        g.fallback_tau_ns
+            .store(interval.saturating_mul(burst), Ordering::Relaxed);
+    }
+}
+
 /// The hot path's [`LeaseSink`]: a bounded queue to the coordinator.
 #[derive(Debug, Clone)]
-pub struct QueueSink(pub mpsc::Sender<LeaseEvent>);
+pub struct QueueSink {
+    pub events: mpsc::Sender<LeaseEvent>,
+    pub planner: Arc<Planner>,
+}
 
 impl LeaseSink for QueueSink {
+    fn plan(&self, rule: &Rule) {
+        self.planner.plan(rule);
+    }
+
     fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool {
-        self.0
+        self.events
             .try_send(LeaseEvent::Refill {
                 rule: Arc::clone(rule),
                 key,
@@ -105,7 +157,7 @@ impl LeaseSink for QueueSink {
     }
 
     fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
-        self.0
+        self.events
             .try_send(LeaseEvent::Release {
                 rule: Arc::clone(rule),
                 key,
@@ -176,6 +228,9 @@ struct KeyState {
     not_before: Instant,
     /// Smoothed tokens per second the bucket is asked for on this daemon.
     demand: f64,
+    /// Tokens asked for since `last_collect` (a sample spans at least
+    /// [`DEMAND_SAMPLE`], so frequent leases do not under-read demand).
+    wanted: u64,
     last_collect: Instant,
     last_event: Instant,
     /// When the current wait for tokens began (for giving up).
@@ -195,9 +250,8 @@ pub struct Coordinator<S: Source> {
     link: Arc<ClusterLink>,
     events: mpsc::Receiver<LeaseEvent>,
     settings: LeaseSettings,
+    planner: Arc<Planner>,
     stats: Arc<LeaseStats>,
-    /// Live daemons, kept current by the cluster's membership task.
-    members: Arc<AtomicU64>,
     health: Arc<Health>,
     keys: HashMap<KeyId, KeyState>,
     /// Buckets per rule id (for the per-rule cap).
@@ -220,7 +274,7 @@ impl<S: Source> Coordinator<S> {
         limiter: Arc<Limiter>,
         cluster: &Cluster,
         events: mpsc::Receiver<LeaseEvent>,
-        settings: LeaseSettings,
+        planner: Arc<Planner>,
         audit: AuditLog,
     ) -> Self {
         Coordinator {
@@ -228,9 +282,9 @@ impl<S: Source> Coordinator<S> {
             limiter,
             link: Arc::clone(&cluster.link),
             events,
-            settings,
+            settings: planner.settings,
+            planner,
             stats: Arc::clone(&cluster.stats),
-            members: Arc::clone(&cluster.members),
             health: Arc::clone(&cluster.health),
             keys: HashMap::new(),
             per_rule: HashMap::new(),
@@ -350,6 +404,7 @@ impl<S: Source> Coordinator<S> {
                 known: None,
                 not_before: now,
                 demand: 0.0,
+                wanted: 0,
                 last_collect: now,
                 last_event: now,
                 waiting_since: None,
@@ -493,13 +548,16 @@ impl<S: Source> Coordinator<S> {
                 Some(c) => {
                     let now = Instant::now();
                     let secs = now.duration_since(state.last_collect).as_secs_f64();
-                    if secs > 0.0 {
-                        let rate = c.wanted as f64 / secs.max(0.05);
+                    state.wanted += c.wanted;
+                    let sample = DEMAND_SAMPLE.as_secs_f64();
+                    if secs >= sample || state.demand == 0.0 {
+                        let rate = state.wanted as f64 / secs.max(sample);
                         state.demand = if state.demand == 0.0 {
                             rate
                         } else {
                             0.7 * state.demand + 0.3 * rate
                         };
+                        state.wanted = 0;
                         state.last_collect = now;
                     }
                     state.debt += c.debt;
@@ -538,7 +596,9 @@ impl<S: Source> Coordinator<S> {
                 min,
                 give: std::mem::take(&mut state.give),
                 debt: std::mem::take(&mut state.debt),
-                demand: state.demand,
+                // A released bucket asks for nothing any more: its demand
+                // stops counting against the other daemons' shares.
+                demand: if state.released { 0.0 } else { state.demand },
             },
             known: state.known.take(),
             uncertain: false,
@@ -722,34 +782,8 @@ impl<S: Source> Coordinator<S> {
 
     /// Recomputes every global rule's batch plan for the current membership.
     fn retune(&self) {
-        let n = self.members.load(Ordering::Relaxed).max(1);
         for rule in self.limiter.rules().iter() {
-            let Some(g) = &rule.global else { continue };
-            let p = plan(&rule.spec, n, self.settings.max_clock_skew);
-            let b_max = p.b_max.floor().max(1.0) as u64;
-            g.batch.store(b_max, Ordering::Relaxed);
-            g.low_water.store((b_max / 4).max(1), Ordering::Relaxed);
-            g.members.store(n, Ordering::Relaxed);
-            g.per_request.store(p.per_request, Ordering::Relaxed);
-            g.credit_cap
-                .store(self.settings.max_credit.max(b_max), Ordering::Relaxed);
-            // The lenient local limit while etcd is unreachable: its rate and
-            // its burst are both `fallback_limit` per window.
-            let per_window = rule.spec.fallback_limit.unwrap_or_else(|| {
-                ((rule.spec.limit as f64 * (1.0 + self.settings.fallback_slack) / n as f64).ceil()
-                    as u64)
-                    .max(1)
-            });
-            let window_ns = rule.spec.window.as_nanos() as u64;
-            let interval = window_ns.div_ceil(per_window).max(1);
-            let burst = match rule.spec.fallback_limit {
-                Some(limit) => limit.min(rule.spec.capacity()),
-                None => rule.spec.capacity().div_ceil(n),
-            }
-            .max(1);
-            g.fallback_interval_ns.store(interval, Ordering::Relaxed);
-            g.fallback_tau_ns
-                .store(interval.saturating_mul(burst), Ordering::Relaxed);
+            self.planner.plan(rule);
         }
     }
 
@@ -947,11 +981,22 @@ mod tests {
             default_action: DefaultAction::Allow,
         }));
         let (tx, rx) = mpsc::channel(4096);
-        let link = Arc::new(ClusterLink::new(QueueSink(tx), on_failure));
+        let planner = Arc::new(Planner {
+            settings,
+            members: Arc::new(AtomicU64::new(1)),
+        });
+        let sink = QueueSink {
+            events: tx,
+            planner: Arc::clone(&planner),
+        };
+        let link = Arc::new(ClusterLink::new(sink, on_failure));
         limiter.attach(Arc::clone(&link));
         // Connecting is lazy: nothing listens here and nothing needs to.
         let config = EtcdConfig::defaults(vec!["http://127.0.0.1:1".into()]);
-        let cluster = Cluster::connect(config, Arc::clone(&link)).await.unwrap();
+        let members = Arc::clone(&planner.members);
+        let cluster = Cluster::connect(config, Arc::clone(&link), members)
+            .await
+            .unwrap();
         cluster.health.success();
         let mut spec = RuleSpec::new("g", "*", "*", 1000, Duration::from_secs(1));
         spec.scope = Scope::Global;
@@ -967,7 +1012,7 @@ mod tests {
             Arc::clone(&limiter),
             &cluster,
             rx,
-            settings,
+            planner,
             AuditLog::disabled(),
         );
         coordinator.retune();
@@ -1094,11 +1139,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         s.fake.0.lock().lose_answers = false;
         settle().await;
-        let b = s.fake.0.lock();
-        assert_eq!(b.commits, 1, "the retry found its predecessor committed");
-        assert_eq!(b.debt, 1, "the credit was charged once");
-        let taken = b.taken;
-        drop(b);
+        let (commits, debt, taken) = {
+            let b = s.fake.0.lock();
+            (b.commits, b.debt, b.taken)
+        };
+        assert_eq!(commits, 1, "the retry found its predecessor committed");
+        assert_eq!(debt, 1, "the credit was charged once");
         let held: u64 = s.limiter.held_tokens().values().sum();
         assert_eq!(held, taken, "the recorded grant was credited");
         s.cancel.cancel();

@@ -17,7 +17,7 @@ mod coordinator;
 pub mod etcd;
 pub mod value;
 
-pub use coordinator::{Coordinator, LeaseEvent, LeaseHandle, LeaseSettings, QueueSink};
+pub use coordinator::{Coordinator, LeaseEvent, LeaseHandle, LeaseSettings, Planner, QueueSink};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -28,8 +28,12 @@ use serde::{Deserialize, Serialize};
 
 /// Holders not heard from for this long are pruned from a value.
 pub const HOLDER_TTL: Duration = Duration::from_secs(600);
-/// Demands older than this no longer count for fair shares.
-pub const DEMAND_TTL: Duration = Duration::from_secs(10);
+/// A holder's demand counts for fair shares until it should have been back
+/// for more: three times as long as its last grant lasts at its demand,
+/// within these bounds. A daemon cut off from etcd stops holding a share
+/// within seconds; a quiet one keeps its share between its rare leases.
+pub const DEMAND_TTL_MIN: Duration = Duration::from_secs(2);
+pub const DEMAND_TTL_MAX: Duration = Duration::from_secs(10);
 
 /// One daemon's entry in a global bucket.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -195,12 +199,11 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
         value.tat_ns =
             (value.tat_ns.max(now) + ask.debt.saturating_mul(interval)).min(now + tau_ns);
     }
-    // Fair share among daemons with recent demand (this one included).
-    let recent = now.saturating_sub(DEMAND_TTL.as_nanos() as u64);
+    // Fair share among daemons with current demand (this one included).
     let mut demands: Vec<(&str, f64)> = value
         .holders
         .iter()
-        .filter(|(n, h)| n.as_str() != node && h.at_ns >= recent)
+        .filter(|(n, h)| n.as_str() != node && h.demand > 0.0 && demand_current(h, now))
         .map(|(n, h)| (n.as_str(), h.demand))
         .collect();
     demands.push((node, ask.demand));
@@ -211,9 +214,14 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
 
     let base = value.tat_ns.max(now);
     let room = (now + tau_ns).saturating_sub(base) / interval;
+    // Shares bind under contention only: tokens in the upper half of the
+    // global bucket are there because the holders of shares did not take
+    // them, and anyone may (work-conserving: a misjudged demand never
+    // strands tokens). Below half, each daemon takes within its share.
+    let free = room.saturating_sub(params.burst().div_ceil(2));
     let share_base = holder.share_tat_ns.max(now);
     let share_room = (now + share_tau).saturating_sub(share_base) / share_interval;
-    let mut granted = ask.take.min(room).min(share_room);
+    let mut granted = ask.take.min(room).min(share_room.max(free));
     let mut retry_after = Duration::ZERO;
     if ask.take > 0 && (granted == 0 || granted < ask.min) {
         let need = ask.min.max(1);
@@ -225,13 +233,16 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
     if granted > 0 {
         value.tat_ns = base + granted * interval;
     }
+    // Free tokens drain the share bucket too (never below empty), so a
+    // daemon that took them has no share saved up when contention starts.
+    let share_tat_ns = (share_base + granted * share_interval).min(now + share_tau);
     value.holders.insert(
         node.to_owned(),
         Holder {
             op: ask.op,
             granted,
             demand: ask.demand,
-            share_tat_ns: share_base + granted * share_interval,
+            share_tat_ns,
             at_ns: now,
         },
     );
@@ -239,6 +250,17 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
         granted,
         retry_after,
     }
+}
+
+/// Whether `h`'s demand still counts at `now` (see [`DEMAND_TTL_MIN`]).
+fn demand_current(h: &Holder, now: u64) -> bool {
+    let lasts = if h.demand > 0.0 {
+        h.granted.max(1) as f64 / h.demand
+    } else {
+        0.0
+    };
+    let ttl = (3.0 * lasts).clamp(DEMAND_TTL_MIN.as_secs_f64(), DEMAND_TTL_MAX.as_secs_f64());
+    now < h.at_ns.saturating_add((ttl * 1e9) as u64)
 }
 
 #[cfg(test)]
@@ -419,6 +441,37 @@ mod tests {
         normalize(&mut v, P, later);
         let got = apply(&mut v, "a", &a, P, later).granted;
         assert_eq!(got, 50, "then 500/s: 50 tokens per 100 ms");
+    }
+
+    #[test]
+    fn demand_of_a_daemon_that_stopped_asking_expires() {
+        let holder = |demand: f64, granted: u64, ago_ms: u64| Holder {
+            demand,
+            granted,
+            at_ns: NOW - ago_ms * MS,
+            ..Holder::default()
+        };
+        // Busy (a 400-token grant lasts 0.5 s at 800/s): counts for 2 s.
+        assert!(demand_current(&holder(800.0, 400, 1_900), NOW));
+        assert!(!demand_current(&holder(800.0, 400, 2_100), NOW));
+        // Quiet (2 tokens last 4 s at 0.5/s): counts for 10 s, not 12.
+        assert!(demand_current(&holder(0.5, 2, 9_000), NOW));
+        assert!(!demand_current(&holder(0.5, 2, 10_100), NOW));
+        // A cut-off daemon's old demand no longer holds back the others.
+        let mut v = fresh(P);
+        v.holders.insert("b".into(), holder(800.0, 400, 3_000));
+        let a = Ask {
+            demand: 900.0,
+            ..ask(1000)
+        };
+        assert_eq!(apply(&mut v, "a", &a, P, NOW).granted, 100);
+        let later = NOW + 100 * MS;
+        normalize(&mut v, P, later);
+        assert_eq!(
+            apply(&mut v, "a", &a, P, later).granted,
+            100,
+            "the whole rate"
+        );
     }
 
     proptest! {

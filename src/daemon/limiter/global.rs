@@ -128,6 +128,10 @@ impl EtcdState {
 /// calls must return at once, never wait; `false` means the message was not
 /// taken (a full queue) and the caller acts as if it was never sent.
 pub trait LeaseSink: Send + Sync + std::fmt::Debug {
+    /// A global rule is being installed: fill in its lease plan (batch,
+    /// credit cap, fallback bucket) so its first request can use it.
+    fn plan(&self, rule: &Rule);
+
     /// The bucket ran low (or is fresh and `borrowed` tokens on credit): lease
     /// more tokens.
     fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool;
@@ -186,6 +190,11 @@ impl ClusterLink {
 
     pub fn set_state(&self, state: EtcdState) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Plans a global rule that is being installed.
+    pub fn plan(&self, rule: &Rule) {
+        self.sink.plan(rule);
     }
 
     /// Asks the coordinator for a refill without waiting; `false` (counted)
@@ -427,6 +436,7 @@ pub struct NullSink;
 
 #[cfg(test)]
 impl LeaseSink for NullSink {
+    fn plan(&self, _: &Rule) {}
     fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
         true
     }

@@ -355,6 +355,15 @@ impl Limiter {
     ) -> Result<Arc<RuleSet>, RuleSetError> {
         let mut current = self.rules.lock();
         let next = Arc::new(RuleSet::build(specs, &current, now)?);
+        if let Some(link) = self.link.get() {
+            // New global rules get their lease plan before any request sees
+            // them (kept rules keep theirs).
+            for rule in next.iter() {
+                if current.get(rule.id()).is_none_or(|r| !Arc::ptr_eq(r, rule)) {
+                    link.plan(rule);
+                }
+            }
+        }
         self.table.install_rules(&next);
         let changed_global = current
             .iter()
