@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::output::fmt_ns;
 use super::{CliError, Exit, Output, StatsArgs, connect};
-use crate::protocol::{HealthReport, ServingState, StatsReport};
+use crate::protocol::{ClockReport, HealthReport, ServingState, StatsReport};
 
 pub async fn stats(socket: &Path, args: StatsArgs, out: &mut Output) -> Result<Exit, CliError> {
     let mut conn = connect(socket).await?;
@@ -74,6 +74,7 @@ fn render_stats(s: &StatsReport) -> String {
             fmt_ns(c.txn_latency.p50_ns),
             fmt_ns(c.txn_latency.p99_ns),
         ));
+        text.push_str(&format!("\nclock        {}", render_clock(&c.clock)));
         for r in &c.rules {
             text.push_str(&format!(
                 "\n  {}: held {}  batch {}{}  bound {:.1} tokens",
@@ -152,6 +153,37 @@ fn render_health(h: &HealthReport) -> String {
         if !e.last_error.is_empty() {
             text.push_str(&format!("; last error: {}", e.last_error));
         }
+        text.push_str(&format!("\nclock: {}", render_clock(&e.clock)));
     }
     text
+}
+
+/// Milliseconds with a sign and 0.1 ms resolution.
+fn fmt_offset(ns: i64) -> String {
+    format!("{:+.1}ms", ns as f64 / 1e6)
+}
+
+/// One line: `offset -2000.0ms of the daemons' median (max_clock_skew
+/// 10.0ms); ours minus peer: a -2000.1ms, b -1999.9ms`, led by `SKEWED ...`
+/// while leasing is stopped.
+fn render_clock(c: &ClockReport) -> String {
+    let max = fmt_ns(c.max_skew_ns);
+    let measured = if c.peers.is_empty() {
+        format!("no peer measured (max_clock_skew {max})")
+    } else {
+        format!(
+            "offset {} of the daemons' median (max_clock_skew {max}); ours minus peer: {}",
+            fmt_offset(c.offset_ns),
+            c.peers
+                .iter()
+                .map(|p| format!("{} {}", p.node, fmt_offset(p.offset_ns)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    if c.skewed {
+        format!("SKEWED, leasing stopped (global rules follow on_failure): {measured}")
+    } else {
+        measured
+    }
 }

@@ -75,6 +75,7 @@ impl Shared {
             dropped_events: get(&cluster.link.dropped_events),
             txn_latency: s.latency.summary(),
             rules,
+            clock: cluster.clock.report(),
         })
     }
 
@@ -138,12 +139,15 @@ impl Shared {
                 members: c.members.load(Ordering::Relaxed),
                 node_id: c.config.node_id.clone(),
                 last_error,
+                clock: c.clock.report(),
             }
         });
+        // A skewed clock degrades the daemon as an etcd outage does: global
+        // rules run on their failure policy either way.
         let degraded = self
             .cluster
             .as_ref()
-            .is_some_and(|c| c.health.state() != EtcdState::Healthy);
+            .is_some_and(|c| c.health.state() != EtcdState::Healthy || c.link.clock_skewed());
         HealthReport {
             state: if self.stopping.load(Ordering::Relaxed) {
                 ServingState::Stopping

@@ -447,6 +447,9 @@ pub struct ClusterStats {
     pub dropped_events: u64,
     pub txn_latency: LatencySummary,
     pub rules: Vec<GlobalRuleStats>,
+    /// This daemon's wall clock against its peers'. Appended last so the
+    /// fields before it keep their offsets.
+    pub clock: ClockReport,
 }
 
 /// One global rule's lease state.
@@ -503,6 +506,44 @@ pub struct EtcdHealth {
     pub node_id: String,
     /// The last etcd error seen (empty if none).
     pub last_error: String,
+    /// This daemon's wall clock against its peers'. Appended last so the
+    /// fields before it keep their offsets.
+    pub clock: ClockReport,
+}
+
+/// This daemon's wall clock measured against its peers' through their
+/// member keys in etcd. Global buckets use wall-clock time, so a daemon
+/// whose clock is off by more than `max_clock_skew` stops leasing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockReport {
+    /// This daemon's clock minus the median clock of the live daemons
+    /// (itself included), in nanoseconds: positive means ahead. 0 until a
+    /// peer has been measured.
+    pub offset_ns: i64,
+    /// The configured `max_clock_skew`, in nanoseconds.
+    pub max_skew_ns: u64,
+    /// Beyond `max_clock_skew` from a strict majority of the live peers:
+    /// leasing is stopped and global rules follow their `on_failure`.
+    pub skewed: bool,
+    /// Times `skewed` changed since start.
+    pub transitions: u64,
+    /// The measured latency from our own member-key write to its watch
+    /// event, nanoseconds: the correction added to every peer sample, and
+    /// about the size of the estimate's error.
+    pub delay_ns: u64,
+    /// Every live peer measured, by node id.
+    pub peers: Vec<PeerClock>,
+}
+
+/// One peer's clock as this daemon measures it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerClock {
+    pub node: String,
+    /// This daemon's clock minus the peer's, nanoseconds (median of recent
+    /// samples): positive means this daemon is ahead of the peer.
+    pub offset_ns: i64,
+    /// Recent samples the median is taken over.
+    pub samples: u32,
 }
 
 /// The daemon's overall state.

@@ -38,8 +38,8 @@ use std::path::PathBuf;
 
 pub use client::{Client, ClientError, Connection, ServerInfo};
 pub use message::{
-    Acquire, BatchItem, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth, GlobalRuleStats,
-    HealthReport, LatencySummary, LeaseInfo, Outcome, Priority, REQUEST_VARIANTS, Request,
+    Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth, GlobalRuleStats,
+    HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority, REQUEST_VARIANTS, Request,
     RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo, RuleSource, ServingState,
     StatsReport, TraceContext,
 };

@@ -1,13 +1,17 @@
 //! The etcd side of a daemon: the client (with deadlines and keep-alives so a
 //! hung etcd hangs nothing), membership (one key per daemon under a lease, so
-//! the number of live daemons `N` is known), the prober that drives the health
-//! machine, and the rules stored in etcd (listed, watched, written).
+//! the number of live daemons `N` is known, rewritten every probe with this
+//! daemon's wall clock for the clock check in `clock`), the prober that
+//! drives the health machine, and the rules stored in etcd (listed, watched,
+//! written).
 //!
 //! Key schema (v1), under the configured prefix:
-//! `/v1/members/{node}` (JSON, attached to the daemon's lease),
+//! `/v1/members/{node}` (JSON `{pid, version, wall_ns}`, attached to the
+//! daemon's lease),
 //! `/v1/rules/{id}` (JSON in the TOML field names), and
 //! `/v1/buckets/{rule}/{hash}` (see `lease::etcd`).
 
+pub mod clock;
 pub mod health;
 mod rules;
 
@@ -18,6 +22,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 
+pub use clock::ClockCheck;
 pub use health::Health;
 pub use rules::{rule_from_json, rule_to_json};
 
@@ -54,6 +59,8 @@ pub struct Cluster {
     pub link: Arc<ClusterLink>,
     /// Live daemons, counted by the prober.
     pub members: Arc<AtomicU64>,
+    /// This daemon's clock against its peers', and whether it may lease.
+    pub clock: Arc<ClockCheck>,
     pub stats: Arc<LeaseStats>,
     /// The lease our member key is attached to (0 until registered).
     lease_id: AtomicU64,
@@ -90,11 +97,17 @@ impl Cluster {
             .map_err(ClusterError::Client)?;
         let health = Arc::new(Health::new(Arc::clone(&link), DEGRADE_AFTER));
         let stats = Arc::new(LeaseStats::default());
+        let clock = Arc::new(ClockCheck::new(
+            config.node_id.clone(),
+            config.max_clock_skew,
+            Arc::clone(&link),
+        ));
         Ok(Cluster {
             client,
             health,
             link,
             members,
+            clock,
             stats,
             lease_id: AtomicU64::new(0),
             config,
@@ -138,8 +151,9 @@ impl Cluster {
             match self.register().await {
                 Ok(true) => {
                     // Rules listed at start-up are planned for this count.
-                    if let Ok(n) = self.count_members().await {
-                        self.members.store(n, Ordering::Relaxed);
+                    if let Ok(members) = self.count_members().await {
+                        self.members
+                            .store(members.len().max(1) as u64, Ordering::Relaxed);
                     }
                     return Ok(());
                 }
@@ -159,6 +173,41 @@ impl Cluster {
         }
     }
 
+    /// Our member key's value, stamped with the wall clock read now (each
+    /// attempt of a write calls this again, so the stamp is taken just before
+    /// the request leaves). The clock check times the write's watch event.
+    fn member_value(&self) -> String {
+        let wall_ns = clock::wall_now_ns();
+        self.clock.sending(wall_ns);
+        serde_json::json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "wall_ns": wall_ns,
+        })
+        .to_string()
+    }
+
+    /// Writes our member key under `lease` if `guard` holds.
+    async fn write_member(&self, lease: i64, guard: Compare) -> Result<bool, String> {
+        let client = self.client.clone();
+        let key = self.member_key();
+        let resp = self
+            .call(|| {
+                let txn = Txn::new().when([guard.clone()]).and_then([TxnOp::put(
+                    key.as_str(),
+                    self.member_value(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+                let mut c = client.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            self.clock.written();
+        }
+        Ok(resp.succeeded())
+    }
+
     /// Creates our member key under a fresh lease if no one holds the node id.
     async fn register(&self) -> Result<bool, String> {
         let client = self.client.clone();
@@ -169,31 +218,23 @@ impl Cluster {
             })
             .await?;
         let key = self.member_key();
-        let value = serde_json::json!({
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-        })
-        .to_string();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease.id())),
-            )]);
-        let resp = self
-            .call(|| {
-                let (mut c, txn) = (client.clone(), txn.clone());
-                async move { c.txn(txn).await }
-            })
-            .await?;
-        if resp.succeeded() {
+        let fresh = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
+        if self.write_member(lease.id(), fresh).await? {
             self.lease_id.store(lease.id() as u64, Ordering::Relaxed);
             Ok(true)
         } else {
             let _ = self.revoke(lease.id()).await;
             Ok(false)
         }
+    }
+
+    /// Rewrites our member key with the wall clock now, under our existing
+    /// lease; `false` if the key is not under that lease any more (expired,
+    /// or deleted by hand), so we register again.
+    async fn publish_clock(&self, lease: i64) -> Result<bool, String> {
+        let key = self.member_key();
+        let ours = Compare::lease(key.as_str(), CompareOp::Equal, lease);
+        self.write_member(lease, ours).await
     }
 
     async fn revoke(&self, id: i64) -> Result<(), String> {
@@ -222,32 +263,37 @@ impl Cluster {
         Ok(resp.is_some_and(|r| r.ttl() > 0))
     }
 
-    /// Counts live members (a real call: it also probes etcd).
-    async fn count_members(&self) -> Result<u64, String> {
+    /// The node ids of the live members (a real call: it also probes etcd).
+    async fn count_members(&self) -> Result<Vec<String>, String> {
         let client = self.client.clone();
         let prefix = self.key("members/");
         let resp = self
             .call(|| {
                 let (mut c, prefix) = (client.clone(), prefix.clone());
                 async move {
-                    c.get(
-                        prefix,
-                        Some(GetOptions::new().with_prefix().with_count_only()),
-                    )
-                    .await
+                    c.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+                        .await
                 }
             })
             .await?;
-        Ok(resp.count().max(1) as u64)
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key().strip_prefix(prefix.as_bytes())?;
+                Some(String::from_utf8_lossy(node).into_owned())
+            })
+            .collect())
     }
 
-    /// Keeps the member lease alive, counts members, and probes etcd (which
-    /// drives the health machine) until `cancel`; then revokes the lease so
-    /// the others see one daemon less at once.
+    /// Keeps the member lease alive and our wall clock published, counts
+    /// members, runs the clock check, and probes etcd (which drives the
+    /// health machine) until `cancel`; then revokes the lease so the others
+    /// see one daemon less at once.
     pub async fn run_membership(self: Arc<Self>, cancel: CancellationToken) {
         // The clock side of the health machine runs apart from the probes,
         // so a probe hanging until its deadline cannot delay DEGRADED.
-        let clock = {
+        let timeouts = {
             let health = Arc::clone(&self.health);
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -260,6 +306,7 @@ impl Cluster {
                 }
             })
         };
+        let clock_watch = tokio::spawn(Arc::clone(&self).run_clock_watch(cancel.clone()));
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u64;
@@ -282,15 +329,25 @@ impl Cluster {
                         "node id in use by another live daemon; not registered (membership count excludes us)"
                     );
                 }
-            } else if let Ok(false) = self.keep_alive(id).await {
-                // The lease expired while we were cut off: register again.
-                self.lease_id.store(0, Ordering::Relaxed);
+            } else {
+                let alive = match self.keep_alive(id).await {
+                    Ok(true) => self.publish_clock(id).await,
+                    other => other,
+                };
+                if let Ok(false) = alive {
+                    // The lease expired while we were cut off: register again.
+                    self.lease_id.store(0, Ordering::Relaxed);
+                }
             }
-            if let Ok(n) = self.count_members().await {
-                self.members.store(n, Ordering::Relaxed);
+            let members = self.count_members().await.ok();
+            if let Some(members) = &members {
+                self.members
+                    .store(members.len().max(1) as u64, Ordering::Relaxed);
             }
+            self.clock.tick(members.as_deref());
         }
-        clock.abort();
+        timeouts.abort();
+        clock_watch.abort();
         let id = self.lease_id.load(Ordering::Relaxed) as i64;
         if id != 0 {
             let _ = self.revoke(id).await;
