@@ -74,6 +74,15 @@ fn render_stats(s: &StatsReport) -> String {
             fmt_ns(c.txn_latency.p50_ns),
             fmt_ns(c.txn_latency.p99_ns),
         ));
+        text.push_str(&format!(
+            "\nledger       ops {}  unknown {} (resolved {})  repaired {}  clamped {}  bucket cap refusals {}",
+            c.lease_ops,
+            c.lease_unknown,
+            c.lease_resolved,
+            c.lease_repairs,
+            c.lease_clamped,
+            c.bucket_cap_refusals,
+        ));
         text.push_str(&format!("\nclock        {}", render_clock(&c.clock)));
         for r in &c.rules {
             text.push_str(&format!(

@@ -76,6 +76,12 @@ impl Shared {
             txn_latency: s.latency.summary(),
             rules,
             clock: cluster.clock.report(),
+            lease_ops: get(&s.ops),
+            lease_unknown: get(&s.unknown),
+            lease_resolved: get(&s.resolved),
+            lease_repairs: get(&s.repairs),
+            lease_clamped: get(&s.clamped),
+            bucket_cap_refusals: get(&s.bucket_cap_refusals),
         })
     }
 

@@ -450,6 +450,19 @@ pub struct ClusterStats {
     /// This daemon's wall clock against its peers'. Appended last so the
     /// fields before it keep their offsets.
     pub clock: ClockReport,
+    /// Lease operations sent (one per bucket per transaction attempt; a
+    /// transaction carries up to 100).
+    pub lease_ops: u64,
+    /// Operations whose outcome was unknown (a timeout, a lost answer), and
+    /// how many of those were later found committed (never applied twice).
+    pub lease_unknown: u64,
+    pub lease_resolved: u64,
+    /// Unreadable bucket values rewritten as empty buckets.
+    pub lease_repairs: u64,
+    /// Bucket TATs beyond the rule's depth (written by a clock ahead) clamped.
+    pub lease_clamped: u64,
+    /// Refills refused because the rule has `max_buckets_per_rule` buckets.
+    pub bucket_cap_refusals: u64,
 }
 
 /// One global rule's lease state.
@@ -542,7 +555,7 @@ pub struct PeerClock {
     /// This daemon's clock minus the peer's, nanoseconds (median of recent
     /// samples): positive means this daemon is ahead of the peer.
     pub offset_ns: i64,
-    /// Recent samples the median is taken over.
+    /// Recent samples the estimate is taken from.
     pub samples: u32,
 }
 

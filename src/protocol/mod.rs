@@ -38,10 +38,10 @@ use std::path::PathBuf;
 
 pub use client::{Client, ClientError, Connection, ServerInfo};
 pub use message::{
-    Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth, GlobalRuleStats,
-    HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority, REQUEST_VARIANTS, Request,
-    RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo, RuleSource, ServingState,
-    StatsReport, TraceContext,
+    Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
+    GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
+    REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo,
+    RuleSource, ServingState, StatsReport, TraceContext,
 };
 
 /// The protocol version this build speaks.

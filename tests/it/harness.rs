@@ -74,6 +74,11 @@ impl ProcessDaemon {
     /// Starts `rld` with `--socket dir/rld.sock --state-dir dir/state` plus
     /// `extra` arguments and waits until it answers.
     pub fn start(dir: &Path, extra: &[&str]) -> ProcessDaemon {
+        ProcessDaemon::start_env(dir, extra, &[])
+    }
+
+    /// [`ProcessDaemon::start`] with extra environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ProcessDaemon {
         let socket = dir.join("rld.sock");
         let stderr_path = dir.join(format!("rld-{}.log", Instant::now().elapsed().as_nanos()));
         let log = std::fs::File::create(&stderr_path).expect("log file");
@@ -85,6 +90,7 @@ impl ProcessDaemon {
             .args(extra)
             .env_remove("RLD_SOCKET")
             .env_remove("RLD_CONFIG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -393,6 +399,9 @@ impl Etcd {
 pub struct Proxy {
     pub endpoints: String,
     pub blackhole: Arc<std::sync::atomic::AtomicBool>,
+    /// Forward requests but drop etcd's answers, closing the connection
+    /// (the request may have been applied: an unknown outcome).
+    pub drop_answers: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -400,6 +409,7 @@ impl Proxy {
     /// One listener on 127.0.0.1 per target endpoint.
     pub async fn start(targets: &str) -> Proxy {
         let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drop_answers = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut endpoints = Vec::new();
         let mut tasks = Vec::new();
         for target in targets.split(',') {
@@ -407,16 +417,21 @@ impl Proxy {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             endpoints.push(format!("http://{}", listener.local_addr().unwrap()));
             let hole = Arc::clone(&blackhole);
+            let drop = Arc::clone(&drop_answers);
             tasks.push(tokio::spawn(async move {
                 while let Ok((inbound, _)) = listener.accept().await {
                     let (addr, hole) = (addr.clone(), Arc::clone(&hole));
+                    let drop = Arc::clone(&drop);
                     tokio::spawn(async move {
                         let Ok(outbound) = tokio::net::TcpStream::connect(&addr).await else {
                             return;
                         };
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
-                        tokio::join!(pipe(ri, wo, Arc::clone(&hole)), pipe(ro, wi, hole));
+                        tokio::join!(
+                            pipe(ri, wo, Arc::clone(&hole), None),
+                            pipe(ro, wi, hole, Some(drop))
+                        );
                     });
                 }
             }));
@@ -424,12 +439,20 @@ impl Proxy {
         Proxy {
             endpoints: endpoints.join(","),
             blackhole,
+            drop_answers,
             tasks,
         }
     }
 
     pub fn cut(&self, on: bool) {
         self.blackhole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// While on: requests reach etcd, answers are dropped and the
+    /// connection closed.
+    pub fn drop_answers(&self, on: bool) {
+        self.drop_answers
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 }
@@ -446,6 +469,7 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     hole: Arc<std::sync::atomic::AtomicBool>,
+    drop: Option<Arc<std::sync::atomic::AtomicBool>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -458,6 +482,13 @@ async fn pipe(
         // connection open, as a network that silently loses packets.
         if hole.load(std::sync::atomic::Ordering::SeqCst) {
             continue;
+        }
+        // An answer lost: drop it and close our side to the client.
+        if drop
+            .as_ref()
+            .is_some_and(|d| d.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

@@ -13,12 +13,14 @@
 //!   minus ours" is `peer.wall_ns - our_wall_at_receipt + d`. The peer's `d`
 //!   cannot be observed, but our own member write takes the same path and its
 //!   write-to-event latency is measured exactly (monotonic clock, our own
-//!   event): its median is the `d` used for every peer.
+//!   event): its least recent value is the `d` used for every peer.
 //! * Error of one sample: `|d_peer - d_own|`, less than the delay itself
 //!   (about 0.3-2 ms on loopback, a few ms across a LAN) unless the two paths
 //!   differ. A `round trip / 2` correction (NTP style) would be biased by about
 //!   half the delay here, because etcd answers the write and emits the event
-//!   at the same moment. The median of each peer's last five samples removes
+//!   at the same moment. Of each peer's last five samples the least delayed
+//!   one counts (NTP's minimum-delay filter: queueing only adds delay, and a
+//!   loaded host or proxy adds tens of ms one way), which removes
 //!   one-off stalls (a slow commit, a descheduled task).
 //! * [`ClockCheck::tick`] (every membership tick) forgets peers whose member
 //!   key is gone and decides. This daemon is *skewed* when it is beyond
@@ -51,7 +53,8 @@ use super::Cluster;
 use crate::daemon::limiter::global::{ClusterLink, EtcdState};
 use crate::protocol::{ClockReport, PeerClock};
 
-/// Samples kept per peer (and of our own write delay); estimates are medians.
+/// Samples kept per peer (and of our own write delay); estimates take the
+/// least-delayed one.
 const SAMPLES_KEPT: usize = 5;
 /// A peer counts as measured from this many samples on.
 const MIN_SAMPLES: usize = 3;
@@ -105,7 +108,7 @@ pub struct PeerOffset {
     pub node: String,
     /// Our clock minus the peer's, nanoseconds: positive means we are ahead.
     pub offset_ns: i64,
-    /// Samples behind the median.
+    /// Samples behind the estimate.
     pub samples: usize,
 }
 
@@ -129,15 +132,12 @@ impl OffsetEstimator {
             .push_back(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX));
     }
 
-    /// The correction added to peer samples: the median of our own recent
-    /// write-to-event latencies (zero before the first).
+    /// The correction added to peer samples: the least of our own recent
+    /// write-to-event latencies (zero before the first). Queueing only ever
+    /// adds delay, so the least-delayed sample is the one closest to the
+    /// path's real latency (NTP's minimum-delay filter).
     pub fn delay(&self) -> Duration {
-        let mut d: Vec<i64> = self
-            .delays
-            .iter()
-            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
-            .collect();
-        Duration::from_nanos(median(&mut d).unwrap_or(0).max(0) as u64)
+        Duration::from_nanos(self.delays.iter().copied().min().unwrap_or(0))
     }
 
     /// `peer` wrote `peer_wall_ns`; the write reached us at our wall time
@@ -175,8 +175,13 @@ impl OffsetEstimator {
                 s.raw.len() >= MIN_SAMPLES && now_ns.saturating_sub(s.last_ns) <= stale
             })
             .map(|(node, s)| {
-                let mut raw: Vec<i64> = s.raw.iter().copied().collect();
-                let peer_minus_ours = median(&mut raw)
+                // The least-delayed sample (queueing makes a peer's write
+                // arrive later, so its clock look behind): the largest.
+                let peer_minus_ours = s
+                    .raw
+                    .iter()
+                    .copied()
+                    .max()
                     .expect("MIN_SAMPLES > 0")
                     .saturating_add(delay);
                 PeerOffset {
@@ -682,12 +687,15 @@ mod tests {
             g.update(&[est("a", 50), est("b", 50), est("c", 50)], 4, SKEW),
             Some(Transition::Entered)
         );
-        // Back within, but only 2 of 4 measured: a majority beyond is still
-        // possible, so it stays skewed however long that lasts.
+        // Back within, but only 1 of 4 measured: the other 3 could still be a
+        // majority beyond, so it stays skewed however long that lasts.
         for _ in 0..10 {
-            assert_eq!(g.update(&[est("a", 0), est("b", 0)], 4, SKEW), None);
+            assert_eq!(g.update(&[est("a", 0)], 4, SKEW), None);
         }
         assert!(g.skewed());
+        // 2 of 4 within: the 2 others cannot be a majority of 4 beyond.
+        let left = (0..LEAVE_TICKS).filter_map(|_| g.update(&[est("a", 0), est("b", 0)], 4, SKEW));
+        assert_eq!(left.last(), Some(Transition::Left));
     }
 
     #[test]
@@ -730,8 +738,10 @@ mod tests {
 
     #[test]
     fn the_check_times_its_own_writes_and_flags_the_link() {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let link = Arc::new(ClusterLink::new(tx, crate::rule::OnFailure::Closed));
+        let link = Arc::new(ClusterLink::new(
+            crate::daemon::limiter::NullSink,
+            crate::rule::OnFailure::Closed,
+        ));
         let check = ClockCheck::new("c".into(), SKEW, Arc::clone(&link));
         let t0 = check.origin;
         check.inner.lock().sent.push_back((42, t0));

@@ -271,8 +271,11 @@ impl Cluster {
             .call(|| {
                 let (mut c, prefix) = (client.clone(), prefix.clone());
                 async move {
-                    c.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
-                        .await
+                    c.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
                 }
             })
             .await?;

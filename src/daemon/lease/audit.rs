@@ -1,8 +1,9 @@
 //! The lease audit log (`rld --audit-log FILE`, off by default) and its
 //! checker.
 //!
-//! One JSON line per lease operation outcome and, once a second, one line per
-//! global rule with the requests it admitted since the previous line. The
+//! One JSON line per lease operation outcome and, every [`ADMITTED_EVERY`],
+//! one line per global rule with the requests it admitted since the previous
+//! line. The
 //! checker ([`check`]) verifies, from the logs of every daemon and the bucket
 //! keys' etcd history, the ledger's promises:
 //! - no operation is counted as committed twice, and every operation a
@@ -20,6 +21,10 @@ use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+/// How often admitted counts are written: the resolution of the window check.
+pub const ADMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const SLOT_NS: u64 = 100_000_000;
 
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,8 +156,9 @@ pub struct Report {
 
 /// Checks `records` (every daemon's log) against the bucket history for
 /// `rule`, whose promise is `bound`; windows of each length in `windows`
-/// (seconds). Admissions are counted per second, so windows are aligned to
-/// the seconds of the admission lines.
+/// (seconds). Admissions are counted in slots of [`ADMITTED_EVERY`] by the
+/// time of their line, so a window of `w` s of lines covers at most
+/// `w + 0.1` s of requests.
 pub fn check(
     records: &[Record],
     history: &[HistoryEntry],
@@ -173,7 +179,7 @@ pub fn check(
     let mut counted: HashSet<(String, u64)> = HashSet::new();
     // Per node: (wall_ns, +granted) and (wall_ns, admitted) events.
     let mut per_node: HashMap<String, Vec<(u64, i64)>> = HashMap::new();
-    let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut per_slot: BTreeMap<u64, u64> = BTreeMap::new();
     for rec in records {
         match rec {
             Record::Op {
@@ -226,7 +232,7 @@ pub fn check(
                     .entry(node.clone())
                     .or_default()
                     .push((*wall_ns, -(*allowed as i64)));
-                *per_second.entry(wall_ns / 1_000_000_000).or_default() += allowed;
+                *per_slot.entry(wall_ns / SLOT_NS).or_default() += allowed;
             }
             _ => {}
         }
@@ -254,19 +260,25 @@ pub fn check(
         }
     }
     // Windows.
-    if let (Some(&first), Some(&last)) = (per_second.keys().next(), per_second.keys().last()) {
+    let slots_per_s = 1_000_000_000 / SLOT_NS;
+    if let (Some(&first), Some(&last)) = (per_slot.keys().next(), per_slot.keys().last()) {
         for &w in windows {
             let mut worst = (0u64, 0.0f64);
+            // A line covers up to one slot before it.
+            let covered = w as f64 + SLOT_NS as f64 / 1e9;
+            let allowed = bound.rate * covered + bound.burst + bound.bound;
             for start in first..=last {
-                let sum: u64 = per_second.range(start..start + w).map(|(_, n)| n).sum();
-                // One extra second: a line covers up to a second before it.
-                let allowed = bound.rate * (w + 1) as f64 + bound.burst + bound.bound;
+                let sum: u64 = per_slot
+                    .range(start..start + w * slots_per_s)
+                    .map(|(_, n)| n)
+                    .sum();
                 if sum > worst.0 {
                     worst = (sum, allowed);
                 }
                 if sum as f64 > allowed {
                     r.violations.push(format!(
-                        "{sum} admitted in the {w} s from second {start}, bound {allowed:.0}"
+                        "{sum} admitted in the {w} s from {:.1} s, bound {allowed:.0}",
+                        start as f64 / slots_per_s as f64
                     ));
                     break;
                 }

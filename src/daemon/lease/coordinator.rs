@@ -301,7 +301,7 @@ impl<S: Source> Coordinator<S> {
     /// every operation in transit (bounded by `drain_timeout`).
     pub async fn run(mut self, cancel: CancellationToken, drain_timeout: Duration) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut audit_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut audit_tick = tokio::time::interval(super::audit::ADMITTED_EVERY);
         // Wakes the loop when a backed-off key becomes ready.
         let mut retry = tokio::time::interval(Duration::from_millis(20));
         loop {
@@ -769,6 +769,9 @@ impl<S: Source> Coordinator<S> {
                 bypassed - last.1.min(bypassed),
             );
             *last = (allowed, bypassed);
+            if da == 0 && db == 0 {
+                continue;
+            }
             self.audit.write(&Record::Admitted {
                 node: node.clone(),
                 rule: rule.id().to_owned(),
