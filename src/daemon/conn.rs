@@ -184,7 +184,7 @@ impl Conn {
                 }
             },
             Request::RuleList => self.respond(id, &Response::Rules(self.shared.rule_list())),
-            Request::Stats => self.respond(id, &Response::Stats(self.shared.stats())),
+            Request::Stats => self.respond(id, &Response::Stats(Box::new(self.shared.stats()))),
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
             Request::RuleSet { rules } => {
                 if !self.shared.auth.may_administer(&self.peer) {

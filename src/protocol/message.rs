@@ -231,7 +231,7 @@ pub enum Response<'a> {
     /// 6. Answer to `RuleDelete`.
     RuleDeleted,
     /// 7. Answer to `Stats`.
-    Stats(StatsReport),
+    Stats(Box<StatsReport>),
     /// 8. Answer to `Health`.
     Health(HealthReport),
     /// 9. The request failed; see the code.

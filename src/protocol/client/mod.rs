@@ -353,6 +353,6 @@ expect_fns! {
     expect_rule -> RuleInfo { Response::Rule(r) => r }
     expect_rules -> Vec<RuleInfo> { Response::Rules(r) => r }
     expect_deleted -> () { Response::RuleDeleted => () }
-    expect_stats -> StatsReport { Response::Stats(s) => s }
+    expect_stats -> StatsReport { Response::Stats(s) => *s }
     expect_health -> HealthReport { Response::Health(h) => h }
 }
