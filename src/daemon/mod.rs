@@ -169,8 +169,11 @@ impl Daemon {
         if let Some(cluster) = &cluster {
             // Rules from etcd are in force before the socket answers.
             match cluster.list_rules().await {
-                Ok((specs, _)) => rulebook.replace_etcd_layer(specs),
-                Err(e) => tracing::warn!("rules in etcd not loaded yet: {e}"),
+                Ok((specs, revision)) => rulebook.replace_etcd_layer(specs, revision),
+                Err(e) => {
+                    tracing::warn!("rules in etcd not loaded yet: {e}");
+                    rulebook.apply_etcd_cache();
+                }
             }
         }
         let bound = listener::bind(&config.socket, config.socket_mode)?;

@@ -229,12 +229,47 @@ impl RuleBook {
         }
     }
 
-    /// Replaces the etcd layer with what etcd holds (the watcher's list).
-    pub fn replace_etcd_layer(&self, specs: Vec<RuleSpec>) {
+    /// Replaces the etcd layer with what etcd holds at `revision` (the
+    /// watcher's list), and caches it in the state directory for a restart
+    /// while etcd is unreachable. Blocking file I/O.
+    pub fn replace_etcd_layer(&self, specs: Vec<RuleSpec>, revision: i64) {
         let mut layers = self.layers.lock();
+        if let Err(e) = self.store.save_etcd_cache(&specs, revision) {
+            tracing::warn!(
+                "cannot cache the rules from etcd ({e}); a restart while etcd is unreachable will not have them"
+            );
+        }
         let next = specs.into_iter().map(|s| (s.id.clone(), s)).collect();
         if next != layers.runtime {
             self.install_lenient(&mut layers, next);
+        }
+    }
+
+    /// At start with etcd unreachable: installs the rules last listed from
+    /// etcd, if cached, and says so; otherwise warns that `default_action`
+    /// answers for them until etcd is reachable. Blocking file I/O.
+    pub fn apply_etcd_cache(&self) {
+        let path = self.store.etcd_cache_path();
+        match self.store.load_etcd_cache() {
+            Ok(Some((specs, revision))) => {
+                tracing::warn!(
+                    rules = specs.len(),
+                    revision,
+                    cache = %path.display(),
+                    "etcd unreachable at start: serving the rules last seen in etcd until it answers"
+                );
+                let mut layers = self.layers.lock();
+                let next = specs.into_iter().map(|s| (s.id.clone(), s)).collect();
+                self.install_lenient(&mut layers, next);
+            }
+            Ok(None) => tracing::warn!(
+                "etcd unreachable at start and no rules cached from an earlier run: only config-file \
+                 rules apply (default_action answers the rest) until etcd answers"
+            ),
+            Err(e) => tracing::error!(
+                "etcd unreachable at start and its cached rules are unusable ({e}); only config-file \
+                 rules apply until etcd answers"
+            ),
         }
     }
 

@@ -1,6 +1,8 @@
-//! The standalone state directory: one TOML file of the rules set at run
-//! time, replaced atomically (temp file, fsync, rename, fsync dir), and a
-//! lock file held for the daemon's life so two daemons never share it.
+//! The state directory: one TOML file of the rules set at run time
+//! (standalone), the rules last seen in etcd with their revision (etcd mode:
+//! what a restart applies while etcd is unreachable), each replaced
+//! atomically (temp file, fsync, rename, fsync dir), and a lock file held
+//! for the daemon's life so two daemons never share it.
 //! Blocking file I/O: call from the blocking pool in async code.
 
 use std::fs::{self, File, OpenOptions};
@@ -15,6 +17,9 @@ use crate::rule::file::{parse_rules, render_rules};
 
 /// File in the state directory holding the run-time rules.
 pub const RULES_FILE: &str = "rules.toml";
+/// File in the state directory caching the rules last listed from etcd.
+pub const ETCD_CACHE_FILE: &str = "etcd-rules.toml";
+const REVISION_LINE: &str = "# etcd revision ";
 const LOCK_FILE: &str = "lock";
 
 /// Persists run-time rules in one TOML file, replaced atomically.
@@ -77,16 +82,62 @@ impl StateStore {
     /// # Errors
     /// Any I/O failure (full disk included); the old file is then intact.
     pub fn save(&self, rules: &[RuleSpec]) -> Result<(), RuleBookError> {
-        let path = self.path();
-        let tmp = self.dir.join(format!(".{RULES_FILE}.tmp"));
-        let storage = |source| RuleBookError::Storage {
-            path: path.clone(),
-            source,
-        };
         let text = format!(
             "# Rules set at run time with `rlctl rules set`. Written by rld; edits are read at start.\n{}",
             render_rules(rules)
         );
+        self.replace(RULES_FILE, &text)
+    }
+
+    /// Path of the etcd rule cache.
+    pub fn etcd_cache_path(&self) -> PathBuf {
+        self.dir.join(ETCD_CACHE_FILE)
+    }
+
+    /// Caches the rules listed from etcd at `revision`.
+    ///
+    /// # Errors
+    /// Any I/O failure; the previous cache is then intact.
+    pub fn save_etcd_cache(&self, rules: &[RuleSpec], revision: i64) -> Result<(), RuleBookError> {
+        let text = format!(
+            "{REVISION_LINE}{revision}\n# The rules last listed from etcd, applied at start while etcd is unreachable. Written by rld; do not edit.\n{}",
+            render_rules(rules)
+        );
+        self.replace(ETCD_CACHE_FILE, &text)
+    }
+
+    /// The cached etcd rules and their revision; `None` if there is no cache.
+    ///
+    /// # Errors
+    /// An unreadable or invalid cache file.
+    pub fn load_etcd_cache(&self) -> Result<Option<(Vec<RuleSpec>, i64)>, RuleBookError> {
+        let path = self.etcd_cache_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(RuleBookError::Storage { path, source }),
+        };
+        let corrupt = |message: String| RuleBookError::CorruptState {
+            path: path.clone(),
+            message,
+        };
+        let revision = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix(REVISION_LINE))
+            .and_then(|r| r.trim().parse::<i64>().ok())
+            .ok_or_else(|| corrupt(format!("the first line is not `{REVISION_LINE}N`")))?;
+        let rules = parse_rules(&text).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some((rules, revision)))
+    }
+
+    fn replace(&self, name: &str, text: &str) -> Result<(), RuleBookError> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let storage = |source| RuleBookError::Storage {
+            path: path.clone(),
+            source,
+        };
         let result = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(text.as_bytes())?;

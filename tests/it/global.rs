@@ -401,6 +401,49 @@ async fn unreachable_etcd_at_start_up_serves_with_the_failure_policy() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_etcd_is_unreachable_applies_the_rules_last_seen_in_etcd() {
+    let Some(etcd) = Etcd::get() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    set_global(
+        &a,
+        "deploy",
+        &["--limit", "1", "--window", "1h", "--on-failure", "closed"],
+    );
+    assert!(a.terminate().success());
+    let cache = dir.path().join("a/state/etcd-rules.toml");
+    let text = std::fs::read_to_string(&cache).unwrap();
+    assert!(text.starts_with("# etcd revision "), "{text}");
+    assert!(text.contains("deploy"), "{text}");
+    // Same state dir, etcd unreachable (nothing listens on port 1).
+    let sub = dir.path().join("a");
+    let a = ProcessDaemon::start(
+        &sub,
+        &[
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--etcd-prefix",
+            &etcd.prefix,
+            "--node-id",
+            "a",
+        ],
+    );
+    assert!(
+        a.log().contains("serving the rules last seen in etcd"),
+        "{}",
+        a.log()
+    );
+    let out = rlctl(&a.socket, &["acquire", "--json", "ci", "deploy"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rule"], "deploy", "the cached rule matched: {v}");
+    assert_eq!(
+        code(&out),
+        1,
+        "closed without etcd denies, not default_action: {v}"
+    );
+}
+
 fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {

@@ -77,7 +77,8 @@ impl Cluster {
     async fn relist(&self, book: &Arc<RuleBook>) -> Option<i64> {
         let (specs, revision) = self.list_rules().await.ok()?;
         let book = Arc::clone(book);
-        let applied = tokio::task::spawn_blocking(move || book.replace_etcd_layer(specs)).await;
+        let applied =
+            tokio::task::spawn_blocking(move || book.replace_etcd_layer(specs, revision)).await;
         if let Err(e) = applied {
             tracing::error!("applying rules from etcd failed: {e}");
         }
