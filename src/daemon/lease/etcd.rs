@@ -138,7 +138,10 @@ impl EtcdSource {
         self.health.guard(deadline, call).await.map_err(|e| {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
             match e {
-                CallError::Timeout(d) => LeaseError::Timeout(d),
+                CallError::Timeout(d) => {
+                    self.stats.timed_out(d);
+                    LeaseError::Timeout(d)
+                }
                 CallError::Etcd(e) => LeaseError::Etcd(e),
             }
         })

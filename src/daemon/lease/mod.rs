@@ -143,6 +143,15 @@ impl LeaseStats {
         let p99 = Duration::from_nanos(self.latency.summary().p99_ns);
         (!p99.is_zero()).then(|| (p99 * 3).clamp(MIN_TXN_DEADLINE, cap))
     }
+
+    /// A call gave no answer within `deadline`: its latency was at least
+    /// that, so it counts as a sample of it. Deadlines learn from timeouts
+    /// too: when etcd becomes slower than the deadline, the next deadlines
+    /// grow (up to their cap) instead of every call timing out forever.
+    pub fn timed_out(&self, deadline: Duration) {
+        self.latency
+            .record_one(u64::try_from(deadline.as_nanos()).unwrap_or(u64::MAX));
+    }
 }
 
 /// The batch plan of a global rule with `members` live daemons.
@@ -217,6 +226,31 @@ mod tests {
         // 1 per second: 2% over 10 s is 0.2 tokens, less than one.
         let slow = plan(&global(1, 1), 3, skew);
         assert!(slow.per_request);
+    }
+
+    #[test]
+    fn deadlines_learn_from_timeouts() {
+        let stats = LeaseStats::default();
+        let cap = Duration::from_secs(2);
+        assert_eq!(stats.txn_deadline(cap), None);
+        for _ in 0..100 {
+            stats.latency.record_one(1_000_000);
+        }
+        let fast = stats.txn_deadline(cap).unwrap();
+        assert_eq!(fast, MIN_TXN_DEADLINE, "3 x 1 ms is below the floor");
+        // etcd got slower than the deadline: every call times out.
+        let mut deadline = fast;
+        for _ in 0..20 {
+            for _ in 0..10 {
+                stats.timed_out(deadline);
+            }
+            deadline = stats.txn_deadline(cap).unwrap();
+        }
+        assert!(
+            deadline > Duration::from_millis(500),
+            "grew to {deadline:?}"
+        );
+        assert!(deadline <= cap);
     }
 
     #[test]
