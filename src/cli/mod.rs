@@ -10,6 +10,7 @@
 //! | 3 | daemon unreachable or failed |
 
 mod acquire;
+pub mod audit;
 pub mod bench;
 mod output;
 mod rules;
@@ -106,6 +107,9 @@ pub enum Command {
     Health,
     /// Generate load against the daemon and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Check daemons' lease audit logs (rld --audit-log) against etcd's
+    /// history and the rule's bound: exit 0 if the ledger holds, 1 if not.
+    Audit(audit::AuditArgs),
 }
 
 // Parsed once per process; boxing the big variant would buy nothing.
@@ -348,6 +352,7 @@ async fn dispatch(args: Args, out: &mut Output) -> Result<Exit, CliError> {
         Command::Stats(s) => stats::stats(&socket, s, out).await,
         Command::Health => stats::health(&socket, out).await,
         Command::Bench(b) => bench::run(&socket, b, out).await,
+        Command::Audit(a) => audit::run(a, out).await,
     }
 }
 

@@ -85,8 +85,8 @@ pub struct Args {
     #[arg(long)]
     pub check_config: bool,
 
-    /// Append one JSON line per lease operation and, every second, the
-    /// requests admitted per global rule to FILE (for `rlctl audit`; off by
+    /// Append one JSON line per lease operation and, every 100 ms, the
+    /// requests admitted per global rule to FILE (checked by `rlctl audit`; off by
     /// default).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,

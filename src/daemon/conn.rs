@@ -83,8 +83,14 @@ impl Conn {
             let next = self.answer_buffered().await?;
             self.latency.merge_into(&self.shared.metrics.latency);
             self.flush().await?;
-            if next == Next::Close || cancel.is_cancelled() {
+            if next == Next::Close {
                 return Ok(());
+            }
+            if cancel.is_cancelled() {
+                // Shutdown began while we were answering: what the peer
+                // already sent is still answered (closing with unread bytes
+                // would reset its connection).
+                return self.drain().await;
             }
             let read = self.stream.read_buf(&mut self.read_buf);
             let n = tokio::select! {

@@ -85,51 +85,13 @@ fn rule_json(d: &ProcessDaemon) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
-/// Every committed value of the rule's bucket keys, from etcd's history
-/// (a watch from revision 1; nothing is compacted in a test cluster).
+/// Every committed value of the rule's bucket keys, from etcd's history.
 async fn history(etcd: &Etcd) -> Vec<HistoryEntry> {
     let mut client = etcd.client().await;
     let prefix = format!("{}/v1/buckets/g/", etcd.prefix);
-    let now = client
-        .get(
-            prefix.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
+    rld::cli::audit::history(&mut client, &prefix)
         .await
-        .unwrap();
-    let last = now
-        .kvs()
-        .iter()
-        .map(|kv| kv.mod_revision())
-        .max()
-        .unwrap_or(0);
-    let options = etcd_client::WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(1);
-    let mut stream = client.watch(prefix.as_str(), Some(options)).await.unwrap();
-    let mut entries = Vec::new();
-    let mut seen = 0;
-    while seen < last {
-        let Ok(Ok(Some(msg))) =
-            tokio::time::timeout(Duration::from_secs(5), stream.message()).await
-        else {
-            panic!("etcd history ended at revision {seen} of {last}");
-        };
-        for event in msg.events() {
-            let Some(kv) = event.kv() else { continue };
-            seen = seen.max(kv.mod_revision());
-            // Values written by the test itself (the unreadable one) are not
-            // the ledger's.
-            if let Ok(value) = serde_json::from_slice(kv.value()) {
-                entries.push(HistoryEntry {
-                    key: kv.key_str().unwrap_or_default().to_owned(),
-                    revision: kv.mod_revision(),
-                    value,
-                });
-            }
-        }
-    }
-    entries
+        .unwrap()
 }
 
 fn records(dir: &Path, nodes: &[&str]) -> Vec<audit::Record> {
@@ -270,6 +232,29 @@ async fn the_ledger_holds_under_lost_answers_bad_values_and_restarts() {
         history.len(),
     );
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    // The same check from the shell: `rlctl audit` exits 0 and says ok.
+    let logs: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| audit_path(dir.path(), n).display().to_string())
+        .collect();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_rlctl"))
+        .args([
+            "audit",
+            "--rule",
+            "g",
+            "--etcd",
+            &etcd.endpoints,
+            "--etcd-prefix",
+            &etcd.prefix,
+        ])
+        .args(["--members", "3"])
+        .args(&logs)
+        .output()
+        .unwrap();
+    let text = crate::harness::stdout(&cli);
+    eprintln!("rlctl audit:\n{text}");
+    assert_eq!(cli.status.code(), Some(0), "{text}{}", stderr(&cli));
+    assert!(text.contains("ok: no violation"), "{text}");
     assert!(
         report.ops_unknown > 0,
         "the dropped answers made outcomes unknown"

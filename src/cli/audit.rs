@@ -1,0 +1,219 @@
+//! `rlctl audit`: checks the lease audit logs of every daemon sharing a global
+//! rule (`rld --audit-log FILE`) against etcd's history of the rule's bucket
+//! keys and the rule's stated bound (the checker is
+//! [`crate::daemon::lease::audit::check`]). Talks to etcd, not to a daemon.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args as ClapArgs;
+use etcd_client::{Client, GetOptions, WatchOptions};
+use serde::Serialize;
+
+use super::{CliError, Exit, Output};
+use crate::daemon::cluster::rule_from_json;
+use crate::daemon::lease::audit::{self, HistoryEntry, Record, RuleBound};
+use crate::daemon::lease::plan;
+use crate::rule::parse_duration;
+
+/// Options of `rlctl audit`.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct AuditArgs {
+    /// Audit logs of every daemon that served the rule.
+    #[arg(required = true, value_name = "LOG")]
+    pub logs: Vec<PathBuf>,
+    /// The global rule to check.
+    #[arg(long, value_name = "ID")]
+    pub rule: String,
+    /// etcd endpoints (comma-separated), as given to rld.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "URLS")]
+    pub etcd: Vec<String>,
+    /// Key prefix of the deployment, as given to rld.
+    #[arg(long, default_value = "/rld", value_name = "PREFIX")]
+    pub etcd_prefix: String,
+    /// Live daemons the bound is stated for. Default: the daemons in the logs.
+    #[arg(long, value_name = "N")]
+    pub members: Option<u64>,
+    /// The daemons' max_clock_skew.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_clock_skew: Duration,
+    /// Window lengths to check, in seconds.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,10",
+        value_name = "SECONDS"
+    )]
+    pub windows: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct AuditOutput {
+    rule: String,
+    members: u64,
+    rate: f64,
+    burst: f64,
+    bound: f64,
+    ops_committed: u64,
+    ops_resolved: u64,
+    ops_unknown: u64,
+    tokens_granted: u64,
+    admitted: u64,
+    history_entries: usize,
+    /// Window seconds -> (worst admitted, allowed).
+    worst_windows: Vec<(u64, u64, f64)>,
+    violations: Vec<String>,
+}
+
+pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
+    let mut records = Vec::new();
+    for path in &args.logs {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
+        records.extend(
+            audit::parse(&text).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))?,
+        );
+    }
+    let mut client = Client::connect(&args.etcd, None).await.map_err(|e| {
+        CliError::failure(format!("cannot connect to etcd at {:?}: {e}", args.etcd))
+    })?;
+    let rule_key = format!("{}/v1/rules/{}", args.etcd_prefix, args.rule);
+    let stored = client
+        .get(rule_key.as_str(), None)
+        .await
+        .map_err(|e| CliError::failure(format!("cannot read {rule_key} from etcd: {e}")))?;
+    let Some(kv) = stored.kvs().first() else {
+        return Err(CliError::usage(format!(
+            "no rule {} in etcd under {} (check --etcd-prefix)",
+            args.rule, args.etcd_prefix
+        )));
+    };
+    let spec = rule_from_json(kv.value())
+        .map_err(|e| CliError::failure(format!("rule {} in etcd is unreadable: {e}", args.rule)))?;
+    let nodes: std::collections::BTreeSet<&str> = records
+        .iter()
+        .map(|r| match r {
+            Record::Op { node, .. } | Record::Admitted { node, .. } => node.as_str(),
+        })
+        .collect();
+    let members = args.members.unwrap_or(nodes.len() as u64).max(1);
+    let p = plan(&spec, members, args.max_clock_skew);
+    let bound = RuleBound {
+        rate: spec.limit as f64 / spec.window.as_secs_f64(),
+        burst: spec.capacity() as f64,
+        bound: p.bound,
+        credit: 64f64.max(p.b_max.floor()),
+    };
+    let bucket_prefix = format!("{}/v1/buckets/{}/", args.etcd_prefix, args.rule);
+    let history = history(&mut client, &bucket_prefix)
+        .await
+        .map_err(CliError::failure)?;
+    let report = audit::check(&records, &history, &args.rule, bound, &args.windows);
+    let result = AuditOutput {
+        rule: args.rule.clone(),
+        members,
+        rate: bound.rate,
+        burst: bound.burst,
+        bound: bound.bound,
+        ops_committed: report.ops_committed,
+        ops_resolved: report.ops_resolved,
+        ops_unknown: report.ops_unknown,
+        tokens_granted: report.tokens_granted,
+        admitted: report.admitted,
+        history_entries: history.len(),
+        worst_windows: report
+            .worst_windows
+            .iter()
+            .map(|(w, (n, allowed))| (*w, *n, *allowed))
+            .collect(),
+        violations: report.violations.clone(),
+    };
+    if out.json() {
+        out.json_value(&result)?;
+    } else {
+        out.line(format!(
+            "rule {}: {} daemons, rate {}/s, burst {}, bound {:.1} tokens",
+            result.rule, members, result.rate, result.burst, result.bound
+        ))?;
+        out.line(format!(
+            "ledger: {} operations committed ({} found committed after an unknown outcome), {} unknown, {} tokens granted, {} requests admitted; {} bucket values in etcd's history",
+            result.ops_committed,
+            result.ops_resolved,
+            result.ops_unknown,
+            result.tokens_granted,
+            result.admitted,
+            result.history_entries
+        ))?;
+        for (w, n, allowed) in &result.worst_windows {
+            out.line(format!(
+                "worst {w} s window: {n} admitted, {allowed:.0} allowed"
+            ))?;
+        }
+        if result.violations.is_empty() {
+            out.line("ok: no violation")?;
+        }
+        for v in &result.violations {
+            out.line(format!("VIOLATION: {v}"))?;
+        }
+    }
+    Ok(if result.violations.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Denied
+    })
+}
+
+/// Every committed value of the keys under `prefix` in etcd's history (a
+/// watch from revision 1), oldest first; values that do not parse as bucket
+/// values are left out.
+///
+/// # Errors
+/// etcd unreachable, or its history compacted.
+pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEntry>, String> {
+    let now = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("cannot read {prefix} from etcd: {e}"))?;
+    let last = now
+        .kvs()
+        .iter()
+        .map(|kv| kv.mod_revision())
+        .max()
+        .unwrap_or(0);
+    let options = WatchOptions::new().with_prefix().with_start_revision(1);
+    let mut stream = client
+        .watch(prefix, Some(options))
+        .await
+        .map_err(|e| format!("cannot watch {prefix}: {e}"))?;
+    let mut entries = Vec::new();
+    let mut seen = 0;
+    while seen < last {
+        let msg = match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) | Err(_) => {
+                return Err(format!(
+                    "etcd's history of {prefix} ended at revision {seen} of {last}"
+                ));
+            }
+            Ok(Err(e)) => return Err(format!("watching {prefix}: {e}")),
+        };
+        if msg.compact_revision() > 0 {
+            return Err(format!(
+                "etcd compacted its history up to revision {}; audit before compaction",
+                msg.compact_revision()
+            ));
+        }
+        for event in msg.events() {
+            let Some(kv) = event.kv() else { continue };
+            seen = seen.max(kv.mod_revision());
+            if let Ok(value) = serde_json::from_slice(kv.value()) {
+                entries.push(HistoryEntry {
+                    key: kv.key_str().unwrap_or_default().to_owned(),
+                    revision: kv.mod_revision(),
+                    value,
+                });
+            }
+        }
+    }
+    Ok(entries)
+}
