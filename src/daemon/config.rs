@@ -162,6 +162,8 @@ pub struct ConfigFile {
     pub default_on_failure: Option<OnFailure>,
     /// Extra fraction for the default fallback limit: limit x (1 + slack) / N.
     pub fallback_slack: Option<f64>,
+    /// Global buckets per rule this daemon leases for at once.
+    pub max_buckets_per_rule: Option<usize>,
     #[serde(rename = "rule", default)]
     pub rules: Vec<RuleEntry>,
 }
@@ -178,7 +180,13 @@ pub struct EtcdConfig {
     pub max_clock_skew: Duration,
     pub default_on_failure: OnFailure,
     pub fallback_slack: f64,
+    /// Global buckets per rule this daemon leases for; requests on further
+    /// new buckets are denied until idle ones are forgotten (60 s unused).
+    pub max_buckets_per_rule: usize,
 }
+
+/// Largest `max_buckets_per_rule`.
+pub const MAX_BUCKETS_PER_RULE_LIMIT: usize = 10_000_000;
 
 /// Everything the daemon needs, resolved.
 #[derive(Debug, Clone)]
@@ -390,6 +398,9 @@ impl Config {
                 if let Some(s) = file.fallback_slack {
                     e.fallback_slack = s;
                 }
+                if let Some(n) = file.max_buckets_per_rule {
+                    e.max_buckets_per_rule = n;
+                }
                 Some(e)
             },
             rules,
@@ -444,6 +455,9 @@ impl Config {
             if !(0.0..=10.0).contains(&e.fallback_slack) {
                 return bad("fallback_slack", "must be between 0.0 and 10.0");
             }
+            if !(1..=MAX_BUCKETS_PER_RULE_LIMIT).contains(&e.max_buckets_per_rule) {
+                return bad("max_buckets_per_rule", "must be between 1 and 10000000");
+            }
         }
         Ok(())
     }
@@ -478,6 +492,7 @@ impl EtcdConfig {
             max_clock_skew: Duration::from_millis(10),
             default_on_failure: OnFailure::Local,
             fallback_slack: 0.1,
+            max_buckets_per_rule: 100_000,
         }
     }
 }

@@ -134,6 +134,7 @@ impl Daemon {
                     settings: LeaseSettings {
                         max_clock_skew: etcd.max_clock_skew,
                         fallback_slack: etcd.fallback_slack,
+                        max_buckets_per_rule: etcd.max_buckets_per_rule,
                         ..LeaseSettings::default()
                     },
                     members: Arc::clone(&members),

@@ -438,9 +438,11 @@ impl<S: Source> Coordinator<S> {
                     self.stats
                         .bucket_cap_refusals
                         .fetch_add(1, Ordering::Relaxed);
-                    if let Some(g) = &rule.global {
-                        g.repay(borrowed);
-                    }
+                    // A borrowed token stays counted against the rule's
+                    // credit: it was admitted and is charged only when the
+                    // bucket is released (its debt), so repaying the credit
+                    // here would let new keys at the cap borrow without end.
+                    let _ = borrowed;
                     self.limiter.clear_request(&rule, &key, hash);
                     return;
                 }
