@@ -572,10 +572,12 @@ pub async fn drive(
             }
         }
         let sent = Instant::now();
-        let answers = conn
-            .acquire_many(items)
-            .await
-            .expect("every request is answered");
+        let answers = match conn.acquire_many(items).await {
+            Ok(answers) => answers,
+            // The daemon was stopped on purpose after the load was told to stop.
+            Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
+            Err(e) => panic!("every request is answered: {e:?}"),
+        };
         let rtt = sent.elapsed();
         let mut allowed = vec![0u32; resources.len()];
         let mut i = 0;

@@ -762,10 +762,9 @@ impl<S: Source> Coordinator<S> {
                 continue;
             }
             let (allowed, _, bypassed) = rule.activity.totals();
-            let last = self
-                .audited
-                .entry(rule.id().into())
-                .or_insert((allowed, bypassed));
+            // Counters start at zero with the daemon (and stay with the
+            // rule id across edits): everything since start is logged.
+            let last = self.audited.entry(rule.id().into()).or_insert((0, 0));
             let (da, db) = (
                 allowed - last.0.min(allowed),
                 bypassed - last.1.min(bypassed),
