@@ -1,7 +1,8 @@
 //! The health of the etcd cluster as one state machine:
 //! HEALTHY -> SUSPECT (a call failed: keep serving held tokens) -> DEGRADED
 //! (failures for `degrade_after`, or `failures_to_degrade` in a row: global
-//! rules follow `on_failure`) -> RECOVERING (a call succeeded: rules re-listed,
+//! rules follow `on_failure`) -> RECOVERING (two calls in a row succeeded:
+//! hysteresis; rules re-listed,
 //! debts posted by the coordinator) -> HEALTHY. Each transition is logged
 //! once, counted, and published to the hot path through the `ClusterLink`.
 
@@ -15,6 +16,9 @@ use crate::daemon::limiter::global::{ClusterLink, EtcdState};
 
 /// Consecutive failures that make a suspect cluster degraded.
 const FAILURES_TO_DEGRADE: u32 = 3;
+/// Consecutive successes that end DEGRADED (hysteresis: one lucky call
+/// against a failing or overloaded etcd does not flip the hot path back).
+const SUCCESSES_TO_RECOVER: u32 = 2;
 /// Immediate retries of a call that etcd answered Unavailable (each may
 /// reach another endpoint; the deadline still bounds them all).
 const RETRIES: u32 = 4;
@@ -49,6 +53,8 @@ struct Inner {
     since: SystemTime,
     first_failure: Option<Instant>,
     failures: u32,
+    /// Consecutive successes (for leaving DEGRADED).
+    successes: u32,
     last_error: String,
 }
 
@@ -78,6 +84,7 @@ impl Health {
                 since: SystemTime::now(),
                 first_failure: Some(Instant::now()),
                 failures: 0,
+                successes: 0,
                 last_error: String::new(),
             }),
             transitions: AtomicU64::new(0),
@@ -100,10 +107,14 @@ impl Health {
         let mut i = self.inner.lock();
         i.failures = 0;
         i.first_failure = None;
+        i.successes = i.successes.saturating_add(1);
         match i.state {
             EtcdState::Suspect if i.owes_recovery => self.enter(&mut i, EtcdState::Recovering),
             EtcdState::Suspect => self.enter(&mut i, EtcdState::Healthy),
-            EtcdState::Degraded => self.enter(&mut i, EtcdState::Recovering),
+            EtcdState::Degraded if i.successes >= SUCCESSES_TO_RECOVER => {
+                self.enter(&mut i, EtcdState::Recovering)
+            }
+            EtcdState::Degraded => {}
             EtcdState::Healthy | EtcdState::Recovering => {}
         }
     }
@@ -149,6 +160,7 @@ impl Health {
     pub fn failure(&self, error: &str, started: Instant) {
         let mut i = self.inner.lock();
         i.failures += 1;
+        i.successes = 0;
         i.last_error = error.to_owned();
         // A hang counts from when the call began, not when it timed out.
         let first = *i.first_failure.get_or_insert(started);
@@ -243,6 +255,13 @@ mod tests {
         h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Degraded);
         h.failure("boom", Instant::now());
+        assert_eq!(h.state(), EtcdState::Degraded);
+        // One success is not enough to leave DEGRADED; a failure in between
+        // starts the count again.
+        h.success();
+        assert_eq!(h.state(), EtcdState::Degraded);
+        h.failure("boom", Instant::now());
+        h.success();
         assert_eq!(h.state(), EtcdState::Degraded);
         h.success();
         assert_eq!(h.state(), EtcdState::Recovering);
