@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod health;
 pub mod lease;
 pub mod limiter;
 pub mod listener;
@@ -149,7 +150,7 @@ impl Daemon {
                 cluster.join().await?;
                 let handle = LeaseHandle {
                     events: tx,
-                    stats: Arc::clone(&cluster.stats),
+                    stats: Arc::new(lease::LeaseStats::default()),
                 };
                 (Some(cluster), Some((rx, handle, planner)))
             }
@@ -225,7 +226,9 @@ impl Daemon {
         // are returned last.
         let cluster_stop = CancellationToken::new();
         let mut cluster_tasks = Vec::new();
-        if let (Some(cluster), Some((events, planner))) = (&shared.cluster, lease_events) {
+        if let (Some(cluster), Some((events, planner)), Some(lease)) =
+            (&shared.cluster, lease_events, &shared.lease)
+        {
             cluster_tasks.push(tokio::spawn(
                 Arc::clone(cluster).run_membership(cluster_stop.clone()),
             ));
@@ -240,7 +243,7 @@ impl Daemon {
                 etcd.node_id.clone(),
                 etcd.timeout,
                 Arc::clone(&cluster.health),
-                Arc::clone(&cluster.stats),
+                Arc::clone(&lease.stats),
             );
             let audit = match &config.audit_log {
                 Some(path) => match lease::audit::AuditLog::open(path) {
@@ -258,7 +261,11 @@ impl Daemon {
             let coordinator = Coordinator::new(
                 source,
                 Arc::clone(&shared.limiter),
-                cluster,
+                lease::Wiring {
+                    link: Arc::clone(&cluster.link),
+                    health: Arc::clone(&cluster.health),
+                    stats: Arc::clone(&lease.stats),
+                },
                 events,
                 planner,
                 audit,

@@ -47,7 +47,7 @@ impl Shared {
 
     fn cluster_stats(&self) -> Option<ClusterStats> {
         let cluster = self.cluster.as_ref()?;
-        let s = &cluster.stats;
+        let s = &self.lease.as_ref()?.stats;
         let held = self.limiter.held_tokens();
         let rules = self
             .limiter

@@ -12,7 +12,6 @@
 //! `/v1/buckets/{rule}/{hash}` (see `lease::etcd`).
 
 pub mod clock;
-pub mod health;
 mod rules;
 
 use std::sync::Arc;
@@ -22,12 +21,11 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::daemon::health::Health;
 pub use clock::ClockCheck;
-pub use health::Health;
 pub use rules::{rule_from_json, rule_to_json};
 
 use super::config::EtcdConfig;
-use super::lease::LeaseStats;
 use super::limiter::global::ClusterLink;
 use crate::rule::RuleSpec;
 
@@ -61,7 +59,6 @@ pub struct Cluster {
     pub members: Arc<AtomicU64>,
     /// This daemon's clock against its peers', and whether it may lease.
     pub clock: Arc<ClockCheck>,
-    pub stats: Arc<LeaseStats>,
     /// The lease our member key is attached to (0 until registered).
     lease_id: AtomicU64,
 }
@@ -96,7 +93,6 @@ impl Cluster {
             .await
             .map_err(ClusterError::Client)?;
         let health = Arc::new(Health::new(Arc::clone(&link), DEGRADE_AFTER));
-        let stats = Arc::new(LeaseStats::default());
         let clock = Arc::new(ClockCheck::new(
             config.node_id.clone(),
             config.max_clock_skew,
@@ -108,7 +104,6 @@ impl Cluster {
             link,
             members,
             clock,
-            stats,
             lease_id: AtomicU64::new(0),
             config,
         })

@@ -23,8 +23,7 @@ use super::audit::{AuditLog, Record};
 use super::etcd::wall_ns;
 use super::value::Ask;
 use super::{BucketRef, Done, LeaseStats, Op, Outcome, Source, plan};
-use crate::daemon::cluster::Cluster;
-use crate::daemon::cluster::health::Health;
+use crate::daemon::health::Health;
 use crate::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSink};
 use crate::daemon::limiter::key::BucketKey;
 use crate::daemon::limiter::{LeaseNeeded, Limiter, Rule, SpendMode};
@@ -243,6 +242,16 @@ impl KeyState {
     }
 }
 
+/// What the coordinator shares with the rest of the daemon.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// The hot path's view of the cluster (state, clock flag, sink).
+    pub link: Arc<ClusterLink>,
+    /// etcd's health, which lease calls report to and recovery ends.
+    pub health: Arc<Health>,
+    pub stats: Arc<LeaseStats>,
+}
+
 /// Owns the [`Source`] and every lease operation.
 pub struct Coordinator<S: Source> {
     source: S,
@@ -268,11 +277,11 @@ pub struct Coordinator<S: Source> {
 
 impl<S: Source> Coordinator<S> {
     /// A coordinator leasing from `source` for `limiter`, reporting through
-    /// the cluster's link, health, statistics and member count.
+    /// `wiring` (the hot path's link, etcd health, statistics).
     pub fn new(
         source: S,
         limiter: Arc<Limiter>,
-        cluster: &Cluster,
+        wiring: Wiring,
         events: mpsc::Receiver<LeaseEvent>,
         planner: Arc<Planner>,
         audit: AuditLog,
@@ -280,12 +289,12 @@ impl<S: Source> Coordinator<S> {
         Coordinator {
             source,
             limiter,
-            link: Arc::clone(&cluster.link),
+            link: wiring.link,
             events,
             settings: planner.settings,
             planner,
-            stats: Arc::clone(&cluster.stats),
-            health: Arc::clone(&cluster.health),
+            stats: wiring.stats,
+            health: wiring.health,
             keys: HashMap::new(),
             per_rule: HashMap::new(),
             batches: JoinSet::new(),
@@ -848,7 +857,6 @@ mod tests {
     //! The coordinator against a scripted token source.
 
     use super::*;
-    use crate::daemon::config::EtcdConfig;
     use crate::daemon::lease::value::{self, BucketValue, Params};
     use crate::daemon::lease::{Known, LeaseError};
     use crate::daemon::limiter::{DefaultAction, LimiterConfig};
@@ -968,7 +976,8 @@ mod tests {
 
     struct Setup {
         limiter: Arc<Limiter>,
-        cluster: Cluster,
+        link: Arc<ClusterLink>,
+        health: Arc<Health>,
         fake: Fake,
         cancel: CancellationToken,
         task: tokio::task::JoinHandle<()>,
@@ -995,13 +1004,8 @@ mod tests {
         };
         let link = Arc::new(ClusterLink::new(sink, on_failure));
         limiter.attach(Arc::clone(&link));
-        // Connecting is lazy: nothing listens here and nothing needs to.
-        let config = EtcdConfig::defaults(vec!["http://127.0.0.1:1".into()]);
-        let members = Arc::clone(&planner.members);
-        let cluster = Cluster::connect(config, Arc::clone(&link), members)
-            .await
-            .unwrap();
-        cluster.health.success();
+        let health = Arc::new(Health::new(Arc::clone(&link), Duration::from_millis(400)));
+        health.success();
         let mut spec = RuleSpec::new("g", "*", "*", 1000, Duration::from_secs(1));
         spec.scope = Scope::Global;
         spec.burst = Some(100);
@@ -1014,7 +1018,11 @@ mod tests {
         let coordinator = Coordinator::new(
             fake.clone(),
             Arc::clone(&limiter),
-            &cluster,
+            Wiring {
+                link: Arc::clone(&link),
+                health: Arc::clone(&health),
+                stats: Arc::new(LeaseStats::default()),
+            },
             rx,
             planner,
             AuditLog::disabled(),
@@ -1024,7 +1032,8 @@ mod tests {
         let task = tokio::spawn(coordinator.run(cancel.clone(), Duration::from_secs(1)));
         Setup {
             limiter,
-            cluster,
+            link,
+            health,
             fake,
             cancel,
             task,
@@ -1186,14 +1195,16 @@ mod tests {
         let s = setup(None, OnFailure::Open, LeaseSettings::default()).await;
         s.fake.0.lock().failing = true;
         for _ in 0..3 {
-            s.cluster.health.failure("down", std::time::Instant::now());
+            s.health.failure("down", std::time::Instant::now());
         }
         assert_eq!(s.link_state(), EtcdState::Degraded);
         for _ in 0..7 {
             assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "open admits");
         }
-        // Recovery starts, but the first postings fail: nothing is dropped.
-        s.cluster.health.success();
+        // Recovery starts (two successes), but the first postings fail:
+        // nothing is dropped.
+        s.health.success();
+        s.health.success();
         assert_eq!(s.link_state(), EtcdState::Recovering);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(s.fake.0.lock().debt, 0);
@@ -1207,7 +1218,7 @@ mod tests {
 
     impl Setup {
         fn link_state(&self) -> EtcdState {
-            self.cluster.link.state()
+            self.link.state()
         }
     }
 }

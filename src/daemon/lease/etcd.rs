@@ -36,7 +36,7 @@ use parking_lot::Mutex;
 
 use super::value::{self, BucketValue, Params};
 use super::{BucketRef, Done, Known, LeaseError, LeaseStats, Op, Outcome, Source};
-use crate::daemon::cluster::health::{CallError, Health};
+use crate::daemon::health::{CallError, Health};
 
 /// Keys per transaction (etcd's default `--max-txn-ops` is 128).
 pub const MAX_KEYS_PER_TXN: usize = 100;

@@ -17,7 +17,9 @@ mod coordinator;
 pub mod etcd;
 pub mod value;
 
-pub use coordinator::{Coordinator, LeaseEvent, LeaseHandle, LeaseSettings, Planner, QueueSink};
+pub use coordinator::{
+    Coordinator, LeaseEvent, LeaseHandle, LeaseSettings, Planner, QueueSink, Wiring,
+};
 
 use std::future::Future;
 use std::sync::Arc;
