@@ -249,7 +249,17 @@ impl Cluster {
             .call(|| {
                 let mut c = client.clone();
                 async move {
-                    let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                    let (mut keeper, mut stream) = match c.lease_keep_alive(id).await {
+                        Ok(pair) => pair,
+                        // etcd answered: the lease is gone (it expired while
+                        // we were cut off). Not a failure: register again.
+                        Err(etcd_client::Error::LeaseKeepAliveError(m))
+                            if m.contains("not found") =>
+                        {
+                            return Ok(None);
+                        }
+                        Err(e) => return Err(e),
+                    };
                     keeper.keep_alive().await?;
                     stream.message().await
                 }

@@ -266,6 +266,9 @@ pub struct Coordinator<S: Source> {
     /// Buckets per rule id (for the per-rule cap).
     per_rule: HashMap<Box<str>, usize>,
     batches: JoinSet<Vec<(Op, Done)>>,
+    /// The buckets of each batch in flight, so a batch whose task panicked
+    /// is retried (same identities) instead of stalling its buckets.
+    batch_keys: HashMap<tokio::task::Id, Vec<KeyId>>,
     /// Operation identities: a random boot nonce and a sequence.
     nonce: u64,
     seq: u32,
@@ -298,6 +301,7 @@ impl<S: Source> Coordinator<S> {
             keys: HashMap::new(),
             per_rule: HashMap::new(),
             batches: JoinSet::new(),
+            batch_keys: HashMap::new(),
             nonce: u64::from(rand::random::<u32>()) << 32,
             seq: 0,
             audit,
@@ -324,10 +328,8 @@ impl<S: Source> Coordinator<S> {
                         self.handle(event);
                     }
                 }
-                Some(done) = self.batches.join_next(), if !self.batches.is_empty() => {
-                    if let Ok(done) = done {
-                        self.finish(done);
-                    }
+                Some(done) = self.batches.join_next_with_id(), if !self.batches.is_empty() => {
+                    self.joined(done);
                 }
                 _ = retry.tick() => {}
                 _ = tick.tick() => {
@@ -368,11 +370,9 @@ impl<S: Source> Coordinator<S> {
             if self.batches.is_empty() {
                 break;
             }
-            match tokio::time::timeout_at(deadline, self.batches.join_next()).await {
-                Ok(Some(Ok(done))) => self.finish(done),
-                Ok(Some(Err(_))) => {}
-                Ok(None) => break,
-                Err(_) => break,
+            match tokio::time::timeout_at(deadline, self.batches.join_next_with_id()).await {
+                Ok(Some(done)) => self.joined(done),
+                Ok(None) | Err(_) => break,
             }
         }
         let left: u64 = self
@@ -535,8 +535,41 @@ impl<S: Source> Coordinator<S> {
             self.stats
                 .ops
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let keys = batch
+                .iter()
+                .map(|op| (op.bucket.rule.id().into(), op.bucket.key.clone()))
+                .collect();
             let source = self.source.clone();
-            self.batches.spawn(async move { source.apply(batch).await });
+            let task = self.batches.spawn(async move { source.apply(batch).await });
+            self.batch_keys.insert(task.id(), keys);
+        }
+    }
+
+    /// A batch task ended: its results, or (it panicked, a bug) its
+    /// operations marked uncertain and retried under the same identities.
+    fn joined(&mut self, done: Result<(tokio::task::Id, Vec<(Op, Done)>), tokio::task::JoinError>) {
+        match done {
+            Ok((id, results)) => {
+                self.batch_keys.remove(&id);
+                self.finish(results);
+            }
+            Err(e) => {
+                let keys = self.batch_keys.remove(&e.id()).unwrap_or_default();
+                tracing::error!(
+                    buckets = keys.len(),
+                    "a lease batch failed ({e}); its operations are retried under the same identities"
+                );
+                for id in keys {
+                    if let Some(state) = self.keys.get_mut(&id) {
+                        state.in_flight = false;
+                        if let Some(op) = &mut state.op {
+                            op.uncertain = true;
+                            op.known = None;
+                        }
+                        state.not_before = Instant::now() + self.settings.max_backoff;
+                    }
+                }
+            }
         }
     }
 

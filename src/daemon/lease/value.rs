@@ -118,7 +118,7 @@ pub fn fresh(params: Params) -> BucketValue {
 /// can only under-admit), no holders.
 pub fn repaired(params: Params, now: u64) -> BucketValue {
     BucketValue {
-        tat_ns: now + params.tau_ns,
+        tat_ns: now.saturating_add(params.tau_ns),
         ..fresh(params)
     }
 }
@@ -131,7 +131,7 @@ pub fn normalize(value: &mut BucketValue, params: Params, now: u64) -> bool {
     if (value.interval_ns, value.tau_ns) != (params.interval_ns, params.tau_ns) {
         if value.tat_ns > now && value.tau_ns > 0 {
             let used = (value.tat_ns - now) as f64 / value.tau_ns as f64;
-            value.tat_ns = now + (used.min(1.0) * params.tau_ns as f64) as u64;
+            value.tat_ns = now.saturating_add((used.min(1.0) * params.tau_ns as f64) as u64);
         }
         for h in value.holders.values_mut() {
             h.share_tat_ns = 0;
@@ -139,9 +139,10 @@ pub fn normalize(value: &mut BucketValue, params: Params, now: u64) -> bool {
         value.interval_ns = params.interval_ns;
         value.tau_ns = params.tau_ns;
     }
-    let clamped = value.tat_ns > now + params.tau_ns;
+    let depth = now.saturating_add(params.tau_ns);
+    let clamped = value.tat_ns > depth;
     if clamped {
-        value.tat_ns = now + params.tau_ns;
+        value.tat_ns = depth;
     }
     let horizon = now.saturating_sub(HOLDER_TTL.as_nanos() as u64);
     value.holders.retain(|_, h| h.at_ns >= horizon);
@@ -196,8 +197,11 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
             .max(now);
     }
     if ask.debt > 0 {
-        value.tat_ns =
-            (value.tat_ns.max(now) + ask.debt.saturating_mul(interval)).min(now + tau_ns);
+        value.tat_ns = value
+            .tat_ns
+            .max(now)
+            .saturating_add(ask.debt.saturating_mul(interval))
+            .min(now.saturating_add(tau_ns));
     }
     // Fair share among daemons with current demand (this one included).
     let mut demands: Vec<(&str, f64)> = value
@@ -206,36 +210,45 @@ pub fn apply(value: &mut BucketValue, node: &str, ask: &Ask, params: Params, now
         .filter(|(n, h)| n.as_str() != node && h.demand > 0.0 && demand_current(h, now))
         .map(|(n, h)| (n.as_str(), h.demand))
         .collect();
-    demands.push((node, ask.demand));
+    // A daemon that asks for tokens wants at least one a second (its
+    // demand estimate may be zero right after an outage).
+    demands.push((node, ask.demand.max(1.0)));
     let share = fair_share(params.rate(), node, &demands).max(1e-9);
     let share_interval = ((1e9 / share) as u64).max(interval);
     let share_tau = share_interval.saturating_mul(params.burst().max(1));
     let holder = value.holders.get(node).cloned().unwrap_or_default();
 
     let base = value.tat_ns.max(now);
-    let room = (now + tau_ns).saturating_sub(base) / interval;
+    let room = now.saturating_add(tau_ns).saturating_sub(base) / interval;
     // Shares bind under contention only: tokens in the upper half of the
     // global bucket are there because the holders of shares did not take
     // them, and anyone may (work-conserving: a misjudged demand never
     // strands tokens). Below half, each daemon takes within its share.
     let free = room.saturating_sub(params.burst().div_ceil(2));
     let share_base = holder.share_tat_ns.max(now);
-    let share_room = (now + share_tau).saturating_sub(share_base) / share_interval;
+    let share_end = now.saturating_add(share_tau);
+    let share_room = share_end.saturating_sub(share_base) / share_interval;
     let mut granted = ask.take.min(room).min(share_room.max(free));
     let mut retry_after = Duration::ZERO;
     if ask.take > 0 && (granted == 0 || granted < ask.min) {
         let need = ask.min.max(1);
-        let global_ready = (base + need * interval).saturating_sub(now + tau_ns);
-        let share_ready = (share_base + need * share_interval).saturating_sub(now + share_tau);
+        let global_ready = base
+            .saturating_add(need.saturating_mul(interval))
+            .saturating_sub(now.saturating_add(tau_ns));
+        let share_ready = share_base
+            .saturating_add(need.saturating_mul(share_interval))
+            .saturating_sub(share_end);
         retry_after = Duration::from_nanos(global_ready.max(share_ready));
         granted = 0;
     }
     if granted > 0 {
-        value.tat_ns = base + granted * interval;
+        value.tat_ns = base.saturating_add(granted.saturating_mul(interval));
     }
     // Free tokens drain the share bucket too (never below empty), so a
     // daemon that took them has no share saved up when contention starts.
-    let share_tat_ns = (share_base + granted * share_interval).min(now + share_tau);
+    let share_tat_ns = share_base
+        .saturating_add(granted.saturating_mul(share_interval))
+        .min(share_end);
     value.holders.insert(
         node.to_owned(),
         Holder {
@@ -498,6 +511,28 @@ mod tests {
                 let allowed = P.burst() + (now - start) / P.interval_ns + given;
                 prop_assert!(granted <= allowed, "granted {granted} > {allowed}");
                 prop_assert!(v.tat_ns <= now + P.tau_ns);
+            }
+        }
+
+        /// No arithmetic overflows (a panic in a lease batch stalls recovery)
+        /// whatever the demands, parameters, debts and times.
+        #[test]
+        fn apply_never_overflows(
+            interval in 1u64..u64::MAX / 4,
+            burst in 1u64..1_000_000,
+            steps in proptest::collection::vec(
+                (0u8..3, any::<u64>(), any::<u64>(), any::<u64>(), 0f64..1e12, 0u64..u64::MAX / 4),
+                1..50,
+            ),
+        ) {
+            let p = Params { interval_ns: interval, tau_ns: interval.saturating_mul(burst) };
+            let mut v = fresh(p);
+            let nodes = ["a", "b", "c"];
+            for (i, (node, take, give, debt, demand, now)) in steps.into_iter().enumerate() {
+                normalize(&mut v, p, now);
+                let a = Ask { op: i as u64, take, min: 1, give, debt, demand };
+                let r = apply(&mut v, nodes[node as usize], &a, p, now);
+                prop_assert!(r.granted <= take);
             }
         }
     }
