@@ -24,7 +24,8 @@
 //!   one-off stalls (a slow commit, a descheduled task).
 //! * [`ClockCheck::tick`] (every membership tick) forgets peers whose member
 //!   key is gone and decides. This daemon is *skewed* when it is beyond
-//!   `max_clock_skew` from a strict majority of its live peers; it stops being
+//!   `max_clock_skew` plus the measurement's uncertainty (our least write
+//!   delay) from a strict majority of its live peers; it stops being
 //!   skewed once it is within 0.8 x `max_clock_skew` of enough peers that no
 //!   majority can be beyond, three ticks in a row (hysteresis, no flapping).
 //!   Peers not measured yet (or whose writes stopped arriving) count neither
@@ -110,6 +111,11 @@ pub struct PeerOffset {
     pub offset_ns: i64,
     /// Samples behind the estimate.
     pub samples: usize,
+    /// How far off the estimate may be: the least delay of our own writes'
+    /// round (a one-way path can be up to that much longer or shorter than
+    /// the one we corrected for). Under load it grows, and an offset within
+    /// it proves nothing.
+    pub uncertainty_ns: u64,
 }
 
 /// Per-peer offset estimates from write samples. Monotonic times are
@@ -188,6 +194,7 @@ impl OffsetEstimator {
                     node: node.clone(),
                     offset_ns: peer_minus_ours.saturating_neg(),
                     samples: s.raw.len(),
+                    uncertainty_ns: u64::try_from(delay).unwrap_or(0),
                 }
             })
             .collect();
@@ -241,9 +248,12 @@ impl SkewGuard {
         let majority = live / 2 + 1;
         let max = u64::try_from(max_skew.as_nanos()).unwrap_or(u64::MAX);
         if !self.skewed {
+            // Beyond only when beyond by more than the measurement's own
+            // uncertainty: a loaded etcd delays every write and must not
+            // look like a skewed clock (a real skew of seconds still shows).
             let beyond = estimates
                 .iter()
-                .filter(|p| p.offset_ns.unsigned_abs() > max)
+                .filter(|p| p.offset_ns.unsigned_abs() > max.saturating_add(p.uncertainty_ns))
                 .count();
             if live > 0 && beyond >= majority {
                 self.skewed = true;
@@ -570,6 +580,7 @@ mod tests {
             node: node.into(),
             offset_ns: offset_ms * MS as i64,
             samples: 5,
+            uncertainty_ns: 0,
         }
     }
 
@@ -696,6 +707,25 @@ mod tests {
         // 2 of 4 within: the 2 others cannot be a majority of 4 beyond.
         let left = (0..LEAVE_TICKS).filter_map(|_| g.update(&[est("a", 0), est("b", 0)], 4, SKEW));
         assert_eq!(left.last(), Some(Transition::Left));
+    }
+
+    #[test]
+    fn an_offset_within_the_measurement_uncertainty_proves_nothing() {
+        let mut g = SkewGuard::default();
+        let loaded = |node: &str, off: i64| PeerOffset {
+            uncertainty_ns: 25 * MS,
+            ..est(node, off)
+        };
+        // 20 ms off, but our own writes took 25 ms: not evidence of skew.
+        assert_eq!(
+            g.update(&[loaded("a", 20), loaded("b", -20)], 2, SKEW),
+            None
+        );
+        // 2 s off is, whatever the load.
+        assert_eq!(
+            g.update(&[loaded("a", 2000), loaded("b", 2000)], 2, SKEW),
+            Some(Transition::Entered)
+        );
     }
 
     #[test]
