@@ -165,7 +165,8 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
         loads,
         Duration::from_secs(SCALE_SECS),
     );
-    stop_daemons(daemons);
+    let log_notes = stop_daemons(daemons);
+    print_log_notes(&log_notes, 6);
 
     let secs = SCALE_SECS as f64;
     let ideal = k as f64 * SCALE_LIMIT as f64 * secs + k as f64 * burst as f64;
@@ -248,6 +249,7 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
         "health": {
             "state_changes": d.get("state_changes"),
             "states_after": measured.states_after,
+            "log_notes": log_notes,
         },
         "cpu_s": {
             "etcd": round2(measured.etcd_cpu_s),
@@ -450,7 +452,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         loads,
         Duration::from_secs(FAIR_SECS),
     );
-    stop_daemons(daemons);
+    let log_notes = stop_daemons(daemons);
 
     let demands: Vec<f64> = FAIR_SPLIT.iter().map(|s| FAIR_OFFERED * s).collect();
     let fair = max_min_fair(&demands, FAIR_LIMIT as f64);
@@ -489,7 +491,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
     let mut per_daemon = Vec::new();
     println!("\nfairness results (load {elapsed:.2} s)");
     println!(
-        "{:<7} {:>10} {:>9} {:>9} {:>10} {:>9} {:>10} {:>11}",
+        "{:<7} {:>10} {:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>7} {:>9} {:>7}",
         "daemon",
         "offered/s",
         "offered%",
@@ -497,14 +499,17 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         "admitted%",
         "fair/s",
         "fair%",
-        "adm-fair pt"
+        "adm-fair pt",
+        "txns",
+        "conflicts",
+        "leased"
     );
     for (i, d) in demands.iter().enumerate() {
         let off_pct = 100.0 * offered[i] as f64 / offered_total.max(1) as f64;
         let adm_pct = 100.0 * admitted[i] as f64 / total.max(1) as f64;
         let fair_pct = 100.0 * fair[i] / FAIR_LIMIT as f64;
         println!(
-            "{:<7} {:>10.0} {:>9.2} {:>9} {:>10.2} {:>9.1} {:>10.2} {:>+11.2}",
+            "{:<7} {:>10.0} {:>9.2} {:>9} {:>10.2} {:>9.1} {:>10.2} {:>+11.2} {:>7} {:>9} {:>7}",
             format!("d{}", i + 1),
             offered[i] as f64 / elapsed,
             off_pct,
@@ -512,7 +517,10 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
             adm_pct,
             fair[i],
             fair_pct,
-            adm_pct - fair_pct
+            adm_pct - fair_pct,
+            measured.per_daemon[i].get("lease_txns"),
+            measured.per_daemon[i].get("lease_conflicts"),
+            measured.per_daemon[i].get("tokens_leased"),
         );
         per_daemon.push(json!({
             "daemon": format!("d{}", i + 1),
@@ -526,6 +534,12 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
             "admitted_minus_fair_pts": round2(adm_pct - fair_pct),
             "load_ticks_capped": measured.runs[i].capped_ticks,
             "load_errors": measured.runs[i].errors,
+            "lease_txns": measured.per_daemon[i].get("lease_txns"),
+            "lease_conflicts": measured.per_daemon[i].get("lease_conflicts"),
+            "lease_failures": measured.per_daemon[i].get("lease_failures"),
+            "tokens_leased": measured.per_daemon[i].get("tokens_leased"),
+            "tokens_returned": measured.per_daemon[i].get("tokens_returned"),
+            "state_changes": measured.per_daemon[i].get("state_changes"),
         }));
     }
     let d = &measured.delta;
@@ -552,6 +566,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         measured.bench_cpu_s,
         measured.states_after
     );
+    print_log_notes(&log_notes, 6);
     json!({
         "daemons": FAIR_DAEMONS,
         "seconds": FAIR_SECS,
@@ -578,6 +593,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         "health": {
             "state_changes": d.get("state_changes"),
             "states_after": measured.states_after,
+            "log_notes": log_notes,
         },
         "cpu_s": {
             "etcd": round2(measured.etcd_cpu_s),
@@ -621,6 +637,7 @@ struct Measured {
     runs: Vec<LoadRun>,
     elapsed: Duration,
     delta: Counters,
+    per_daemon: Vec<Counters>,
     states_after: Vec<String>,
     txn_p99_ms_max: f64,
     etcd_cpu_s: f64,
@@ -660,8 +677,12 @@ fn measure(
     std::thread::sleep(Duration::from_millis(300));
     let after: Vec<Value> = daemons.iter().map(|d| bins.stats(&d.socket)).collect();
     let mut delta = Counters::default();
+    let mut per_daemon = Vec::new();
     for (b, a) in before.iter().zip(&after) {
         delta.add_delta(&b["cluster"], &a["cluster"]);
+        let mut one = Counters::default();
+        one.add_delta(&b["cluster"], &a["cluster"]);
+        per_daemon.push(one);
     }
     let states_after = after
         .iter()
@@ -677,6 +698,7 @@ fn measure(
         runs,
         elapsed,
         delta,
+        per_daemon,
         states_after,
         txn_p99_ms_max: round2(txn_p99_ms_max),
         etcd_cpu_s: etcd1 - etcd0,
@@ -1025,13 +1047,66 @@ fn start_daemons(
         .collect()
 }
 
-/// SIGTERM to all at once (they give tokens back in parallel), then reaps.
-fn stop_daemons(mut daemons: Vec<Daemon>) {
+/// SIGTERM to all at once (they give tokens back in parallel), then reaps;
+/// returns each daemon's warnings, errors and etcd state changes from its log.
+fn stop_daemons(mut daemons: Vec<Daemon>) -> Vec<Vec<String>> {
     for d in &daemons {
         d.signal_term();
     }
     for d in &mut daemons {
         d.reap(Duration::from_secs(10));
+    }
+    daemons.iter().map(|d| notable_log_lines(&d.log)).collect()
+}
+
+/// Warnings, errors and etcd health transitions in a daemon log (ANSI
+/// colours removed).
+fn notable_log_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(strip_ansi)
+        .filter(|l| {
+            l.contains("WARN")
+                || l.contains("ERROR")
+                || l.contains("etcd healthy")
+                || l.contains("reachable again")
+        })
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then a final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Prints up to `max` notable log lines per daemon.
+fn print_log_notes(notes: &[Vec<String>], max: usize) {
+    for (i, lines) in notes.iter().enumerate() {
+        if lines.is_empty() {
+            continue;
+        }
+        println!(
+            "   log of bench-{}: {} warning/error/state lines",
+            i + 1,
+            lines.len()
+        );
+        for l in lines.iter().take(max) {
+            let short: String = l.chars().take(220).collect();
+            println!("     {short}");
+        }
     }
 }
 
@@ -1055,7 +1130,11 @@ fn wait_rule(bins: &Bins, daemons: &[Daemon], id: &str) -> Value {
             .iter()
             .all(|v| v.as_ref().is_some_and(|v| v["lease"]["members"] == n))
         {
-            return views.into_iter().next().flatten().expect("a rule");
+            // The batch size is re-planned for the membership every 250 ms
+            // (coordinator tick): let two ticks pass, then read the plan.
+            std::thread::sleep(Duration::from_millis(600));
+            let out = bins.rlctl_ok(&daemons[0].socket, &["rules", "get", id, "--json"]);
+            return serde_json::from_slice(&out.stdout).expect("rule json");
         }
         assert!(
             Instant::now() < deadline,
