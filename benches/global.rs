@@ -166,7 +166,7 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
         Duration::from_secs(SCALE_SECS),
     );
     let log_notes = stop_daemons(daemons);
-    print_log_notes(&log_notes, 6);
+    print_log_notes(&log_notes);
 
     let secs = SCALE_SECS as f64;
     let ideal = k as f64 * SCALE_LIMIT as f64 * secs + k as f64 * burst as f64;
@@ -269,9 +269,12 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
     row
 }
 
+/// How a table cell is drawn from a result row.
+type Cell = Box<dyn Fn(&Value) -> String>;
+
 fn print_scale_table(rows: &[Value]) {
     println!("\nscale results");
-    let cols: Vec<(&str, Box<dyn Fn(&Value) -> String>)> = vec![
+    let cols: Vec<(&str, Cell)> = vec![
         ("keys", Box::new(|r| r["keys"].to_string())),
         (
             "offered/s (intended)",
@@ -566,7 +569,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         measured.bench_cpu_s,
         measured.states_after
     );
-    print_log_notes(&log_notes, 6);
+    print_log_notes(&log_notes);
     json!({
         "daemons": FAIR_DAEMONS,
         "seconds": FAIR_SECS,
@@ -1092,22 +1095,46 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Prints up to `max` notable log lines per daemon.
-fn print_log_notes(notes: &[Vec<String>], max: usize) {
+/// Prints, per daemon, how often each notable log message occurred (the
+/// full lines go to the JSON).
+fn print_log_notes(notes: &[Vec<String>]) {
     for (i, lines) in notes.iter().enumerate() {
-        if lines.is_empty() {
-            continue;
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for l in lines {
+            let m = log_message(l);
+            match counts.iter_mut().find(|(k, _)| *k == m) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((m, 1)),
+            }
         }
+        let text: Vec<String> = counts
+            .iter()
+            .map(|(m, n)| format!("{n}x \"{m}\""))
+            .collect();
         println!(
-            "   log of bench-{}: {} warning/error/state lines",
+            "   log of bench-{}: {}",
             i + 1,
-            lines.len()
+            if text.is_empty() {
+                "nothing notable".to_string()
+            } else {
+                text.join(", ")
+            }
         );
-        for l in lines.iter().take(max) {
-            let short: String = l.chars().take(220).collect();
-            println!("     {short}");
-        }
     }
+}
+
+/// The message of a tracing line: after `LEVEL target: `, before the
+/// first `key=value` field.
+fn log_message(line: &str) -> String {
+    let after_target = line.split_once(": ").map_or(line, |(_, rest)| rest).trim();
+    let mut words = Vec::new();
+    for w in after_target.split(' ') {
+        if w.contains('=') {
+            break;
+        }
+        words.push(w);
+    }
+    words.join(" ")
 }
 
 /// Waits (up to 20 s) until every daemon has rule `id` planned for all of
