@@ -248,6 +248,7 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
         },
         "health": {
             "state_changes": d.get("state_changes"),
+            "clock_transitions": d.get("clock_transitions"),
             "states_after": measured.states_after,
             "log_notes": log_notes,
         },
@@ -348,6 +349,10 @@ fn print_scale_table(rows: &[Value]) {
         (
             "state chg",
             Box::new(|r| r["health"]["state_changes"].to_string()),
+        ),
+        (
+            "clock chg",
+            Box::new(|r| r["health"]["clock_transitions"].to_string()),
         ),
         (
             "etcd cpu s",
@@ -558,12 +563,13 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
     );
     println!(
         "etcd    {txns} txns ({:.1}/s), {:.2} tokens/txn, conflicts {}, failures {}, state changes {}, \
-         members' CPU {:.2} s; rld CPU {:.2} s; bench CPU {:.2} s; states after {:?}",
+         clock-check changes {}, members' CPU {:.2} s; rld CPU {:.2} s; bench CPU {:.2} s; states after {:?}",
         txns as f64 / elapsed,
         d.get("tokens_leased") as f64 / txns.max(1) as f64,
         d.get("lease_conflicts"),
         d.get("lease_failures"),
         d.get("state_changes"),
+        d.get("clock_transitions"),
         measured.etcd_cpu_s,
         measured.rld_cpu_s,
         measured.bench_cpu_s,
@@ -595,6 +601,7 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
         },
         "health": {
             "state_changes": d.get("state_changes"),
+            "clock_transitions": d.get("clock_transitions"),
             "states_after": measured.states_after,
             "log_notes": log_notes,
         },
@@ -715,7 +722,7 @@ fn measure(
 struct Counters(Vec<(String, u64)>);
 
 impl Counters {
-    const FIELDS: [&'static str; 12] = [
+    const FIELDS: [&'static str; 13] = [
         "lease_txns",
         "lease_ops",
         "tokens_leased",
@@ -728,14 +735,20 @@ impl Counters {
         "state_changes",
         "debt_charged",
         "lease_resolved",
+        // cluster.clock.transitions: the clock check stopping or resuming
+        // leasing.
+        "clock_transitions",
     ];
 
     fn add_delta(&mut self, before: &Value, after: &Value) {
         for f in Self::FIELDS {
-            let d = after[f]
-                .as_u64()
+            let get = |v: &Value| match f {
+                "clock_transitions" => v["clock"]["transitions"].as_u64(),
+                _ => v[f].as_u64(),
+            };
+            let d = get(after)
                 .unwrap_or(0)
-                .saturating_sub(before[f].as_u64().unwrap_or(0));
+                .saturating_sub(get(before).unwrap_or(0));
             match self.0.iter_mut().find(|(n, _)| n == f) {
                 Some((_, v)) => *v += d,
                 None => self.0.push((f.to_owned(), d)),
@@ -1073,6 +1086,7 @@ fn notable_log_lines(path: &Path) -> Vec<String> {
                 || l.contains("ERROR")
                 || l.contains("etcd healthy")
                 || l.contains("reachable again")
+                || l.contains("wall clock")
         })
         .collect()
 }
