@@ -438,6 +438,8 @@ pub struct ClusterStats {
     pub state_changes: u64,
     pub members: u64,
     pub lease_txns: u64,
+    /// Bucket writes whose compare failed (another daemon moved the key;
+    /// retried with its current value).
     pub lease_conflicts: u64,
     pub lease_failures: u64,
     pub tokens_leased: u64,

@@ -245,13 +245,25 @@ impl EtcdSource {
         }
     }
 
-    /// One compare-and-swap round over the open slots in `idx`: `Ok(moved)`
-    /// with the slots whose key moved (to retry), all done on success.
+    /// One compare-and-swap round over the open slots in `idx`, in one
+    /// transaction of nested per-key transactions (etcd 3.3+): each key's
+    /// compare decides only its own write, so a key another daemon moved
+    /// fails alone (answered with its current value) and the others commit
+    /// in the same raft round. Returns the slots whose key moved (to retry);
+    /// every other slot is done.
     async fn swap(&self, slots: &mut [Slot], idx: &[usize]) -> Vec<usize> {
+        // Slots whose value could not be read are already done (failed).
+        let idx: Vec<usize> = idx
+            .iter()
+            .copied()
+            .filter(|&i| slots[i].done.is_none())
+            .collect();
+        let idx = idx.as_slice();
+        if idx.is_empty() {
+            return Vec::new();
+        }
         let now = wall_ns();
-        let mut compares = Vec::with_capacity(idx.len());
-        let mut puts = Vec::with_capacity(idx.len());
-        let mut gets = Vec::with_capacity(idx.len());
+        let mut nested = Vec::with_capacity(idx.len());
         let mut results = Vec::with_capacity(idx.len());
         for &i in idx {
             let slot = &mut slots[i];
@@ -273,22 +285,24 @@ impl EtcdSource {
                     return Vec::new();
                 }
             };
-            compares.push(if known.revision == 0 {
+            let compare = if known.revision == 0 {
                 Compare::create_revision(slot.key.as_str(), CompareOp::Equal, 0)
             } else {
                 Compare::mod_revision(slot.key.as_str(), CompareOp::Equal, known.revision)
-            });
+            };
             let json = serde_json::to_vec(&next).expect("bucket values serialize");
-            puts.push(TxnOp::put(
+            let put = TxnOp::put(
                 slot.key.as_str(),
                 json,
                 Some(PutOptions::new().with_lease(lease)),
+            );
+            let get = TxnOp::get(slot.key.as_str(), None);
+            nested.push(TxnOp::txn(
+                Txn::new().when([compare]).and_then([put]).or_else([get]),
             ));
-            gets.push(TxnOp::get(slot.key.as_str(), None));
             results.push((next, applied, clamped));
         }
-        let txn = Txn::new().when(compares).and_then(puts).or_else(gets);
-        let resp = match self.txn(txn).await {
+        let resp = match self.txn(Txn::new().and_then(nested)).await {
             Ok(resp) => resp,
             Err(e) => {
                 // The transaction may or may not have committed.
@@ -307,10 +321,21 @@ impl EtcdSource {
                 return Vec::new();
             }
         };
-        if resp.succeeded() {
-            let revision = resp.header().map_or(0, |h| h.revision());
-            for (&i, (next, applied, clamped)) in idx.iter().zip(results) {
-                let slot = &mut slots[i];
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let answers = resp.op_responses();
+        let mut moved = Vec::new();
+        for ((&i, (next, applied, clamped)), answer) in idx.iter().zip(results).zip(answers) {
+            let slot = &mut slots[i];
+            let inner = match answer {
+                TxnOpResponse::Txn(inner) => inner,
+                // Not what was asked: treat the key as moved and re-read it.
+                _ => {
+                    slot.op.known = None;
+                    moved.push(i);
+                    continue;
+                }
+            };
+            if inner.succeeded() {
                 let known = Known {
                     value: next,
                     revision,
@@ -326,21 +351,21 @@ impl EtcdSource {
                     repaired: slot.repaired,
                     clamped,
                 });
-            }
-            return Vec::new();
-        }
-        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-        // A compare failed: nothing was written. Learn every current value.
-        let mut moved = Vec::new();
-        for (&i, r) in idx.iter().zip(resp.op_responses().iter()) {
-            let slot = &mut slots[i];
-            let before = slot.op.known.as_ref().map_or(-1, |k| k.revision);
-            let (known, repaired) = known_from(&slot.key, &slot.op, r);
-            if known.revision != before {
+            } else {
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                // Its compare failed: nothing was written for it. Learn its
+                // current value from the answer.
+                let current = inner.op_responses();
+                match current.first() {
+                    Some(r) => {
+                        let (known, repaired) = known_from(&slot.key, &slot.op, r);
+                        slot.op.known = Some(known);
+                        slot.repaired |= repaired;
+                    }
+                    None => slot.op.known = None,
+                }
                 moved.push(i);
             }
-            slot.op.known = Some(known);
-            slot.repaired |= repaired;
         }
         moved
     }
@@ -367,6 +392,7 @@ impl EtcdSource {
                 continue;
             }
             attempts += 1;
+            self.read_unknown(slots).await;
             let moved = self.swap(slots, &idx).await;
             if moved.is_empty() && idx.iter().all(|&i| slots[i].done.is_some()) {
                 continue;

@@ -114,6 +114,7 @@ pub trait Source: Clone + Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct LeaseStats {
     pub txns: AtomicU64,
+    /// Bucket writes whose compare failed (another daemon moved the key).
     pub conflicts: AtomicU64,
     pub failures: AtomicU64,
     pub tokens_leased: AtomicU64,
