@@ -80,7 +80,23 @@ pub struct EtcdSource {
     stats: Arc<LeaseStats>,
     /// Per rule: the etcd lease new key writes attach to, and when it was granted.
     key_leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
+    /// Keys other daemons write too (a compare failed on them recently):
+    /// their value is read just before the write instead of trusting our
+    /// last one, which is stale, so the write does not fail and cost a
+    /// second raft round. A read is a linearizable read (no raft entry).
+    contended: Arc<Mutex<Contended>>,
 }
+
+/// Keys seen contended, forgotten every [`CONTENDED_FOR`] (bounded by the
+/// number of buckets this daemon leases for).
+#[derive(Debug)]
+struct Contended {
+    keys: std::collections::HashSet<String>,
+    since: Instant,
+}
+
+/// How long a key seen contended is treated so.
+const CONTENDED_FOR: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for EtcdSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +133,10 @@ impl EtcdSource {
             health,
             stats,
             key_leases: Arc::new(Mutex::new(HashMap::new())),
+            contended: Arc::new(Mutex::new(Contended {
+                keys: std::collections::HashSet::new(),
+                since: Instant::now(),
+            })),
         }
     }
 
@@ -353,6 +373,7 @@ impl EtcdSource {
                 });
             } else {
                 self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                self.contended.lock().keys.insert(slot.key.clone());
                 // Its compare failed: nothing was written for it. Learn its
                 // current value from the answer.
                 let current = inner.op_responses();
@@ -372,6 +393,19 @@ impl EtcdSource {
 
     /// Applies one chunk (at most [`MAX_KEYS_PER_TXN`] operations).
     async fn apply_chunk(&self, slots: &mut [Slot]) {
+        {
+            let mut contended = self.contended.lock();
+            if contended.since.elapsed() >= CONTENDED_FOR {
+                contended.keys.clear();
+                contended.since = Instant::now();
+            }
+            for slot in slots.iter_mut() {
+                // Uncertain operations are resolved from a fresh read anyway.
+                if contended.keys.contains(&slot.key) {
+                    slot.op.known = None;
+                }
+            }
+        }
         self.read_unknown(slots).await;
         self.resolve(slots);
         let mut queue: Vec<Vec<usize>> = vec![
