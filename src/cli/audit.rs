@@ -74,21 +74,34 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
             audit::parse(&text).map_err(|e| CliError::usage(format!("{}: {e}", path.display())))?,
         );
     }
-    let mut client = Client::connect(&args.etcd, None).await.map_err(|e| {
-        CliError::failure(format!("cannot connect to etcd at {:?}: {e}", args.etcd))
-    })?;
+    // One member at a time: a member that is down (killed, partitioned)
+    // must not fail the audit while the others can answer.
     let rule_key = format!("{}/v1/rules/{}", args.etcd_prefix, args.rule);
-    let stored = client
-        .get(rule_key.as_str(), None)
-        .await
-        .map_err(|e| CliError::failure(format!("cannot read {rule_key} from etcd: {e}")))?;
-    let Some(kv) = stored.kvs().first() else {
+    let bucket_prefix = format!("{}/v1/buckets/{}/", args.etcd_prefix, args.rule);
+    let mut errors = Vec::new();
+    let mut found = None;
+    for endpoint in &args.etcd {
+        match read_from(endpoint, &rule_key, &bucket_prefix).await {
+            Ok(r) => {
+                found = Some(r);
+                break;
+            }
+            Err(e) => errors.push(format!("{endpoint}: {e}")),
+        }
+    }
+    let Some((stored, history)) = found else {
+        return Err(CliError::failure(format!(
+            "no etcd member answered: {}",
+            errors.join("; ")
+        )));
+    };
+    let Some(value) = stored else {
         return Err(CliError::usage(format!(
             "no rule {} in etcd under {} (check --etcd-prefix)",
             args.rule, args.etcd_prefix
         )));
     };
-    let spec = rule_from_json(kv.value())
+    let spec = rule_from_json(&value)
         .map_err(|e| CliError::failure(format!("rule {} in etcd is unreadable: {e}", args.rule)))?;
     let nodes: std::collections::BTreeSet<&str> = records
         .iter()
@@ -104,10 +117,6 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
         bound: p.bound,
         credit: 64f64.max(p.b_max.floor()),
     };
-    let bucket_prefix = format!("{}/v1/buckets/{}/", args.etcd_prefix, args.rule);
-    let history = history(&mut client, &bucket_prefix)
-        .await
-        .map_err(CliError::failure)?;
     let report = audit::check(&records, &history, &args.rule, bound, &args.windows);
     let result = AuditOutput {
         rule: args.rule.clone(),
@@ -163,6 +172,27 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     })
 }
 
+/// The stored rule (if any) and the bucket history, from one member.
+async fn read_from(
+    endpoint: &str,
+    rule_key: &str,
+    bucket_prefix: &str,
+) -> Result<(Option<Vec<u8>>, Vec<HistoryEntry>), String> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    let mut client = Client::connect([endpoint], Some(options))
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let stored = client
+        .get(rule_key, None)
+        .await
+        .map_err(|e| format!("cannot read {rule_key}: {e}"))?;
+    let value = stored.kvs().first().map(|kv| kv.value().to_vec());
+    let history = history(&mut client, bucket_prefix).await?;
+    Ok((value, history))
+}
+
 /// Every committed value of the keys under `prefix` in etcd's history (a
 /// watch from revision 1), oldest first; values that do not parse as bucket
 /// values are left out.
@@ -170,10 +200,14 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
 /// # Errors
 /// etcd unreachable, or its history compacted.
 pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEntry>, String> {
-    let now = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("cannot read {prefix} from etcd: {e}"))?;
+    let call = Duration::from_secs(10);
+    let now = tokio::time::timeout(
+        call,
+        client.get(prefix, Some(GetOptions::new().with_prefix())),
+    )
+    .await
+    .map_err(|_| format!("etcd did not answer a read of {prefix} within {call:?}"))?
+    .map_err(|e| format!("cannot read {prefix} from etcd: {e}"))?;
     let last = now
         .kvs()
         .iter()
@@ -181,14 +215,14 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
         .max()
         .unwrap_or(0);
     let options = WatchOptions::new().with_prefix().with_start_revision(1);
-    let mut stream = client
-        .watch(prefix, Some(options))
+    let mut stream = tokio::time::timeout(call, client.watch(prefix, Some(options)))
         .await
+        .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
         .map_err(|e| format!("cannot watch {prefix}: {e}"))?;
     let mut entries = Vec::new();
     let mut seen = 0;
     while seen < last {
-        let msg = match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        let msg = match tokio::time::timeout(call, stream.message()).await {
             Ok(Ok(Some(msg))) => msg,
             Ok(Ok(None)) | Err(_) => {
                 return Err(format!(

@@ -66,12 +66,19 @@ async fn acquire_exit_codes_follow_the_decision() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_sleeps_for_retry_after_and_times_out() {
-    let d = TestDaemon::start(vec![rule("slow", "*", "*", 1, Duration::from_millis(300))]).await;
+    // Hourly: the next token is far beyond any --timeout here, whatever the
+    // machine's speed. Per second: a wait of at most a second succeeds.
+    let d = TestDaemon::start(vec![
+        rule("slow", "*", "r", 1, HOUR),
+        rule("soon", "*", "s", 1, Duration::from_secs(1)),
+    ])
+    .await;
     let s = &d.socket;
     assert_eq!(code(&rlctl_async(s, &["acquire", "c", "r"]).await), 0);
     let gave_up = rlctl_async(s, &["acquire", "c", "r", "--wait", "--timeout", "20ms"]).await;
     assert_eq!(code(&gave_up), 1, "{}", stdout(&gave_up));
-    let waited = rlctl_async(s, &["acquire", "c", "r", "--wait", "--timeout", "5s"]).await;
+    assert_eq!(code(&rlctl_async(s, &["acquire", "c", "s"]).await), 0);
+    let waited = rlctl_async(s, &["acquire", "c", "s", "--wait", "--timeout", "30s"]).await;
     assert_eq!(code(&waited), 0, "{}", stdout(&waited));
 }
 

@@ -277,7 +277,12 @@ impl Etcd {
 
     pub async fn client(&self) -> etcd_client::Client {
         let eps: Vec<&str> = self.endpoints.split(',').collect();
-        etcd_client::Client::connect(eps, None)
+        // Bounded calls: with a member killed, a call routed to it must fail
+        // (and the test with it), never hang the suite.
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        etcd_client::Client::connect(eps, Some(options))
             .await
             .expect("etcd client")
     }

@@ -419,8 +419,10 @@ impl<S: Source> Coordinator<S> {
                 waiting_since: None,
             }
         });
-        if !Arc::ptr_eq(&state.bucket.rule, rule) && state.op.is_none() {
-            // The rule was edited: new parameters, same global bucket.
+        if !Arc::ptr_eq(&state.bucket.rule, rule) {
+            // The rule was edited: new parameters, same global bucket. An
+            // operation in flight keeps its own copy; its grant goes to the
+            // bucket under the rule it has now.
             state.bucket.rule = Arc::clone(rule);
             state.hash = hash;
         }
@@ -456,6 +458,9 @@ impl<S: Source> Coordinator<S> {
                     return;
                 }
                 let state = self.key_state(&rule, key, hash);
+                // A bucket released (its rule edited, or evicted) and asked
+                // for again lives on: it must be served, not forgotten.
+                state.released = false;
                 state.refill = true;
                 state.borrowed += borrowed;
                 state.waiting_since.get_or_insert_with(Instant::now);
@@ -487,6 +492,7 @@ impl<S: Source> Coordinator<S> {
                     return;
                 }
                 let state = self.key_state(&rule, key, hash);
+                state.released = false;
                 if let Some((_, old)) = state.now.replace((cost, reply)) {
                     // One per-request lease per bucket at a time.
                     let _ = old.send(false);
@@ -689,7 +695,9 @@ impl<S: Source> Coordinator<S> {
                         }
                         state.borrowed = 0;
                     }
-                    let rule = &op.bucket.rule;
+                    // The rule as the bucket has it now (it may have been
+                    // edited while the operation was in flight).
+                    let rule = &Arc::clone(&state.bucket.rule);
                     if let Some((cost, reply)) = state.now.take() {
                         let ok = granted >= cost;
                         let _ = reply.send(ok);
@@ -753,8 +761,9 @@ impl<S: Source> Coordinator<S> {
                         // the next request asks again. Never fresh again.
                         state.refill = false;
                         state.waiting_since = None;
+                        let rule = Arc::clone(&state.bucket.rule);
                         self.limiter
-                            .clear_request(&op.bucket.rule, &op.bucket.key, state.hash);
+                            .clear_request(&rule, &op.bucket.key, state.hash);
                     }
                     state.not_before = now + Duration::from_millis(100);
                 }
