@@ -201,6 +201,11 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
             "accuracy      over-admission bound {:.1} tokens (N x batch + rate x skew); allowed {:.1}",
             l.bound, l.allowed_error
         ));
+        lines.push(format!(
+            "promise       with on_failure = closed, all daemons together allow at most \
+             rate x t + burst + {:.1} in any interval t",
+            l.bound
+        ));
     }
     lines.push(format!(
         "decisions     allowed {}  rejected {}  bypassed {}",

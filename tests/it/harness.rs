@@ -407,6 +407,9 @@ pub struct Proxy {
     /// Forward requests but drop etcd's answers, closing the connection
     /// (the request may have been applied: an unknown outcome).
     pub drop_answers: Arc<std::sync::atomic::AtomicBool>,
+    /// Hold each of etcd's answers this many milliseconds before passing it
+    /// on (0: none): answers arrive after the caller's deadline.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -415,6 +418,7 @@ impl Proxy {
     pub async fn start(targets: &str) -> Proxy {
         let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let drop_answers = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut endpoints = Vec::new();
         let mut tasks = Vec::new();
         for target in targets.split(',') {
@@ -423,10 +427,12 @@ impl Proxy {
             endpoints.push(format!("http://{}", listener.local_addr().unwrap()));
             let hole = Arc::clone(&blackhole);
             let drop = Arc::clone(&drop_answers);
+            let delay = Arc::clone(&delay_ms);
             tasks.push(tokio::spawn(async move {
                 while let Ok((inbound, _)) = listener.accept().await {
                     let (addr, hole) = (addr.clone(), Arc::clone(&hole));
                     let drop = Arc::clone(&drop);
+                    let delay = Arc::clone(&delay);
                     tokio::spawn(async move {
                         let Ok(outbound) = tokio::net::TcpStream::connect(&addr).await else {
                             return;
@@ -434,8 +440,8 @@ impl Proxy {
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
                         tokio::join!(
-                            pipe(ri, wo, Arc::clone(&hole), None),
-                            pipe(ro, wi, hole, Some(drop))
+                            pipe(ri, wo, Arc::clone(&hole), None, None),
+                            pipe(ro, wi, hole, Some(drop), Some(delay))
                         );
                     });
                 }
@@ -445,6 +451,7 @@ impl Proxy {
             endpoints: endpoints.join(","),
             blackhole,
             drop_answers,
+            delay_ms,
             tasks,
         }
     }
@@ -452,6 +459,14 @@ impl Proxy {
     pub fn cut(&self, on: bool) {
         self.blackhole
             .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds every answer `delay` before passing it on (zero: off).
+    pub fn delay_answers(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// While on: requests reach etcd, answers are dropped and the
@@ -475,6 +490,7 @@ async fn pipe(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     hole: Arc<std::sync::atomic::AtomicBool>,
     drop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    delay: Option<Arc<std::sync::atomic::AtomicU64>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -494,6 +510,12 @@ async fn pipe(
             .is_some_and(|d| d.load(std::sync::atomic::Ordering::SeqCst))
         {
             return;
+        }
+        let ms = delay
+            .as_ref()
+            .map_or(0, |d| d.load(std::sync::atomic::Ordering::SeqCst));
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
