@@ -71,6 +71,14 @@ fn import(d: &ProcessDaemon, dir: &std::path::Path, toml: &str) {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
+/// Tokens of debt the daemon has charged to etcd so far.
+fn debt_charged(d: &ProcessDaemon) -> u64 {
+    let out = rlctl(&d.socket, &["stats", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["cluster"]["debt_charged"]
+        .as_u64()
+        .unwrap()
+}
+
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -97,6 +105,7 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
         Duration::from_secs(60),
     ));
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let debt_before = debt_charged(&d);
     let failed_at = start.elapsed();
     fail(&etcd);
     let degraded_at = wait_state(&d.socket, "degraded", start, Duration::from_secs(5)).await;
@@ -104,6 +113,8 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
     let healed_at = start.elapsed();
     heal(&etcd);
     let healthy_at = wait_state(&d.socket, "healthy", start, Duration::from_secs(10)).await;
+    // HEALTHY comes only once the debts are posted.
+    let debt = debt_charged(&d) - debt_before;
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let t: Timeline = load.await.unwrap();
@@ -165,12 +176,23 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
         "closed admitted {} without etcd",
         during[1]
     );
-    // local: the fallback limit, 40/s, plus its burst (50 with one daemon).
-    let local_cap = 40.0 * secs(fault) + 50.0 + 1.0;
+    // local: the fallback limit, 40/s, plus its burst (also 40).
+    let local_cap = 40.0 * secs(fault) + 40.0 + 1.0;
     assert!(
         during[2] as f64 <= local_cap,
         "local admitted {} > {local_cap}",
         during[2]
+    );
+    // The debt was charged: what open and local admitted beyond the tokens
+    // held when etcd went (at most one batch each, 19 here) and no more
+    // than they admitted from the fault to HEALTHY.
+    let outage = (failed_at, healthy_at);
+    let most = t.allowed(0, outage.0, outage.1) + t.allowed(2, outage.0, outage.1);
+    let least = (during[0] + during[2]).saturating_sub(2 * 19);
+    eprintln!("{name}: debt charged on recovery {debt} (between {least} and {most})");
+    assert!(
+        (least..=most).contains(&debt),
+        "debt charged {debt}, expected {least}..={most}"
     );
     // No burst after recovery: the debt was charged.
     for (r, n) in post.iter().enumerate() {

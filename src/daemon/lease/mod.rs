@@ -258,8 +258,19 @@ mod tests {
 
     #[test]
     fn the_bound_is_members_times_batch_plus_skew() {
+        // Worked by hand, not by the formula under test: 1000/s, burst 100,
+        // 3 daemons, 10 ms skew, accuracy 2% over 10 s. The accuracy budget
+        // is 200 tokens, less 10 for skew: 190 / 3 = 63.3 per daemon; a third
+        // of the burst is 33.3, smaller, so b_max = 33.3 and the bound is
+        // 3 x 33.3 + 10 = 110 tokens.
         let p = plan(&global(1000, 100), 3, Duration::from_millis(10));
-        assert!((p.bound - (3.0 * p.b_max + 10.0)).abs() < 1e-6);
-        assert!(p.bound <= allowed_error(&global(1000, 100)) + 10.0);
+        assert!((p.b_max - 100.0 / 3.0).abs() < 1e-9, "{p:?}");
+        assert!((p.bound - 110.0).abs() < 1e-9, "{p:?}");
+        assert!(!p.per_request);
+        // A burst of 1000: the accuracy budget binds, 190 / 3 each.
+        let q = plan(&global(1000, 1000), 3, Duration::from_millis(10));
+        assert!((q.b_max - 190.0 / 3.0).abs() < 1e-9, "{q:?}");
+        assert!((q.bound - 200.0).abs() < 1e-9, "{q:?}");
+        assert!(q.bound <= allowed_error(&global(1000, 1000)) + 10.0 + 1e-9);
     }
 }
