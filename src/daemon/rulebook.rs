@@ -420,7 +420,10 @@ impl RuleBook {
             .filter(|r| {
                 r.spec.expire_idle.is_some_and(|idle| {
                     let idle_ns = now_ns.saturating_sub(r.activity.last_match_ns());
-                    idle_ns >= idle.as_nanos() as u64 + LAST_MATCH_GRANULE_NS
+                    idle_ns
+                        >= u64::try_from(idle.as_nanos())
+                            .unwrap_or(u64::MAX)
+                            .saturating_add(LAST_MATCH_GRANULE_NS)
                 })
             })
             .map(|r| r.id().to_owned())

@@ -29,6 +29,9 @@ pub const MAX_BURST: u64 = 1 << 40;
 pub const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Shortest `expire_idle` accepted; the sweeper runs about once a second.
 pub const MIN_EXPIRE_IDLE: Duration = Duration::from_secs(1);
+/// Longest `expire_idle` accepted (100 years; longer wrapped the nanosecond
+/// arithmetic and deleted the rule at once).
+pub const MAX_EXPIRE_IDLE: Duration = MAX_REFILL;
 
 /// One rate-limit rule as written by an operator and carried on the wire.
 ///
@@ -306,6 +309,17 @@ impl RuleSpec {
                 format!("is {}; it must be at least 1s", format_duration(idle)),
             ));
         }
+        if let Some(idle) = self.expire_idle
+            && idle > MAX_EXPIRE_IDLE
+        {
+            return Err(err(
+                "expire_idle",
+                format!(
+                    "is {}; it must be at most 100 years (leave it out to keep the rule)",
+                    format_duration(idle)
+                ),
+            ));
+        }
         let r = self.reserve;
         for (name, v) in [("high", r.high), ("normal", r.normal), ("low", r.low)] {
             if v >= 1000 {
@@ -455,6 +469,10 @@ mod tests {
             (Box::new(|r| r.resource = String::new()), "resource"),
             (
                 Box::new(|r| r.expire_idle = Some(Duration::from_millis(10))),
+                "expire_idle",
+            ),
+            (
+                Box::new(|r| r.expire_idle = Some(Duration::from_secs(600 * 365 * 24 * 3600))),
                 "expire_idle",
             ),
             (
