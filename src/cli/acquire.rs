@@ -11,8 +11,13 @@ use crate::protocol::{Acquire, Decision, Outcome, TraceContext};
 /// Shortest sleep between retries (a retry-after of 0 would spin).
 const MIN_RETRY: Duration = Duration::from_millis(1);
 
-pub async fn acquire(socket: &Path, a: AcquireArgs, out: &mut Output) -> Result<Exit, CliError> {
-    let decision = decide(socket, &a.client, &a.resource, &a.decision).await?;
+pub async fn acquire(
+    socket: &Path,
+    a: AcquireArgs,
+    timeout: Option<Duration>,
+    out: &mut Output,
+) -> Result<Exit, CliError> {
+    let decision = decide(socket, &a.client, &a.resource, &a.decision, timeout).await?;
     if out.json() {
         out.json_value(&decision)?;
     } else if !a.quiet {
@@ -25,8 +30,8 @@ pub async fn acquire(socket: &Path, a: AcquireArgs, out: &mut Output) -> Result<
     })
 }
 
-pub async fn run(socket: &Path, r: RunArgs) -> Result<Exit, CliError> {
-    let decision = decide(socket, &r.client, &r.resource, &r.decision).await?;
+pub async fn run(socket: &Path, r: RunArgs, timeout: Option<Duration>) -> Result<Exit, CliError> {
+    let decision = decide(socket, &r.client, &r.resource, &r.decision, timeout).await?;
     if !decision.is_allowed() {
         eprintln!(
             "rlctl: not running {}: {}",
@@ -51,6 +56,7 @@ async fn decide(
     client: &str,
     resource: &str,
     args: &DecisionArgs,
+    timeout: Option<Duration>,
 ) -> Result<Decision<'static>, CliError> {
     let trace = args
         .traceparent
@@ -65,10 +71,25 @@ async fn decide(
         priority: args.priority,
         trace,
     };
-    let mut conn = connect(socket).await?;
-    let deadline = args.timeout.map(|t| Instant::now() + t);
+    // Without --wait the whole command is bounded by the caller.
+    let deadline = timeout.filter(|_| args.wait).map(|t| Instant::now() + t);
+    // Each step (connect, one request) takes at most the default timeout,
+    // and never past the deadline.
+    let step = |deadline: Option<Instant>| {
+        deadline.map_or(super::DEFAULT_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(super::DEFAULT_TIMEOUT)
+        })
+    };
+    let limit = step(deadline);
+    let mut conn = tokio::time::timeout(limit, connect(socket))
+        .await
+        .map_err(|_| super::no_answer(socket, limit))??;
     loop {
-        let decision = conn.acquire(request.clone()).await?;
+        let limit = step(deadline);
+        let decision = tokio::time::timeout(limit, conn.acquire(request.clone()))
+            .await
+            .map_err(|_| super::no_answer(socket, limit))??;
         if decision.is_allowed() || !args.wait {
             return Ok(decision);
         }
@@ -80,6 +101,10 @@ async fn decide(
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || left < Duration::from_nanos(decision.retry_after_ns) {
+                eprintln!(
+                    "rlctl: gave up waiting: the next token comes in {}, after --timeout",
+                    fmt_ns(decision.retry_after_ns)
+                );
                 return Ok(decision);
             }
             pause = pause.min(left);

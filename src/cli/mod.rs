@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Give up after DURATION (exit 3): connecting and the answer; with
+    /// --wait, the whole wait (exit 1 when it gives up on a rate limit).
+    /// Default: 5s; with --wait, no limit (each request still 5s at most).
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub timeout: Option<Duration>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -192,12 +198,10 @@ pub struct DecisionArgs {
     /// low, normal, high or critical (critical is never denied, but counted).
     #[arg(long, default_value = "normal", value_name = "PRIORITY")]
     pub priority: Priority,
-    /// When rate limited, sleep for the retry-after time and try again.
+    /// When rate limited, sleep for the retry-after time and try again
+    /// (bounded by --timeout).
     #[arg(long)]
     pub wait: bool,
-    /// With --wait, give up after this long (exit 1). Default: wait forever.
-    #[arg(long, requires = "wait", value_name = "DURATION", value_parser = parse_duration_arg)]
-    pub timeout: Option<Duration>,
     /// W3C traceparent to link this request to a trace.
     #[arg(long, value_name = "TRACEPARENT")]
     pub traceparent: Option<String>,
@@ -329,6 +333,7 @@ pub fn run(args: Args) -> ExitCode {
         }
     };
     let mut out = Output::new(args.json);
+    let args_json = args.json;
     let result = runtime.block_on(dispatch(args, &mut out));
     match result {
         Ok(exit) => exit.into(),
@@ -337,23 +342,63 @@ pub fn run(args: Args) -> ExitCode {
             Exit::Ok.into()
         }
         Err(e) => {
+            if args_json {
+                // Scripts reading --json get JSON on failure too.
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.message, "exit": e.exit as u8 })
+                );
+            }
             eprintln!("rlctl: {e}");
             e.exit.into()
         }
     }
 }
 
+/// How long one request to the daemon may take when `--timeout` says nothing.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn dispatch(args: Args, out: &mut Output) -> Result<Exit, CliError> {
     let socket = args.socket.clone().unwrap_or_else(client_socket_path);
-    match args.command {
-        Command::Rules(cmd) => rules::run(&socket, cmd, out).await,
-        Command::Acquire(a) => acquire::acquire(&socket, a, out).await,
-        Command::Run(r) => acquire::run(&socket, r).await,
-        Command::Stats(s) => stats::stats(&socket, s, out).await,
-        Command::Health => stats::health(&socket, out).await,
-        Command::Bench(b) => bench::run(&socket, b, out).await,
-        Command::Audit(a) => audit::run(a, out).await,
+    let timeout = args.timeout;
+    // What bounds the whole command: --timeout, else 5s; a wait is bounded
+    // by --timeout only (its requests by 5s each); bench and stats --watch
+    // run as long as asked.
+    let limit = match &args.command {
+        Command::Acquire(AcquireArgs { decision, .. }) | Command::Run(RunArgs { decision, .. })
+            if decision.wait =>
+        {
+            None
+        }
+        Command::Bench(_) | Command::Stats(StatsArgs { watch: Some(_) }) => None,
+        _ => Some(timeout.unwrap_or(DEFAULT_TIMEOUT)),
+    };
+    let command = async {
+        match args.command {
+            Command::Rules(cmd) => rules::run(&socket, cmd, out).await,
+            Command::Acquire(a) => acquire::acquire(&socket, a, timeout, out).await,
+            Command::Run(r) => acquire::run(&socket, r, timeout).await,
+            Command::Stats(s) => stats::stats(&socket, s, out).await,
+            Command::Health => stats::health(&socket, out).await,
+            Command::Bench(b) => bench::run(&socket, b, out).await,
+            Command::Audit(a) => audit::run(a, out).await,
+        }
+    };
+    match limit {
+        None => command.await,
+        Some(limit) => tokio::time::timeout(limit, command)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(&socket, limit))),
     }
+}
+
+/// The error of a daemon that did not answer in time.
+pub fn no_answer(socket: &std::path::Path, limit: Duration) -> CliError {
+    CliError::failure(format!(
+        "no answer from rld at {} within {} (is it stopped or overloaded? --timeout sets the limit)",
+        socket.display(),
+        humantime::format_duration(limit)
+    ))
 }
 
 /// Connects to the daemon.

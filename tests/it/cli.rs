@@ -295,3 +295,51 @@ async fn only_admins_change_rules_but_anyone_who_connects_may_acquire() {
     assert_eq!(code(&acquire), 0, "{}", stderr(&acquire));
     assert_eq!(d.shared.limiter.rules().len(), 0);
 }
+
+/// Against a stopped daemon (SIGSTOP: the socket accepts, nothing answers)
+/// rlctl gives up after --timeout with exit 3 and says so, in JSON too; a
+/// wait is bounded by --timeout as a whole.
+#[test]
+fn a_stopped_daemon_cannot_hang_rlctl() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let d = crate::harness::ProcessDaemon::start(dir.path(), &[]);
+    let set = crate::harness::rlctl(
+        &d.socket,
+        &[
+            "rules",
+            "set",
+            "once",
+            "--client",
+            "*",
+            "--resource",
+            "r",
+            "--limit",
+            "1",
+            "--window",
+            "1h",
+        ],
+    );
+    assert_eq!(code(&set), 0, "{}", stderr(&set));
+    d.signal(Signal::SIGSTOP);
+    let health = crate::harness::rlctl(&d.socket, &["health", "--timeout", "300ms"]);
+    let json = crate::harness::rlctl(&d.socket, &["health", "--json", "--timeout", "300ms"]);
+    let waited = crate::harness::rlctl(
+        &d.socket,
+        &["acquire", "c", "r", "--wait", "--timeout", "500ms"],
+    );
+    d.signal(Signal::SIGCONT);
+    assert_eq!(code(&health), 3, "{}", stderr(&health));
+    assert!(
+        stderr(&health).contains("no answer from rld"),
+        "{}",
+        stderr(&health)
+    );
+    assert_eq!(code(&json), 3);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON on failure");
+    assert_eq!(v["exit"], 3, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("no answer"), "{v}");
+    assert_eq!(code(&waited), 3, "{}", stderr(&waited));
+    // Serving again: the same commands answer.
+    assert_eq!(code(&crate::harness::rlctl(&d.socket, &["health"])), 0);
+}
