@@ -514,8 +514,12 @@ pub fn default_shards() -> usize {
     (4 * cores * 16).next_power_of_two()
 }
 
+/// `$STATE_DIRECTORY` under systemd (`StateDirectory=rld`), else
 /// `/var/lib/rld` for root, else `$XDG_STATE_HOME/rld` or `~/.local/state/rld`.
 pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = crate::protocol::systemd_directory("STATE_DIRECTORY") {
+        return dir;
+    }
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/rld");
     }

@@ -48,6 +48,31 @@ pub struct Bound {
     pub listener: UnixListener,
     /// `None` when the socket came from systemd.
     pub owned_path: Option<PathBuf>,
+    /// Device and inode of the socket file we created, so that only our
+    /// own socket is removed at exit (not one another rld put there since).
+    pub identity: Option<(u64, u64)>,
+}
+
+/// Removes the socket file at `path` if it is still the one with
+/// `identity` (device, inode) that we created, not one another rld put there
+/// since.
+pub fn remove_if_ours(path: Option<&Path>, identity: Option<(u64, u64)>) {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(path), Some(identity)) = (path, identity) else {
+        return;
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == identity => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("could not remove socket {}: {e}", path.display());
+            }
+        }
+        Ok(_) => tracing::info!(
+            path = %path.display(),
+            "socket file replaced by another process since we bound it; leaving it"
+        ),
+        Err(_) => {}
+    }
 }
 
 /// Takes the socket from systemd (`LISTEN_FDS`) or binds `path` with `mode`.
@@ -59,6 +84,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<Bound, BindError> {
         return Ok(Bound {
             listener,
             owned_path: None,
+            identity: None,
         });
     }
     let io_err = |source| BindError::Io {
@@ -85,9 +111,15 @@ pub fn bind(path: &Path, mode: u32) -> Result<Bound, BindError> {
     }
     let listener = UnixListener::bind(path).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    let identity = {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
+        (meta.dev(), meta.ino())
+    };
     Ok(Bound {
         listener,
         owned_path: Some(path.to_owned()),
+        identity: Some(identity),
     })
 }
 

@@ -325,11 +325,7 @@ impl Daemon {
         for task in cluster_tasks {
             let _ = task.await;
         }
-        if let Some(path) = bound.owned_path {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!("could not remove socket {}: {e}", path.display());
-            }
-        }
+        listener::remove_if_ours(bound.owned_path.as_deref(), bound.identity);
         tracing::info!("rld stopped");
     }
 }

@@ -95,9 +95,21 @@ pub fn user_socket_path() -> PathBuf {
     }
 }
 
-/// Where the daemon listens by default: the system socket for root, the user
-/// socket otherwise.
+/// The first directory of a systemd `*_DIRECTORY` variable (a colon-separated
+/// list), if set.
+pub fn systemd_directory(var: &str) -> Option<PathBuf> {
+    let value = std::env::var_os(var)?;
+    let first = value.to_str()?.split(':').next()?.to_owned();
+    (!first.is_empty()).then(|| PathBuf::from(first))
+}
+
+/// Where the daemon listens by default: `$RUNTIME_DIRECTORY/rld.sock` under
+/// systemd (`RuntimeDirectory=rld` makes it `/run/rld`, whatever `User=`),
+/// else the system socket for root and the user socket otherwise.
 pub fn daemon_socket_path() -> PathBuf {
+    if let Some(dir) = systemd_directory("RUNTIME_DIRECTORY") {
+        return dir.join("rld.sock");
+    }
     if nix::unistd::geteuid().is_root() {
         PathBuf::from(SYSTEM_SOCKET)
     } else {

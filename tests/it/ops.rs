@@ -123,3 +123,96 @@ fn socket_activation_uses_the_inherited_socket() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The unit runs `User=rld` with `RuntimeDirectory=rld` and
+/// `StateDirectory=rld`: without --socket and --state-dir, rld listens in
+/// `$RUNTIME_DIRECTORY` and keeps its rules in `$STATE_DIRECTORY`.
+#[test]
+fn systemd_runtime_and_state_directories_are_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rld"))
+        .env("RUNTIME_DIRECTORY", &runtime)
+        .env("STATE_DIRECTORY", &state)
+        .env_remove("RLD_SOCKET")
+        .env_remove("RLD_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket = runtime.join("rld.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket in $RUNTIME_DIRECTORY"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let set = rlctl(
+        &socket,
+        &[
+            "rules",
+            "set",
+            "r",
+            "--client",
+            "*",
+            "--resource",
+            "x",
+            "--limit",
+            "1",
+            "--window",
+            "1h",
+        ],
+    );
+    assert_eq!(code(&set), 0, "{}", stderr(&set));
+    let kept = std::fs::read_to_string(state.join("rules.toml")).unwrap();
+    assert!(kept.contains("id = \"r\""), "{kept}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(!socket.exists(), "its own socket is removed at exit");
+}
+
+/// A daemon stopping removes its socket file only if it is still its own:
+/// here a second rld has taken the path over meanwhile.
+#[test]
+fn stopping_leaves_a_socket_another_rld_took_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let a = crate::harness::ProcessDaemon::start(&a_dir, &[]);
+    // Someone removes a's socket file and starts b on the same path.
+    std::fs::remove_file(&a.socket).unwrap();
+    let socket = a.socket.clone();
+    let mut b = Command::new(env!("CARGO_BIN_EXE_rld"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(b_dir.join("state"))
+        .env_remove("RLD_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "b did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(a.terminate().success());
+    assert!(socket.exists(), "a removed b's socket");
+    let answered = code(&rlctl(&socket, &["health"]));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(b.wait().unwrap().success());
+    assert_eq!(answered, 0, "b still serves on the path");
+}
