@@ -143,6 +143,10 @@ pub async fn accept_loop(
     cancel: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
+    // Failed accepts are logged at most once a second, with how many were
+    // not logged.
+    let mut last_log: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -152,7 +156,16 @@ pub async fn accept_loop(
             Ok((stream, _)) => stream,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("accept failed: {e}; retrying in 100ms");
+                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        suppressed = unlogged,
+                        "accept failed: {e}; retrying in 100ms (check the open-file limit)"
+                    );
+                    last_log = Some(std::time::Instant::now());
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -119,7 +119,8 @@ impl Daemon {
     /// # Errors
     /// Unusable state directory, invalid persisted rules, or a socket that is
     /// in use or cannot be bound.
-    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+    pub async fn start(mut config: Config) -> Result<Daemon, DaemonError> {
+        config.max_connections = fit_connections_to_files(config.max_connections);
         let clock = MonotonicClock::new();
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: config.shards,
@@ -327,6 +328,37 @@ impl Daemon {
         }
         listener::remove_if_ours(bound.owned_path.as_deref(), bound.identity);
         tracing::info!("rld stopped");
+    }
+}
+
+/// File descriptors kept for everything but client connections (etcd,
+/// state files, the listener, logs).
+const RESERVED_FDS: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one and returns how many
+/// connections fit under it: `max_connections`, or fewer (with a warning)
+/// so that new clients are refused with an answer instead of hanging on a
+/// failing accept.
+fn fit_connections_to_files(max_connections: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let fit = usize::try_from(soft.saturating_sub(RESERVED_FDS).max(1)).unwrap_or(usize::MAX);
+    if fit < max_connections {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = soft,
+            "max_connections lowered to {fit} to fit the open-file limit; raise it (LimitNOFILE=, ulimit -n) for more"
+        );
+        fit
+    } else {
+        max_connections
     }
 }
 

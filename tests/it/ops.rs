@@ -216,3 +216,55 @@ fn stopping_leaves_a_socket_another_rld_took_over() {
     assert!(b.wait().unwrap().success());
     assert_eq!(answered, 0, "b still serves on the path");
 }
+
+/// Under a low open-file limit (ulimit -n 256, hard limit too), rld lowers
+/// max_connections to fit and says so; clients beyond it are refused with an
+/// answer right away, never left hanging on failing accepts.
+#[test]
+fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("rld.sock");
+    let log = dir.path().join("rld.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rld"));
+    cmd.arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("RLD_CONFIG")
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 256, 256)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(std::time::Instant::now() < deadline, "rld did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("max_connections lowered to 192"), "{text}");
+    let mut conns: Vec<std::os::unix::net::UnixStream> = (0..260)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    // The last ones are beyond 192: each gets an answer (an error frame,
+    // then the close) within seconds.
+    for s in conns.iter_mut().skip(200) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("an answer, not a hang");
+        assert!(n > 0, "an error frame before the close");
+    }
+    drop(conns);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
