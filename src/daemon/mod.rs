@@ -445,6 +445,32 @@ pub fn check_config(config: &Config) -> Result<String, DaemonError> {
     limiter
         .check_rules(specs, 0)
         .map_err(|e| DaemonError::Rules(RuleBookError::Invalid(e)))?;
+    // Standalone, the run-time rules in the state directory join the
+    // config's at start: a clash there must fail here, not at start.
+    let mut state_rules = 0;
+    if config.etcd.is_none() {
+        let runtime = StateStore::peek(&config.state_dir)?;
+        state_rules = runtime.len();
+        let path = config.state_dir.join(store::RULES_FILE);
+        let specs = config
+            .rules
+            .iter()
+            .map(|s| (s.clone(), crate::protocol::RuleSource::Config))
+            .chain(
+                runtime
+                    .into_iter()
+                    .map(|s| (s, crate::protocol::RuleSource::Runtime)),
+            )
+            .collect();
+        limiter.check_rules(specs, 0).map_err(|e| {
+            DaemonError::Rules(RuleBookError::CorruptState {
+                path,
+                message: format!(
+                    "with the config's rules: {e} (rename the rule in one of the two files)"
+                ),
+            })
+        })?;
+    }
     if config.etcd.is_none()
         && let Some(g) = config
             .rules
@@ -458,7 +484,7 @@ pub fn check_config(config: &Config) -> Result<String, DaemonError> {
         None => "standalone".into(),
     };
     Ok(format!(
-        "config OK: {} ({} rules), socket {}, state dir {}, {mode}",
+        "config OK: {} ({} rules), socket {}, state dir {} ({state_rules} run-time rules), {mode}",
         config
             .config_path
             .as_deref()

@@ -7,7 +7,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -22,12 +25,19 @@ pub const ETCD_CACHE_FILE: &str = "etcd-rules.toml";
 const REVISION_LINE: &str = "# etcd revision ";
 const LOCK_FILE: &str = "lock";
 
+/// Mode of the state directory and of its files, whatever the umask: rules
+/// are readable by the daemon's group (operators), nobody else.
+const DIR_MODE: u32 = 0o750;
+const FILE_MODE: u32 = 0o640;
+
 /// Persists run-time rules in one TOML file, replaced atomically.
 #[derive(Debug)]
 pub struct StateStore {
     dir: PathBuf,
     /// Held for the daemon's lifetime so two daemons never share a state dir.
     _lock: Flock<File>,
+    /// What we last wrote to each file, to notice edits made by hand.
+    written: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl StateStore {
@@ -40,11 +50,20 @@ impl StateStore {
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir).map_err(storage)?;
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(storage)?;
+            // The umask may have narrowed it; never widened it.
+            fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(storage)?;
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(dir.join(LOCK_FILE))
             .map_err(storage)?;
         let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
@@ -52,6 +71,26 @@ impl StateStore {
         Ok(StateStore {
             dir: dir.to_owned(),
             _lock: lock,
+            written: Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    /// The run-time rules in `dir` (none if no file), read without taking
+    /// the directory's lock: for `rld --check-config` next to a running
+    /// daemon.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, named.
+    pub fn peek(dir: &Path) -> Result<Vec<RuleSpec>, RuleBookError> {
+        let path = dir.join(RULES_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(RuleBookError::Storage { path, source }),
+        };
+        parse_rules(&text).map_err(|e| RuleBookError::CorruptState {
+            path,
+            message: e.to_string(),
         })
     }
 
@@ -131,22 +170,52 @@ impl StateStore {
         Ok(Some((rules, revision)))
     }
 
+    /// Replaces `name` atomically (mode 0640), keeping its previous content
+    /// as `name.prev`; warns when the file was edited by hand since we wrote
+    /// it (the edit is then what `.prev` keeps).
     fn replace(&self, name: &str, text: &str) -> Result<(), RuleBookError> {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
+        let prev = self.dir.join(format!("{name}.prev"));
         let storage = |source| RuleBookError::Storage {
             path: path.clone(),
             source,
         };
+        let current = fs::read_to_string(&path).ok();
+        if let (Some(current), Some(ours)) = (&current, self.written.lock().get(name))
+            && current != ours
+        {
+            tracing::warn!(
+                file = %path.display(),
+                kept = %prev.display(),
+                "the file was changed by hand while rld ran; rld rewrites it, the changed version is kept"
+            );
+        }
+        let write = |at: &Path, content: &str| -> std::io::Result<()> {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(FILE_MODE)
+                .open(at)?;
+            f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
+            f.write_all(content.as_bytes())?;
+            f.sync_all()
+        };
         let result = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
+            if let Some(current) = &current {
+                let prev_tmp = self.dir.join(format!(".{name}.prev.tmp"));
+                write(&prev_tmp, current)?;
+                fs::rename(&prev_tmp, &prev)?;
+            }
+            write(&tmp, text)?;
             fs::rename(&tmp, &path)?;
             File::open(&self.dir)?.sync_all()
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
+        } else {
+            self.written.lock().insert(name.to_owned(), text.to_owned());
         }
         result.map_err(storage)
     }

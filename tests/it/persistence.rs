@@ -211,3 +211,66 @@ fn wait_for(mut cond: impl FnMut() -> bool) {
     }
     panic!("condition not reached in 5 s");
 }
+
+/// The state directory and its files are 0750/0640 whatever the umask, the
+/// previous generation of the rules file is kept, and `--check-config`
+/// catches a config rule whose id clashes with a persisted one (naming the
+/// file) instead of letting the start fail.
+#[test]
+fn state_files_are_private_keep_a_generation_and_are_checked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    for limit in ["5", "6"] {
+        let out = rlctl(
+            &d.socket,
+            &[
+                "rules",
+                "set",
+                "x",
+                "--client",
+                "*",
+                "--resource",
+                "r",
+                "--limit",
+                limit,
+                "--window",
+                "1m",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    assert!(d.terminate().success());
+    let state = dir.path().join("state");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o750);
+    assert_eq!(mode(&state.join("rules.toml")), 0o640);
+    let prev = std::fs::read_to_string(state.join("rules.toml.prev")).unwrap();
+    assert!(prev.contains("limit = 5"), "{prev}");
+    assert!(
+        std::fs::read_to_string(state.join("rules.toml"))
+            .unwrap()
+            .contains("limit = 6")
+    );
+
+    let config = dir.path().join("rld.toml");
+    std::fs::write(
+        &config,
+        "[[rule]]\nid = \"x\"\nclient = \"*\"\nresource = \"other\"\nlimit = 1\nwindow = \"1s\"\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(2), "{}", stderr(&check));
+    assert!(
+        stderr(&check).contains("rules.toml"),
+        "the error names the state file: {}",
+        stderr(&check)
+    );
+}
