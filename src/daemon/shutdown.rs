@@ -7,7 +7,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on the first SIGTERM or SIGINT and notifies `reload` on
-/// every SIGHUP, until `token` is cancelled.
+/// every SIGHUP. A second SIGTERM or SIGINT during the drain exits at once
+/// (status 128 + the signal), as an operator who insists expects.
 ///
 /// # Errors
 /// The signal handlers cannot be installed.
@@ -17,18 +18,20 @@ pub fn install(token: CancellationToken, reload: Arc<Notify>) -> std::io::Result
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
-            tokio::select! {
-                () = token.cancelled() => return,
-                _ = term.recv() => {
-                    tracing::info!("SIGTERM: shutting down");
-                    token.cancel();
+            let (name, number) = tokio::select! {
+                _ = term.recv() => ("SIGTERM", 15),
+                _ = int.recv() => ("SIGINT", 2),
+                _ = hup.recv() => {
+                    reload.notify_one();
+                    continue;
                 }
-                _ = int.recv() => {
-                    tracing::info!("SIGINT: shutting down");
-                    token.cancel();
-                }
-                _ = hup.recv() => reload.notify_one(),
+            };
+            if token.is_cancelled() {
+                tracing::warn!("second {name} while draining: exiting now");
+                std::process::exit(128 + number);
             }
+            tracing::info!("{name}: shutting down");
+            token.cancel();
         }
     });
     Ok(())
