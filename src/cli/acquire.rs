@@ -31,6 +31,12 @@ pub async fn acquire(
 }
 
 pub async fn run(socket: &Path, r: RunArgs, timeout: Option<Duration>) -> Result<Exit, CliError> {
+    // As shells and env(1) do: 127 not found, 126 not executable; checked
+    // before asking, so no token is spent on a command that cannot start.
+    if let Err((status, why)) = resolve(&r.command[0]) {
+        eprintln!("rlctl: {}: {why}", r.command[0]);
+        std::process::exit(status);
+    }
     let decision = decide(socket, &r.client, &r.resource, &r.decision, timeout).await?;
     if !decision.is_allowed() {
         eprintln!(
@@ -38,16 +44,47 @@ pub async fn run(socket: &Path, r: RunArgs, timeout: Option<Duration>) -> Result
             r.command[0],
             describe(&decision)
         );
-        return Ok(Exit::Denied);
+        std::process::exit(i32::from(r.denied_exit));
     }
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&r.command[0])
         .args(&r.command[1..])
         .exec();
-    Err(CliError::usage(format!(
-        "cannot run {}: {err}",
-        r.command[0]
-    )))
+    eprintln!("rlctl: cannot run {}: {err}", r.command[0]);
+    std::process::exit(126);
+}
+
+/// Finds `program` as execvp would: a path if it has a slash, else in
+/// `$PATH`. `Err((127 | 126, why))` when it cannot be started.
+fn resolve(program: &str) -> Result<std::path::PathBuf, (i32, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = Path::new(program);
+        return if !p.exists() {
+            Err((127, "no such file".into()))
+        } else if executable(p) {
+            Ok(p.to_owned())
+        } else {
+            Err((126, "not executable".into()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut found_not_executable = false;
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join(program);
+        if executable(&candidate) {
+            return Ok(candidate);
+        }
+        found_not_executable |= candidate.exists();
+    }
+    if found_not_executable {
+        Err((126, "not executable".into()))
+    } else {
+        Err((127, "command not found".into()))
+    }
 }
 
 /// Asks once, or until allowed / timed out with `--wait`.

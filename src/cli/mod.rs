@@ -44,7 +44,10 @@ and a cost above the rule's burst.
 The daemon is unreachable or failed (including permission denied for rule
 changes).
 .PP
-rlctl run exits with the command's own status when it runs it.
+rlctl run exits with the command's own status when it runs it; 75
+(EX_TEMPFAIL, or \-\-denied\-exit N) when rate limited, without running it;
+127 when the command is not found and 126 when it cannot be executed, both
+checked before a token is taken.
 .SH EXAMPLES
 .EX
 rlctl rules set api \-\-client '*' \-\-resource 'api/*' \-\-limit 100 \-\-window 1m
@@ -105,7 +108,8 @@ pub enum Command {
     Rules(RulesCommand),
     /// Ask for a decision: exit 0 if allowed, 1 if rate limited.
     Acquire(AcquireArgs),
-    /// Acquire, then run a command; if denied the command is not run (exit 1).
+    /// Acquire, then run a command; if denied the command is not run (exit
+    /// 75, EX_TEMPFAIL; see --denied-exit).
     Run(RunArgs),
     /// Show counters, bucket usage and decision latency.
     Stats(StatsArgs),
@@ -232,6 +236,10 @@ pub struct RunArgs {
     pub resource: String,
     #[command(flatten)]
     pub decision: DecisionArgs,
+    /// Exit status when rate limited (the command's own statuses stay
+    /// distinguishable): 75 is EX_TEMPFAIL.
+    #[arg(long, default_value_t = 75, value_name = "N")]
+    pub denied_exit: u8,
     /// The command to run when allowed, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -102,7 +102,11 @@ async fn run_executes_only_when_allowed() {
     assert!(marker.exists());
     std::fs::remove_file(&marker).unwrap();
     let second = rlctl_async(&d.socket, &args).await;
-    assert_eq!(code(&second), 1);
+    assert_eq!(
+        code(&second),
+        75,
+        "denied is EX_TEMPFAIL, not the command's 1"
+    );
     assert!(!marker.exists(), "a denied command is not run");
     assert!(
         stderr(&second).contains("not running touch"),
@@ -127,6 +131,47 @@ async fn run_executes_only_when_allowed() {
     )
     .await;
     assert_eq!(code(&fail), 7);
+    let mut denied = args.to_vec();
+    denied.splice(1..1, ["--denied-exit", "9"]);
+    assert_eq!(code(&rlctl_async(&d.socket, &denied).await), 9);
+    // A command that cannot start: 127 / 126 like a shell, and no token is
+    // taken for it (the one-per-hour token of a fresh client is still there).
+    let missing = rlctl_async(
+        &d.socket,
+        &[
+            "run",
+            "--client",
+            "fresh",
+            "--resource",
+            "deploy",
+            "--",
+            "no-such-command-rld",
+        ],
+    )
+    .await;
+    assert_eq!(code(&missing), 127, "{}", stderr(&missing));
+    let script = d.dir.path().join("not-executable.sh");
+    std::fs::write(&script, "#!/bin/sh\n").unwrap();
+    let not_exec = rlctl_async(
+        &d.socket,
+        &[
+            "run",
+            "--client",
+            "fresh",
+            "--resource",
+            "deploy",
+            "--",
+            script.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code(&not_exec), 126, "{}", stderr(&not_exec));
+    let still = rlctl_async(&d.socket, &["acquire", "fresh", "deploy"]).await;
+    assert_eq!(
+        code(&still),
+        0,
+        "no token was spent on unstartable commands"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
