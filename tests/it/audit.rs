@@ -125,6 +125,8 @@ enum Fault {
     DropAnswers,
     /// c's proxy holds etcd's answers 300 ms (past the lease deadline) for 2 s.
     DelayAnswers,
+    /// c's connection to etcd is cut (bytes silently lost) for 1.5 s.
+    Cut,
     /// The bucket value is overwritten with something unreadable.
     Unreadable,
     /// The etcd leader is SIGKILLed.
@@ -201,6 +203,11 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
                 proxy.delay_answers(Duration::from_millis(300));
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 proxy.delay_answers(Duration::ZERO);
+            }
+            Fault::Cut => {
+                proxy.cut(true);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                proxy.cut(false);
             }
             Fault::Unreadable => {
                 let mut client = etcd.client().await;
@@ -485,16 +492,18 @@ async fn the_ledger_holds_under_lost_answers_bad_values_and_restarts() {
     .await;
 }
 
-/// The etcd leader killed, the rule edited, a daemon SIGKILLed, all under load.
+/// The etcd leader killed, the rule edited, a daemon SIGKILLed, c's link
+/// to etcd cut, all under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_holds_across_a_leader_kill_a_rule_edit_and_a_daemon_kill() {
     audited(
-        "leader kill, rule edit, SIGKILL",
+        "leader kill, rule edit, SIGKILL, cut",
         14,
         &[
             (3, Fault::KillLeader),
             (6, Fault::EditRule),
             (9, Fault::KillB),
+            (10, Fault::Cut),
         ],
     )
     .await;

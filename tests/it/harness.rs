@@ -134,6 +134,12 @@ impl ProcessDaemon {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// Waits (up to 10 s) for an exit already asked for (a signal sent with
+    /// [`ProcessDaemon::signal`]); a second SIGTERM would exit at once.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.wait_exit(Duration::from_secs(10))
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(mut self) {
         self.signal(nix::sys::signal::Signal::SIGKILL);

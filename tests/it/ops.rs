@@ -257,7 +257,12 @@ fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
     for s in conns.iter_mut().skip(200) {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).expect("an answer, not a hang");
+        let n = s.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "an answer, not a hang: {e}; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         assert!(n > 0, "an error frame before the close");
     }
     drop(conns);

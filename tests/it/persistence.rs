@@ -134,7 +134,7 @@ fn sigterm_answers_requests_already_sent() {
         frames += 1;
     }
     assert_eq!((frames, at), (1001, all.len()));
-    let status = d.terminate();
+    let status = d.wait();
     assert!(status.success());
 }
 
