@@ -73,6 +73,12 @@ impl BucketParams {
         }
     }
 
+    /// Tokens a request of `priority` can ever take at once: the bucket less
+    /// the priority's reserve (all of it for critical).
+    pub fn usable(&self, priority: Priority) -> u64 {
+        self.tau_ns.saturating_sub(self.floor_ns(priority)) / self.interval_ns.max(1)
+    }
+
     fn floor_ns(&self, priority: Priority) -> u64 {
         match priority {
             Priority::Low => self.floors_ns[0],
@@ -338,6 +344,81 @@ mod tests {
                         "admitted {} in {} ns > burst {} + rate", sum, elapsed, burst);
                 }
             }
+        }
+
+        /// The other side: what try_take reports is exact and it does not
+        /// deny what it should allow. `remaining` is the whole tokens left
+        /// above nothing; a denied request is allowed exactly once its
+        /// `retry_after` has passed (and not a nanosecond before); critical
+        /// requests are never denied; reserves keep their share back.
+        #[test]
+        fn verdicts_are_exact_and_retry_after_is_tight(
+            limit in 1u64..1000,
+            window_ms in 1u64..60_000,
+            burst in 1u64..200,
+            reserve in (0u16..300, 0u16..300, 0u16..300),
+            steps in proptest::collection::vec((0u64..120_000_000_000, 0u64..20, 0u8..4), 1..200),
+        ) {
+            let mut spec = RuleSpec::new("r", "*", "*", limit, Duration::from_millis(window_ms));
+            spec.burst = Some(burst);
+            // high <= normal <= low < 1.0 (permille).
+            let (h, n, l) = reserve;
+            let mut r = [h, n, l];
+            r.sort_unstable();
+            spec.reserve = Reserve { high: r[0], normal: r[1], low: r[2] };
+            let p = BucketParams::from_spec(&spec);
+            let mut tat = 0u64;
+            let mut now = 1_000 * SEC;
+            for (dt, cost, prio) in steps {
+                now += dt;
+                let priority = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical][prio as usize];
+                // Larger costs are refused before try_take (check_cost).
+                let usable = p.usable(priority);
+                if usable == 0 {
+                    continue;
+                }
+                let cost = cost.clamp(1, usable);
+                let before = tat;
+                let v = try_take(&mut tat, &p, now, cost, priority);
+                match v.outcome {
+                    Outcome::Allowed => {
+                        let full_at = now + p.tau_ns;
+                        prop_assert_eq!(v.remaining, (full_at - tat) / p.interval_ns);
+                        prop_assert_eq!(tat, before.max(now) + cost * p.interval_ns);
+                    }
+                    Outcome::Bypassed => prop_assert_eq!(priority, Priority::Critical),
+                    Outcome::Denied => {
+                        prop_assert!(priority != Priority::Critical, "critical is never denied");
+                        prop_assert_eq!(tat, before, "a denial spends nothing");
+                        prop_assert!(v.retry_after_ns > 0);
+                        let mut probe = tat;
+                        let early = try_take(&mut probe, &p, now + v.retry_after_ns - 1, cost, priority);
+                        prop_assert_eq!(early.outcome, Outcome::Denied, "allowed before retry_after");
+                        let mut probe = tat;
+                        let on_time = try_take(&mut probe, &p, now + v.retry_after_ns, cost, priority);
+                        prop_assert_eq!(on_time.outcome, Outcome::Allowed, "denied after retry_after");
+                    }
+                }
+            }
+        }
+
+        /// A rule edit keeps the tokens spent (rounded up), within the new
+        /// bucket; unchanged parameters change nothing; a full bucket stays full.
+        #[test]
+        fn rescale_keeps_what_was_spent(
+            old_limit in 1u64..1000, new_limit in 1u64..1000,
+            old_burst in 1u64..500, new_burst in 1u64..500,
+            spent_ns in 0u64..1_000_000_000_000,
+        ) {
+            let old = params(old_limit, Duration::from_secs(1), Some(old_burst));
+            let new = params(new_limit, Duration::from_secs(1), Some(new_burst));
+            let now = 1_000 * SEC;
+            let tat = now + spent_ns.min(old.tau_ns);
+            prop_assert_eq!(rescale(tat, &old, &old, now), now + (tat - now).div_ceil(old.interval_ns) * old.interval_ns);
+            prop_assert_eq!(rescale(now - 1, &old, &new, now), now - 1);
+            let spent = (tat - now).div_ceil(old.interval_ns);
+            let after = rescale(tat, &old, &new, now);
+            prop_assert_eq!(after - now, (spent * new.interval_ns).min(new.tau_ns));
         }
     }
 }

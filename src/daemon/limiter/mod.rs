@@ -96,7 +96,7 @@ pub enum AcquireError {
     #[error("{field} is {len} bytes long; the maximum is {MAX_NAME_BYTES} bytes")]
     TooLong { field: &'static str, len: usize },
     #[error(
-        "cost {cost} exceeds the bucket size {burst} of rule {rule:?}, so it can never be allowed; lower the cost or raise the rule's burst"
+        "cost {cost} exceeds the {burst} tokens rule {rule:?} lets this priority take (its burst, less the priority's reserve), so it can never be allowed; lower the cost, raise the burst or use a higher priority"
     )]
     CostExceedsBurst {
         cost: u64,
@@ -257,7 +257,7 @@ impl Limiter {
             },
             None => match rules.resolve(client, resource) {
                 Some(rule) => {
-                    check_cost(rule, cost)?;
+                    check_cost(rule, cost, priority)?;
                     let rule = Arc::clone(rule);
                     let generation = rules.generation as u32;
                     let (entry, evicted) =
@@ -279,7 +279,7 @@ impl Limiter {
             },
         };
         let rule = &entry.rule;
-        check_cost(rule, cost)?;
+        check_cost(rule, cost, priority)?;
         let link = if rule.global.is_some() {
             self.link.get()
         } else {
@@ -438,11 +438,14 @@ fn check_name(field: &'static str, name: &str) -> Result<(), AcquireError> {
 }
 
 #[inline]
-fn check_cost(rule: &Rule, cost: u64) -> Result<(), AcquireError> {
-    if cost > rule.params.capacity {
+fn check_cost(rule: &Rule, cost: u64, priority: Priority) -> Result<(), AcquireError> {
+    // What the priority may ever take: the bucket less its reserve. A cost
+    // above it would be denied for good with a retry_after that lies.
+    let usable = rule.params.usable(priority);
+    if cost > usable {
         return Err(AcquireError::CostExceedsBurst {
             cost,
-            burst: rule.params.capacity,
+            burst: usable,
             rule: rule.id().into(),
         });
     }
@@ -501,6 +504,41 @@ mod tests {
         assert_eq!((d.outcome, d.rule.as_ref()), (Outcome::Denied, ""));
         assert_eq!(l.unmatched_total(), 1);
         assert_eq!(l.table().len(), 0, "unmatched requests create no bucket");
+    }
+
+    #[test]
+    fn cost_above_what_the_priority_may_take_is_an_error() {
+        // Burst 10, low priority keeps 50% in reserve: low may take 5 at most.
+        let l = limiter(1000, DefaultAction::Allow);
+        let (mut spec, source) = rule("r", "*", "*", 10);
+        spec.reserve = crate::rule::Reserve {
+            high: 0,
+            normal: 0,
+            low: 500,
+        };
+        l.set_rules(vec![(spec, source)], 0).unwrap();
+        let e = l.acquire("a", "x", 6, Priority::Low, 0).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AcquireError::CostExceedsBurst {
+                    cost: 6,
+                    burst: 5,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            l.acquire("a", "x", 5, Priority::Low, 0)
+                .unwrap()
+                .is_allowed()
+        );
+        assert!(
+            l.acquire("a", "x", 5, Priority::Normal, 0)
+                .unwrap()
+                .is_allowed()
+        );
     }
 
     #[test]
