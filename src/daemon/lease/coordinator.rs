@@ -218,8 +218,10 @@ struct KeyState {
     debt: u64,
     /// Credit taken by the bucket's fresh request, repaid when its lease commits.
     borrowed: u64,
-    /// The operation sent or to be retried under the same identity.
+    /// The operation sent or to be retried under the same identity, and
+    /// when it was first sent.
     op: Option<Op>,
+    op_sent: Option<Instant>,
     in_flight: bool,
     /// The bucket is gone: forget it once nothing is in transit.
     released: bool,
@@ -408,6 +410,7 @@ impl<S: Source> Coordinator<S> {
                 debt: 0,
                 borrowed: 0,
                 op: None,
+                op_sent: None,
                 in_flight: false,
                 released: false,
                 known: None,
@@ -584,9 +587,24 @@ impl<S: Source> Coordinator<S> {
         let prefetch = self.settings.prefetch.as_secs_f64();
         let state = self.keys.get_mut(id)?;
         if let Some(op) = &state.op {
-            // Retried as it was, under the same identity.
-            state.in_flight = true;
-            return Some(op.clone());
+            let stale = op.uncertain
+                && state
+                    .op_sent
+                    .is_some_and(|t| t.elapsed() > super::value::HOLDER_TTL / 2);
+            if !stale {
+                // Retried as it was, under the same identity.
+                state.in_flight = true;
+                return Some(op.clone());
+            }
+            // Its record may be pruned from the value by now, so a retry
+            // could no longer tell that it committed: assume it did (its
+            // returns and debts applied, its grant lost: under-admission,
+            // never a second application).
+            tracing::warn!(
+                rule = %op.bucket.rule.id(),
+                "a lease operation of unknown outcome is too old to check; assuming it committed"
+            );
+            state.op = None;
         }
         let rule = Arc::clone(&state.bucket.rule);
         let g = rule.global.as_ref()?;
@@ -654,6 +672,7 @@ impl<S: Source> Coordinator<S> {
             uncertain: false,
         };
         state.op = Some(op.clone());
+        state.op_sent = Some(Instant::now());
         state.in_flight = true;
         Some(op)
     }
@@ -700,10 +719,11 @@ impl<S: Source> Coordinator<S> {
                     let rule = &Arc::clone(&state.bucket.rule);
                     if let Some((cost, reply)) = state.now.take() {
                         let ok = granted >= cost;
-                        let _ = reply.send(ok);
-                        if granted > cost || (!ok && granted > 0) {
-                            state.give += if ok { granted - cost } else { granted };
-                        }
+                        // The request may have been answered already (its
+                        // wait timed out): then its tokens go back too.
+                        let delivered = reply.send(ok).is_ok();
+                        let used = if ok && delivered { cost } else { 0 };
+                        state.give += granted - used;
                         state.not_before = now;
                     } else if op.ask.take > 0 && granted == 0 {
                         // The global bucket is empty: back off, with jitter

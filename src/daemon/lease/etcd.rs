@@ -78,7 +78,8 @@ pub struct EtcdSource {
     deadline: Duration,
     health: Arc<Health>,
     stats: Arc<LeaseStats>,
-    /// Per rule: the etcd lease new key writes attach to, and when it was granted.
+    /// Per rule and bucket depth: the etcd lease new key writes attach to,
+    /// and when it was granted.
     key_leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
     /// Keys other daemons write too (a compare failed on them recently):
     /// their value is read just before the write instead of trusting our
@@ -186,7 +187,11 @@ impl EtcdSource {
     /// The lease a new write of `rule`'s keys attaches to (granted anew
     /// every [`KEY_LEASE_RENEW`], with a TTL of the bucket depth plus margins).
     async fn key_lease(&self, rule: &str, params: Params) -> Result<i64, LeaseError> {
-        if let Some((id, at)) = self.key_leases.lock().get(rule)
+        // Per rule *and* depth: an edited rule with a deeper bucket must not
+        // reuse a lease whose TTL was sized for the old one (its keys would
+        // expire while not yet full, and come back full).
+        let cache_key = format!("{rule}/{}", params.tau_ns);
+        if let Some((id, at)) = self.key_leases.lock().get(&cache_key)
             && at.elapsed() < KEY_LEASE_RENEW
         {
             return Ok(*id);
@@ -200,9 +205,9 @@ impl EtcdSource {
                 async move { c.lease_grant(ttl, None).await }
             })
             .await?;
-        self.key_leases
-            .lock()
-            .insert(rule.to_owned(), (lease.id(), Instant::now()));
+        let mut leases = self.key_leases.lock();
+        leases.retain(|_, (_, at)| at.elapsed() < KEY_LEASE_RENEW);
+        leases.insert(cache_key, (lease.id(), Instant::now()));
         Ok(lease.id())
     }
 
@@ -239,11 +244,11 @@ impl EtcdSource {
 
     /// Resolves uncertain slots whose operation is recorded in the value:
     /// it committed, and its recorded grant stands.
+    /// Not only uncertain slots: a transaction the call layer resent after
+    /// Unavailable / a transport error may have committed the first time,
+    /// and our identity in the value is the proof either way.
     fn resolve(&self, slots: &mut [Slot]) {
-        for slot in slots
-            .iter_mut()
-            .filter(|s| s.done.is_none() && s.op.uncertain)
-        {
+        for slot in slots.iter_mut().filter(|s| s.done.is_none()) {
             let Some(known) = &slot.op.known else {
                 continue;
             };

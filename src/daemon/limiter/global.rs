@@ -344,7 +344,7 @@ pub fn spend(
     let denied = |held: u64| Verdict {
         outcome: Outcome::Denied,
         remaining: held,
-        retry_after_ns: (cost - held) * interval,
+        retry_after_ns: cost.saturating_sub(held).saturating_mul(interval),
         reset_after_ns: 0,
     };
     let verdict = if mode == SpendMode::Leased {
