@@ -370,22 +370,43 @@ impl<S: Source> Coordinator<S> {
         loop {
             self.flush();
             if self.batches.is_empty() {
-                break;
+                // A failed operation waits a little before its retry: wait
+                // for it (within the drain time) unless etcd is unreachable.
+                let next = self
+                    .keys
+                    .values()
+                    .filter(|s| s.has_work())
+                    .map(|s| s.not_before)
+                    .min();
+                match next {
+                    Some(at) if !self.link.failing() => {
+                        let at = tokio::time::Instant::from_std(at).min(deadline);
+                        if at >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(
+                            at.max(tokio::time::Instant::now() + Duration::from_millis(1)),
+                        )
+                        .await;
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             match tokio::time::timeout_at(deadline, self.batches.join_next_with_id()).await {
                 Ok(Some(done)) => self.joined(done),
                 Ok(None) | Err(_) => break,
             }
         }
-        let left: u64 = self
-            .keys
-            .values()
-            .map(|s| s.give + s.op.as_ref().map_or(0, |o| o.ask.give))
-            .sum();
-        if left > 0 {
+        let (left, owed) = self.keys.values().fold((0, 0), |(g, d), s| {
+            let op = s.op.as_ref().map_or((0, 0), |o| (o.ask.give, o.ask.debt));
+            (g + s.give + op.0, d + s.debt + op.1)
+        });
+        if left > 0 || owed > 0 {
             tracing::warn!(
                 tokens = left,
-                "some leased tokens could not be returned before the drain timeout; they are lost (under-admission, never over)"
+                debt = owed,
+                "some leased tokens could not be returned (under-admission) and some debt not charged before the drain timeout"
             );
         }
         self.audit_admissions();
@@ -396,8 +417,15 @@ impl<S: Source> Coordinator<S> {
         let id: KeyId = (rule.id().into(), key.clone());
         let now = Instant::now();
         let per_rule = &mut self.per_rule;
+        let cap = self.settings.max_buckets_per_rule;
         let state = self.keys.entry(id).or_insert_with(|| {
-            *per_rule.entry(rule.id().into()).or_default() += 1;
+            let n = per_rule.entry(rule.id().into()).or_default();
+            *n += 1;
+            if *n >= cap
+                && let Some(g) = &rule.global
+            {
+                g.at_cap.store(true, Ordering::Relaxed);
+            }
             KeyState {
                 bucket: BucketRef {
                     rule: Arc::clone(rule),
@@ -452,11 +480,13 @@ impl<S: Source> Coordinator<S> {
                     self.stats
                         .bucket_cap_refusals
                         .fetch_add(1, Ordering::Relaxed);
-                    // A borrowed token stays counted against the rule's
-                    // credit: it was admitted and is charged only when the
-                    // bucket is released (its debt), so repaying the credit
-                    // here would let new keys at the cap borrow without end.
-                    let _ = borrowed;
+                    // Fresh buckets stop borrowing while the rule is at its
+                    // cap (set with the count), so the credit of a borrow
+                    // made before that is repaid: it cannot recur.
+                    if let Some(g) = &rule.global {
+                        g.at_cap.store(true, Ordering::Relaxed);
+                        g.repay(borrowed);
+                    }
                     self.limiter.clear_request(&rule, &key, hash);
                     return;
                 }
@@ -911,6 +941,14 @@ impl<S: Source> Coordinator<S> {
             keep
         });
         self.per_rule.retain(|_, n| *n > 0);
+        // Below the cap again: fresh buckets may borrow.
+        for rule in self.limiter.rules().iter() {
+            if let Some(g) = &rule.global {
+                let n = self.per_rule.get(rule.id()).copied().unwrap_or(0);
+                g.at_cap
+                    .store(n >= self.settings.max_buckets_per_rule, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -1179,6 +1217,30 @@ mod tests {
             .count() as u64;
         assert!(cap > 0 && cap < 1000, "cap {cap}");
         assert_eq!(allowed, cap, "1000 fresh keys, credit for {cap}");
+        s.cancel.cancel();
+        s.task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn at_the_bucket_cap_fresh_buckets_neither_borrow_nor_leak_credit() {
+        let settings = LeaseSettings {
+            max_buckets_per_rule: 3,
+            ..LeaseSettings::default()
+        };
+        let s = setup(None, OnFailure::Closed, settings).await;
+        for i in 0..3 {
+            assert_eq!(ask(&s.limiter, &format!("c{i}")), Decided::Allowed);
+        }
+        settle().await;
+        let rules = s.limiter.rules();
+        let g = rules.get("g").unwrap().global.as_ref().unwrap();
+        assert!(g.at_cap.load(Ordering::Relaxed));
+        let allowed = (3..50)
+            .filter(|i| ask(&s.limiter, &format!("c{i}")) == Decided::Allowed)
+            .count();
+        assert_eq!(allowed, 0, "no credit at the cap");
+        settle().await;
+        assert_eq!(g.credit_out.load(Ordering::Relaxed), 0, "no credit leaked");
         s.cancel.cancel();
         s.task.await.unwrap();
     }

@@ -236,6 +236,9 @@ pub struct GlobalRuleState {
     /// lease has not committed yet, and the cap on them.
     pub credit_out: AtomicU64,
     pub credit_cap: AtomicU64,
+    /// The rule has `max_buckets_per_rule` leased buckets on this daemon:
+    /// fresh buckets do not borrow (their lease would be refused).
+    pub at_cap: AtomicBool,
 }
 
 impl GlobalRuleState {
@@ -252,11 +255,15 @@ impl GlobalRuleState {
             credit_out: AtomicU64::new(0),
             // 0 until the coordinator plans the rule: no credit before that.
             credit_cap: AtomicU64::new(0),
+            at_cap: AtomicBool::new(false),
         }
     }
 
     /// Takes `cost` tokens of the rule's credit, if under the cap.
     fn try_borrow(&self, cost: u64) -> bool {
+        if self.at_cap.load(Ordering::Relaxed) {
+            return false;
+        }
         let cap = self.credit_cap.load(Ordering::Relaxed);
         self.credit_out
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
