@@ -132,15 +132,15 @@ impl Daemon {
             Some(etcd) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
                 let members = Arc::new(AtomicU64::new(1));
-                let planner = Arc::new(Planner {
-                    settings: LeaseSettings {
+                let planner = Arc::new(Planner::new(
+                    LeaseSettings {
                         max_clock_skew: etcd.max_clock_skew,
                         fallback_slack: etcd.fallback_slack,
                         max_buckets_per_rule: etcd.max_buckets_per_rule,
                         ..LeaseSettings::default()
                     },
-                    members: Arc::clone(&members),
-                });
+                    Arc::clone(&members),
+                ));
                 let sink = QueueSink {
                     events: tx.clone(),
                     planner: Arc::clone(&planner),

@@ -89,7 +89,8 @@ impl Shared {
     fn lease_info(&self, rule: &Rule, held: u64) -> Option<LeaseInfo> {
         let g = rule.global.as_ref()?;
         let cluster = self.cluster.as_ref()?;
-        let members = cluster.members.load(Ordering::Relaxed).max(1);
+        // The N the rule is planned for (members, held up after a drop).
+        let members = g.members.load(Ordering::Relaxed).max(1);
         let p = plan(&rule.spec, members, cluster.config.max_clock_skew);
         Some(LeaseInfo {
             batch: g.batch.load(Ordering::Relaxed),

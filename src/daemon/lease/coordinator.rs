@@ -98,12 +98,39 @@ pub struct Planner {
     pub settings: LeaseSettings,
     /// Live daemons, kept current by the cluster's membership task.
     pub members: Arc<AtomicU64>,
+    /// The largest count of the last [`MEMBERS_HOLD`], and since when.
+    peak: parking_lot::Mutex<(u64, Instant)>,
 }
 
+/// How long a drop in the member count is not believed: a daemon that
+/// vanished from etcd (partitioned, its member key expired) may still hold
+/// a batch and spend it, so batches of the others grow only once its
+/// tokens are surely spent or stale. Joins count at once.
+pub const MEMBERS_HOLD: Duration = super::value::HOLDER_TTL;
+
 impl Planner {
+    pub fn new(settings: LeaseSettings, members: Arc<AtomicU64>) -> Planner {
+        Planner {
+            settings,
+            members,
+            peak: parking_lot::Mutex::new((1, Instant::now())),
+        }
+    }
+
+    /// `N` for planning: the live members, or more if more were live in the
+    /// last [`MEMBERS_HOLD`].
+    pub fn members(&self) -> u64 {
+        let now = self.members.load(Ordering::Relaxed).max(1);
+        let mut peak = self.peak.lock();
+        if now >= peak.0 || peak.1.elapsed() >= MEMBERS_HOLD {
+            *peak = (now, Instant::now());
+        }
+        peak.0.max(now)
+    }
+
     pub fn plan(&self, rule: &Rule) {
         let Some(g) = &rule.global else { return };
-        let n = self.members.load(Ordering::Relaxed).max(1);
+        let n = self.members();
         let spec = &rule.spec;
         let p = plan(spec, n, self.settings.max_clock_skew);
         let b_max = p.b_max.floor().max(1.0) as u64;
@@ -1094,10 +1121,7 @@ mod tests {
             default_action: DefaultAction::Allow,
         }));
         let (tx, rx) = mpsc::channel(4096);
-        let planner = Arc::new(Planner {
-            settings,
-            members: Arc::new(AtomicU64::new(1)),
-        });
+        let planner = Arc::new(Planner::new(settings, Arc::new(AtomicU64::new(1))));
         let sink = QueueSink {
             events: tx,
             planner: Arc::clone(&planner),
@@ -1219,6 +1243,20 @@ mod tests {
         assert_eq!(allowed, cap, "1000 fresh keys, credit for {cap}");
         s.cancel.cancel();
         s.task.await.unwrap();
+    }
+
+    #[test]
+    fn a_drop_in_members_is_not_believed_at_once() {
+        let members = Arc::new(AtomicU64::new(3));
+        let p = Planner::new(LeaseSettings::default(), Arc::clone(&members));
+        assert_eq!(p.members(), 3);
+        // A daemon vanished (its member key expired): it may still hold a
+        // batch, so the others keep planning for 3.
+        members.store(2, Ordering::Relaxed);
+        assert_eq!(p.members(), 3);
+        // Joins count at once.
+        members.store(5, Ordering::Relaxed);
+        assert_eq!(p.members(), 5);
     }
 
     #[tokio::test]
