@@ -120,6 +120,13 @@ pub enum Command {
     /// Check daemons' lease audit logs (rld --audit-log) against etcd's
     /// history and the rule's bound: exit 0 if the ledger holds, 1 if not.
     Audit(audit::AuditArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    /// to standard output, e.g. `rlctl completions bash >
+    /// /usr/share/bash-completion/completions/rlctl`.
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 // Parsed once per process; boxing the big variant would buy nothing.
@@ -378,7 +385,9 @@ async fn dispatch(args: Args, out: &mut Output) -> Result<Exit, CliError> {
         {
             None
         }
-        Command::Bench(_) | Command::Stats(StatsArgs { watch: Some(_) }) => None,
+        Command::Bench(_)
+        | Command::Stats(StatsArgs { watch: Some(_) })
+        | Command::Completions { .. } => None,
         _ => Some(timeout.unwrap_or(DEFAULT_TIMEOUT)),
     };
     let command = async {
@@ -390,6 +399,14 @@ async fn dispatch(args: Args, out: &mut Output) -> Result<Exit, CliError> {
             Command::Health => stats::health(&socket, out).await,
             Command::Bench(b) => bench::run(&socket, b, out).await,
             Command::Audit(a) => audit::run(a, out).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut cmd = Args::command();
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut cmd, "rlctl", &mut script);
+                out.line(String::from_utf8_lossy(&script).trim_end())?;
+                Ok(Exit::Ok)
+            }
         }
     };
     match limit {

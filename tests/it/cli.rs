@@ -388,3 +388,44 @@ fn a_stopped_daemon_cannot_hang_rlctl() {
     // Serving again: the same commands answer.
     assert_eq!(code(&crate::harness::rlctl(&d.socket, &["health"])), 0);
 }
+
+/// Completion scripts for the shells, generated from the same definitions:
+/// the bash one is valid bash and knows the subcommands.
+#[test]
+fn completions_are_generated_for_the_shells() {
+    let bash = std::process::Command::new(env!("CARGO_BIN_EXE_rlctl"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&bash), 0, "{}", stderr(&bash));
+    let script = stdout(&bash);
+    assert!(script.contains("_rlctl") && script.contains("acquire") && script.contains("rules"));
+    let mut check = std::process::Command::new("bash")
+        .arg("-n")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(
+        check.wait().unwrap().success(),
+        "bash -n rejects the script"
+    );
+    for (shell, marker) in [("zsh", "#compdef rlctl"), ("fish", "complete -c rlctl")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlctl"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(stdout(&out).contains(marker), "{shell}");
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_rlctl"))
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&bad), 2);
+}
