@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Shared;
-use super::auth::Peer;
 use super::conn;
 use crate::protocol::codec::encode;
 use crate::protocol::{ErrorBody, ErrorCode, Response};
@@ -175,12 +174,8 @@ pub async fn accept_loop(
             tracker.spawn(refuse(stream, max_connections));
             continue;
         };
-        let peer = match stream.peer_cred() {
-            Ok(c) => Peer {
-                uid: c.uid(),
-                gid: c.gid(),
-                pid: c.pid(),
-            },
+        let peer = match shared.auth.peer_of(&stream) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!("cannot read peer credentials: {e}; closing connection");
                 continue;

@@ -429,3 +429,64 @@ fn completions_are_generated_for_the_shells() {
         .unwrap();
     assert_eq!(code(&bad), 2);
 }
+
+/// Admin by the admin group, primary or supplementary, decided from the
+/// credentials taken at connect (SO_PEERCRED / SO_PEERGROUPS), and refused
+/// otherwise. Needs root to run rlctl as other users.
+#[test]
+fn admin_group_members_by_primary_or_supplementary_group_may_change_rules() {
+    use std::os::unix::process::CommandExt;
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "this test needs root under CI"
+        );
+        eprintln!("skipped: needs root to act as other users");
+        return;
+    }
+    const ADMIN: u32 = 4242;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("rld.toml");
+    std::fs::write(&config, "socket_mode = \"0666\"\n").unwrap();
+    let d = crate::harness::ProcessDaemon::start(
+        dir.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-group",
+            &ADMIN.to_string(),
+        ],
+    );
+    let as_user = |uid: u32, gid: u32, groups: &'static [u32], id: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlctl"));
+        cmd.args(["-s", d.socket.to_str().unwrap()])
+            .args(["rules", "set", id, "--client", "*", "--resource", id])
+            .args(["--limit", "1", "--window", "1h"]);
+        // SAFETY: only async-signal-safe credential calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let gids: Vec<nix::unistd::Gid> = groups
+                    .iter()
+                    .map(|g| nix::unistd::Gid::from_raw(*g))
+                    .collect();
+                nix::unistd::setgroups(&gids)?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+                Ok(())
+            });
+        }
+        cmd.output().unwrap()
+    };
+    let supplementary = as_user(23001, 23001, &[ADMIN], "by-supplementary");
+    assert_eq!(code(&supplementary), 0, "{}", stderr(&supplementary));
+    let primary = as_user(23002, ADMIN, &[], "by-primary");
+    assert_eq!(code(&primary), 0, "{}", stderr(&primary));
+    let outsider = as_user(23003, 23003, &[23003], "by-outsider");
+    assert_ne!(code(&outsider), 0);
+    assert!(
+        stderr(&outsider).contains("may not"),
+        "{}",
+        stderr(&outsider)
+    );
+}
