@@ -8,6 +8,19 @@ use std::time::Duration;
 
 use crate::harness::{code, rlctl, stderr};
 
+/// Kills and reaps a child still running when a test ends (a failed
+/// assertion must not leave a daemon behind).
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn systemd_tools_present() -> bool {
     let present = Command::new("systemd-analyze")
         .arg("--version")
@@ -133,14 +146,16 @@ fn systemd_runtime_and_state_directories_are_honoured() {
     let runtime = dir.path().join("run");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&runtime).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rld"))
-        .env("RUNTIME_DIRECTORY", &runtime)
-        .env("STATE_DIRECTORY", &state)
-        .env_remove("RLD_SOCKET")
-        .env_remove("RLD_CONFIG")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_rld"))
+            .env("RUNTIME_DIRECTORY", &runtime)
+            .env("STATE_DIRECTORY", &state)
+            .env_remove("RLD_SOCKET")
+            .env_remove("RLD_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let socket = runtime.join("rld.sock");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
@@ -170,11 +185,11 @@ fn systemd_runtime_and_state_directories_are_honoured() {
     let kept = std::fs::read_to_string(state.join("rules.toml")).unwrap();
     assert!(kept.contains("id = \"r\""), "{kept}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     assert!(!socket.exists(), "its own socket is removed at exit");
 }
 
@@ -191,15 +206,17 @@ fn stopping_leaves_a_socket_another_rld_took_over() {
     // Someone removes a's socket file and starts b on the same path.
     std::fs::remove_file(&a.socket).unwrap();
     let socket = a.socket.clone();
-    let mut b = Command::new(env!("CARGO_BIN_EXE_rld"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(b_dir.join("state"))
-        .env_remove("RLD_CONFIG")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut b = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_rld"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(b_dir.join("state"))
+            .env_remove("RLD_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(std::time::Instant::now() < deadline, "b did not start");
@@ -209,11 +226,11 @@ fn stopping_leaves_a_socket_another_rld_took_over() {
     assert!(socket.exists(), "a removed b's socket");
     let answered = code(&rlctl(&socket, &["health"]));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(b.id() as i32),
+        nix::unistd::Pid::from_raw(b.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(b.wait().unwrap().success());
+    assert!(b.0.wait().unwrap().success());
     assert_eq!(answered, 0, "b still serves on the path");
 }
 
@@ -241,7 +258,7 @@ fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Reaper(cmd.spawn().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(std::time::Instant::now() < deadline, "rld did not start");
@@ -267,9 +284,9 @@ fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
     }
     drop(conns);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
