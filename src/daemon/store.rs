@@ -83,19 +83,13 @@ impl StateStore {
     /// An unreadable or invalid file, named.
     pub fn peek(dir: &Path) -> Result<Vec<RuleSpec>, RuleBookError> {
         let path = dir.join(RULES_FILE);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(RuleBookError::Storage { path, source }),
+        let Some(text) = read_if_present(&path)? else {
+            return Ok(Vec::new());
         };
         parse_rules(&text).map_err(|e| RuleBookError::CorruptState {
             path,
             message: e.to_string(),
         })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join(RULES_FILE)
     }
 
     /// The persisted rules (none if the file does not exist yet).
@@ -103,16 +97,7 @@ impl StateStore {
     /// # Errors
     /// An unreadable or invalid file.
     pub fn load(&self) -> Result<Vec<RuleSpec>, RuleBookError> {
-        let path = self.path();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(RuleBookError::Storage { path, source }),
-        };
-        parse_rules(&text).map_err(|e| RuleBookError::CorruptState {
-            path,
-            message: e.to_string(),
-        })
+        StateStore::peek(&self.dir)
     }
 
     /// Replaces the file: write a temporary file, fsync, rename over, fsync the
@@ -151,10 +136,8 @@ impl StateStore {
     /// An unreadable or invalid cache file.
     pub fn load_etcd_cache(&self) -> Result<Option<(Vec<RuleSpec>, i64)>, RuleBookError> {
         let path = self.etcd_cache_path();
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(RuleBookError::Storage { path, source }),
+        let Some(text) = read_if_present(&path)? else {
+            return Ok(None);
         };
         let corrupt = |message: String| RuleBookError::CorruptState {
             path: path.clone(),
@@ -218,5 +201,17 @@ impl StateStore {
             self.written.lock().insert(name.to_owned(), text.to_owned());
         }
         result.map_err(storage)
+    }
+}
+
+/// A file's text, or `None` if it does not exist.
+fn read_if_present(path: &Path) -> Result<Option<String>, RuleBookError> {
+    match fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RuleBookError::Storage {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }

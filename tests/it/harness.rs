@@ -63,6 +63,18 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Whether a listener accepts on `socket` within `limit` (polled).
+pub fn socket_answers_within(socket: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// An `rld` process.
 pub struct ProcessDaemon {
     pub child: Child,
@@ -105,14 +117,9 @@ impl ProcessDaemon {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if !socket_answers_within(&self.socket, Duration::from_secs(20)) {
+            panic!("rld did not start: {}", self.log());
         }
-        panic!("rld did not start: {}", self.log());
     }
 
     pub fn pid(&self) -> i32 {

@@ -157,14 +157,10 @@ fn systemd_runtime_and_state_directories_are_honoured() {
             .unwrap(),
     );
     let socket = runtime.join("rld.sock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no socket in $RUNTIME_DIRECTORY"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        crate::harness::socket_answers_within(&socket, Duration::from_secs(20)),
+        "no socket in $RUNTIME_DIRECTORY"
+    );
     let set = rlctl(
         &socket,
         &[
@@ -217,11 +213,10 @@ fn stopping_leaves_a_socket_another_rld_took_over() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "b did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        crate::harness::socket_answers_within(&socket, Duration::from_secs(20)),
+        "b did not start"
+    );
     assert!(a.terminate().success());
     assert!(socket.exists(), "a removed b's socket");
     let answered = code(&rlctl(&socket, &["health"]));
@@ -259,11 +254,10 @@ fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
         });
     }
     let mut child = Reaper(cmd.spawn().unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(std::time::Instant::now() < deadline, "rld did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        crate::harness::socket_answers_within(&socket, Duration::from_secs(20)),
+        "rld did not start"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("max_connections lowered to 192"), "{text}");
     let mut conns: Vec<std::os::unix::net::UnixStream> = (0..260)
