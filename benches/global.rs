@@ -8,7 +8,7 @@
 //! `etcd` on PATH (`scripts/deps`); uses the release binaries `rld` and
 //! `rlctl` of this target directory (built with `cargo build --release
 //! --bins` first). The etcd cluster listens on loopback ports
-//! `RLD_BENCH_ETCD_BASE_PORT` (default 36000) + 1..3 and + 11..13. Figures
+//! `RLD_BENCH_ETCD_BASE_PORT` (default 32200, below the ephemeral port range) + 1..3 and + 11..13. Figures
 //! are printed and written as JSON to `<target dir>/bench-global.json`.
 //!
 //! Load is open loop from this process: one task per daemon, a tick every
@@ -54,7 +54,7 @@ fn main() {
     let base: u16 = std::env::var("RLD_BENCH_ETCD_BASE_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(36_000);
+        .unwrap_or(32_200);
     let etcd = EtcdCluster::start(base);
     println!(
         "etcd cluster {} (3 members, data on {})",

@@ -253,9 +253,11 @@ impl Etcd {
         if !etcd_installed() {
             return None;
         }
-        // Ports 25000-35000, 20 per cluster, apart per process and per test.
-        let slot = (std::process::id() % 50) * 10 + n % 10;
-        Some(Etcd::private(prefix, 25_000 + slot as u16 * 20))
+        // Ports 24000-30000, 20 per cluster, apart per process and per test;
+        // all below Linux's ephemeral range (32768-60999), where any
+        // outgoing connection may hold a port and make etcd's bind fail.
+        let slot = (std::process::id() % 30) * 10 + n % 10;
+        Some(Etcd::private(prefix, 24_000 + slot as u16 * 20))
     }
 
     /// Starts a private cluster with client ports `base+1..3`.
@@ -331,9 +333,10 @@ impl Etcd {
         }
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let slot = 500 + (std::process::id() % 25) * 4 + n % 4;
+        // Ports 30000-32000: after the shared clusters, below the ephemeral range.
+        let slot = 300 + (std::process::id() % 25) * 4 + n % 4;
         let prefix = format!("/rld-fault-{n}");
-        Some(Etcd::private(prefix, 25_000 + slot as u16 * 20))
+        Some(Etcd::private(prefix, 24_000 + slot as u16 * 20))
     }
 
     fn dir(&self) -> &Path {
