@@ -143,7 +143,12 @@ pub struct ConfigFile {
     pub shards: Option<usize>,
     pub max_frame: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_uid: Option<usize>,
+    pub admin_connections: Option<usize>,
     pub idle_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+    /// Bytes.
+    pub answer_memory: Option<usize>,
     /// Lease audit log file (etcd mode).
     pub audit_log: Option<PathBuf>,
     pub drain_timeout: Option<String>,
@@ -185,6 +190,18 @@ pub struct EtcdConfig {
     pub max_buckets_per_rule: usize,
 }
 
+/// Largest `max_buckets`.
+pub const MAX_BUCKETS: usize = 1_000_000_000;
+/// Largest `shards`.
+pub const MAX_SHARDS: usize = 65_536;
+/// Largest `max_connections`.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// Smallest and largest `answer_memory`.
+pub const MIN_ANSWER_MEMORY: usize = 16 * 1024 * 1024;
+pub const MAX_ANSWER_MEMORY: usize = 64 * 1024 * 1024 * 1024;
+const MS: Duration = Duration::from_millis(1);
+const HOUR: Duration = Duration::from_secs(3600);
+
 /// Largest `max_buckets_per_rule`.
 pub const MAX_BUCKETS_PER_RULE_LIMIT: usize = 10_000_000;
 
@@ -201,8 +218,19 @@ pub struct Config {
     pub shards: usize,
     pub max_frame: usize,
     pub max_connections: usize,
-    /// Close connections that send nothing for this long (`None`: never).
+    /// Connections one non-admin uid may hold (`None`: an eighth of
+    /// `max_connections`).
+    pub max_connections_per_uid: Option<usize>,
+    /// Of `max_connections`, how many only admins may take (`None`: 16, or
+    /// a quarter of `max_connections` when that is fewer).
+    pub admin_connections: Option<usize>,
+    /// Close connections that complete no request for this long (`None`:
+    /// never). Bytes that do not complete a frame do not count.
     pub idle_timeout: Option<Duration>,
+    /// Close connections that do not read their answers for this long.
+    pub write_timeout: Duration,
+    /// Bytes all connections together may hold for large answers.
+    pub answer_memory: usize,
     /// How long shutdown waits for connections to finish.
     pub drain_timeout: Duration,
     /// How often the sweeper visits every shard.
@@ -250,7 +278,11 @@ impl Default for Config {
             shards: default_shards(),
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 4096,
+            max_connections_per_uid: None,
+            admin_connections: None,
             idle_timeout: Some(Duration::from_secs(600)),
+            write_timeout: Duration::from_secs(10),
+            answer_memory: 256 * 1024 * 1024,
             drain_timeout: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(1),
             admin_gid: None,
@@ -262,6 +294,20 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Connections one non-admin uid may hold.
+    pub fn per_uid_connections(&self) -> usize {
+        self.max_connections_per_uid
+            .unwrap_or((self.max_connections / 8).max(1))
+            .min(self.max_connections)
+    }
+
+    /// Of `max_connections`, how many only admins may take.
+    pub fn connections_kept_for_admins(&self) -> usize {
+        self.admin_connections
+            .unwrap_or((self.max_connections / 4).min(16))
+            .min(self.max_connections - 1)
+    }
+
     /// Resolves flags, the config file and defaults.
     ///
     /// # Errors
@@ -375,7 +421,11 @@ impl Config {
             shards: file.shards.filter(|&s| s != 0).unwrap_or(d.shards),
             max_frame: file.max_frame.unwrap_or(d.max_frame),
             max_connections: file.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_uid: file.max_connections_per_uid,
+            admin_connections: file.admin_connections,
             idle_timeout: (!idle.is_zero()).then_some(idle),
+            write_timeout: duration("write_timeout", file.write_timeout, d.write_timeout)?,
+            answer_memory: file.answer_memory.unwrap_or(d.answer_memory),
             drain_timeout: duration("drain_timeout", file.drain_timeout, d.drain_timeout)?,
             sweep_interval: duration("sweep_interval", file.sweep_interval, d.sweep_interval)?,
             admin_gid: file.admin_group.as_deref().map(resolve_group).transpose()?,
@@ -415,20 +465,71 @@ impl Config {
                 message: message.into(),
             })
         };
-        if self.max_buckets == 0 {
-            return bad("max_buckets", "must be at least 1");
+        for (field, value, max) in [
+            ("max_buckets", self.max_buckets, MAX_BUCKETS),
+            ("shards", self.shards, MAX_SHARDS),
+            ("max_connections", self.max_connections, MAX_CONNECTIONS),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::Value {
+                    field,
+                    message: format!("is {value}; it must be between 1 and {max}"),
+                });
+            }
         }
-        if self.max_connections == 0 {
-            return bad("max_connections", "must be at least 1");
+        if let Some(n) = self.max_connections_per_uid
+            && !(1..=self.max_connections).contains(&n)
+        {
+            return bad(
+                "max_connections_per_uid",
+                "must be between 1 and max_connections",
+            );
+        }
+        if self
+            .admin_connections
+            .is_some_and(|n| n >= self.max_connections)
+        {
+            return bad(
+                "admin_connections",
+                "must be below max_connections (others need a slot too)",
+            );
         }
         if !(64..=16 * 1024 * 1024).contains(&self.max_frame) {
             return bad("max_frame", "must be between 64 bytes and 16 MiB");
         }
+        if !(MIN_ANSWER_MEMORY..=MAX_ANSWER_MEMORY).contains(&self.answer_memory) {
+            return bad(
+                "answer_memory",
+                "must be between 16 MiB and 64 GiB (in bytes)",
+            );
+        }
         if self.socket_mode & !0o777 != 0 {
             return bad("socket_mode", "must be a permission mode like \"0660\"");
         }
-        if self.sweep_interval < Duration::from_millis(10) {
-            return bad("sweep_interval", "must be at least 10ms");
+        for (field, value, min, max) in [
+            ("sweep_interval", Some(self.sweep_interval), MS * 10, HOUR),
+            ("idle_timeout", self.idle_timeout, MS * 100, 7 * 24 * HOUR),
+            ("write_timeout", Some(self.write_timeout), MS * 100, HOUR),
+            (
+                "drain_timeout",
+                Some(self.drain_timeout),
+                Duration::ZERO,
+                HOUR,
+            ),
+        ] {
+            if let Some(v) = value
+                && !(min..=max).contains(&v)
+            {
+                return Err(ConfigError::Value {
+                    field,
+                    message: format!(
+                        "is {}; it must be between {} and {}",
+                        humantime::format_duration(v),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                });
+            }
         }
         if let Some(e) = &self.etcd {
             if let Some(bad_url) = e
@@ -449,8 +550,11 @@ impl Config {
                     message: problem,
                 });
             }
-            if e.timeout < Duration::from_millis(10) {
-                return bad("etcd_timeout", "must be at least 10ms");
+            if !(MS * 10..=Duration::from_secs(60)).contains(&e.timeout) {
+                return bad("etcd_timeout", "must be between 10ms and 1m");
+            }
+            if e.max_clock_skew > Duration::from_secs(60) {
+                return bad("max_clock_skew", "must be at most 1m");
             }
             if !(0.0..=10.0).contains(&e.fallback_slack) {
                 return bad("fallback_slack", "must be between 0.0 and 10.0");
@@ -577,5 +681,50 @@ mod tests {
         .unwrap();
         let e = Config::from_file(file, None).unwrap_err();
         assert!(e.to_string().contains("expire_idle"), "{e}");
+    }
+
+    /// Every count and duration has a documented maximum and is refused
+    /// beyond it with the key's name, never accepted and wrapped.
+    #[test]
+    fn values_beyond_their_maximum_are_refused() {
+        let cases = [
+            ("max_buckets = 1000000001", "max_buckets"),
+            ("shards = 65537", "shards"),
+            ("max_connections = 1000001", "max_connections"),
+            (
+                "max_connections = 8\nmax_connections_per_uid = 9",
+                "max_connections_per_uid",
+            ),
+            (
+                "max_connections = 8\nadmin_connections = 8",
+                "admin_connections",
+            ),
+            ("max_frame = 16777217", "max_frame"),
+            ("answer_memory = 1024", "answer_memory"),
+            ("idle_timeout = '8d'", "idle_timeout"),
+            ("idle_timeout = '600y'", "idle_timeout"),
+            ("write_timeout = '2h'", "write_timeout"),
+            ("drain_timeout = '2h'", "drain_timeout"),
+            ("sweep_interval = '1ms'", "sweep_interval"),
+            ("etcd = ['http://a:1']\netcd_timeout = '2m'", "etcd_timeout"),
+            (
+                "etcd = ['http://a:1']\nmax_clock_skew = '2m'",
+                "max_clock_skew",
+            ),
+        ];
+        for (text, key) in cases {
+            let file: ConfigFile = toml::from_str(text).unwrap();
+            let e = Config::from_file(file, None)
+                .and_then(|c| c.check().map(|()| c))
+                .expect_err(text);
+            assert!(e.to_string().starts_with(key), "{text}: {e}");
+        }
+        let file: ConfigFile = toml::from_str("idle_timeout = '7d'\nmax_connections = 8").unwrap();
+        let c = Config::from_file(file, None).unwrap();
+        c.check().expect("the maxima themselves are fine");
+        assert_eq!(
+            (c.per_uid_connections(), c.connections_kept_for_admins()),
+            (1, 2)
+        );
     }
 }

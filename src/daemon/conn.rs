@@ -6,9 +6,16 @@
 //! inline (synchronous limiter call, requests borrowed from the frame, the
 //! answer encoded straight into the buffer: no allocation per request). Admin
 //! requests do blocking file I/O and run on the blocking pool. A bad frame gets
-//! an error answer and closes this connection only. Backpressure is natural: a
-//! client that stops reading stops being read, so memory per connection is
-//! bounded by the frame limit plus one batch of answers.
+//! an error answer and closes this connection only.
+//!
+//! Memory: a client that stops reading stops being read, and one that does not
+//! read its answers for `write_timeout` is disconnected. A connection holds
+//! two 8 KiB buffers; a large frame or answer grows them for that batch only
+//! (they shrink back after). An `AcquireMany` answer larger than the write
+//! threshold is reserved from the daemon-wide answer budget at its worst-case
+//! size before anything in it is decided, and refused when it does not fit.
+//! Idle time is counted from the last complete request, so a trickle of bytes
+//! that never completes a frame cannot keep a connection.
 
 use std::io;
 use std::sync::Arc;
@@ -26,13 +33,17 @@ use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
 use crate::protocol::{
-    Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-    ProtocolError, Request, RequestFrame, Response,
+    Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MAX_BATCH_ITEMS, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, ProtocolError, Request, RequestFrame, Response,
 };
 use crate::rule::RuleSpec;
 
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
+/// The buffers a connection starts with and shrinks back to.
+const BUF_BYTES: usize = 8 * 1024;
+/// Buffers grown beyond this for a large frame or answer are shrunk back.
+const SHRINK_ABOVE: usize = 2 * FLUSH_BYTES;
 /// At shutdown, requests already sent are answered up to this many bytes...
 const DRAIN_BYTES: usize = 1024 * 1024;
 /// ...that arrive without a pause longer than this.
@@ -46,9 +57,11 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         stream,
         peer,
         shared,
-        read_buf: BytesMut::with_capacity(8 * 1024),
-        write_buf: BytesMut::with_capacity(8 * 1024),
+        read_buf: BytesMut::with_capacity(BUF_BYTES),
+        write_buf: BytesMut::with_capacity(BUF_BYTES),
         greeted: false,
+        last_request: tokio::time::Instant::now(),
+        reserved: 0,
         latency: LocalHistogram::default(),
         timing: Timing::default(),
     };
@@ -56,6 +69,7 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         tracing::debug!(uid = conn.peer.uid, "connection ended: {e}");
     }
     conn.latency.merge_into(&conn.shared.metrics.latency);
+    conn.shared.answers.release(conn.reserved);
 }
 
 struct Conn {
@@ -68,6 +82,10 @@ struct Conn {
     greeted: bool,
     latency: LocalHistogram,
     timing: Timing,
+    /// When the last complete request arrived (idle time counts from here).
+    last_request: tokio::time::Instant,
+    /// Bytes of the answer budget held until the write buffer is written.
+    reserved: usize,
 }
 
 /// Whether to keep the connection after a request.
@@ -93,10 +111,11 @@ impl Conn {
                 return self.drain().await;
             }
             let read = self.stream.read_buf(&mut self.read_buf);
+            let idle_until = self.shared.idle_timeout.map(|t| self.last_request + t);
             let n = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return self.drain().await,
-                r = idle_timeout(self.shared.idle_timeout, read) => r?,
+                r = idle_timeout(idle_until, read) => r?,
             };
             if n == 0 {
                 if !self.read_buf.is_empty() {
@@ -137,7 +156,17 @@ impl Conn {
         // Requests borrow from the buffer while answers are written, so take
         // it out of `self` for the duration (no per-frame split or refcount).
         let mut buf = std::mem::take(&mut self.read_buf);
+        let unread = buf.len();
         let result = self.answer_frames(&mut buf).await;
+        if buf.len() != unread {
+            self.last_request = tokio::time::Instant::now();
+        }
+        if buf.capacity() > SHRINK_ABOVE && buf.len() < BUF_BYTES {
+            // A large frame has been answered: give its memory back.
+            let mut small = BytesMut::with_capacity(BUF_BYTES);
+            small.extend_from_slice(&buf);
+            buf = small;
+        }
         self.read_buf = buf;
         result
     }
@@ -307,6 +336,33 @@ impl Conn {
     /// Decides each item in order, appending each answer to one
     /// `Response::Decisions` frame as it is decided (no intermediate list).
     async fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
+        if items.len() > MAX_BATCH_ITEMS {
+            return self.error(
+                id,
+                ErrorCode::INVALID_ARGUMENT,
+                format!(
+                    "AcquireMany of {} items: the most one batch may hold is {MAX_BATCH_ITEMS} \
+                     (its answer must fit in one frame); nothing was decided, split the batch",
+                    items.len()
+                ),
+            );
+        }
+        let worst = items.len() * MAX_ITEM_ANSWER_BYTES;
+        if worst > FLUSH_BYTES {
+            if !self.shared.answers.reserve(worst) {
+                return self.error(
+                    id,
+                    ErrorCode::UNAVAILABLE,
+                    format!(
+                        "the daemon's memory for large answers ({} MiB, answer_memory) is in \
+                         use by other clients; nothing was decided: retry shortly or send \
+                         smaller batches",
+                        self.shared.answers.limit() >> 20
+                    ),
+                );
+            }
+            self.reserved += worst;
+        }
         let Conn {
             shared,
             write_buf: out,
@@ -359,14 +415,42 @@ impl Conn {
         Next::Continue
     }
 
+    /// Writes the buffered answers, disconnecting a peer that does not read
+    /// them within `write_timeout`.
     async fn flush(&mut self) -> io::Result<()> {
         if !self.write_buf.is_empty() {
-            self.stream.write_all(&self.write_buf).await?;
+            let write = self.stream.write_all(&self.write_buf);
+            match tokio::time::timeout(self.shared.write_timeout, write).await {
+                Ok(written) => written?,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "peer did not read its answers for {:?} ({} bytes unsent); closed",
+                            self.shared.write_timeout,
+                            self.write_buf.len()
+                        ),
+                    ));
+                }
+            }
             self.write_buf.clear();
+            if self.write_buf.capacity() > SHRINK_ABOVE {
+                self.write_buf = BytesMut::with_capacity(BUF_BYTES);
+            }
         }
+        self.shared
+            .answers
+            .release(std::mem::take(&mut self.reserved));
         Ok(())
     }
 }
+
+/// The most bytes one item of a `Decisions` answer can take: a decision with
+/// every varint at its longest and the longest rule id, or an error with the
+/// longest message an acquire can fail with (checked by a test).
+const MAX_ITEM_ANSWER_BYTES: usize = 1 + 3 + 2 + MAX_ACQUIRE_ERROR_BYTES;
+/// The longest acquire error message.
+const MAX_ACQUIRE_ERROR_BYTES: usize = 640;
 
 /// The wire index of `Response::Decisions` (see rld-protocol(7)).
 const DECISIONS_VARIANT: u32 = 2;
@@ -444,17 +528,20 @@ async fn decide<R>(
     )
 }
 
+/// `read`, failing at `until` (the idle deadline).
 async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
-    limit: Option<std::time::Duration>,
+    until: Option<tokio::time::Instant>,
     read: F,
 ) -> io::Result<usize> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "idle connection closed",
-            ))
-        }),
+    match until {
+        Some(until) => tokio::time::timeout_at(until, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete request within idle_timeout; closed",
+                ))
+            }),
         None => read.await,
     }
 }
@@ -473,6 +560,43 @@ mod tests {
     use super::*;
     use crate::protocol::codec::decode_response;
     use crate::protocol::{Outcome, ResponseFrame};
+
+    /// No item of a batch answer is longer than [`MAX_ITEM_ANSWER_BYTES`], so
+    /// the largest batch's answer fits in a response frame.
+    #[test]
+    fn batch_answers_fit_the_bound() {
+        use crate::protocol::MAX_RESPONSE_FRAME;
+        use crate::rule::MAX_RULE_ID_BYTES;
+        let rule: String = "\"\\".repeat(MAX_RULE_ID_BYTES / 2);
+        let worst_error = acquire_error(&AcquireError::CostExceedsBurst {
+            cost: u64::MAX,
+            burst: u64::MAX,
+            rule: rule.clone().into(),
+        });
+        let worst_decision = Decision {
+            outcome: Outcome::Denied,
+            limit: u64::MAX,
+            remaining: u64::MAX,
+            retry_after_ns: u64::MAX,
+            reset_after_ns: u64::MAX,
+            rule: rule.into(),
+        };
+        let too_long = acquire_error(&AcquireError::TooLong {
+            field: "resource",
+            len: usize::MAX,
+        });
+        for item in [
+            BatchItem::Error(worst_error.clone()),
+            BatchItem::Error(too_long),
+            BatchItem::Decision(worst_decision),
+        ] {
+            let len = postcard::to_stdvec(&item).unwrap().len();
+            assert!(len <= MAX_ITEM_ANSWER_BYTES, "{len} bytes: {item:?}");
+        }
+        assert!(worst_error.message.len() <= MAX_ACQUIRE_ERROR_BYTES);
+        let header = 4 + 10 + 1 + 5;
+        assert!(header + MAX_BATCH_ITEMS * MAX_ITEM_ANSWER_BYTES <= MAX_RESPONSE_FRAME);
+    }
 
     /// The piecewise batch frame of `acquire_many` is byte for byte the
     /// owned `Response::Decisions`.

@@ -3,9 +3,10 @@
 //! Binding replaces a stale socket file left by a crash but refuses to start
 //! when another daemon answers on it, and never deletes a file that is not a
 //! socket. Under systemd socket activation the inherited socket is used as is.
-//! The accept loop caps connections with a semaphore (a connection over the cap
-//! gets a `too_many_connections` error and is closed) and spawns each one on a
-//! `TaskTracker` so shutdown can wait for them.
+//! The accept loop gives each connection a slot (see [`super::limits`]; a
+//! connection refused one gets a `too_many_connections` error saying which
+//! limit it met, and is closed) and spawns it on a `TaskTracker` so shutdown
+//! can wait for them.
 
 use std::io;
 use std::os::fd::FromRawFd;
@@ -17,7 +18,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -137,11 +137,9 @@ fn inherited_listener() -> Option<UnixListener> {
 pub async fn accept_loop(
     listener: UnixListener,
     shared: Arc<Shared>,
-    max_connections: usize,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(max_connections));
     // Failed accepts are logged at most once a second, with how many were
     // not logged.
     let mut last_log: Option<std::time::Instant> = None;
@@ -169,15 +167,24 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            super::metrics::Metrics::inc(&shared.metrics.connections_rejected);
-            tracker.spawn(refuse(stream, max_connections));
-            continue;
-        };
         let peer = match shared.auth.peer_of(&stream) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("cannot read peer credentials: {e}; closing connection");
+                continue;
+            }
+        };
+        let admin = shared.auth.may_administer(&peer);
+        let slot = match shared.slots.take(&peer, admin) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                super::metrics::Metrics::inc(&shared.metrics.connections_rejected);
+                tracing::debug!(
+                    uid = peer.uid,
+                    reason = refusal.reason(),
+                    "connection refused"
+                );
+                tracker.spawn(refuse(stream, refusal.message()));
                 continue;
             }
         };
@@ -187,17 +194,14 @@ pub async fn accept_loop(
             shared.count_connection(true);
             conn::serve(stream, peer, Arc::clone(&shared), token).await;
             shared.count_connection(false);
-            drop(permit);
+            drop(slot);
         });
     }
 }
 
-async fn refuse(mut stream: UnixStream, max: usize) {
+async fn refuse(mut stream: UnixStream, message: String) {
     let mut buf = BytesMut::new();
-    let body = ErrorBody::new(
-        ErrorCode::TOO_MANY_CONNECTIONS,
-        format!("rld is at its limit of {max} connections; retry later or raise max_connections"),
-    );
+    let body = ErrorBody::new(ErrorCode::TOO_MANY_CONNECTIONS, message);
     if encode(&(0u64, Response::Error(body)), &mut buf).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await;
     }

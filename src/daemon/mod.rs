@@ -23,6 +23,7 @@ pub mod conn;
 pub mod health;
 pub mod lease;
 pub mod limiter;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 mod report;
@@ -77,6 +78,11 @@ pub struct Shared {
     pub auth: Authorizer,
     pub max_frame: usize,
     pub idle_timeout: Option<Duration>,
+    pub write_timeout: Duration,
+    /// Connection slots (total, per uid, kept for admins).
+    pub slots: Arc<limits::Slots>,
+    /// Memory for large answers, shared by all connections.
+    pub answers: limits::AnswerBudget,
     /// The etcd side, when limits are shared.
     pub cluster: Option<Arc<Cluster>>,
     /// Per-request leases go to the lease coordinator through this.
@@ -188,6 +194,13 @@ impl Daemon {
             auth: Authorizer::new(config.admin_gid),
             max_frame: config.max_frame,
             idle_timeout: config.idle_timeout,
+            write_timeout: config.write_timeout,
+            slots: Arc::new(limits::Slots::new(
+                config.max_connections,
+                config.per_uid_connections(),
+                config.connections_kept_for_admins(),
+            )),
+            answers: limits::AnswerBudget::new(config.answer_memory),
             cluster,
             lease,
             stopping: AtomicBool::new(false),
@@ -300,7 +313,6 @@ impl Daemon {
         listener::accept_loop(
             bound.listener,
             Arc::clone(&shared),
-            config.max_connections,
             tracker.clone(),
             cancel.clone(),
         )
@@ -362,6 +374,20 @@ fn fit_connections_to_files(max_connections: usize) -> usize {
     }
 }
 
+/// Makes glibc serve allocations of 128 KiB and more (a large frame or
+/// answer) from their own mappings, returned to the system when freed. By
+/// default glibc raises that threshold after the first such free, and then
+/// keeps freed answer buffers resident for good (1 GB after 2,000 clients
+/// with large answers had left).
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator tunable; glibc serialises it
+    // with allocations.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Pings the systemd watchdog (`WatchdogSec=`) at half its interval, after
 /// taking every shard lock once, so a wedged daemon gets restarted.
 async fn watchdog(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -418,6 +444,7 @@ async fn reload_on_notify(
 /// # Errors
 /// As [`Daemon::start`]; also if signal handlers cannot be installed.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    return_large_buffers_to_the_system();
     let cancel = CancellationToken::new();
     let reload = Arc::new(Notify::new());
     shutdown::install(cancel.clone(), Arc::clone(&reload)).map_err(DaemonError::Signals)?;

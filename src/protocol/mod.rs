@@ -52,6 +52,10 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
 /// Maximum response frame a client accepts, in bytes.
 pub const MAX_RESPONSE_FRAME: usize = 16 * 1024 * 1024;
+/// The most items one `AcquireMany` may hold (so that its answer always fits
+/// in a response frame); a larger batch is refused before anything in it is
+/// decided.
+pub const MAX_BATCH_ITEMS: usize = 25_000;
 /// The system daemon's socket.
 pub const SYSTEM_SOCKET: &str = "/run/rld/rld.sock";
 

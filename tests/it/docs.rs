@@ -251,6 +251,12 @@ fn the_config_page_states_the_real_defaults() {
         ("max_frame", c.max_frame.to_string()),
         ("max_connections", c.max_connections.to_string()),
         ("idle_timeout", dur(c.idle_timeout.unwrap())),
+        ("write_timeout", dur(c.write_timeout)),
+        ("answer_memory", c.answer_memory.to_string()),
+        (
+            "admin_connections",
+            c.connections_kept_for_admins().to_string(),
+        ),
         ("drain_timeout", dur(c.drain_timeout)),
         ("sweep_interval", dur(c.sweep_interval)),
         ("etcd_prefix", e.prefix.clone()),
@@ -270,4 +276,8 @@ fn the_config_page_states_the_real_defaults() {
     for (key, value) in expected {
         assert_eq!(stated(key), value, "rld.toml(5) default of {key}");
     }
+    assert!(
+        page.contains(".BR max_connections_per_uid \" (integer, default: max_connections / 8)")
+    );
+    assert_eq!(c.per_uid_connections(), c.max_connections / 8);
 }

@@ -10,6 +10,7 @@ mod docs;
 mod eviction;
 mod faults;
 mod global;
+mod limits;
 mod ops;
 mod persistence;
 mod wire;

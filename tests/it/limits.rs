@@ -1,0 +1,337 @@
+//! What one local client can take from the daemon: connection slots per uid
+//! and for admins, idle time that a trickle cannot renew, peers that do not
+//! read, and batches whose answers would not fit (in a frame or in the
+//! daemon's answer budget), refused before anything is decided.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rld::protocol::codec::encode;
+use rld::protocol::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::harness::{TestDaemon, rule};
+use crate::wire::read_frame;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A process running as `uid` that opens `count` connections to `socket`
+/// and holds them until dropped; `outcomes` says, per connection, `ok` or
+/// the refusal the daemon sent.
+struct Holder {
+    child: Child,
+    outcomes: Vec<String>,
+}
+
+/// Opens each connection, sends Hello and prints the first answer frame in
+/// hex (a refused connection's error, or HelloOk); then holds them all until
+/// its stdin closes.
+const HOLDER: &str = r#"
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+held = []
+def read(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    try:
+        s.sendall(bytes([0, 0, 0, 3, 1, 0, 1]))
+    except OSError:
+        pass  # refused and closed already; its answer is still readable
+    head = read(s, 4)
+    print(read(s, int.from_bytes(head, "big")).hex() if len(head) == 4 else "", flush=True)
+    held.append(s)
+sys.stdin.read()
+"#;
+
+impl Holder {
+    fn start(uid: u32, socket: &std::path::Path, count: usize) -> Holder {
+        let mut child = Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .args(["/usr/bin/python3", "-c", HOLDER])
+            .arg(socket)
+            .arg(count.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("setpriv and /usr/bin/python3 (scripts/deps test installs them)");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let outcomes = (0..count)
+            .map(|_| {
+                let hex = lines.next().expect("one line per connection").unwrap();
+                let bytes: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                match rld::protocol::codec::decode_response(&bytes)
+                    .expect("an answer frame")
+                    .response
+                {
+                    Response::HelloOk { .. } => "ok".to_owned(),
+                    Response::Error(e) => format!("refused {}", e.message),
+                    other => panic!("unexpected first answer {other:?}"),
+                }
+            })
+            .collect();
+        Holder { child, outcomes }
+    }
+
+    fn accepted(&self) -> usize {
+        self.outcomes.iter().filter(|o| *o == "ok").count()
+    }
+
+    fn refusals(&self) -> Vec<&str> {
+        self.outcomes
+            .iter()
+            .filter_map(|o| o.strip_prefix("refused "))
+            .collect()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if self.child.wait().is_err() {
+            let _ = self.child.kill();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_take_every_slot_and_admins_keep_theirs() {
+    let d = TestDaemon::start_with(|c| {
+        c.socket_mode = 0o666;
+        c.max_connections = 8;
+        c.max_connections_per_uid = Some(3);
+        c.admin_connections = Some(2);
+    })
+    .await;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let greedy = Holder::start(65534, &d.socket, 5);
+    assert_eq!(greedy.accepted(), 3, "{:?}", greedy.outcomes);
+    for refusal in greedy.refusals() {
+        assert!(
+            refusal.contains("uid 65534 already holds 3 connections"),
+            "{refusal}"
+        );
+    }
+    let second = Holder::start(65533, &d.socket, 3);
+    assert_eq!(second.accepted(), 3, "{:?}", second.outcomes);
+    // 6 of 8 held by non-admins: the last 2 are kept for admins.
+    let third = Holder::start(65532, &d.socket, 1);
+    assert_eq!(third.accepted(), 0);
+    assert!(
+        third.refusals()[0].contains("keeps them for admins"),
+        "{:?}",
+        third.outcomes
+    );
+
+    // Root (this process) still gets in and can change rules.
+    let mut admin = d.connect().await;
+    let changed = admin
+        .rule_set(vec![rule("r", "*", "*", 5, HOUR)])
+        .await
+        .expect("an admin changes rules while users hold their slots");
+    assert_eq!(changed, 1);
+    let _second_admin = d.connect().await;
+    let err = Connection::connect(&d.socket).await.unwrap_err();
+    assert!(err.to_string().contains("limit of 8 connections"), "{err}");
+
+    // Slots come back when their holder leaves.
+    drop(greedy);
+    let start = Instant::now();
+    while admin.stats().await.unwrap().connections_open > 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "slots given back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = Holder::start(65532, &d.socket, 1);
+    assert_eq!(after.accepted(), 1, "{:?}", after.outcomes);
+    let stats = admin.stats().await.unwrap();
+    assert_eq!(
+        stats.connections_rejected, 4,
+        "2 per uid, 1 admin slot, 1 full"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_bytes_does_not_keep_a_connection() {
+    let d = TestDaemon::start_with(|c| c.idle_timeout = Some(Duration::from_millis(300))).await;
+    let mut s = UnixStream::connect(&d.socket).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
+    read_frame(&mut s).await.unwrap();
+    // A frame announced as 1,000 bytes, sent one byte per 50 ms: each byte
+    // arrives well inside the idle timeout, no request ever completes.
+    s.write_all(&[0, 0, 3, 232]).await.unwrap();
+    let start = Instant::now();
+    let closed = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.write_all(&[0]).await.is_err() {
+            break true;
+        }
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(1), s.read(&mut byte)).await
+        {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+    };
+    assert!(closed, "a connection completing no request was kept 10 s");
+    // Complete requests do keep a connection: each renews the idle time.
+    let mut c = d.connect().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.health()
+            .await
+            .expect("a connection with requests is kept");
+    }
+}
+
+/// Pipelines acquires on `socket` without reading answers until the daemon
+/// stops reading; returns the stuck stream.
+fn stuck_peer(socket: std::path::PathBuf) -> std::os::unix::net::UnixStream {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).unwrap();
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let frames = [0, 0, 0, 9, 2, 1, 1, b'a', 1, b'b', 1, 1, 0].repeat(1024);
+    let mut sent = 0usize;
+    while sent < 64 << 20 && s.write(&frames).is_ok() {
+        sent += frames.len();
+    }
+    assert!(sent < 64 << 20, "the daemon stopped reading");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_its_answers_is_disconnected() {
+    let d = TestDaemon::start_with(|c| {
+        c.rules = vec![rule("all", "*", "*", 1_000_000, HOUR)];
+        c.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let socket = d.socket.clone();
+    let stuck = tokio::task::spawn_blocking(move || stuck_peer(socket))
+        .await
+        .unwrap();
+    let mut c = d.connect().await;
+    let start = Instant::now();
+    loop {
+        let open = c.stats().await.unwrap().connections_open;
+        if open == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{open} connections open 10 s after a peer stopped reading"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stuck);
+}
+
+/// Encodes `items` acquires of `resource` as one `AcquireMany` frame.
+fn batch(id: u64, items: usize, resource: &str) -> BytesMut {
+    let items: Vec<Acquire> = (0..items).map(|_| Acquire::new("c", resource)).collect();
+    let mut buf = BytesMut::new();
+    encode(
+        &RequestFrame {
+            id,
+            request: Request::AcquireMany(items),
+        },
+        &mut buf,
+    )
+    .unwrap();
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_answer_cannot_fit_is_refused_before_deciding() {
+    let d = TestDaemon::start_with(|c| c.max_frame = 16 * 1024 * 1024).await;
+    let mut c = d.connect().await;
+    let items: Vec<Acquire> = (0..=MAX_BATCH_ITEMS)
+        .map(|_| Acquire::new("c", "r"))
+        .collect();
+    let err = c.acquire_many(items).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the most one batch may hold is 25000"),
+        "{err}"
+    );
+    assert_eq!(c.stats().await.unwrap().unmatched, 0, "nothing was decided");
+    let items: Vec<Acquire> = (0..MAX_BATCH_ITEMS)
+        .map(|_| Acquire::new("c", "r"))
+        .collect();
+    let answers = c.acquire_many(items).await.unwrap();
+    assert_eq!(answers.len(), MAX_BATCH_ITEMS);
+    assert_eq!(c.stats().await.unwrap().unmatched, MAX_BATCH_ITEMS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_answers_share_a_budget_and_are_refused_before_deciding() {
+    let long_rule = "r".repeat(100);
+    let d = TestDaemon::start_with(|c| {
+        c.rules = vec![rule(&long_rule, "*", "*", 1 << 30, HOUR)];
+        c.max_frame = 1 << 20;
+        c.answer_memory = 16 << 20;
+        c.write_timeout = HOUR;
+    })
+    .await;
+    // A holds the budget: its answer (about 3 MB) waits until A reads.
+    let mut a = greeted(&d).await;
+    a.write_all(&batch(1, MAX_BATCH_ITEMS, "x")).await.unwrap();
+    let mut c = d.connect().await;
+    let start = Instant::now();
+    while c.stats().await.unwrap().allowed < MAX_BATCH_ITEMS as u64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "A's batch decided"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B's batch cannot reserve its worst case: refused, nothing decided.
+    let mut b = greeted(&d).await;
+    b.write_all(&batch(2, MAX_BATCH_ITEMS, "y")).await.unwrap();
+    let answer = read_frame(&mut b).await.unwrap();
+    let Response::Error(e) = answer.response else {
+        panic!("expected a refusal, got a {:?}", answer.response)
+    };
+    assert_eq!(e.code, ErrorCode::UNAVAILABLE);
+    assert!(e.message.contains("answer_memory"), "{e}");
+    assert_eq!(c.stats().await.unwrap().allowed, MAX_BATCH_ITEMS as u64);
+    // Once A has read its answer, the budget is free again.
+    let frame = read_frame(&mut a).await.unwrap();
+    assert!(matches!(frame.response, Response::Decisions(ref d) if d.len() == MAX_BATCH_ITEMS));
+    b.write_all(&batch(3, MAX_BATCH_ITEMS, "y")).await.unwrap();
+    let frame = read_frame(&mut b).await.unwrap();
+    assert!(matches!(frame.response, Response::Decisions(ref d) if d.len() == MAX_BATCH_ITEMS));
+}
+
+async fn greeted(d: &TestDaemon) -> UnixStream {
+    let mut s = UnixStream::connect(&d.socket).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut s).await.unwrap().response,
+        Response::HelloOk { .. }
+    ));
+    s
+}
