@@ -31,6 +31,7 @@ use super::cluster::Cluster;
 use super::limiter::{AcquireError, SpendMode};
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
+use super::throttle::LogThrottle;
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
 use crate::protocol::{
     Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MAX_BATCH_ITEMS, MIN_PROTOCOL_VERSION,
@@ -211,15 +212,25 @@ impl Conn {
                 ErrorCode::INVALID_ARGUMENT,
                 "Hello was already received on this connection".into(),
             ),
-            Request::RuleGet { id: rule } => match self.shared.rule_info(&rule) {
-                Some(info) => self.respond(id, &Response::Rule(info)),
-                None => {
-                    let e = RuleBookError::NotFound(rule.into_owned());
-                    self.respond(id, &Response::Error(e.to_wire()))
-                }
-            },
-            Request::RuleList => self.respond(id, &Response::Rules(self.shared.rule_list())),
-            Request::Stats => self.respond(id, &Response::Stats(Box::new(self.shared.stats()))),
+            Request::RuleGet { id: rule } => {
+                let rule = rule.into_owned();
+                let shared = Arc::clone(&self.shared);
+                let answer = off_workers(move || match shared.rule_info(&rule) {
+                    Some(info) => Response::Rule(info),
+                    None => Response::Error(RuleBookError::NotFound(rule).to_wire()),
+                });
+                self.respond(id, &answer.await)
+            }
+            Request::RuleList => {
+                let shared = Arc::clone(&self.shared);
+                let answer = off_workers(move || Response::Rules(shared.rule_list()));
+                self.respond(id, &answer.await)
+            }
+            Request::Stats => {
+                let shared = Arc::clone(&self.shared);
+                let answer = off_workers(move || Response::Stats(Box::new(shared.stats())));
+                self.respond(id, &answer.await)
+            }
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
             Request::RuleSet { rules } => {
                 if !self.shared.auth.may_administer(&self.peer) {
@@ -243,7 +254,7 @@ impl Conn {
                     return self.refuse(id, "delete rules");
                 }
                 if let Some(cluster) = self.shared.cluster.clone() {
-                    return self.delete_in_etcd(id, &cluster, &rule).await;
+                    return self.delete_in_etcd(id, &cluster, rule.into_owned()).await;
                 }
                 let book = Arc::clone(&self.shared.rulebook);
                 let rule = rule.into_owned();
@@ -263,30 +274,34 @@ impl Conn {
     /// etcd), written in one transaction, mirrored locally at once; the other
     /// daemons apply it from their watch.
     async fn set_in_etcd(&mut self, id: u64, cluster: &Cluster, rules: Vec<RuleSpec>) -> Next {
-        let book = &self.shared.rulebook;
-        let changed = match book.check_etcd_set(&rules) {
+        let book = Arc::clone(&self.shared.rulebook);
+        let (checked, rules) = off_workers(move || (book.check_etcd_set(&rules), rules)).await;
+        let changed = match checked {
             Ok(changed) => changed,
             Err(e) => return self.respond(id, &Response::Error(e.to_wire())),
         };
         if let Err(e) = cluster.put_rules(&rules).await {
             return self.error(id, ErrorCode::UNAVAILABLE, e.to_string());
         }
-        book.apply_etcd_upserts(rules);
+        let book = Arc::clone(&self.shared.rulebook);
+        off_workers(move || book.apply_etcd_upserts(rules)).await;
         self.respond(id, &Response::RulesApplied { changed })
     }
 
-    async fn delete_in_etcd(&mut self, id: u64, cluster: &Cluster, rule: &str) -> Next {
-        let book = &self.shared.rulebook;
-        if let Err(e) = book.check_delete(rule) {
+    async fn delete_in_etcd(&mut self, id: u64, cluster: &Cluster, rule: String) -> Next {
+        let book = Arc::clone(&self.shared.rulebook);
+        let (checked, rule) = off_workers(move || (book.check_delete(&rule), rule)).await;
+        if let Err(e) = checked {
             return self.respond(id, &Response::Error(e.to_wire()));
         }
-        match cluster.delete_rule(rule).await {
+        match cluster.delete_rule(&rule).await {
             Ok(true) => {
-                book.apply_etcd_delete(rule);
+                let book = Arc::clone(&self.shared.rulebook);
+                off_workers(move || book.apply_etcd_delete(&rule)).await;
                 self.respond(id, &Response::RuleDeleted)
             }
             Ok(false) => {
-                let e = RuleBookError::NotFound(rule.to_owned());
+                let e = RuleBookError::NotFound(rule);
                 self.respond(id, &Response::Error(e.to_wire()))
             }
             Err(e) => self.error(id, ErrorCode::UNAVAILABLE, e.to_string()),
@@ -390,8 +405,11 @@ impl Conn {
     }
 
     fn refuse(&mut self, id: u64, what: &str) -> Next {
+        static REFUSED: LogThrottle = LogThrottle::new();
         let message = self.shared.auth.refusal(&self.peer, what);
-        tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, "refused: {message}");
+        if let Some(suppressed) = REFUSED.allow() {
+            tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, suppressed, "refused: {message}");
+        }
         self.error(id, ErrorCode::PERMISSION_DENIED, message)
     }
 
@@ -526,6 +544,16 @@ async fn decide<R>(
         mode,
         answer,
     )
+}
+
+/// Runs `work` (a scan of the table, a rule book change) on the blocking
+/// pool, so that it never holds up the runtime's workers and the decisions
+/// they serve.
+async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// `read`, failing at `until` (the idle deadline).

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Shared;
 use super::conn;
+use super::throttle::LogThrottle;
 use crate::protocol::codec::encode;
 use crate::protocol::{ErrorBody, ErrorCode, Response};
 
@@ -140,10 +141,7 @@ pub async fn accept_loop(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    // Failed accepts are logged at most once a second, with how many were
-    // not logged.
-    let mut last_log: Option<std::time::Instant> = None;
-    let mut unlogged = 0u64;
+    static ACCEPT_FAILED: LogThrottle = LogThrottle::new();
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -153,15 +151,11 @@ pub async fn accept_loop(
             Ok((stream, _)) => stream,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                if let Some(suppressed) = ACCEPT_FAILED.allow() {
                     tracing::warn!(
-                        suppressed = unlogged,
+                        suppressed,
                         "accept failed: {e}; retrying in 100ms (check the open-file limit)"
                     );
-                    last_log = Some(std::time::Instant::now());
-                    unlogged = 0;
-                } else {
-                    unlogged += 1;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;

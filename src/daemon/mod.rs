@@ -31,6 +31,7 @@ pub mod rulebook;
 pub mod shutdown;
 pub mod store;
 pub mod sweeper;
+pub mod throttle;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +73,9 @@ pub enum DaemonError {
 #[derive(Debug)]
 pub struct Shared {
     pub limiter: Arc<Limiter>,
+    /// Held tokens per global rule, scanned at most every
+    /// [`report::HELD_SCAN_EVERY`] for stats and rule lists.
+    pub(crate) held_scan: report::HeldScan,
     pub rulebook: Arc<RuleBook>,
     pub metrics: Metrics,
     pub clock: MonotonicClock,
@@ -188,6 +192,7 @@ impl Daemon {
         let bound = listener::bind(&config.socket, config.socket_mode)?;
         let shared = Arc::new(Shared {
             limiter,
+            held_scan: report::HeldScan::default(),
             rulebook,
             metrics: Metrics::default(),
             clock,

@@ -1,10 +1,14 @@
 //! What `Stats`, `Health`, `RuleGet` and `RuleList` answer: counters gathered
 //! from the limiter, the metrics and, with etcd, the cluster and the lease
-//! plan of every global rule. Admin-rate work (may scan the bucket table);
-//! never on the acquire path.
+//! plan of every global rule. Admin-rate work, run on the blocking pool; the
+//! one scan of the bucket table (tokens held per global rule) runs at most
+//! every [`HELD_SCAN_EVERY`] however many clients ask.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use parking_lot::Mutex;
 
 use super::Shared;
 use super::lease::{allowed_error, plan};
@@ -16,7 +20,36 @@ use crate::protocol::{
     ServingState, StatsReport,
 };
 
+/// How stale the held-token figures of stats and rule lists may be.
+pub const HELD_SCAN_EVERY: Duration = Duration::from_millis(250);
+
+/// Tokens held per global rule id.
+type Held = Arc<hashbrown::HashMap<String, u64>>;
+
+/// The latest scan of tokens held per global rule, and when it was taken.
+#[derive(Debug, Default)]
+pub(crate) struct HeldScan {
+    latest: Mutex<Option<(Instant, Held)>>,
+}
+
 impl Shared {
+    /// Tokens held per global rule: the latest scan if it is recent enough,
+    /// else a new one (callers wait for one scan rather than each scanning).
+    fn held_tokens(&self) -> Held {
+        if !self.limiter.rules().iter().any(|r| r.global.is_some()) {
+            return Arc::default();
+        }
+        let mut latest = self.held_scan.latest.lock();
+        if let Some((at, held)) = &*latest
+            && at.elapsed() < HELD_SCAN_EVERY
+        {
+            return Arc::clone(held);
+        }
+        let held = Arc::new(self.limiter.held_tokens());
+        *latest = Some((Instant::now(), Arc::clone(&held)));
+        held
+    }
+
     /// Counters, gauges and latency for `Stats`.
     pub fn stats(&self) -> StatsReport {
         let per_rule = self.limiter.rule_counters();
@@ -48,7 +81,7 @@ impl Shared {
     fn cluster_stats(&self) -> Option<ClusterStats> {
         let cluster = self.cluster.as_ref()?;
         let s = &self.lease.as_ref()?.stats;
-        let held = self.limiter.held_tokens();
+        let held = self.held_tokens();
         let rules = self
             .limiter
             .rules()
@@ -107,7 +140,7 @@ impl Shared {
         let mut info = self.rulebook.get(id)?;
         if let Some(rule) = self.limiter.rules().get(id) {
             let held = if rule.global.is_some() {
-                self.limiter.held_tokens().get(id).copied().unwrap_or(0)
+                self.held_tokens().get(id).copied().unwrap_or(0)
             } else {
                 0
             };
@@ -119,12 +152,7 @@ impl Shared {
     /// Every rule for `RuleList`.
     pub fn rule_list(&self) -> Vec<RuleInfo> {
         let rules = self.limiter.rules();
-        let any_global = rules.iter().any(|r| r.global.is_some());
-        let held = if any_global {
-            self.limiter.held_tokens()
-        } else {
-            Default::default()
-        };
+        let held = self.held_tokens();
         let mut list = self.rulebook.list();
         for info in &mut list {
             if let Some(rule) = rules.get(&info.spec.id) {

@@ -335,3 +335,71 @@ async fn greeted(d: &TestDaemon) -> UnixStream {
     ));
     s
 }
+
+/// Sends its stdin to the socket as is, then reads `count` answer frames and
+/// prints how many it got.
+const SENDER: &str = r#"
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+s.sendall(sys.stdin.buffer.read())
+got = 0
+buf = b""
+while got < count:
+    chunk = s.recv(1 << 16)
+    if not chunk:
+        break
+    buf += chunk
+    while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+        buf = buf[4 + int.from_bytes(buf[:4], "big"):]
+        got += 1
+print(got)
+"#;
+
+#[test]
+fn a_flood_of_refused_admin_requests_does_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("rld.toml");
+    std::fs::write(&config, "socket_mode = '0666'\n").unwrap();
+    let d =
+        crate::harness::ProcessDaemon::start(dir.path(), &["--config", config.to_str().unwrap()]);
+    const REQUESTS: usize = 20_000;
+    let mut frames = BytesMut::new();
+    frames.extend_from_slice(&[0, 0, 0, 3, 1, 0, 1]);
+    for id in 0..REQUESTS as u64 {
+        let request = Request::RuleDelete { id: "r".into() };
+        encode(
+            &RequestFrame {
+                id: id + 2,
+                request,
+            },
+            &mut frames,
+        )
+        .unwrap();
+    }
+    let start = Instant::now();
+    let mut sender = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", SENDER])
+        .arg(&d.socket)
+        .arg((REQUESTS + 1).to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sender.stdin.take().unwrap().write_all(&frames).unwrap();
+    let out = sender.wait_with_output().unwrap();
+    let answered: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    // At most 5 lines in each second the flood spanned.
+    let most = 5 * (start.elapsed().as_secs() as usize + 2);
+    assert_eq!(answered, REQUESTS + 1, "every request answered");
+    let log = d.log();
+    d.terminate();
+    let refusals = log.lines().filter(|l| l.contains("refused:")).count();
+    assert!(
+        (1..=most).contains(&refusals),
+        "{refusals} refusal lines logged for {REQUESTS} refused requests"
+    );
+}
