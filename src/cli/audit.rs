@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::{CliError, Exit, Output};
 use crate::daemon::cluster::rule_from_json;
+use crate::daemon::cluster::security::EtcdSecurity;
 use crate::daemon::lease::audit::{self, HistoryEntry, Record, RuleBound};
 use crate::daemon::lease::plan;
 use crate::rule::parse_duration;
@@ -31,6 +32,21 @@ pub struct AuditArgs {
     /// Key prefix of the deployment, as given to rld.
     #[arg(long, default_value = "/rld", value_name = "PREFIX")]
     pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed etcd's certificate (https:// endpoints).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_key")]
+    pub etcd_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long, value_name = "FILE", requires = "etcd_tls_cert")]
+    pub etcd_tls_key: Option<PathBuf>,
+    /// etcd user, when etcd has authentication enabled.
+    #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
     /// Live daemons the bound is stated for. Default: the daemons in the logs.
     #[arg(long, value_name = "N")]
     pub members: Option<u64>,
@@ -78,10 +94,24 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     // must not fail the audit while the others can answer.
     let rule_key = format!("{}/v1/rules/{}", args.etcd_prefix, args.rule);
     let bucket_prefix = format!("{}/v1/buckets/{}/", args.etcd_prefix, args.rule);
+    let security = EtcdSecurity {
+        tls_ca: args.etcd_tls_ca.clone(),
+        tls_cert: args.etcd_tls_cert.clone(),
+        tls_key: args.etcd_tls_key.clone(),
+        tls_domain: None,
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+    };
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    let options = security
+        .connect_options(&args.etcd, options)
+        .map_err(|e| CliError::usage(e.to_string()))?;
     let mut errors = Vec::new();
     let mut found = None;
     for endpoint in &args.etcd {
-        match read_from(endpoint, &rule_key, &bucket_prefix).await {
+        match read_from(endpoint, options.clone(), &rule_key, &bucket_prefix).await {
             Ok(r) => {
                 found = Some(r);
                 break;
@@ -175,12 +205,10 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
 /// The stored rule (if any) and the bucket history, from one member.
 async fn read_from(
     endpoint: &str,
+    options: etcd_client::ConnectOptions,
     rule_key: &str,
     bucket_prefix: &str,
 ) -> Result<(Option<Vec<u8>>, Vec<HistoryEntry>), String> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(10));
     let mut client = Client::connect([endpoint], Some(options))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;

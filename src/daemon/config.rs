@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use super::cluster::security::{EtcdSecurity, SecurityError};
 use super::limiter::DefaultAction;
 use crate::protocol::{DEFAULT_MAX_FRAME, daemon_socket_path};
 use crate::rule::file::{RuleEntry, RuleFileError, specs_from_entries};
@@ -161,6 +162,13 @@ pub struct ConfigFile {
     pub node_id: Option<String>,
     /// Deadline of each etcd call.
     pub etcd_timeout: Option<String>,
+    /// TLS and authentication towards etcd (see `EtcdSecurity`).
+    pub etcd_tls_ca: Option<PathBuf>,
+    pub etcd_tls_cert: Option<PathBuf>,
+    pub etcd_tls_key: Option<PathBuf>,
+    pub etcd_tls_domain: Option<String>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
     /// Largest wall-clock difference between hosts that accuracy is planned for.
     pub max_clock_skew: Option<String>,
     /// `on_failure` of global rules that set none.
@@ -188,6 +196,8 @@ pub struct EtcdConfig {
     /// Global buckets per rule this daemon leases for; requests on further
     /// new buckets are denied until idle ones are forgotten (60 s unused).
     pub max_buckets_per_rule: usize,
+    /// TLS and authentication towards etcd.
+    pub security: EtcdSecurity,
 }
 
 /// Largest `max_buckets`.
@@ -264,6 +274,8 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    #[error(transparent)]
+    EtcdSecurity(#[from] SecurityError),
 }
 
 impl Default for Config {
@@ -451,6 +463,14 @@ impl Config {
                 if let Some(n) = file.max_buckets_per_rule {
                     e.max_buckets_per_rule = n;
                 }
+                e.security = EtcdSecurity {
+                    tls_ca: file.etcd_tls_ca,
+                    tls_cert: file.etcd_tls_cert,
+                    tls_key: file.etcd_tls_key,
+                    tls_domain: file.etcd_tls_domain,
+                    user: file.etcd_user,
+                    password_file: file.etcd_password_file,
+                };
                 Some(e)
             },
             rules,
@@ -544,6 +564,9 @@ impl Config {
                     ),
                 });
             }
+            e.security
+                .check(&e.endpoints)
+                .map_err(ConfigError::EtcdSecurity)?;
             if let Err(problem) = crate::rule::validate_rule_id(&e.node_id) {
                 return Err(ConfigError::Value {
                     field: "node_id",
@@ -597,6 +620,7 @@ impl EtcdConfig {
             default_on_failure: OnFailure::Local,
             fallback_slack: 0.1,
             max_buckets_per_rule: 100_000,
+            security: EtcdSecurity::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod decisions;
 mod docs;
+mod etcd_security;
 mod eviction;
 mod faults;
 mod global;

@@ -13,6 +13,7 @@
 
 pub mod clock;
 mod rules;
+pub mod security;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,8 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 pub enum ClusterError {
     #[error("cannot set up the etcd client: {0}")]
     Client(etcd_client::Error),
+    #[error("etcd security settings: {0}")]
+    Security(#[from] security::SecurityError),
     #[error(
         "node id {0:?} is in use by another live rld (its member key exists in etcd); give each daemon its own --node-id"
     )]
@@ -89,6 +92,10 @@ impl Cluster {
             .with_keep_alive(Duration::from_secs(1), config.timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
+        let options = config
+            .security
+            .connect_options(&config.endpoints, options)
+            .map_err(ClusterError::Security)?;
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(ClusterError::Client)?;
