@@ -46,6 +46,7 @@ fn limiter(max_buckets: usize) -> Limiter {
     let l = Limiter::new(LimiterConfig {
         shards: 128,
         max_buckets,
+        max_table_bytes: usize::MAX,
         default_action: DefaultAction::Allow,
     });
     let rule = RuleSpec::new("bench", "*", "*", 1_000, Duration::from_secs(1));

@@ -35,6 +35,7 @@ fn main() {
     let limiter = Limiter::new(LimiterConfig {
         shards: 128,
         max_buckets: BUCKETS * 2,
+        max_table_bytes: usize::MAX,
         default_action: DefaultAction::Allow,
     });
     let rule = RuleSpec::new("r", "*", "*", 100, Duration::from_secs(60));

@@ -141,6 +141,8 @@ pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     pub default_action: Option<DefaultAction>,
     pub max_buckets: Option<usize>,
+    /// Bytes.
+    pub max_table_bytes: Option<usize>,
     pub shards: Option<usize>,
     pub max_frame: Option<usize>,
     pub max_connections: Option<usize>,
@@ -206,6 +208,9 @@ pub const MAX_BUCKETS: usize = 1_000_000_000;
 pub const MAX_SHARDS: usize = 65_536;
 /// Largest `max_connections`.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// Smallest and largest `max_table_bytes`.
+pub const MIN_TABLE_BYTES: usize = 1024 * 1024;
+pub const MAX_TABLE_BYTES: usize = 1024 * 1024 * 1024 * 1024;
 /// Smallest and largest `answer_memory`.
 pub const MIN_ANSWER_MEMORY: usize = 16 * 1024 * 1024;
 pub const MAX_ANSWER_MEMORY: usize = 64 * 1024 * 1024 * 1024;
@@ -225,6 +230,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub default_action: DefaultAction,
     pub max_buckets: usize,
+    /// Cap on the bucket table's memory (default: a quarter of physical memory).
+    pub max_table_bytes: usize,
     pub shards: usize,
     pub max_frame: usize,
     pub max_connections: usize,
@@ -287,6 +294,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             default_action: DefaultAction::Allow,
             max_buckets: 1_000_000,
+            max_table_bytes: default_table_bytes(),
             shards: default_shards(),
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 4096,
@@ -430,6 +438,7 @@ impl Config {
             state_dir: file.state_dir.unwrap_or(d.state_dir),
             default_action: file.default_action.unwrap_or(d.default_action),
             max_buckets: file.max_buckets.unwrap_or(d.max_buckets),
+            max_table_bytes: file.max_table_bytes.unwrap_or(d.max_table_bytes),
             shards: file.shards.filter(|&s| s != 0).unwrap_or(d.shards),
             max_frame: file.max_frame.unwrap_or(d.max_frame),
             max_connections: file.max_connections.unwrap_or(d.max_connections),
@@ -516,6 +525,12 @@ impl Config {
         }
         if !(64..=16 * 1024 * 1024).contains(&self.max_frame) {
             return bad("max_frame", "must be between 64 bytes and 16 MiB");
+        }
+        if !(MIN_TABLE_BYTES..=MAX_TABLE_BYTES).contains(&self.max_table_bytes) {
+            return bad(
+                "max_table_bytes",
+                "must be between 1 MiB and 1 TiB (in bytes)",
+            );
         }
         if !(MIN_ANSWER_MEMORY..=MAX_ANSWER_MEMORY).contains(&self.answer_memory) {
             return bad(
@@ -636,6 +651,24 @@ fn normalize_prefix(p: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_owned())
 }
 
+/// A quarter of physical memory (1 GiB when it cannot be read), within
+/// [`MIN_TABLE_BYTES`]..=[`MAX_TABLE_BYTES`].
+pub fn default_table_bytes() -> usize {
+    use nix::unistd::{SysconfVar, sysconf};
+    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok().flatten();
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten();
+    match (pages, page) {
+        (Some(pages), Some(page)) => {
+            usize::try_from(pages)
+                .unwrap_or(0)
+                .saturating_mul(usize::try_from(page).unwrap_or(0))
+                / 4
+        }
+        _ => 1 << 30,
+    }
+    .clamp(MIN_TABLE_BYTES, MAX_TABLE_BYTES)
+}
+
 /// `4 x cores x 16` shards: enough that two cores rarely meet on one lock.
 pub fn default_shards() -> usize {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
@@ -725,6 +758,7 @@ mod tests {
             ),
             ("max_frame = 16777217", "max_frame"),
             ("answer_memory = 1024", "answer_memory"),
+            ("max_table_bytes = 1024", "max_table_bytes"),
             ("idle_timeout = '8d'", "idle_timeout"),
             ("idle_timeout = '600y'", "idle_timeout"),
             ("write_timeout = '2h'", "write_timeout"),

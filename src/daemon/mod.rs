@@ -135,6 +135,7 @@ impl Daemon {
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: config.shards,
             max_buckets: config.max_buckets,
+            max_table_bytes: config.max_table_bytes,
             default_action: config.default_action,
         }));
         let store = StateStore::open(&config.state_dir)?;
@@ -467,6 +468,7 @@ pub fn check_config(config: &Config) -> Result<String, DaemonError> {
     let limiter = Limiter::new(LimiterConfig {
         shards: 1,
         max_buckets: 1,
+        max_table_bytes: config.max_table_bytes,
         default_action: config.default_action,
     });
     let specs = config

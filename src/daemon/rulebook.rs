@@ -493,6 +493,7 @@ mod tests {
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: 4,
             max_buckets: 100,
+            max_table_bytes: usize::MAX,
             default_action: DefaultAction::Allow,
         }));
         RuleBook::open(

@@ -280,4 +280,7 @@ fn the_config_page_states_the_real_defaults() {
         page.contains(".BR max_connections_per_uid \" (integer, default: max_connections / 8)")
     );
     assert_eq!(c.per_uid_connections(), c.max_connections / 8);
+    assert!(
+        page.contains(".BR max_table_bytes \" (integer, default: a quarter of physical memory")
+    );
 }

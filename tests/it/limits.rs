@@ -403,3 +403,34 @@ fn a_flood_of_refused_admin_requests_does_not_flood_the_log() {
         "{refusals} refusal lines logged for {REQUESTS} refused requests"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_cannot_take_more_than_the_table_byte_budget() {
+    let budget = 4 << 20;
+    let d = TestDaemon::start_with(|c| {
+        c.rules = vec![rule("all", "*", "*", 1_000_000, HOUR)];
+        c.max_table_bytes = budget;
+        c.max_frame = 1 << 20;
+    })
+    .await;
+    let mut c = d.connect().await;
+    let name = "n".repeat(500);
+    let clients: Vec<String> = (0..20_000).map(|i| format!("{i}-{name}")).collect();
+    for chunk in clients.chunks(1_000) {
+        let items = chunk
+            .iter()
+            .map(|client| Acquire::new(client.as_str(), name.as_str()));
+        let answers = c.acquire_many(items.collect()).await.unwrap();
+        assert_eq!(answers.len(), chunk.len());
+    }
+    let table = d.shared.limiter.table();
+    assert!(table.bytes() <= budget, "{} bytes held", table.bytes());
+    let stats = c.stats().await.unwrap();
+    assert!(stats.evicted_lru > 10_000, "{stats:?}");
+    // About 1.1 KB per bucket: the budget keeps a few thousand of them.
+    assert!(
+        (1_000..=4_000).contains(&stats.buckets),
+        "{} buckets kept",
+        stats.buckets
+    );
+}

@@ -1118,6 +1118,7 @@ mod tests {
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: 4,
             max_buckets: 1000,
+            max_table_bytes: usize::MAX,
             default_action: DefaultAction::Allow,
         }));
         let (tx, rx) = mpsc::channel(4096);

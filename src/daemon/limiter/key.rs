@@ -36,6 +36,16 @@ impl BucketKey {
         }
     }
 
+    /// Heap bytes this key holds beyond the table entry: none inline; a boxed
+    /// key's allocation as glibc sizes it (length plus an 8-byte header,
+    /// rounded up to 16, at least 32).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            BucketKey::Inline { .. } => 0,
+            BucketKey::Boxed(b) => (b.len() + 8).next_multiple_of(16).max(32),
+        }
+    }
+
     /// The encoded key (`client_len: u16 LE`, client, resource): stable across
     /// hosts, so it names the global bucket in etcd too.
     #[inline]

@@ -77,6 +77,9 @@ pub struct LimiterConfig {
     pub shards: usize,
     /// Hard cap on buckets.
     pub max_buckets: usize,
+    /// Cap on the table's memory in bytes (entries, hash table slots and
+    /// boxed keys), enforced by evicting least recently used buckets.
+    pub max_table_bytes: usize,
     pub default_action: DefaultAction,
 }
 
@@ -131,7 +134,7 @@ pub struct Limiter {
 impl Limiter {
     pub fn new(config: LimiterConfig) -> Limiter {
         Limiter {
-            table: ShardedTable::new(config.shards, config.max_buckets),
+            table: ShardedTable::new(config.shards, config.max_buckets, config.max_table_bytes),
             rules: Mutex::new(Arc::new(RuleSet::default())),
             default_action: config.default_action,
             unmatched: Unmatched::default(),
@@ -463,6 +466,7 @@ mod tests {
         Limiter::new(LimiterConfig {
             shards: 4,
             max_buckets,
+            max_table_bytes: usize::MAX,
             default_action,
         })
     }

@@ -3,8 +3,12 @@
 //!
 //! Owns bucket storage and eviction: idle eviction (a full bucket unused for
 //! its rule's idle TTL, which is safe because a full bucket is what a missing
-//! one means) and the hard cap (per shard, least recently used first, in
-//! batches so a flood of new keys costs O(1) amortised per insert).
+//! one means) and the hard caps, on buckets and on bytes (per shard, least
+//! recently used first, in batches so a flood of new keys costs O(1)
+//! amortised per insert). Bytes count the hash table's slots as allocated
+//! (56-byte entries plus a control byte, at hashbrown's 7/8 load) and boxed
+//! keys: a bucket costs about 64-128 bytes, plus its key rounded to 16 bytes
+//! when client and resource together exceed 20 bytes.
 //! No clock reads and no I/O; callers pass `now` and hold a shard for
 //! nanoseconds.
 
@@ -97,8 +101,26 @@ pub struct Buckets {
     hasher: DefaultHashBuilder,
     /// Most buckets this shard may hold.
     cap: usize,
+    /// Most bytes this shard may hold (see [`Buckets::bytes`]).
+    byte_cap: usize,
+    /// Heap bytes of boxed keys.
+    key_bytes: usize,
     /// Reused buffer for LRU selection.
     scratch: Vec<u32>,
+}
+
+/// Bytes of one hash table slot: the entry and its control byte.
+const SLOT_BYTES: usize = std::mem::size_of::<Entry>() + 1;
+
+/// Slots hashbrown allocates to hold `capacity` entries.
+fn slots_for(capacity: usize) -> usize {
+    if capacity == 0 {
+        0
+    } else if capacity < 8 {
+        (capacity + 1).next_power_of_two()
+    } else {
+        (capacity * 8 / 7).next_power_of_two()
+    }
 }
 
 impl Buckets {
@@ -120,15 +142,24 @@ impl Buckets {
         rule: Arc<Rule>,
         generation: u32,
         now: u64,
-        on_evict: impl FnMut(&Entry),
+        mut on_evict: impl FnMut(&Entry),
     ) -> (&mut Entry, usize) {
-        let evicted = if self.map.len() >= self.cap {
-            self.evict_lru(now, on_evict)
-        } else {
-            0
-        };
+        let key = BucketKey::new(client, resource);
+        let key_bytes = key.heap_bytes();
+        let mut evicted = 0;
+        // At most 8 batches of an eighth: by then the shard is empty.
+        for _ in 0..8 {
+            if self.map.is_empty()
+                || (self.map.len() < self.cap
+                    && self.bytes_after_insert(key_bytes) <= self.byte_cap)
+            {
+                break;
+            }
+            evicted += self.evict_lru(now, &mut on_evict);
+        }
+        self.key_bytes += key_bytes;
         let entry = Entry {
-            key: BucketKey::new(client, resource),
+            key,
             tat: 0,
             aux: 0,
             rule,
@@ -145,9 +176,29 @@ impl Buckets {
     /// Removes the bucket for (client, resource) if present and returns it.
     pub fn remove(&mut self, hash: u64, client: &str, resource: &str) -> Option<Entry> {
         match self.map.find_entry(hash, |e| e.matches(client, resource)) {
-            Ok(entry) => Some(entry.remove().0),
+            Ok(entry) => {
+                let removed = entry.remove().0;
+                self.key_bytes -= removed.key.heap_bytes();
+                Some(removed)
+            }
             Err(_) => None,
         }
+    }
+
+    /// The shard's memory: the hash table's slots as allocated, plus boxed keys.
+    pub fn bytes(&self) -> usize {
+        slots_for(self.map.capacity()) * SLOT_BYTES + self.key_bytes
+    }
+
+    /// [`bytes`](Self::bytes) once a bucket with `key_bytes` of boxed key is
+    /// inserted (the table doubles when full).
+    fn bytes_after_insert(&self, key_bytes: usize) -> usize {
+        let capacity = if self.map.len() < self.map.capacity() {
+            self.map.capacity()
+        } else {
+            (self.map.capacity() * 2).max(3)
+        };
+        slots_for(capacity) * SLOT_BYTES + self.key_bytes + key_bytes
     }
 
     /// Visits every bucket mutably (admin scans: draining leases, debts).
@@ -159,7 +210,7 @@ impl Buckets {
     /// bucket; ties at the cutoff go too).
     fn evict_lru(&mut self, now: u64, mut on_evict: impl FnMut(&Entry)) -> usize {
         let now = tick(now);
-        let batch = (self.cap / 8).max(1);
+        let batch = (self.cap.min(self.map.len()) / 8).max(1);
         self.scratch.clear();
         self.scratch
             .extend(self.map.iter().map(|e| now.wrapping_sub(e.last_used)));
@@ -170,9 +221,11 @@ impl Buckets {
         let nth = self.scratch.len() - batch.min(self.scratch.len());
         let (_, &mut cutoff, _) = self.scratch.select_nth_unstable(nth);
         let before = self.map.len();
+        let key_bytes = &mut self.key_bytes;
         self.map.retain(|e| {
             let keep = now.wrapping_sub(e.last_used) < cutoff;
             if !keep {
+                *key_bytes -= e.key.heap_bytes();
                 on_evict(e);
             }
             keep
@@ -193,6 +246,7 @@ impl Buckets {
     ) -> usize {
         let before = self.map.len();
         let now_tick = tick(now);
+        let key_bytes = &mut self.key_bytes;
         self.map.retain(|e| {
             let idle_ns = u64::from(now_tick.wrapping_sub(e.last_used)) << TICK_SHIFT;
             let idle = idle_ns >= e.rule.idle_ttl_ns;
@@ -203,6 +257,7 @@ impl Buckets {
                 settled && (idle || e.generation != generation)
             };
             if evict {
+                *key_bytes -= e.key.heap_bytes();
                 on_evict(e);
             }
             !evict
@@ -239,8 +294,8 @@ pub struct ShardedTable {
 impl ShardedTable {
     /// A table of `shards` shards (rounded up to a power of two, and down so
     /// that each shard may hold at least 16 buckets) holding at most
-    /// `max_buckets` buckets in total.
-    pub fn new(shards: usize, max_buckets: usize) -> ShardedTable {
+    /// `max_buckets` buckets and `max_bytes` bytes in total.
+    pub fn new(shards: usize, max_buckets: usize, max_bytes: usize) -> ShardedTable {
         let max_buckets = max_buckets.max(1);
         let mut n = shards.max(1).next_power_of_two();
         while n > 1 && max_buckets / n < 16 {
@@ -257,6 +312,8 @@ impl ShardedTable {
                         map: HashTable::new(),
                         hasher: hasher.clone(),
                         cap,
+                        byte_cap: max_bytes / n,
+                        key_bytes: 0,
                         scratch: Vec::new(),
                     },
                     rules: Arc::new(RuleSet::default()),
@@ -312,6 +369,11 @@ impl ShardedTable {
         self.shards.iter().map(|s| s.lock().buckets.len()).sum()
     }
 
+    /// Total bytes (locks each shard briefly); see [`Buckets::bytes`].
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().buckets.bytes()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -358,10 +420,47 @@ mod tests {
 
     #[test]
     fn shard_count_is_a_power_of_two_with_room_per_shard() {
-        assert_eq!(ShardedTable::new(100, 1_000_000).shard_count(), 128);
-        assert_eq!(ShardedTable::new(128, 100).shard_count(), 4);
-        assert_eq!(ShardedTable::new(128, 100).max_buckets(), 100);
-        assert_eq!(ShardedTable::new(8, 1).shard_count(), 1);
+        assert_eq!(
+            ShardedTable::new(100, 1_000_000, usize::MAX).shard_count(),
+            128
+        );
+        assert_eq!(ShardedTable::new(128, 100, usize::MAX).shard_count(), 4);
+        assert_eq!(ShardedTable::new(128, 100, usize::MAX).max_buckets(), 100);
+        assert_eq!(ShardedTable::new(8, 1, usize::MAX).shard_count(), 1);
+    }
+
+    /// Long names cost their bytes: under a byte cap the table evicts the
+    /// least recently used buckets and never holds more than the cap.
+    #[test]
+    fn the_byte_cap_holds_with_long_names() {
+        let cap = 256 * 1024;
+        let table = ShardedTable::new(1, 1_000_000, cap);
+        let r = rule();
+        let shard = &mut table.lock(0).buckets;
+        let name = "n".repeat(512);
+        let mut evicted = 0;
+        for i in 0..2_000u64 {
+            let client = format!("{i}{name}");
+            let h = table.hash(&client, "x");
+            let (_, n) = shard.insert(h, &client, "x", Arc::clone(&r), 0, i << TICK_SHIFT, |_| {});
+            evicted += n;
+            assert!(shard.bytes() <= cap, "{} bytes after {i}", shard.bytes());
+        }
+        let expected = (512 + 4 + 2 + 8_usize).next_multiple_of(16);
+        assert!(
+            shard.len() >= cap / (expected + 2 * SLOT_BYTES) / 2,
+            "{} kept",
+            shard.len()
+        );
+        assert_eq!(evicted + shard.len(), 2_000);
+        // The newest bucket is kept, the oldest went.
+        let newest = format!("1999{name}");
+        assert!(shard.find(table.hash(&newest, "x"), &newest, "x").is_some());
+        let oldest = format!("0{name}");
+        assert!(shard.find(table.hash(&oldest, "x"), &oldest, "x").is_none());
+        // Keys leaving give their bytes back.
+        let key_bytes: usize = shard.map.iter().map(|e| e.key.heap_bytes()).sum();
+        assert_eq!(shard.key_bytes, key_bytes);
     }
 
     #[test]
@@ -371,7 +470,7 @@ mod tests {
 
     #[test]
     fn keys_do_not_collide_across_the_split() {
-        let table = ShardedTable::new(1, 100);
+        let table = ShardedTable::new(1, 100, usize::MAX);
         let shard = &mut table.lock(0).buckets;
         let r = rule();
         let h1 = table.hash("ab", "c");
@@ -385,7 +484,7 @@ mod tests {
 
     #[test]
     fn cap_evicts_least_recently_used_first() {
-        let table = ShardedTable::new(1, 16);
+        let table = ShardedTable::new(1, 16, usize::MAX);
         let r = rule();
         let shard = &mut table.lock(0).buckets;
         let t = 1u64 << TICK_SHIFT;
@@ -409,7 +508,7 @@ mod tests {
 
     #[test]
     fn idle_eviction_only_drops_full_idle_buckets() {
-        let table = ShardedTable::new(1, 100);
+        let table = ShardedTable::new(1, 100, usize::MAX);
         let r = rule();
         // Times are kept in ticks: eviction may come up to one tick late.
         let ttl = r.idle_ttl_ns + (1 << TICK_SHIFT);
