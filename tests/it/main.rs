@@ -10,6 +10,7 @@ mod docs;
 mod etcd_security;
 mod eviction;
 mod faults;
+mod fuzz;
 mod global;
 mod limits;
 mod ops;

@@ -14,7 +14,7 @@ use tokio::net::UnixStream;
 use crate::harness::{TestDaemon, rule};
 
 /// `name -> frame bytes` from the `.\" test-vector: NAME` blocks of the page.
-fn page_vectors() -> BTreeMap<String, Vec<u8>> {
+pub fn page_vectors() -> BTreeMap<String, Vec<u8>> {
     let page = include_str!("../../man/rld-protocol.7");
     let mut vectors = BTreeMap::new();
     let mut lines = page.lines();
