@@ -10,7 +10,6 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use rld::protocol::codec::decode_response;
-use rld::protocol::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -51,12 +50,10 @@ fn mutate(rng: &mut SmallRng, vectors: &[Vec<u8>]) -> Vec<u8> {
             frame = (body.len() as u32).to_be_bytes().to_vec();
             frame.extend(body);
         }
-        6 => {
-            // A varint stretched past its canonical length.
-            if frame.len() > 5 {
-                let i = rng.random_range(4..frame.len());
-                frame[i] |= 0x80;
-            }
+        // A varint stretched past its canonical length.
+        6 if frame.len() > 5 => {
+            let i = rng.random_range(4..frame.len());
+            frame[i] |= 0x80;
         }
         _ => {} // an intact vector (perhaps a response sent as a request)
     }
