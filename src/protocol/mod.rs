@@ -36,7 +36,7 @@ mod message;
 
 use std::path::PathBuf;
 
-pub use client::{Client, ClientError, Connection, ServerInfo};
+pub use client::{Client, ClientError, Connection, ServerInfo, Timeouts};
 pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
     GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,

@@ -5,6 +5,7 @@ mod harness;
 mod audit;
 mod bad_input;
 mod cli;
+mod client;
 mod decisions;
 mod docs;
 mod etcd_security;

@@ -7,6 +7,13 @@
 //!   requests over one connection and routes answers by id.
 //! * [`blocking::Client`]: the same calls for code without an async runtime.
 //!
+//! Every call is bounded by [`Timeouts`] (5 s to connect and handshake, 5 s
+//! per request by default): a stopped or wedged daemon gives
+//! [`ClientError::Timeout`], never a hang. [`Client`] and
+//! [`blocking::Client`] reconnect on the next call after their connection
+//! failed (the daemon restarted); a request in flight when it failed gets an
+//! error.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), rld::protocol::ClientError> {
 //! use rld::protocol::{Acquire, Client};
@@ -23,6 +30,7 @@ mod mux;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,10 +67,33 @@ pub enum ClientError {
     },
     #[error("rld closed the connection")]
     Closed,
+    #[error(
+        "rld did not answer {what} within {after:?}; is it stopped or overloaded? \
+         (a request in flight may still have been decided)"
+    )]
+    Timeout { what: &'static str, after: Duration },
+}
+
+/// How long a client waits for the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting and the `Hello` handshake.
+    pub connect: Duration,
+    /// Each request, from sending it to its answer.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+        }
+    }
 }
 
 /// What the daemon said in its `HelloOk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerInfo {
     pub version: u16,
     pub server: String,
@@ -78,16 +109,41 @@ pub struct Connection {
     write_buf: BytesMut,
     next_id: u64,
     server: ServerInfo,
+    timeouts: Timeouts,
 }
 
 impl Connection {
-    /// Connects and performs the `Hello` handshake.
+    /// Connects and performs the `Hello` handshake, with the default
+    /// [`Timeouts`].
     ///
     /// # Errors
     /// [`ClientError::Connect`] when nothing listens at `path`; a server error
-    /// when the daemon does not speak this protocol version.
+    /// when the daemon does not speak this protocol version;
+    /// [`ClientError::Timeout`] when it does not answer.
     pub async fn connect(path: impl AsRef<Path>) -> Result<Connection, ClientError> {
-        let path = path.as_ref();
+        Connection::connect_with(path, Timeouts::default()).await
+    }
+
+    /// [`Connection::connect`] with the given timeouts ([`Connection::call`]
+    /// is bounded by `timeouts.request`; `queue`, `flush` and `receive` are
+    /// the caller's to bound).
+    ///
+    /// # Errors
+    /// As [`Connection::connect`].
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        timeouts: Timeouts,
+    ) -> Result<Connection, ClientError> {
+        let handshake = Connection::handshake(path.as_ref(), timeouts);
+        tokio::time::timeout(timeouts.connect, handshake)
+            .await
+            .unwrap_or(Err(ClientError::Timeout {
+                what: "the handshake",
+                after: timeouts.connect,
+            }))
+    }
+
+    async fn handshake(path: &Path, timeouts: Timeouts) -> Result<Connection, ClientError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| ClientError::Connect {
@@ -100,16 +156,13 @@ impl Connection {
             read_buf: BytesMut::with_capacity(16 * 1024),
             write_buf: BytesMut::with_capacity(16 * 1024),
             next_id: 1,
-            server: ServerInfo {
-                version: 0,
-                server: String::new(),
-                max_frame: 0,
-            },
+            server: ServerInfo::default(),
+            timeouts,
         };
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
         };
-        match conn.call(&hello).await? {
+        match conn.exchange(&hello).await? {
             Response::HelloOk {
                 version,
                 server,
@@ -200,12 +253,24 @@ impl Connection {
         }
     }
 
-    /// Sends one request and waits for its answer. An `Error` response becomes
-    /// [`ClientError::Server`].
+    /// Sends one request and waits for its answer, within the request
+    /// timeout. An `Error` response becomes [`ClientError::Server`].
     ///
     /// # Errors
-    /// Transport errors, server errors, or a response with the wrong id.
+    /// Transport errors, server errors, a response with the wrong id, or
+    /// [`ClientError::Timeout`] (drop the connection then: its answer may
+    /// still arrive).
     pub async fn call(&mut self, request: &Request<'_>) -> Result<Response<'static>, ClientError> {
+        let after = self.timeouts.request;
+        tokio::time::timeout(after, self.exchange(request))
+            .await
+            .unwrap_or(Err(ClientError::Timeout {
+                what: request.name(),
+                after,
+            }))
+    }
+
+    async fn exchange(&mut self, request: &Request<'_>) -> Result<Response<'static>, ClientError> {
         let id = self.queue(request)?;
         if let Err(e) = self.flush().await {
             // The daemon may have refused us (too many connections) and closed

@@ -1,22 +1,24 @@
 //! [`Client`]: one connection shared by many tasks. Callers encode their own
 //! frames; a writer task sends whatever is queued in one write per wake-up and a
 //! reader task hands each response to its caller by id, so concurrent callers
-//! are pipelined automatically.
+//! are pipelined automatically. Each call waits at most the request timeout;
+//! once the connection fails, the next call connects again (one caller
+//! reconnects, the others wait for it).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ClientError, Connection, ServerInfo, expect_applied, expect_decision, expect_decisions,
-    expect_deleted, expect_health, expect_rule, expect_rules, expect_stats,
+    ClientError, Connection, ServerInfo, Timeouts, expect_applied, expect_decision,
+    expect_decisions, expect_deleted, expect_health, expect_rule, expect_rules, expect_stats,
 };
 use crate::protocol::codec::{FrameCodec, HEADER_LEN, decode_response, encode};
 use crate::protocol::{
@@ -33,7 +35,17 @@ const QUEUE_DEPTH: usize = 1024;
 /// A cloneable, pipelining client. Must be created inside a Tokio runtime.
 #[derive(Clone, Debug)]
 pub struct Client {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    timeouts: Timeouts,
+    /// The current connection (replaced when it fails).
+    current: RwLock<Arc<Shared>>,
+    /// Held by the one caller that reconnects.
+    reconnecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -59,55 +71,93 @@ struct Outgoing {
 }
 
 impl Client {
-    /// Connects, performs the handshake and starts the I/O tasks.
+    /// Connects, performs the handshake and starts the I/O tasks, with the
+    /// default [`Timeouts`].
     ///
     /// # Errors
     /// As [`Connection::connect`].
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
-        let conn = Connection::connect(path).await?;
-        let server = conn.server.clone();
-        let next_id = conn.next_id;
-        let (read, write) = conn.stream.into_split();
-        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let shared = Arc::new(Shared {
-            outgoing: tx,
-            next_id: AtomicU64::new(next_id),
-            server,
-            routes: Mutex::new(Routes::default()),
-        });
-        tokio::spawn(write_loop(write, rx, Arc::clone(&shared)));
-        tokio::spawn(read_loop(read, conn.read_buf, Arc::clone(&shared)));
-        Ok(Client { shared })
+        Client::connect_with(path, Timeouts::default()).await
     }
 
-    /// The daemon's handshake answer.
-    pub fn server(&self) -> &ServerInfo {
-        &self.shared.server
-    }
-
-    /// Sends a request and waits for its answer; an `Error` response becomes
-    /// [`ClientError::Server`].
+    /// [`Client::connect`] with the given timeouts.
     ///
     /// # Errors
-    /// The request is too large, the connection is gone, or the server refused.
+    /// As [`Connection::connect`].
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        timeouts: Timeouts,
+    ) -> Result<Client, ClientError> {
+        let path = path.as_ref().to_owned();
+        let shared = start(Connection::connect_with(&path, timeouts).await?);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                path,
+                timeouts,
+                current: RwLock::new(shared),
+                reconnecting: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The daemon's handshake answer (of the current connection).
+    pub fn server(&self) -> ServerInfo {
+        self.inner.current.read().server.clone()
+    }
+
+    /// The current connection, reconnecting first if it failed.
+    async fn live(&self) -> Result<Arc<Shared>, ClientError> {
+        let current = Arc::clone(&self.inner.current.read());
+        if current.routes.lock().closed.is_none() {
+            return Ok(current);
+        }
+        let _one = self.inner.reconnecting.lock().await;
+        let current = Arc::clone(&self.inner.current.read());
+        if current.routes.lock().closed.is_none() {
+            return Ok(current); // another caller reconnected meanwhile
+        }
+        let conn = Connection::connect_with(&self.inner.path, self.inner.timeouts).await?;
+        let fresh = start(conn);
+        *self.inner.current.write() = Arc::clone(&fresh);
+        Ok(fresh)
+    }
+
+    /// Sends a request and waits for its answer (at most the request
+    /// timeout); an `Error` response becomes [`ClientError::Server`].
+    ///
+    /// # Errors
+    /// The request is too large, the connection failed (the next call
+    /// reconnects), the server refused, or [`ClientError::Timeout`].
     pub async fn call(&self, request: &Request<'_>) -> Result<Response<'static>, ClientError> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = self.live().await?;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         encode(&(id, request), &mut frame)?;
         let len = frame.len() - HEADER_LEN;
-        let max = self.shared.server.max_frame as usize;
+        let max = shared.server.max_frame as usize;
         if len > max {
             return Err(ProtocolError::FrameTooLarge { len, max }.into());
         }
         let (reply, answer) = oneshot::channel();
-        self.shared
-            .outgoing
-            .send(Outgoing { id, frame, reply })
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        match answer.await.map_err(|_| ClientError::Closed)?? {
-            Response::Error(e) => Err(ClientError::Server(e)),
-            response => Ok(response),
+        let after = self.inner.timeouts.request;
+        let exchange = async {
+            shared
+                .outgoing
+                .send(Outgoing { id, frame, reply })
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            answer.await.map_err(|_| ClientError::Closed)?
+        };
+        match tokio::time::timeout(after, exchange).await {
+            Ok(Ok(Response::Error(e))) => Err(ClientError::Server(e)),
+            Ok(result) => result,
+            Err(_) => {
+                shared.routes.lock().waiting.remove(&id);
+                Err(ClientError::Timeout {
+                    what: request.name(),
+                    after,
+                })
+            }
         }
     }
 
@@ -185,6 +235,23 @@ impl Client {
         let request = Request::Health;
         expect_health(&request, self.call(&request).await?)
     }
+}
+
+/// Starts the I/O tasks of a connected, greeted connection.
+fn start(conn: Connection) -> Arc<Shared> {
+    let server = conn.server.clone();
+    let next_id = conn.next_id;
+    let (read, write) = conn.stream.into_split();
+    let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+    let shared = Arc::new(Shared {
+        outgoing: tx,
+        next_id: AtomicU64::new(next_id),
+        server,
+        routes: Mutex::new(Routes::default()),
+    });
+    tokio::spawn(write_loop(write, rx, Arc::clone(&shared)));
+    tokio::spawn(read_loop(read, conn.read_buf, Arc::clone(&shared)));
+    shared
 }
 
 impl Shared {
