@@ -154,6 +154,30 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
+    def pause(self) -> None:
+        """SIGSTOP, then waits until every thread of rld is stopped (a signal
+        takes effect asynchronously; a worker on another CPU could still
+        answer meanwhile)."""
+        self.signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not self._all_threads_stopped():
+            assert time.monotonic() < deadline, "rld did not stop within 10s"
+            time.sleep(0.001)
+
+    def _all_threads_stopped(self) -> bool:
+        states = []
+        for stat in Path(f"/proc/{self.pid}/task").glob("*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue  # a thread that just exited
+            states.append(text[text.rindex(")") + 2])
+        return bool(states) and all(state in "Tt" for state in states)
+
+    def resume(self) -> None:
+        """SIGCONT."""
+        self.signal(signal.SIGCONT)
+
     def stop(self) -> Optional[int]:
         """SIGTERM (after SIGCONT, in case it was stopped), then SIGKILL if it
         has not exited within STOP_TIMEOUT; reaps it. Returns the exit status."""
