@@ -373,7 +373,9 @@ class Pipeline(_Requests):
 
         results = client.pipeline().acquire("a", "x").acquire("b", "x").stats().execute()
 
-    A pipeline is single-use and not thread-safe; it may be a context manager.
+    :meth:`execute` empties the queue, so a pipeline can be reused. Not
+    thread-safe. As a context manager, calls not executed by the end of the
+    block are discarded.
     """
 
     def __init__(self, client: Client) -> None:

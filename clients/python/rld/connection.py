@@ -70,7 +70,9 @@ class Connection:
             sock.connect(path)
         except (socket.timeout, BlockingIOError):
             sock.close()
-            raise errors.TimeoutError(f"connecting to rld at {path} took longer than {timeout}s") from None
+            raise errors.TimeoutError(
+                f"connecting to rld at {path} took longer than {timeout}s"
+            ) from None
         except OSError as e:
             sock.close()
             raise errors.ConnectionError(
@@ -79,23 +81,35 @@ class Connection:
             ) from e
         sock.setblocking(False)
         conn = cls(sock, path)
-        hello = wire.encode_request(wire.Frame(1, "Hello", wire.PROTOCOL_VERSION))
-        frames, failure = conn.exchange(hello, 1, deadline)
-        if failure is None:
-            frame = frames[0]
-            if frame.kind == "Error":
-                failure = errors.error_for(frame.value.code, frame.value.message)
-            elif frame.kind != "HelloOk" or frame.id != 1:
-                failure = errors.ProtocolError(f"rld answered {frame.kind} (id {frame.id}) to Hello")
-            elif frame.value.version != wire.PROTOCOL_VERSION:
-                failure = errors.UnsupportedVersion(f"rld answered Hello with version {frame.value.version}")
-        if failure is not None:
+        try:
+            conn.server = conn._greet(deadline)
+        except errors.TimeoutError:
             conn.close()
-            if isinstance(failure, errors.TimeoutError):
-                failure = errors.TimeoutError(f"rld at {path} did not complete the handshake within {timeout}s")
-            raise failure
-        conn.server = frames[0].value
+            raise errors.TimeoutError(
+                f"rld at {path} did not complete the handshake within {timeout}s"
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
         return conn
+
+    def _greet(self, deadline: Optional[float]) -> ServerInfo:
+        """Sends Hello and returns the daemon's HelloOk."""
+        hello = wire.encode_request(wire.Frame(1, "Hello", wire.PROTOCOL_VERSION))
+        frames, failure = self.exchange(hello, 1, deadline)
+        if failure is not None:
+            raise failure
+        (frame,) = frames
+        if frame.kind == "Error":
+            raise errors.error_for(frame.value.code, frame.value.message)
+        if frame.kind != "HelloOk" or frame.id != 1:
+            raise errors.ProtocolError(f"rld answered {frame.kind} (id {frame.id}) to Hello")
+        if frame.value.version != wire.PROTOCOL_VERSION:
+            raise errors.UnsupportedVersion(
+                f"rld answered Hello with version {frame.value.version}, "
+                f"this client speaks {wire.PROTOCOL_VERSION}"
+            )
+        return frame.value
 
     def close(self) -> None:
         """Closes the socket (idempotent)."""
@@ -140,7 +154,8 @@ class Connection:
             while len(frames) < expected:
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
-                    return frames, self._fail(errors.TimeoutError(self._late(expected - len(frames))))
+                    late = errors.TimeoutError(self._late(expected - len(frames)))
+                    return frames, self._fail(late)
                 for _, mask in sel.select(remaining):
                     if mask & selectors.EVENT_WRITE:
                         try:
@@ -192,7 +207,8 @@ class Connection:
                 n = wire.frame_length(buf[pos : pos + wire.HEADER_LEN])
                 if n > wire.MAX_RESPONSE_FRAME:
                     return errors.ProtocolError(
-                        f"rld sent a frame of {n} bytes, above the {wire.MAX_RESPONSE_FRAME} maximum"
+                        f"rld sent a frame of {n} bytes, "
+                        f"above the {wire.MAX_RESPONSE_FRAME} maximum"
                     )
                 end = pos + wire.HEADER_LEN + n
                 if len(buf) < end:

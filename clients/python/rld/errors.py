@@ -90,16 +90,6 @@ class RldError(Exception):
             return self.message
         return f"{self.message} ({self.code} {self.code_name})"
 
-    def __eq__(self, other: object) -> bool:
-        return (
-            type(other) is type(self)
-            and other.code == self.code  # type: ignore[attr-defined]
-            and other.message == self.message  # type: ignore[attr-defined]
-        )
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.code, self.message))
-
 
 class ProtocolError(RldError):
     """The conversation with the daemon broke: a frame it (or this client)

@@ -63,7 +63,8 @@ class Gate(contextlib.ContextDecorator):
             if not self.wait:
                 raise RateLimited(self._denied(decision), decision)
             if deadline is not None and self._clock() + delay > deadline:
-                raise RateLimited(self._denied(decision, f" (not before the {self.timeout}s timeout)"), decision)
+                why = f" (not before the {self.timeout}s timeout)"
+                raise RateLimited(self._denied(decision, why), decision)
             self._sleep(delay)
 
     def _denied(self, d: Decision, why: str = "") -> str:

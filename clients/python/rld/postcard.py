@@ -15,7 +15,7 @@ https://postcard.jamesmunns.com/wire-format.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
+from typing import Any, List, Optional, Sequence, Tuple, Type
 
 from .errors import MalformedFrame
 from .messages import WireEnum
@@ -224,13 +224,12 @@ class Seq(Spec):
 
 
 class Struct(Spec):
-    """A dataclass (or, with ``make``, anything built from keyword fields),
-    encoded as its fields in wire order."""
+    """A class built from keyword fields (a dataclass), encoded as its
+    fields in wire order."""
 
-    def __init__(self, cls: type, fields: Sequence[Tuple[str, Spec]], make: Optional[Callable[..., Any]] = None) -> None:
+    def __init__(self, cls: type, fields: Sequence[Tuple[str, Spec]]) -> None:
         self.cls = cls
         self.fields = fields
-        self.make = make or cls
 
     def encode(self, out: bytearray, value: Any) -> None:
         if not isinstance(value, self.cls):
@@ -247,7 +246,7 @@ class Struct(Spec):
             r.path.append(name)
             values[name] = spec.decode(r)
             r.path.pop()
-        return self.make(**values)
+        return self.cls(**values)
 
 
 class Enum(Spec):

@@ -26,7 +26,6 @@ from .postcard import (
     U16,
     U32,
     U64,
-    DecodeError,
     Enum,
     Fixed,
     Opt,
@@ -121,7 +120,10 @@ RULE_INFO = Struct(
 )
 LATENCY = Struct(
     m.LatencySummary,
-    [(name, U64) for name in ("count", "avg_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns")],
+    [
+        (name, U64)
+        for name in ("count", "avg_ns", "p50_ns", "p90_ns", "p99_ns", "p999_ns", "max_ns")
+    ],
 )
 CLOCK = Struct(
     m.ClockReport,
@@ -192,7 +194,15 @@ STATS = Struct(
     ]
     + [
         ("latency", LATENCY),
-        ("per_rule", Seq(Struct(m.RuleCounters, [("id", STR), ("allowed", U64), ("rejected", U64), ("bypassed", U64)]))),
+        (
+            "per_rule",
+            Seq(
+                Struct(
+                    m.RuleCounters,
+                    [("id", STR), ("allowed", U64), ("rejected", U64), ("bypassed", U64)],
+                )
+            ),
+        ),
         ("cluster", Opt(CLUSTER)),
     ],
 )

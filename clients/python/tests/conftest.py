@@ -70,7 +70,8 @@ def fake_server(sockdir: str) -> Iterator[Callable[..., FakeServer]]:
     servers: List[FakeServer] = []
 
     def start(handler, max_connections: int = 4) -> FakeServer:
-        server = FakeServer(os.path.join(sockdir, f"fake{len(servers)}.sock"), handler, max_connections)
+        path = os.path.join(sockdir, f"fake{len(servers)}.sock")
+        server = FakeServer(path, handler, max_connections)
         servers.append(server)
         return server
 

@@ -143,7 +143,8 @@ class Daemon:
                 message = notify.recv(4096).decode(errors="replace")
             except socket.timeout:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"rld exited with {self.proc.returncode} before ready:\n{self.log()}")
+                    status = self.proc.returncode
+                    raise RuntimeError(f"rld exited with {status} before ready:\n{self.log()}")
                 continue
             if "READY=1" in message.split("\n"):
                 return

@@ -20,7 +20,8 @@ ALLOWED = rld.Decision(rld.Outcome.ALLOWED, 10, 9, 0, 100, "r")
 
 def decision_for(request: Frame) -> Frame:
     """A Decision naming the request's client as its rule, to tell answers apart."""
-    return Frame(request.id, "Decision", rld.Decision(rld.Outcome.ALLOWED, 1, 0, 0, 0, request.value.client))
+    decision = rld.Decision(rld.Outcome.ALLOWED, 1, 0, 0, 0, request.value.client)
+    return Frame(request.id, "Decision", decision)
 
 
 def test_default_socket_path(tmp_path):
@@ -116,7 +117,8 @@ def test_an_error_with_id_zero_fails_the_first_unanswered_request(fake_server):
 
     server = fake_server(serve)
     with rld.Client(server.path, timeout=5) as client:
-        results = client.pipeline().acquire("a", "x").acquire("b", "x").stats().execute(raise_on_error=False)
+        p = client.pipeline().acquire("a", "x").acquire("b", "x").stats()
+        results = p.execute(raise_on_error=False)
         assert results[0].rule == "a"
         assert type(results[1]) is rld.MalformedFrame and results[1].code == 0
         assert type(results[2]) is rld.ConnectionError

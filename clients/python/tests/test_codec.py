@@ -165,10 +165,18 @@ REQUESTS = [
 RESPONSES = [
     Frame(1, "HelloOk", rld.ServerInfo(1, "rld 0.1.0", 2**32 - 1)),
     Frame(2, "Decision", rld.Decision(rld.Outcome.BYPASSED, 1, 0, 0, 5, "")),
-    Frame(3, "Decisions", [ErrorBody(65535, "newer code"), rld.Decision(rld.Outcome.DENIED, 1, 0, 9, 9, "r")]),
+    Frame(
+        3,
+        "Decisions",
+        [ErrorBody(65535, "newer code"), rld.Decision(rld.Outcome.DENIED, 1, 0, 9, 9, "r")],
+    ),
     Frame(4, "RulesApplied", 0),
     Frame(5, "Rule", INFO),
-    Frame(6, "Rules", [INFO, rld.RuleInfo(rld.RuleSpec("c", "c", "c", limit=2, window=0.25), "config", 0, 0, 0, 0)]),
+    Frame(
+        6,
+        "Rules",
+        [INFO, rld.RuleInfo(rld.RuleSpec("c", "c", "c", limit=2, window=0.25), "config", 0, 0, 0, 0)],
+    ),
     Frame(7, "RuleDeleted"),
     Frame(8, "Stats", STATS),
     Frame(9, "Stats", dataclasses.replace(STATS, per_rule=[], cluster=None)),

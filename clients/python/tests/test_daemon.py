@@ -155,7 +155,8 @@ def test_invalid_rules_are_refused_naming_the_field_and_nothing_changes(client):
     assert info.value.code == 7
     assert client.list_rules() == [], "all or none"
     with pytest.raises(rld.InvalidRule, match="reserve"):
-        client.set_rule(rld.RuleSpec("r", "*", "x", limit=5, window=1, reserve=rld.Reserve(high=500, low=100)))
+        inverted = rld.Reserve(high=500, low=100)
+        client.set_rule(rld.RuleSpec("r", "*", "x", limit=5, window=1, reserve=inverted))
     with pytest.raises(rld.InvalidRule):
         client.set_rule(rld.RuleSpec("g", "*", "x", limit=5, window=1, scope="global"))
 

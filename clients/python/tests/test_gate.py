@@ -37,7 +37,8 @@ class Scripted:
         self.now += seconds
 
     def gate(self, wait: bool, timeout=None) -> Gate:
-        return Gate(self, rld.Acquire("alice", "jobs"), wait, timeout, sleep=self.sleep, clock=lambda: self.now)
+        request = rld.Acquire("alice", "jobs")
+        return Gate(self, request, wait, timeout, sleep=self.sleep, clock=lambda: self.now)
 
 
 def test_without_wait_a_denial_raises_at_once():
