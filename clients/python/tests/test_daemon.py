@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import threading
 from typing import List
 
 import pytest
@@ -280,3 +281,49 @@ def test_rule_changes_need_an_admin(start_daemon):
     finally:
         os.close(read_end)
         os.waitpid(pid, 0)
+
+
+def test_threads_share_a_client(client):
+    client.set_rule(rld.RuleSpec("api", "*", "api/*", limit=1000, window=60))
+    failures = []
+
+    def work(n: int) -> None:
+        try:
+            for _ in range(50):
+                assert client.acquire(f"thread-{n}", "api/x").allowed
+        except BaseException as e:  # reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and failures == []
+    stats = client.stats()
+    assert stats.allowed == 400 and stats.connections_total == 1
+
+
+def test_a_forked_child_opens_its_own_connection(client):
+    client.connect()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = "nothing"
+        try:
+            outcome = str(client.health().state)
+        except BaseException as e:
+            outcome = f"error {e!r}"
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 20)
+        assert ready, "the child did not report"
+        assert os.read(read_end, 1000).decode() == "ok"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    stats = client.stats()
+    assert stats.connections_total == 2, "the parent's connection was left alone"
