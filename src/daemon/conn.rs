@@ -43,8 +43,9 @@ use crate::rule::RuleSpec;
 const FLUSH_BYTES: usize = 64 * 1024;
 /// The buffers a connection starts with and shrinks back to.
 const BUF_BYTES: usize = 8 * 1024;
-/// Buffers grown beyond this for a large frame or answer are shrunk back.
-const SHRINK_ABOVE: usize = 2 * FLUSH_BYTES;
+/// Buffers grown beyond this for a large frame or answer are shrunk back
+/// (at most one reallocation per large batch).
+const SHRINK_ABOVE: usize = 4 * BUF_BYTES;
 /// At shutdown, requests already sent are answered up to this many bytes...
 const DRAIN_BYTES: usize = 1024 * 1024;
 /// ...that arrive without a pause longer than this.
@@ -158,11 +159,14 @@ impl Conn {
         // it out of `self` for the duration (no per-frame split or refcount).
         let mut buf = std::mem::take(&mut self.read_buf);
         let unread = buf.len();
+        // Before frames are consumed: `capacity` counts from the read
+        // position, so afterwards it no longer shows the allocation's size.
+        let allocated = buf.capacity();
         let result = self.answer_frames(&mut buf).await;
         if buf.len() != unread {
             self.last_request = tokio::time::Instant::now();
         }
-        if buf.capacity() > SHRINK_ABOVE && buf.len() < BUF_BYTES {
+        if allocated > SHRINK_ABOVE && buf.len() < BUF_BYTES {
             // A large frame has been answered: give its memory back.
             let mut small = BytesMut::with_capacity(BUF_BYTES);
             small.extend_from_slice(&buf);

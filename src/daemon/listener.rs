@@ -187,8 +187,10 @@ pub async fn accept_loop(
         tracker.spawn(async move {
             shared.count_connection(true);
             conn::serve(stream, peer, Arc::clone(&shared), token).await;
-            shared.count_connection(false);
+            // The slot first: once the gauge shows the connection gone, its
+            // slot is free.
             drop(slot);
+            shared.count_connection(false);
         });
     }
 }

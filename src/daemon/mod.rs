@@ -380,7 +380,7 @@ fn fit_connections_to_files(max_connections: usize) -> usize {
     }
 }
 
-/// Makes glibc serve allocations of 128 KiB and more (a large frame or
+/// Makes glibc serve allocations of 32 KiB and more (a large frame or
 /// answer) from their own mappings, returned to the system when freed. By
 /// default glibc raises that threshold after the first such free, and then
 /// keeps freed answer buffers resident for good (1 GB after 2,000 clients
@@ -390,7 +390,7 @@ fn return_large_buffers_to_the_system() {
     // SAFETY: mallopt only sets an allocator tunable; glibc serialises it
     // with allocations.
     unsafe {
-        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 128 * 1024);
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 32 * 1024);
     }
 }
 

@@ -309,9 +309,10 @@ async fn read_loop(mut read: OwnedReadHalf, mut buf: BytesMut, shared: Arc<Share
                         Some(reply) => {
                             let _ = reply.send(Ok(resp.response));
                         }
-                        // Id 0: the daemon could not read a request and is closing.
+                        // Id 0: the daemon could not read a request and is
+                        // closing. Another id: a call that timed out.
                         None => {
-                            if let Response::Error(e) = resp.response {
+                            if let (0, Response::Error(e)) = (resp.id, resp.response) {
                                 break e.to_string();
                             }
                         }
