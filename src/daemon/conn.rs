@@ -54,6 +54,7 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// Serves one connection until the peer leaves, breaks the protocol, idles
 /// out, or `cancel` fires (then requests already read are still answered).
 pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken) {
+    let shared_now = shared.clock.now_ns();
     let mut conn = Conn {
         codec: FrameCodec::new(shared.max_frame),
         stream,
@@ -62,7 +63,7 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         read_buf: BytesMut::with_capacity(BUF_BYTES),
         write_buf: BytesMut::with_capacity(BUF_BYTES),
         greeted: false,
-        last_request: tokio::time::Instant::now(),
+        last_request_ns: shared_now,
         reserved: 0,
         latency: LocalHistogram::default(),
         timing: Timing::default(),
@@ -84,8 +85,9 @@ struct Conn {
     greeted: bool,
     latency: LocalHistogram,
     timing: Timing,
-    /// When the last complete request arrived (idle time counts from here).
-    last_request: tokio::time::Instant,
+    /// When the last complete request arrived, on the daemon's clock (idle
+    /// time counts from here).
+    last_request_ns: u64,
     /// Bytes of the answer budget held until the write buffer is written.
     reserved: usize,
 }
@@ -113,7 +115,10 @@ impl Conn {
                 return self.drain().await;
             }
             let read = self.stream.read_buf(&mut self.read_buf);
-            let idle_until = self.shared.idle_timeout.map(|t| self.last_request + t);
+            let idle_until = self.shared.idle_timeout.map(|t| {
+                tokio::time::Instant::from_std(self.shared.clock.instant_at(self.last_request_ns))
+                    + t
+            });
             let n = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return self.drain().await,
@@ -155,6 +160,7 @@ impl Conn {
     /// Answers every complete frame in the read buffer.
     async fn answer_buffered(&mut self) -> io::Result<Next> {
         self.timing.now = self.shared.clock.now_ns();
+        let wake_up = self.timing.now;
         // Requests borrow from the buffer while answers are written, so take
         // it out of `self` for the duration (no per-frame split or refcount).
         let mut buf = std::mem::take(&mut self.read_buf);
@@ -164,7 +170,8 @@ impl Conn {
         let allocated = buf.capacity();
         let result = self.answer_frames(&mut buf).await;
         if buf.len() != unread {
-            self.last_request = tokio::time::Instant::now();
+            // The wake-up's clock reading: no second one.
+            self.last_request_ns = wake_up;
         }
         if allocated > SHRINK_ABOVE && buf.len() < BUF_BYTES {
             // A large frame has been answered: give its memory back.
@@ -438,31 +445,43 @@ impl Conn {
     }
 
     /// Writes the buffered answers, disconnecting a peer that does not read
-    /// them within `write_timeout`.
+    /// them within `write_timeout`. Most writes complete at once; only one
+    /// that would block arms the timer.
     async fn flush(&mut self) -> io::Result<()> {
-        if !self.write_buf.is_empty() {
-            let write = self.stream.write_all(&self.write_buf);
-            match tokio::time::timeout(self.shared.write_timeout, write).await {
-                Ok(written) => written?,
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "peer did not read its answers for {:?} ({} bytes unsent); closed",
-                            self.shared.write_timeout,
-                            self.write_buf.len()
-                        ),
-                    ));
+        let mut written = 0;
+        while written < self.write_buf.len() {
+            match self.stream.try_write(&self.write_buf[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let rest = self.stream.write_all(&self.write_buf[written..]);
+                    match tokio::time::timeout(self.shared.write_timeout, rest).await {
+                        Ok(done) => done?,
+                        Err(_) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!(
+                                    "peer did not read its answers for {:?} ({} bytes unsent); \
+                                     closed",
+                                    self.shared.write_timeout,
+                                    self.write_buf.len() - written
+                                ),
+                            ));
+                        }
+                    }
+                    break;
                 }
-            }
-            self.write_buf.clear();
-            if self.write_buf.capacity() > SHRINK_ABOVE {
-                self.write_buf = BytesMut::with_capacity(BUF_BYTES);
+                Err(e) => return Err(e),
             }
         }
-        self.shared
-            .answers
-            .release(std::mem::take(&mut self.reserved));
+        self.write_buf.clear();
+        if self.write_buf.capacity() > SHRINK_ABOVE {
+            self.write_buf = BytesMut::with_capacity(BUF_BYTES);
+        }
+        if self.reserved != 0 {
+            self.shared
+                .answers
+                .release(std::mem::take(&mut self.reserved));
+        }
         Ok(())
     }
 }

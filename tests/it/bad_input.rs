@@ -11,20 +11,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::harness::{TestDaemon, rule};
-use crate::wire::{is_closed, read_frame};
+use crate::wire::{greeted, is_closed, read_frame};
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// Opens a raw stream and completes the handshake.
-async fn greeted(d: &TestDaemon) -> UnixStream {
-    let mut s = UnixStream::connect(&d.socket).await.unwrap();
-    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
-    assert!(matches!(
-        read_frame(&mut s).await.unwrap().response,
-        Response::HelloOk { .. }
-    ));
-    s
-}
 
 fn error_of(frame: ResponseFrame<'static>) -> (u64, ErrorCode, String) {
     match frame.response {

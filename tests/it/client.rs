@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 use rld::protocol::client::blocking;
 use rld::protocol::{Acquire, Client, ClientError, Timeouts};
 
-use crate::harness::ProcessDaemon;
+use crate::harness::{ProcessDaemon, wait_for};
 
 const SHORT: Timeouts = Timeouts {
     connect: Duration::from_millis(500),
@@ -18,7 +18,6 @@ const SHORT: Timeouts = Timeouts {
 /// (SIGSTOP reaches threads one by one: a worker could still answer).
 fn stop(d: &ProcessDaemon) {
     d.signal(Signal::SIGSTOP);
-    let start = Instant::now();
     let stopped = || {
         std::fs::read_dir(format!("/proc/{}/task", d.pid()))
             .unwrap()
@@ -31,10 +30,7 @@ fn stop(d: &ProcessDaemon) {
                     .is_some_and(|rest| rest.trim_start().starts_with('T'))
             })
     };
-    while !stopped() {
-        assert!(start.elapsed() < Duration::from_secs(5), "rld did not stop");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(Duration::from_secs(5), stopped);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

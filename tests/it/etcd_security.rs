@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{ProcessDaemon, code, etcd_state, rlctl, stderr};
+use crate::harness::{ProcessDaemon, code, etcd_state, rlctl, stderr, wait_for};
 
 /// A single-member etcd started by a test, stopped (by PID) on drop.
 struct SecureEtcd {
@@ -67,15 +67,9 @@ impl SecureEtcd {
             ctl,
             _data: data,
         };
-        let start = Instant::now();
-        while !etcd.etcdctl(&["endpoint", "health"]).status.success() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "etcd did not become healthy: {}",
-                std::fs::read_to_string(etcd._data.path().join("etcd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(Duration::from_secs(20), || {
+            etcd.etcdctl(&["endpoint", "health"]).status.success()
+        });
         Some(etcd)
     }
 
@@ -177,16 +171,7 @@ fn daemon(dir: &Path, node: &str, config: &str) -> ProcessDaemon {
 }
 
 fn wait_state(d: &ProcessDaemon, want: &str) {
-    let start = Instant::now();
-    while etcd_state(&d.socket) != want {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "state {} (want {want}): {}",
-            etcd_state(&d.socket),
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(Duration::from_secs(20), || etcd_state(&d.socket) == want);
 }
 
 /// Two daemons share a global limit of 10 per hour through `etcd`: between
@@ -245,6 +230,14 @@ fn global_rule_is_shared(etcd: &SecureEtcd, dir: &Path, config: &str) {
         !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
         "the global bucket is stored in etcd"
     );
+}
+
+/// Writes `text` to `dir/name`, mode 0600.
+fn private_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
 }
 
 fn path_str(p: PathBuf) -> String {
@@ -325,9 +318,7 @@ fn global_rules_work_through_etcd_with_authentication() {
     assert!(enable.status.success(), "{}", stderr(&enable));
     etcd.ctl = vec!["--user=root:s3cret-pw".to_owned()];
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("etcd-password");
-    std::fs::write(&secret, "s3cret-pw\n").unwrap();
-    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let secret = private_file(dir.path(), "etcd-password", "s3cret-pw\n");
     let config = format!(
         "etcd = [{:?}]\netcd_user = 'root'\netcd_password_file = {:?}\n",
         etcd.endpoint,
@@ -336,9 +327,7 @@ fn global_rules_work_through_etcd_with_authentication() {
     global_rule_is_shared(&etcd, dir.path(), &config);
 
     // A wrong password is refused at start with etcd's reason.
-    let wrong = dir.path().join("wrong-password");
-    std::fs::write(&wrong, "nope\n").unwrap();
-    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let wrong = private_file(dir.path(), "wrong-password", "nope\n");
     let config = format!(
         "etcd = [{:?}]\netcd_user = 'root'\netcd_password_file = {:?}\n",
         etcd.endpoint,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use rld::protocol::{Acquire, BatchItem, Connection};
 
-use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, stderr, stdout};
+use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, stderr, stdout, wait_for};
 
 fn start(etcd: &Etcd, dir: &std::path::Path, node: &str) -> ProcessDaemon {
     let sub = dir.join(node);
@@ -456,15 +456,4 @@ async fn a_restart_while_etcd_is_unreachable_applies_the_rules_last_seen_in_etcd
         1,
         "closed without etcd denies, not default_action: {v}"
     );
-}
-
-fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(cond(), "condition not reached within {limit:?}");
 }

@@ -663,6 +663,18 @@ pub fn drive_each(
 }
 
 /// The etcd state a daemon reports (`healthy`, `degraded`, ...).
+/// Polls `cond` every 20 ms until it holds; fails after `limit`.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cond(), "condition not reached within {limit:?}");
+}
+
 pub fn etcd_state(socket: &Path) -> String {
     let out = rlctl(socket, &["health", "--json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout)

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use crate::harness::{TestDaemon, rule};
-use crate::wire::read_frame;
+use crate::wire::{greeted, read_frame};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -324,16 +324,6 @@ async fn large_answers_share_a_budget_and_are_refused_before_deciding() {
     b.write_all(&batch(3, MAX_BATCH_ITEMS, "y")).await.unwrap();
     let frame = read_frame(&mut b).await.unwrap();
     assert!(matches!(frame.response, Response::Decisions(ref d) if d.len() == MAX_BATCH_ITEMS));
-}
-
-async fn greeted(d: &TestDaemon) -> UnixStream {
-    let mut s = UnixStream::connect(&d.socket).await.unwrap();
-    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
-    assert!(matches!(
-        read_frame(&mut s).await.unwrap().response,
-        Response::HelloOk { .. }
-    ));
-    s
 }
 
 /// Sends its stdin to the socket as is, then reads `count` answer frames and

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use crate::harness::{ProcessDaemon, code, rlctl, stderr, stdout};
+use crate::harness::{ProcessDaemon, code, rlctl, stderr, stdout, wait_for};
 
 fn set_rule(socket: &std::path::Path, id: &str, limit: &str) {
     let out = rlctl(
@@ -165,10 +165,12 @@ fn sighup_reloads_config_rules_and_keeps_them_when_the_file_is_bad() {
     assert!(stderr(&del).contains("config file"), "{}", stderr(&del));
     write("9");
     d.signal(Signal::SIGHUP);
-    wait_for(|| limit(&d).0 == 9);
+    wait_for(Duration::from_secs(5), || limit(&d).0 == 9);
     std::fs::write(&config, "[[rule]]\nid = \"cfg\"\nlimit = \"lots\"\n").unwrap();
     d.signal(Signal::SIGHUP);
-    wait_for(|| d.log().contains("reload refused"));
+    wait_for(Duration::from_secs(5), || {
+        d.log().contains("reload refused")
+    });
     assert_eq!(limit(&d).0, 9, "the last good rules stay in force");
 }
 
@@ -200,16 +202,6 @@ fn check_config_reports_problems_without_starting() {
     let out = run(&config);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains("config OK"), "{}", stdout(&out));
-}
-
-fn wait_for(mut cond: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("condition not reached in 5 s");
 }
 
 /// The state directory and its files are 0750/0640 whatever the umask, the

@@ -228,6 +228,17 @@ pub async fn read_frame(stream: &mut UnixStream) -> Option<ResponseFrame<'static
     Some(decode_response(&body).expect("daemon sends valid frames"))
 }
 
+/// Opens a raw stream and completes the handshake.
+pub async fn greeted(d: &TestDaemon) -> UnixStream {
+    let mut s = UnixStream::connect(&d.socket).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
+    assert!(matches!(
+        read_frame(&mut s).await.unwrap().response,
+        Response::HelloOk { .. }
+    ));
+    s
+}
+
 /// Whether the daemon closed the stream (EOF within 5 s).
 pub async fn is_closed(stream: &mut UnixStream) -> bool {
     let mut byte = [0u8; 1];

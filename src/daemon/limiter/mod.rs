@@ -53,6 +53,11 @@ impl MonotonicClock {
     pub fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
+
+    /// The instant a [`now_ns`](Self::now_ns) reading stands for.
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.epoch + std::time::Duration::from_nanos(ns)
+    }
 }
 
 impl Default for MonotonicClock {
