@@ -19,10 +19,13 @@ pub struct Peer {
 }
 
 /// The admin policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Authorizer {
     daemon_uid: u32,
     admin_gid: Option<u32>,
+    /// The admin group's name for refusal messages, looked up once (a
+    /// lookup may ask NSS, LDAP or sssd: not once per refused request).
+    admin_group_name: Option<String>,
 }
 
 impl Authorizer {
@@ -30,6 +33,7 @@ impl Authorizer {
         Authorizer {
             daemon_uid: nix::unistd::geteuid().as_raw(),
             admin_gid,
+            admin_group_name: admin_gid.map(group_name),
         }
     }
 
@@ -60,9 +64,10 @@ impl Authorizer {
         };
         peer.gid == admin || peer.in_admin_group
     }
+
     /// The refusal message for a peer that may not administer.
     pub fn refusal(&self, peer: &Peer, what: &str) -> String {
-        let group = match self.admin_group_name() {
+        let group = match &self.admin_group_name {
             Some(g) => format!(", or a member of group {g}"),
             None => String::new(),
         };
@@ -72,16 +77,14 @@ impl Authorizer {
             peer.uid, self.daemon_uid
         )
     }
+}
 
-    fn admin_group_name(&self) -> Option<String> {
-        let gid = self.admin_gid?;
-        Some(
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
-                .ok()
-                .flatten()
-                .map_or_else(|| gid.to_string(), |g| g.name),
-        )
-    }
+/// The name of group `gid` (its number when it has none).
+fn group_name(gid: u32) -> String {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map_or_else(|| gid.to_string(), |g| g.name)
 }
 
 /// The peer's supplementary groups as the kernel recorded them at connect
@@ -124,6 +127,7 @@ mod tests {
         let a = Authorizer {
             daemon_uid: 1000,
             admin_gid: Some(50),
+            admin_group_name: Some("ops".into()),
         };
         let peer = |uid, gid| Peer {
             uid,
@@ -138,6 +142,7 @@ mod tests {
         let no_group = Authorizer {
             daemon_uid: 1000,
             admin_gid: None,
+            admin_group_name: None,
         };
         assert!(!no_group.may_administer(&peer(2000, 50)));
         // A supplementary group, as recorded at connect.

@@ -72,7 +72,14 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         tracing::debug!(uid = conn.peer.uid, "connection ended: {e}");
     }
     conn.latency.merge_into(&conn.shared.metrics.latency);
-    conn.shared.answers.release(conn.reserved);
+}
+
+impl Drop for Conn {
+    /// Budget still reserved (an answer never written) goes back however the
+    /// connection ends.
+    fn drop(&mut self) {
+        self.shared.answers.release(self.peer.uid, self.reserved);
+    }
 }
 
 struct Conn {
@@ -194,11 +201,21 @@ impl Conn {
                 }
             };
             let frame = &buf[HEADER_LEN..HEADER_LEN + len];
-            let next = match decode_request(frame) {
-                Ok(RequestFrame { id, request }) => self.answer(id, request).await,
-                Err(bad) => {
-                    self.protocol_error(bad.id, &bad.error);
-                    Next::Close
+            // A frame long enough for an oversized batch: refuse it before
+            // decoding (25,000 items decode to about 2 MB, 3 million to 290).
+            let oversized = (len > MAX_BATCH_ITEMS * MIN_ITEM_BYTES)
+                .then(|| codec::batch_len(frame))
+                .flatten()
+                .filter(|&(_, items)| items > MAX_BATCH_ITEMS);
+            let next = if let Some((id, items)) = oversized {
+                self.batch_too_large(id, items)
+            } else {
+                match decode_request(frame) {
+                    Ok(RequestFrame { id, request }) => self.answer(id, request).await,
+                    Err(bad) => {
+                        self.protocol_error(bad.id, &bad.error);
+                        Next::Close
+                    }
                 }
             };
             buf.advance(HEADER_LEN + len);
@@ -225,21 +242,18 @@ impl Conn {
             ),
             Request::RuleGet { id: rule } => {
                 let rule = rule.into_owned();
-                let shared = Arc::clone(&self.shared);
-                let answer = off_workers(move || match shared.rule_info(&rule) {
+                let answer = report(&self.shared, move |s| match s.rule_info(&rule) {
                     Some(info) => Response::Rule(info),
                     None => Response::Error(RuleBookError::NotFound(rule).to_wire()),
                 });
                 self.respond(id, &answer.await)
             }
             Request::RuleList => {
-                let shared = Arc::clone(&self.shared);
-                let answer = off_workers(move || Response::Rules(shared.rule_list()));
+                let answer = report(&self.shared, |s| Response::Rules(s.rule_list()));
                 self.respond(id, &answer.await)
             }
             Request::Stats => {
-                let shared = Arc::clone(&self.shared);
-                let answer = off_workers(move || Response::Stats(Box::new(shared.stats())));
+                let answer = report(&self.shared, |s| Response::Stats(Box::new(s.stats())));
                 self.respond(id, &answer.await)
             }
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
@@ -363,29 +377,13 @@ impl Conn {
     /// `Response::Decisions` frame as it is decided (no intermediate list).
     async fn acquire_many(&mut self, id: u64, items: &[Acquire<'_>]) -> Next {
         if items.len() > MAX_BATCH_ITEMS {
-            return self.error(
-                id,
-                ErrorCode::INVALID_ARGUMENT,
-                format!(
-                    "AcquireMany of {} items: the most one batch may hold is {MAX_BATCH_ITEMS} \
-                     (its answer must fit in one frame); nothing was decided, split the batch",
-                    items.len()
-                ),
-            );
+            return self.batch_too_large(id, items.len());
         }
         let worst = items.len() * MAX_ITEM_ANSWER_BYTES;
-        if worst > FLUSH_BYTES {
-            if !self.shared.answers.reserve(worst) {
-                return self.error(
-                    id,
-                    ErrorCode::UNAVAILABLE,
-                    format!(
-                        "the daemon's memory for large answers ({} MiB, answer_memory) is in \
-                         use by other clients; nothing was decided: retry shortly or send \
-                         smaller batches",
-                        self.shared.answers.limit() >> 20
-                    ),
-                );
+        let large = worst > FLUSH_BYTES;
+        if large {
+            if !self.shared.answers.reserve(self.peer.uid, worst) {
+                return self.budget_exhausted(id, "nothing was decided: ");
             }
             self.reserved += worst;
         }
@@ -406,13 +404,38 @@ impl Conn {
                 Err(e) => codec::append(&BatchItem::Error(acquire_error(&e)), out),
             });
         }
-        match result.and_then(|()| codec::finish_frame(out, start)) {
+        let result = result.and_then(|()| codec::finish_frame(out, start));
+        if large {
+            // Keep only what the answer really takes.
+            let unused = worst.saturating_sub(out.len() - start);
+            self.reserved -= unused;
+            self.shared.answers.release(self.peer.uid, unused);
+        }
+        match result {
             Ok(()) => Next::Continue,
             Err(e) => {
-                out.truncate(start);
+                self.write_buf.truncate(start);
                 self.error(id, ErrorCode::INTERNAL, e.to_string())
             }
         }
+    }
+
+    fn batch_too_large(&mut self, id: u64, items: usize) -> Next {
+        let message = format!(
+            "AcquireMany of {items} items: the most one batch may hold is {MAX_BATCH_ITEMS} \
+             (its answer must fit in one frame); nothing was decided, split the batch"
+        );
+        self.error(id, ErrorCode::INVALID_ARGUMENT, message)
+    }
+
+    /// The answer when the answer budget cannot hold a large answer.
+    fn budget_exhausted(&mut self, id: u64, what: &str) -> Next {
+        let message = format!(
+            "the daemon's memory for large answers ({} MiB, answer_memory) is in use; \
+             {what}retry shortly or ask for less",
+            self.shared.answers.limit() >> 20
+        );
+        self.error(id, ErrorCode::UNAVAILABLE, message)
     }
 
     fn refuse(&mut self, id: u64, what: &str) -> Next {
@@ -435,11 +458,24 @@ impl Conn {
     }
 
     fn respond(&mut self, id: u64, response: &Response<'_>) -> Next {
+        let start = self.write_buf.len();
         // An (id, response) tuple encodes exactly like `ResponseFrame`.
         if let Err(e) = encode(&(id, response), &mut self.write_buf) {
             let body = ErrorBody::new(ErrorCode::INTERNAL, format!("answer too large: {e}"));
             encode(&(id, Response::Error(body)), &mut self.write_buf)
                 .expect("an error answer always fits");
+            return Next::Continue;
+        }
+        // A large read-only answer (a long rule list) is charged to the
+        // answer budget like a large batch; refusing it changes nothing.
+        let size = self.write_buf.len() - start;
+        if size > FLUSH_BYTES {
+            if self.shared.answers.reserve(self.peer.uid, size) {
+                self.reserved += size;
+            } else {
+                self.write_buf.truncate(start);
+                return self.budget_exhausted(id, "");
+            }
         }
         Next::Continue
     }
@@ -478,9 +514,8 @@ impl Conn {
             self.write_buf = BytesMut::with_capacity(BUF_BYTES);
         }
         if self.reserved != 0 {
-            self.shared
-                .answers
-                .release(std::mem::take(&mut self.reserved));
+            let reserved = std::mem::take(&mut self.reserved);
+            self.shared.answers.release(self.peer.uid, reserved);
         }
         Ok(())
     }
@@ -492,6 +527,11 @@ impl Conn {
 const MAX_ITEM_ANSWER_BYTES: usize = 1 + 3 + 2 + MAX_ACQUIRE_ERROR_BYTES;
 /// The longest acquire error message.
 const MAX_ACQUIRE_ERROR_BYTES: usize = 640;
+/// The fewest bytes one batch item takes on the wire (two empty names, cost,
+/// priority, no trace).
+const MIN_ITEM_BYTES: usize = 5;
+/// The most answer bytes one batch may reserve.
+pub const LARGEST_ANSWER: usize = MAX_BATCH_ITEMS * MAX_ITEM_ANSWER_BYTES;
 
 /// The wire index of `Response::Decisions` (see rld-protocol(7)).
 const DECISIONS_VARIANT: u32 = 2;
@@ -569,13 +609,26 @@ async fn decide<R>(
     )
 }
 
+/// A report (stats, rules) made on the blocking pool, a few at a time
+/// however many clients ask.
+async fn report(
+    shared: &Arc<Shared>,
+    make: impl FnOnce(&Shared) -> Response<'static> + Send + 'static,
+) -> Response<'static> {
+    let _turn = shared.reports.acquire().await.expect("never closed");
+    let shared = Arc::clone(shared);
+    off_workers(move || make(&shared)).await
+}
+
 /// Runs `work` (a scan of the table, a rule book change) on the blocking
 /// pool, so that it never holds up the runtime's workers and the decisions
 /// they serve.
 async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(work).await {
         Ok(value) => value,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down and drops this task too.
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -1,12 +1,12 @@
 //! What one local client can take from the daemon: connection slots (a total
 //! cap, a per-uid cap, and slots kept for admins so that no user can lock
 //! `rlctl rules set` out) and the memory budget for large answers (an
-//! `AcquireMany` reserves its worst-case answer before anything is decided).
+//! `AcquireMany` reserves its worst-case answer before anything is decided,
+//! keeping only its real size once encoded).
 //!
 //! Both are consulted at accept or per batch, never per request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hashbrown::HashMap;
 use parking_lot::Mutex;
@@ -134,34 +134,64 @@ impl Drop for Slot {
 }
 
 /// Memory for answers larger than a connection's fixed allowance, shared by
-/// every connection: reserved before a large batch is decided, given back
-/// once its answer has been written.
+/// every connection: reserved before a large batch is decided (or once a
+/// large read-only answer is encoded), given back once the answer has been
+/// written. One uid may hold at most a quarter of it (or one largest batch,
+/// if that is more), so one user cannot starve the others.
 #[derive(Debug)]
 pub struct AnswerBudget {
     limit: usize,
-    used: AtomicUsize,
+    per_uid: usize,
+    used: Mutex<Used>,
+}
+
+#[derive(Debug, Default)]
+struct Used {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
 }
 
 impl AnswerBudget {
-    pub fn new(limit: usize) -> AnswerBudget {
+    /// `limit` bytes in all; a uid may hold `limit / 4`, or `largest` if
+    /// that is more (so the largest single answer can always be reserved).
+    pub fn new(limit: usize, largest: usize) -> AnswerBudget {
         AnswerBudget {
             limit,
-            used: AtomicUsize::new(0),
+            per_uid: (limit / 4).max(largest),
+            used: Mutex::new(Used::default()),
         }
     }
 
-    /// Reserves `bytes`, or returns false when the budget cannot hold them.
-    pub fn reserve(&self, bytes: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(bytes).filter(|&total| total <= self.limit)
-            })
-            .is_ok()
+    /// Reserves `bytes` for `uid`, or returns false when the budget or the
+    /// uid's share cannot hold them.
+    pub fn reserve(&self, uid: u32, bytes: usize) -> bool {
+        let mut used = self.used.lock();
+        let mine = used.by_uid.get(&uid).copied().unwrap_or(0);
+        let fits = used
+            .total
+            .checked_add(bytes)
+            .is_some_and(|t| t <= self.limit)
+            && mine.checked_add(bytes).is_some_and(|m| m <= self.per_uid);
+        if fits {
+            used.total += bytes;
+            *used.by_uid.entry(uid).or_default() += bytes;
+        }
+        fits
     }
 
-    /// Gives back what [`reserve`](Self::reserve) took.
-    pub fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    /// Gives back `bytes` of what [`reserve`](Self::reserve) took for `uid`.
+    pub fn release(&self, uid: u32, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut used = self.used.lock();
+        used.total -= bytes;
+        if let hashbrown::hash_map::Entry::Occupied(mut e) = used.by_uid.entry(uid) {
+            *e.get_mut() -= bytes;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 
     pub fn limit(&self) -> usize {
@@ -170,7 +200,7 @@ impl AnswerBudget {
 
     /// Bytes reserved now.
     pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.used.lock().total
     }
 }
 
@@ -218,14 +248,22 @@ mod tests {
     }
 
     #[test]
-    fn the_answer_budget_never_overcommits() {
-        let budget = AnswerBudget::new(100);
-        assert!(budget.reserve(60));
-        assert!(!budget.reserve(41));
-        assert!(budget.reserve(40));
-        budget.release(60);
-        assert_eq!(budget.used(), 40);
-        assert!(budget.reserve(60));
-        assert!(!budget.reserve(usize::MAX));
+    fn the_answer_budget_never_overcommits_and_no_uid_takes_it_all() {
+        let budget = AnswerBudget::new(100, 30);
+        assert!(budget.reserve(1, 30));
+        assert!(!budget.reserve(1, 1), "uid 1 holds its share");
+        assert!(budget.reserve(2, 30));
+        assert!(budget.reserve(3, 30));
+        assert!(!budget.reserve(4, 11), "only 10 left");
+        assert!(budget.reserve(4, 10));
+        budget.release(1, 30);
+        assert_eq!(budget.used(), 70);
+        assert!(budget.reserve(1, 30));
+        assert!(!budget.reserve(5, usize::MAX));
+        for uid in 1..=4 {
+            budget.release(uid, if uid == 4 { 10 } else { 30 });
+        }
+        assert_eq!(budget.used(), 0);
+        assert!(budget.used.lock().by_uid.is_empty());
     }
 }

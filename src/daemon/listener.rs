@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Shared;
 use super::conn;
+use super::limits::Slot;
 use super::throttle::LogThrottle;
 use crate::protocol::codec::encode;
 use crate::protocol::{ErrorBody, ErrorCode, Response};
@@ -186,12 +187,28 @@ pub async fn accept_loop(
         let token = cancel.child_token();
         tracker.spawn(async move {
             shared.count_connection(true);
-            conn::serve(stream, peer, Arc::clone(&shared), token).await;
-            // The slot first: once the gauge shows the connection gone, its
-            // slot is free.
-            drop(slot);
-            shared.count_connection(false);
+            let _open = Open {
+                shared: Arc::clone(&shared),
+                slot: Some(slot),
+            };
+            conn::serve(stream, peer, shared, token).await;
         });
+    }
+}
+
+/// A served connection's slot and its place in the open-connections gauge,
+/// given back however the connection ends (a panic included).
+struct Open {
+    shared: Arc<Shared>,
+    slot: Option<Slot>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        // The slot first: once the gauge shows the connection gone, its slot
+        // is free.
+        drop(self.slot.take());
+        self.shared.count_connection(false);
     }
 }
 

@@ -87,6 +87,10 @@ pub struct Shared {
     pub slots: Arc<limits::Slots>,
     /// Memory for large answers, shared by all connections.
     pub answers: limits::AnswerBudget,
+    /// Turns for reports (stats, rule lists) on the blocking pool: however
+    /// many clients ask, a few run at once and rule changes are not queued
+    /// behind them.
+    pub reports: tokio::sync::Semaphore,
     /// The etcd side, when limits are shared.
     pub cluster: Option<Arc<Cluster>>,
     /// Per-request leases go to the lease coordinator through this.
@@ -117,6 +121,9 @@ pub struct Daemon {
     /// The hot path's lease events, for the coordinator started by `serve`.
     lease_events: Option<(tokio::sync::mpsc::Receiver<LeaseEvent>, Arc<Planner>)>,
 }
+
+/// Reports computed at once on the blocking pool.
+const REPORTS_AT_ONCE: usize = 4;
 
 /// Lease events queued between the hot path and the coordinator; beyond it
 /// events are dropped and counted (a bucket then asks again).
@@ -206,7 +213,8 @@ impl Daemon {
                 config.per_uid_connections(),
                 config.connections_kept_for_admins(),
             )),
-            answers: limits::AnswerBudget::new(config.answer_memory),
+            answers: limits::AnswerBudget::new(config.answer_memory, conn::LARGEST_ANSWER),
+            reports: tokio::sync::Semaphore::new(REPORTS_AT_ONCE),
             cluster,
             lease,
             stopping: AtomicBool::new(false),

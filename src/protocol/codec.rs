@@ -175,6 +175,22 @@ pub fn decode_request(frame: &[u8]) -> Result<RequestFrame<'_>, BadRequest> {
     }
 }
 
+/// The id and item count of an `AcquireMany` frame (`None` for other
+/// requests), read without decoding the items: a daemon refuses an oversized
+/// batch before building it.
+pub fn batch_len(frame: &[u8]) -> Option<(u64, usize)> {
+    let (id, rest) = postcard::take_from_bytes::<u64>(frame).ok()?;
+    let (variant, rest) = postcard::take_from_bytes::<u32>(rest).ok()?;
+    if variant != ACQUIRE_MANY_VARIANT {
+        return None;
+    }
+    let (items, _) = postcard::take_from_bytes::<u64>(rest).ok()?;
+    Some((id, usize::try_from(items).unwrap_or(usize::MAX)))
+}
+
+/// The wire index of `Request::AcquireMany` (see rld-protocol(7)).
+const ACQUIRE_MANY_VARIANT: u32 = 2;
+
 /// Why `frame` is not a request: which id to answer under and what is wrong.
 #[cold]
 fn explain_bad_request(frame: &[u8]) -> BadRequest {
@@ -216,6 +232,25 @@ pub fn decode_response(frame: &[u8]) -> Result<ResponseFrame<'static>, ProtocolE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_len_reads_the_count_of_acquire_many_only() {
+        let items = vec![super::super::Acquire::new("a", "b"); 3];
+        let mut buf = BytesMut::new();
+        let many = RequestFrame {
+            id: 300,
+            request: Request::AcquireMany(items),
+        };
+        encode(&many, &mut buf).unwrap();
+        assert_eq!(batch_len(&buf[HEADER_LEN..]), Some((300, 3)));
+        buf.clear();
+        let health = RequestFrame {
+            id: 301,
+            request: Request::Health,
+        };
+        encode(&health, &mut buf).unwrap();
+        assert_eq!(batch_len(&buf[HEADER_LEN..]), None);
+    }
     use crate::protocol::{Acquire, Decision, Outcome, Request, Response};
     use std::borrow::Cow;
 

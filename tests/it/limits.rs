@@ -318,9 +318,25 @@ async fn large_answers_share_a_budget_and_are_refused_before_deciding() {
     assert_eq!(e.code, ErrorCode::UNAVAILABLE);
     assert!(e.message.contains("answer_memory"), "{e}");
     assert_eq!(c.stats().await.unwrap().allowed, MAX_BATCH_ITEMS as u64);
+    // A holds only its answer's real size (about 118 bytes an item here),
+    // not the worst case it reserved.
+    let held = d.shared.answers.used();
+    assert!(
+        held < MAX_BATCH_ITEMS * 200,
+        "{held} bytes held for A's answer"
+    );
     // Once A has read its answer, the budget is free again.
     let frame = read_frame(&mut a).await.unwrap();
     assert!(matches!(frame.response, Response::Decisions(ref d) if d.len() == MAX_BATCH_ITEMS));
+    // (Given back just after the daemon's last write: wait for it.)
+    let start = Instant::now();
+    while d.shared.answers.used() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "budget given back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     b.write_all(&batch(3, MAX_BATCH_ITEMS, "y")).await.unwrap();
     let frame = read_frame(&mut b).await.unwrap();
     assert!(matches!(frame.response, Response::Decisions(ref d) if d.len() == MAX_BATCH_ITEMS));
