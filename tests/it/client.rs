@@ -9,9 +9,11 @@ use rld::protocol::{Acquire, Client, ClientError, Timeouts};
 
 use crate::harness::{ProcessDaemon, wait_for};
 
+/// Short enough for a stopped daemon, long enough for a debug daemon on a
+/// loaded machine.
 const SHORT: Timeouts = Timeouts {
-    connect: Duration::from_millis(500),
-    request: Duration::from_millis(300),
+    connect: Duration::from_secs(1),
+    request: Duration::from_secs(1),
 };
 
 /// Stops the daemon and waits until every one of its threads is stopped
@@ -49,8 +51,7 @@ async fn the_async_client_times_out_on_a_stopped_daemon_and_reconnects_after_a_r
         "bounded by the timeout"
     );
     assert!(
-        err.to_string()
-            .contains("did not answer Acquire within 300ms"),
+        err.to_string().contains("did not answer Acquire within 1s"),
         "{err}"
     );
     d.signal(Signal::SIGCONT);
@@ -106,4 +107,64 @@ fn the_blocking_client_times_out_on_a_stopped_daemon_and_reconnects_after_a_rest
     client.health().expect("reconnected after the restart");
     assert!(client.acquire(Acquire::new("a", "b")).unwrap().is_allowed());
     drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_closes_its_connection() {
+    let d = crate::harness::TestDaemon::start(vec![]).await;
+    let open = || {
+        d.shared
+            .metrics
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let client = Client::connect(&d.socket).await.unwrap();
+    client.health().await.unwrap();
+    assert_eq!(open(), 1);
+    drop(client);
+    let start = Instant::now();
+    while open() != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A listener that never accepts: once its backlog is full, a blocking
+/// connect would wait forever; the blocking client gives up at its timeout.
+#[test]
+fn the_blocking_client_gives_up_on_a_full_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut held = Vec::new();
+    // Fill the backlog (128 by default; bounded at 10,000 attempts).
+    for _ in 0..10_000 {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()) {
+            Ok(()) => held.push(fd),
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    assert!(held.len() < 10_000, "the backlog filled");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(blocking::Client::connect_with(&path, SHORT).map(|_| ()));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("connect returned instead of hanging");
+    let err = result.unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
 }

@@ -172,7 +172,7 @@ async fn one_user_cannot_take_every_slot_and_admins_keep_theirs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickle_of_bytes_does_not_keep_a_connection() {
-    let d = TestDaemon::start_with(|c| c.idle_timeout = Some(Duration::from_millis(300))).await;
+    let d = TestDaemon::start_with(|c| c.idle_timeout = Some(Duration::from_secs(1))).await;
     let mut s = UnixStream::connect(&d.socket).await.unwrap();
     s.write_all(&[0, 0, 0, 3, 1, 0, 1]).await.unwrap();
     read_frame(&mut s).await.unwrap();
@@ -199,7 +199,7 @@ async fn a_trickle_of_bytes_does_not_keep_a_connection() {
     // Complete requests do keep a connection: each renews the idle time.
     let mut c = d.connect().await;
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         c.health()
             .await
             .expect("a connection with requests is kept");
@@ -347,9 +347,13 @@ async fn large_answers_share_a_budget_and_are_refused_before_deciding() {
 const SENDER: &str = r#"
 import socket, sys
 path, count = sys.argv[1], int(sys.argv[2])
+import threading
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(path)
-s.sendall(sys.stdin.buffer.read())
+# Sent from a thread while answers are read, so that neither side's buffer
+# has to hold the whole exchange.
+data = sys.stdin.buffer.read()
+threading.Thread(target=s.sendall, args=(data,), daemon=True).start()
 got = 0
 buf = b""
 while got < count:

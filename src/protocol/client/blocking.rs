@@ -84,7 +84,14 @@ impl Client {
             path: self.path.clone(),
             source,
         };
-        let stream = UnixStream::connect(&self.path).map_err(connect_error)?;
+        let deadline = Instant::now() + self.timeouts.connect;
+        let stream = connect_by(&self.path, deadline).map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut => ClientError::Timeout {
+                what: "the connection",
+                after: self.timeouts.connect,
+            },
+            _ => connect_error(e),
+        })?;
         let mut conn = Conn {
             stream,
             read_buf: BytesMut::with_capacity(8 * 1024),
@@ -94,7 +101,6 @@ impl Client {
         let hello = Request::Hello {
             version: PROTOCOL_VERSION,
         };
-        let deadline = Instant::now() + self.timeouts.connect;
         match conn.call(&hello, 0, deadline, "the handshake", self.timeouts.connect)? {
             Response::HelloOk {
                 version,
@@ -254,10 +260,26 @@ impl Conn {
                 .checked_duration_since(Instant::now())
                 .filter(|d| !d.is_zero())
         };
-        let written = remaining()
-            .ok_or_else(timed_out)
-            .and_then(|left| Ok(self.stream.set_write_timeout(Some(left))?))
-            .and_then(|()| Ok(self.stream.write_all(&frame)?));
+        // Each write gets what is left of the deadline, not all of it.
+        let mut sent = 0;
+        let mut written = Ok(());
+        while sent < frame.len() {
+            let step = remaining()
+                .ok_or_else(timed_out)
+                .and_then(|left| Ok(self.stream.set_write_timeout(Some(left))?))
+                .and_then(|()| Ok(self.stream.write(&frame[sent..])?));
+            match step {
+                Ok(0) => {
+                    written = Err(ClientError::Closed);
+                    break;
+                }
+                Ok(n) => sent += n,
+                Err(e) => {
+                    written = Err(e);
+                    break;
+                }
+            }
+        }
         if let Err(e) = written {
             // Refused (too many connections) and closed before we wrote: the
             // daemon's reason is still readable.
@@ -308,6 +330,34 @@ impl Conn {
             self.read_buf.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// Connects to `path` before `deadline`. A Unix socket connect blocks
+/// without limit while the listener's backlog is full (a stopped daemon), so
+/// the connect is non-blocking and retried until the deadline.
+fn connect_by(path: &Path, deadline: Instant) -> io::Result<UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    loop {
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(nix::errno::Errno::EAGAIN) => return Err(io::ErrorKind::TimedOut.into()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// A socket timeout (`WouldBlock`/`TimedOut`) as [`ClientError::Timeout`].

@@ -7,8 +7,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytes::BytesMut;
 use parking_lot::{Mutex, RwLock};
@@ -129,7 +129,16 @@ impl Client {
     /// The request is too large, the connection failed (the next call
     /// reconnects), the server refused, or [`ClientError::Timeout`].
     pub async fn call(&self, request: &Request<'_>) -> Result<Response<'static>, ClientError> {
-        let shared = self.live().await?;
+        let after = self.inner.timeouts.request;
+        let deadline = tokio::time::Instant::now() + after;
+        let timed_out = || ClientError::Timeout {
+            what: request.name(),
+            after,
+        };
+        // Reconnecting counts against the call's deadline too.
+        let shared = tokio::time::timeout_at(deadline, self.live())
+            .await
+            .map_err(|_| timed_out())??;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = BytesMut::new();
         encode(&(id, request), &mut frame)?;
@@ -139,7 +148,6 @@ impl Client {
             return Err(ProtocolError::FrameTooLarge { len, max }.into());
         }
         let (reply, answer) = oneshot::channel();
-        let after = self.inner.timeouts.request;
         let exchange = async {
             shared
                 .outgoing
@@ -148,15 +156,12 @@ impl Client {
                 .map_err(|_| ClientError::Closed)?;
             answer.await.map_err(|_| ClientError::Closed)?
         };
-        match tokio::time::timeout(after, exchange).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(Ok(Response::Error(e))) => Err(ClientError::Server(e)),
             Ok(result) => result,
             Err(_) => {
                 shared.routes.lock().waiting.remove(&id);
-                Err(ClientError::Timeout {
-                    what: request.name(),
-                    after,
-                })
+                Err(timed_out())
             }
         }
     }
@@ -249,8 +254,11 @@ fn start(conn: Connection) -> Arc<Shared> {
         server,
         routes: Mutex::new(Routes::default()),
     });
-    tokio::spawn(write_loop(write, rx, Arc::clone(&shared)));
-    tokio::spawn(read_loop(read, conn.read_buf, Arc::clone(&shared)));
+    // The tasks hold weak references: once every handle (and the client's
+    // current pointer) lets go, the queue's sender drops, the writer
+    // half-closes and the daemon ends the connection.
+    tokio::spawn(write_loop(write, rx, Arc::downgrade(&shared)));
+    tokio::spawn(read_loop(read, conn.read_buf, Arc::downgrade(&shared)));
     shared
 }
 
@@ -271,11 +279,14 @@ impl Shared {
 async fn write_loop(
     mut write: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outgoing>,
-    shared: Arc<Shared>,
+    shared: Weak<Shared>,
 ) {
     let mut batch = Vec::with_capacity(64);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     while rx.recv_many(&mut batch, 256).await > 0 {
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
         {
             let mut routes = shared.routes.lock();
             for out in batch.drain(..) {
@@ -283,6 +294,10 @@ async fn write_loop(
                     let _ = out
                         .reply
                         .send(Err(ClientError::Io(std::io::Error::other(why.clone()))));
+                    continue;
+                }
+                // A call that timed out while queued waits for nothing.
+                if out.reply.is_closed() {
                     continue;
                 }
                 routes.waiting.insert(out.id, out.reply);
@@ -298,12 +313,15 @@ async fn write_loop(
     let _ = write.shutdown().await;
 }
 
-async fn read_loop(mut read: OwnedReadHalf, mut buf: BytesMut, shared: Arc<Shared>) {
+async fn read_loop(mut read: OwnedReadHalf, mut buf: BytesMut, shared: Weak<Shared>) {
     let mut codec = FrameCodec::new(MAX_RESPONSE_FRAME);
     let why = loop {
         match codec.decode_frame(&mut buf) {
             Ok(Some(frame)) => match decode_response(&frame) {
                 Ok(resp) => {
+                    let Some(shared) = shared.upgrade() else {
+                        return; // nobody is waiting any more
+                    };
                     let reply = shared.routes.lock().waiting.remove(&resp.id);
                     match reply {
                         Some(reply) => {
@@ -328,5 +346,7 @@ async fn read_loop(mut read: OwnedReadHalf, mut buf: BytesMut, shared: Arc<Share
             Err(e) => break e.to_string(),
         }
     };
-    shared.close(why);
+    if let Some(shared) = shared.upgrade() {
+        shared.close(why);
+    }
 }
