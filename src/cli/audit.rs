@@ -41,6 +41,9 @@ pub struct AuditArgs {
     /// Key (PEM) of the client certificate.
     #[arg(long, value_name = "FILE", requires = "etcd_tls_cert")]
     pub etcd_tls_key: Option<PathBuf>,
+    /// Name to check etcd's certificate against, when not the endpoint's host.
+    #[arg(long, value_name = "NAME")]
+    pub etcd_tls_domain: Option<String>,
     /// etcd user, when etcd has authentication enabled.
     #[arg(long, value_name = "NAME", requires = "etcd_password_file")]
     pub etcd_user: Option<String>,
@@ -98,7 +101,7 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
         tls_ca: args.etcd_tls_ca.clone(),
         tls_cert: args.etcd_tls_cert.clone(),
         tls_key: args.etcd_tls_key.clone(),
-        tls_domain: None,
+        tls_domain: args.etcd_tls_domain.clone(),
         user: args.etcd_user.clone(),
         password_file: args.etcd_password_file.clone(),
     };

@@ -337,10 +337,15 @@ impl Config {
             Some(p) => Some(p.clone()),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
         };
-        let file = match &path {
+        let mut file = match &path {
             Some(p) => read_file(p)?,
             None => ConfigFile::default(),
         };
+        if !args.etcd.is_empty() {
+            // The flag's endpoints, with every other etcd key of the file
+            // (prefix, TLS, user...).
+            file.etcd = args.etcd.clone();
+        }
         let mut config = Config::from_file(file, path.as_deref())?;
         config.config_path = path;
         if let Some(s) = &args.socket {
@@ -367,12 +372,6 @@ impl Config {
         }
         if let Some(g) = &args.admin_group {
             config.admin_gid = Some(resolve_group(g)?);
-        }
-        if !args.etcd.is_empty() {
-            let etcd = config
-                .etcd
-                .get_or_insert_with(|| EtcdConfig::defaults(Vec::new()));
-            etcd.endpoints = args.etcd.clone();
         }
         if let Some(etcd) = config.etcd.as_mut() {
             if let Some(p) = &args.etcd_prefix {
@@ -784,5 +783,37 @@ mod tests {
             (c.per_uid_connections(), c.connections_kept_for_admins()),
             (1, 2)
         );
+    }
+
+    /// Endpoints from `--etcd` keep the file's other etcd keys.
+    #[test]
+    fn etcd_flag_endpoints_keep_the_files_etcd_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rld.toml");
+        let secret = dir.path().join("pw");
+        std::fs::write(&secret, "pw\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "etcd_prefix = '/team'\netcd_timeout = '2s'\netcd_user = 'rld'\n\
+                 etcd_password_file = {:?}\n",
+                secret.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "rld",
+            "--config",
+            path.to_str().unwrap(),
+            "--etcd",
+            "http://127.0.0.1:2379",
+        ]);
+        let e = Config::load(&args).unwrap().etcd.unwrap();
+        assert_eq!(e.endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(e.prefix, "/team");
+        assert_eq!(e.timeout, Duration::from_secs(2));
+        assert_eq!(e.security.user.as_deref(), Some("rld"));
     }
 }

@@ -129,6 +129,13 @@ impl EtcdSecurity {
             }
             options = options.with_tls(tls);
         }
+        if self.user.is_some() && https == 0 && !endpoints.iter().all(|e| is_loopback(e)) {
+            return invalid(
+                "etcd_user",
+                "a password would cross the network in clear over http://; use https:// \
+                 endpoints (with etcd_tls_ca), or loopback ones",
+            );
+        }
         if let (Some(user), Some(file)) = (&self.user, &self.password_file) {
             let password = read_password(file)?;
             options = options
@@ -137,6 +144,20 @@ impl EtcdSecurity {
         }
         Ok(options)
     }
+}
+
+/// Whether an http:// endpoint is on this host (127.0.0.0/8, ::1, localhost).
+fn is_loopback(endpoint: &str) -> bool {
+    let host = endpoint.trim_start_matches("http://");
+    let host = host.split('/').next().unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn read_pem(field: &'static str, path: &Path, kind: &str) -> Result<Vec<u8>, SecurityError> {
@@ -261,13 +282,22 @@ mod tests {
                 "etcd_user",
             ),
             (
-                eps(&["http://a:1"]),
+                eps(&["http://127.0.0.1:1"]),
                 EtcdSecurity {
                     user: Some("root".into()),
                     password_file: Some(secret.clone()),
                     ..Default::default()
                 },
                 "etcd_password_file",
+            ),
+            (
+                eps(&["http://10.0.0.1:2379"]),
+                EtcdSecurity {
+                    user: Some("root".into()),
+                    password_file: Some(secret.clone()),
+                    ..Default::default()
+                },
+                "etcd_user",
             ),
         ];
         for (endpoints, security, field) in cases {

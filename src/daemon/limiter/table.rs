@@ -112,17 +112,6 @@ pub struct Buckets {
 /// Bytes of one hash table slot: the entry and its control byte.
 const SLOT_BYTES: usize = std::mem::size_of::<Entry>() + 1;
 
-/// Slots hashbrown allocates to hold `capacity` entries.
-fn slots_for(capacity: usize) -> usize {
-    if capacity == 0 {
-        0
-    } else if capacity < 8 {
-        (capacity + 1).next_power_of_two()
-    } else {
-        (capacity * 8 / 7).next_power_of_two()
-    }
-}
-
 impl Buckets {
     /// The bucket for (client, resource), if present.
     #[inline]
@@ -147,8 +136,9 @@ impl Buckets {
         let key = BucketKey::new(client, resource);
         let key_bytes = key.heap_bytes();
         let mut evicted = 0;
-        // At most 8 batches of an eighth: by then the shard is empty.
-        for _ in 0..8 {
+        // A bounded number of LRU batches (each at least an eighth of what is
+        // left); an empty shard always takes the bucket.
+        for _ in 0..64 {
             if self.map.is_empty()
                 || (self.map.len() < self.cap
                     && self.bytes_after_insert(key_bytes) <= self.byte_cap)
@@ -185,20 +175,20 @@ impl Buckets {
         }
     }
 
-    /// The shard's memory: the hash table's slots as allocated, plus boxed keys.
+    /// The shard's memory: the hash table as allocated, plus boxed keys.
     pub fn bytes(&self) -> usize {
-        slots_for(self.map.capacity()) * SLOT_BYTES + self.key_bytes
+        self.map.allocation_size() + self.key_bytes
     }
 
     /// [`bytes`](Self::bytes) once a bucket with `key_bytes` of boxed key is
     /// inserted (the table doubles when full).
     fn bytes_after_insert(&self, key_bytes: usize) -> usize {
-        let capacity = if self.map.len() < self.map.capacity() {
-            self.map.capacity()
+        let table = if self.map.len() < self.map.capacity() {
+            self.map.allocation_size()
         } else {
-            (self.map.capacity() * 2).max(3)
+            (2 * self.map.allocation_size()).max(8 * SLOT_BYTES)
         };
-        slots_for(capacity) * SLOT_BYTES + self.key_bytes + key_bytes
+        table + self.key_bytes + key_bytes
     }
 
     /// Visits every bucket mutably (admin scans: draining leases, debts).
@@ -293,12 +283,14 @@ pub struct ShardedTable {
 
 impl ShardedTable {
     /// A table of `shards` shards (rounded up to a power of two, and down so
-    /// that each shard may hold at least 16 buckets) holding at most
+    /// that each shard may hold at least 16 buckets and 64 KiB) holding at most
     /// `max_buckets` buckets and `max_bytes` bytes in total.
     pub fn new(shards: usize, max_buckets: usize, max_bytes: usize) -> ShardedTable {
         let max_buckets = max_buckets.max(1);
         let mut n = shards.max(1).next_power_of_two();
-        while n > 1 && max_buckets / n < 16 {
+        // Each shard gets room for 16 buckets and 64 KiB (a byte share below
+        // one bucket could not be kept).
+        while n > 1 && (max_buckets / n < 16 || max_bytes / n < 64 * 1024) {
             n /= 2;
         }
         // Spread the remainder so the caps add up to exactly `max_buckets`.
