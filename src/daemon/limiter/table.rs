@@ -197,7 +197,8 @@ impl Buckets {
     }
 
     /// Evicts the least recently used eighth of the shard (at least one
-    /// bucket; ties at the cutoff go too).
+    /// bucket). Of buckets tied at the cutoff age only as many go as the
+    /// batch needs: a shard used within one tick is not emptied.
     fn evict_lru(&mut self, now: u64, mut on_evict: impl FnMut(&Entry)) -> usize {
         let now = tick(now);
         let batch = (self.cap.min(self.map.len()) / 8).max(1);
@@ -209,11 +210,16 @@ impl Buckets {
         }
         // The `batch` largest ages: select the cutoff from the top.
         let nth = self.scratch.len() - batch.min(self.scratch.len());
-        let (_, &mut cutoff, _) = self.scratch.select_nth_unstable(nth);
+        let (_, &mut cutoff, older) = self.scratch.select_nth_unstable(nth);
+        let mut ties = batch - older.iter().filter(|&&age| age > cutoff).count();
         let before = self.map.len();
         let key_bytes = &mut self.key_bytes;
         self.map.retain(|e| {
-            let keep = now.wrapping_sub(e.last_used) < cutoff;
+            let age = now.wrapping_sub(e.last_used);
+            let keep = age < cutoff || (age == cutoff && ties == 0);
+            if age == cutoff && !keep {
+                ties -= 1;
+            }
             if !keep {
                 *key_bytes -= e.key.heap_bytes();
                 on_evict(e);
@@ -419,6 +425,30 @@ mod tests {
         assert_eq!(ShardedTable::new(128, 100, usize::MAX).shard_count(), 4);
         assert_eq!(ShardedTable::new(128, 100, usize::MAX).max_buckets(), 100);
         assert_eq!(ShardedTable::new(8, 1, usize::MAX).shard_count(), 1);
+    }
+
+    /// Buckets all used within one tick: an LRU batch takes an eighth of
+    /// them, not the whole shard.
+    #[test]
+    fn an_lru_batch_of_tied_buckets_takes_only_the_batch() {
+        let table = ShardedTable::new(1, 64, usize::MAX);
+        let r = rule();
+        let shard = &mut table.lock(0).buckets;
+        for i in 0..64 {
+            let c = format!("c{i}");
+            shard.insert(table.hash(&c, "x"), &c, "x", Arc::clone(&r), 0, 5, |_| {});
+        }
+        let (_, evicted) = shard.insert(
+            table.hash("new", "x"),
+            "new",
+            "x",
+            Arc::clone(&r),
+            0,
+            5,
+            |_| {},
+        );
+        assert_eq!(evicted, 8);
+        assert_eq!(shard.len(), 57);
     }
 
     /// Long names cost their bytes: under a byte cap the table evicts the
