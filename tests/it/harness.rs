@@ -343,12 +343,21 @@ impl Etcd {
         self.private.as_ref().expect("a private cluster").0.path()
     }
 
-    /// PIDs of the members, by member number 1..=3.
+    /// PIDs of the live members, by member number 1..=3. A PID file of a
+    /// member that died is stale (its PID may be another process's by now,
+    /// pid_max being 32768 here), so a PID counts only while its command
+    /// line still names the member's data directory.
     pub fn pids(&self) -> Vec<(usize, i32)> {
         (1..=3)
             .filter_map(|i| {
                 let pid = std::fs::read_to_string(self.dir().join(format!("n{i}.pid"))).ok()?;
-                Some((i, pid.trim().parse().ok()?))
+                let pid: i32 = pid.trim().parse().ok()?;
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let data_dir = self.dir().join(format!("n{i}"));
+                let ours = cmdline
+                    .split(|&b| b == 0)
+                    .any(|arg| arg == data_dir.as_os_str().as_encoded_bytes());
+                ours.then_some((i, pid))
             })
             .collect()
     }
