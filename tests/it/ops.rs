@@ -217,7 +217,13 @@ fn stopping_leaves_a_socket_another_rld_took_over() {
         crate::harness::socket_answers_within(&socket, Duration::from_secs(20)),
         "b did not start"
     );
-    assert!(a.terminate().success());
+    let a_log = a.stderr_path.clone();
+    let status = a.terminate();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(&a_log).unwrap_or_default()
+    );
     assert!(socket.exists(), "a removed b's socket");
     let answered = code(&rlctl(&socket, &["health"]));
     nix::sys::signal::kill(
@@ -307,4 +313,79 @@ fn connections_beyond_the_open_file_limit_are_refused_not_hung() {
     )
     .unwrap();
     assert!(child.0.wait().unwrap().success());
+}
+
+/// `scripts/install --destdir` stages everything where Debian expects it,
+/// and a second run keeps an edited config.
+#[test]
+fn the_install_script_puts_every_file_in_place() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_rld")).parent().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install");
+    let install = || {
+        let out = Command::new(&script)
+            .arg("--destdir")
+            .arg(root.path())
+            .arg("--from")
+            .arg(bin_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    install();
+    let at = |p: &str| root.path().join(p.trim_start_matches('/'));
+    for bin in ["/usr/bin/rld", "/usr/bin/rlctl"] {
+        let mode = std::fs::metadata(at(bin)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "{bin}");
+    }
+    for page in [
+        "/usr/share/man/man8/rld.8.gz",
+        "/usr/share/man/man1/rlctl.1.gz",
+        "/usr/share/man/man1/rlctl-rules-set.1.gz",
+        "/usr/share/man/man5/rld.toml.5.gz",
+        "/usr/share/man/man7/rld-protocol.7.gz",
+    ] {
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(at(page))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(".TH "), "{page}");
+    }
+    for (file, marker) in [
+        ("/usr/share/bash-completion/completions/rlctl", "_rlctl"),
+        ("/usr/share/zsh/vendor-completions/_rlctl", "#compdef rlctl"),
+        (
+            "/usr/share/fish/vendor_completions.d/rlctl.fish",
+            "complete -c rlctl",
+        ),
+        (
+            "/usr/lib/systemd/system/rld.service",
+            "ExecStart=/usr/bin/rld --config",
+        ),
+        ("/usr/lib/systemd/system/rld.socket", "ListenStream="),
+    ] {
+        let text = std::fs::read_to_string(at(file)).unwrap();
+        assert!(text.contains(marker), "{file}: no {marker:?}");
+    }
+    let sample =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/rld.toml"))
+            .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(at("/etc/rld/rld.toml")).unwrap(),
+        sample
+    );
+    // An operator's edits survive a reinstall; the new sample lands beside.
+    std::fs::write(at("/etc/rld/rld.toml"), "# mine\n").unwrap();
+    install();
+    assert_eq!(
+        std::fs::read_to_string(at("/etc/rld/rld.toml")).unwrap(),
+        "# mine\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(at("/etc/rld/rld.toml.dist")).unwrap(),
+        sample
+    );
 }
