@@ -65,6 +65,7 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         greeted: false,
         last_request_ns: shared_now,
         reserved: 0,
+        stopping: false,
         latency: LocalHistogram::default(),
         timing: Timing::default(),
     };
@@ -97,6 +98,9 @@ struct Conn {
     last_request_ns: u64,
     /// Bytes of the answer budget held until the write buffer is written.
     reserved: usize,
+    /// Shutdown has drained what was sent before it: requests are answered
+    /// `shutting_down`, not decided.
+    stopping: bool,
 }
 
 /// Whether to keep the connection after a request.
@@ -147,10 +151,25 @@ impl Conn {
     }
 
     /// Shutdown: answers whatever the peer had already sent (up to
-    /// [`DRAIN_BYTES`]), then closes. Reads wait a few milliseconds: a
-    /// `try_read` could see stale readiness and leave sent bytes unread, and
-    /// closing with unread bytes resets the peer's connection.
+    /// [`DRAIN_BYTES`]), answers what comes next `shutting_down`, then
+    /// closes. Reads wait a few milliseconds: a `try_read` could see stale
+    /// readiness and leave sent bytes unread, and closing with unread bytes
+    /// resets the peer's connection.
     async fn drain(&mut self) -> io::Result<()> {
+        self.read_pending().await?;
+        self.answer_buffered().await?;
+        // Requests that arrive after those are not decided: each is answered
+        // shutting_down (so the client knows to retry elsewhere), then the
+        // connection closes.
+        self.stopping = true;
+        self.read_pending().await?;
+        self.answer_buffered().await?;
+        self.flush().await
+    }
+
+    /// Reads what the peer sends without a pause longer than [`DRAIN_WAIT`],
+    /// up to [`DRAIN_BYTES`].
+    async fn read_pending(&mut self) -> io::Result<()> {
         let mut read = 0;
         while read < DRAIN_BYTES {
             let more = self.stream.read_buf(&mut self.read_buf);
@@ -160,8 +179,7 @@ impl Conn {
                 Ok(Err(e)) => return Err(e),
             }
         }
-        self.answer_buffered().await?;
-        self.flush().await
+        Ok(())
     }
 
     /// Answers every complete frame in the read buffer.
@@ -229,6 +247,11 @@ impl Conn {
     }
 
     async fn answer(&mut self, id: u64, request: Request<'_>) -> Next {
+        if self.stopping {
+            let message = "rld is stopping; this request was not decided: retry, on this \
+                           daemon once it is back or on another";
+            return self.error(id, ErrorCode::SHUTTING_DOWN, message.into());
+        }
         if !self.greeted {
             return self.hello(id, &request);
         }

@@ -5,7 +5,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use nix::sys::signal::Signal;
+use rld::protocol::codec::{decode_response, encode};
+use rld::protocol::{Acquire, ErrorCode, Request, RequestFrame, Response};
 
 use crate::harness::{ProcessDaemon, code, rlctl, stderr, stdout, wait_for};
 
@@ -136,6 +139,73 @@ fn sigterm_answers_requests_already_sent() {
     assert_eq!((frames, at), (1001, all.len()));
     let status = d.wait();
     assert!(status.success());
+}
+
+/// A client pipelining without pause across SIGTERM: every request is
+/// answered in order, first with decisions, then (once the drain has taken
+/// what was sent before the stop) with shutting_down, never a decision after
+/// a shutting_down, and the connection then closes cleanly.
+#[test]
+fn sigterm_answers_later_requests_shutting_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 1]).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        // Ids 2.. until the daemon closes; bounded at 2 million requests.
+        let mut id = 2u64;
+        let mut chunk = Vec::new();
+        while id < 2_000_000 {
+            chunk.clear();
+            for _ in 0..4096 {
+                let mut frame = BytesMut::new();
+                let request = Request::Acquire(Acquire::new("a", "b"));
+                encode(&RequestFrame { id, request }, &mut frame).unwrap();
+                chunk.extend_from_slice(&frame);
+                id += 1;
+            }
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).unwrap(); // HelloOk's header: the daemon is serving
+    d.signal(Signal::SIGTERM);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest); // EOF, or a reset after the close
+    let mut all = header.to_vec();
+    all.extend(rest);
+    let (mut decided, mut refused, mut next_id, mut at) = (0u64, 0u64, 2u64, 0);
+    while at + 4 <= all.len() {
+        let len = u32::from_be_bytes(all[at..at + 4].try_into().unwrap()) as usize;
+        let Some(body) = all.get(at + 4..at + 4 + len) else {
+            panic!("a cut answer frame")
+        };
+        at += 4 + len;
+        let frame = decode_response(body).unwrap();
+        match frame.response {
+            Response::HelloOk { .. } => continue,
+            Response::Decision(_) => {
+                assert_eq!(refused, 0, "a decision after a shutting_down");
+                decided += 1;
+            }
+            Response::Error(e) => {
+                assert_eq!(e.code, ErrorCode::SHUTTING_DOWN, "{e}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(frame.id, next_id, "answers in order, none skipped");
+        next_id += 1;
+    }
+    eprintln!("across SIGTERM: {decided} decided, then {refused} shutting_down");
+    assert!(decided > 0);
+    drop(s);
+    sending.join().unwrap();
+    assert!(d.wait().success());
 }
 
 #[test]
