@@ -41,7 +41,9 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod protocol;
 pub mod rule;

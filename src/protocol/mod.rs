@@ -30,13 +30,17 @@
 //! `man/rld-protocol.7` documents every message byte by byte with test vectors
 //! that the test suite checks.
 
+#[cfg(feature = "client")]
 pub mod client;
 pub mod codec;
 mod message;
 
 use std::path::PathBuf;
 
-pub use client::{Client, ClientError, Connection, ServerInfo, Timeouts};
+#[cfg(feature = "async-client")]
+pub use client::{Client, Connection};
+#[cfg(feature = "client")]
+pub use client::{ClientError, ServerInfo, Timeouts};
 pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
     GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
@@ -92,6 +96,7 @@ impl ProtocolError {
 }
 
 /// The per-user socket: `$XDG_RUNTIME_DIR/rld.sock`, else `/tmp/rld-$UID/rld.sock`.
+#[cfg(feature = "client")]
 pub fn user_socket_path() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir).join("rld.sock"),
@@ -110,6 +115,7 @@ pub fn systemd_directory(var: &str) -> Option<PathBuf> {
 /// Where the daemon listens by default: `$RUNTIME_DIRECTORY/rld.sock` under
 /// systemd (`RuntimeDirectory=rld` makes it `/run/rld`, whatever `User=`),
 /// else the system socket for root and the user socket otherwise.
+#[cfg(feature = "client")]
 pub fn daemon_socket_path() -> PathBuf {
     if let Some(dir) = systemd_directory("RUNTIME_DIRECTORY") {
         return dir.join("rld.sock");
@@ -123,6 +129,7 @@ pub fn daemon_socket_path() -> PathBuf {
 
 /// Where clients look by default: a non-root user's own daemon if its socket
 /// exists, else the system daemon.
+#[cfg(feature = "client")]
 pub fn client_socket_path() -> PathBuf {
     if !nix::unistd::geteuid().is_root() {
         let user = user_socket_path();

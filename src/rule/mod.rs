@@ -6,6 +6,7 @@
 //! [`RuleSpec::validate`] can always be compiled into a bucket configuration
 //! without overflow.
 
+#[cfg(feature = "daemon")]
 pub mod file;
 mod pattern;
 
