@@ -93,6 +93,171 @@ fn requests() -> Vec<(&'static str, RequestFrame<'static>)> {
     ]
 }
 
+/// Vectors of the answers with nested reports (rule with every optional
+/// field, stats and health with etcd), a bypassed decision and an error
+/// under its request's id.
+pub fn new_responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
+    use rld::rule::{Accuracy, OnFailure, Reserve, Scope};
+    let frame = |id, response| ResponseFrame { id, response };
+    let lease = LeaseInfo {
+        batch: 12,
+        per_request: false,
+        members: 3,
+        bound: 46.5,
+        allowed_error: 0.02,
+        held: 7,
+    };
+    let clock = ClockReport {
+        offset_ns: -1500,
+        max_skew_ns: 10_000_000,
+        skewed: false,
+        transitions: 0,
+        delay_ns: 200_000,
+        peers: vec![PeerClock {
+            node: "web-2".into(),
+            offset_ns: 3000,
+            samples: 12,
+        }],
+    };
+    let mut spec = RuleSpec::new("search", "*", "api/search", 1000, Duration::from_secs(1));
+    spec.burst = Some(100);
+    spec.expire_idle = Some(Duration::from_secs(3600));
+    spec.reserve = Reserve {
+        high: 50,
+        normal: 100,
+        low: 200,
+    };
+    spec.scope = Scope::Global;
+    spec.on_failure = Some(OnFailure::Local);
+    spec.accuracy = Some(Accuracy {
+        error_bp: 200,
+        horizon: Duration::from_secs(10),
+    });
+    spec.fallback_limit = Some(400);
+    let latency = LatencySummary {
+        count: 8,
+        avg_ns: 5000,
+        p50_ns: 4096,
+        p90_ns: 8192,
+        p99_ns: 16384,
+        p999_ns: 16384,
+        max_ns: 20000,
+    };
+    vec![
+        (
+            "decision-bypassed",
+            frame(
+                11,
+                Response::Decision(Decision {
+                    outcome: Outcome::Bypassed,
+                    limit: 100,
+                    remaining: 0,
+                    retry_after_ns: 0,
+                    reset_after_ns: 120_000_000_000,
+                    rule: "api".into(),
+                }),
+            ),
+        ),
+        (
+            "error-with-id",
+            frame(
+                6,
+                Response::Error(ErrorBody::new(ErrorCode::RULE_NOT_FOUND, "no rule \"api\"")),
+            ),
+        ),
+        (
+            "rule-info",
+            frame(
+                12,
+                Response::Rule(RuleInfo {
+                    spec,
+                    source: RuleSource::Etcd,
+                    allowed: 5,
+                    rejected: 1,
+                    bypassed: 0,
+                    idle_ns: 2_000_000_000,
+                    lease: Some(lease.clone()),
+                }),
+            ),
+        ),
+        (
+            "stats-report",
+            frame(
+                9,
+                Response::Stats(Box::new(StatsReport {
+                    uptime_ns: 60_000_000_000,
+                    allowed: 5,
+                    rejected: 1,
+                    bypassed: 0,
+                    unmatched: 2,
+                    buckets: 3,
+                    max_buckets: 1_000_000,
+                    evicted_idle: 0,
+                    evicted_lru: 0,
+                    rules: 1,
+                    rules_expired: 0,
+                    connections_open: 1,
+                    connections_total: 4,
+                    connections_rejected: 0,
+                    protocol_errors: 0,
+                    latency,
+                    per_rule: vec![RuleCounters {
+                        id: "search".into(),
+                        allowed: 5,
+                        rejected: 1,
+                        bypassed: 0,
+                    }],
+                    cluster: Some(ClusterStats {
+                        state: "healthy".into(),
+                        state_changes: 0,
+                        members: 3,
+                        lease_txns: 10,
+                        lease_conflicts: 1,
+                        lease_failures: 0,
+                        tokens_leased: 120,
+                        tokens_returned: 5,
+                        debt_charged: 0,
+                        dropped_events: 0,
+                        txn_latency: latency,
+                        rules: vec![GlobalRuleStats {
+                            id: "search".into(),
+                            lease,
+                        }],
+                        clock: clock.clone(),
+                        lease_ops: 10,
+                        lease_unknown: 0,
+                        lease_resolved: 0,
+                        lease_repairs: 0,
+                        lease_clamped: 0,
+                        bucket_cap_refusals: 0,
+                    }),
+                })),
+            ),
+        ),
+        (
+            "health-etcd",
+            frame(
+                10,
+                Response::Health(HealthReport {
+                    state: ServingState::Ok,
+                    version: "0.1.0".into(),
+                    uptime_ns: 60_000_000_000,
+                    rules: 1,
+                    mode: "etcd".into(),
+                    etcd: Some(EtcdHealth {
+                        state: "healthy".into(),
+                        since_unix_ms: 1_764_460_800_000,
+                        members: 3,
+                        node_id: "web-1".into(),
+                        last_error: String::new(),
+                        clock,
+                    }),
+                }),
+            ),
+        ),
+    ]
+}
+
 fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
     let frame = |id, response| ResponseFrame { id, response };
     let decision = |outcome, limit, remaining, retry, reset, rule: &'static str| Decision {
@@ -103,7 +268,7 @@ fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
         reset_after_ns: reset,
         rule: rule.into(),
     };
-    vec![
+    let mut all = vec![
         (
             "hello-ok",
             frame(
@@ -175,7 +340,9 @@ fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
                 }),
             ),
         ),
-    ]
+    ];
+    all.extend(new_responses());
+    all
 }
 
 #[test]

@@ -22,7 +22,22 @@ from rld import (
     TraceContext,
     wire,
 )
-from rld.messages import ErrorBody
+from rld.messages import (
+    Accuracy,
+    ClockReport,
+    ClusterStats,
+    ErrorBody,
+    EtcdHealth,
+    GlobalRuleStats,
+    LatencySummary,
+    LeaseInfo,
+    PeerClock,
+    Reserve,
+    RuleCounters,
+    RuleInfo,
+    RuleSource,
+    StatsReport,
+)
 from rld.wire import Frame
 from support import MAN_PAGE
 
@@ -79,6 +94,30 @@ def page_vectors(text: str) -> Dict[str, Vector]:
 VECTORS = page_vectors(MAN_PAGE.read_text(encoding="utf-8"))
 
 _TRACE = TraceContext.parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+_LEASE = LeaseInfo(batch=12, per_request=False, members=3, bound=46.5, allowed_error=0.02, held=7)
+_CLOCK = ClockReport(
+    offset_ns=-1500,
+    max_skew_ns=10_000_000,
+    skewed=False,
+    transitions=0,
+    delay_ns=200_000,
+    peers=[PeerClock("web-2", 3000, 12)],
+)
+_LATENCY = LatencySummary(8, 5000, 4096, 8192, 16384, 16384, 20000)
+_GLOBAL_RULE = RuleSpec(
+    "search",
+    "*",
+    "api/search",
+    limit=1000,
+    window=1,
+    burst=100,
+    expire_idle=3600,
+    reserve=Reserve(high=50, normal=100, low=200),
+    scope="global",
+    on_failure="local",
+    accuracy=Accuracy(error_bp=200, horizon_ns=10_000_000_000),
+    fallback_limit=400,
+)
 
 # What each vector documents, written from its title and annotations.
 EXPECTED: Dict[str, Frame] = {
@@ -107,6 +146,41 @@ EXPECTED: Dict[str, Frame] = {
     "health": Frame(10, "Health"),
     "health-report": Frame(
         10, "Health", HealthReport(ServingState.OK, "0.1.0", 1_000_000_000, 2, "standalone", None)
+    ),
+    "decision-bypassed": Frame(
+        11, "Decision", Decision(Outcome.BYPASSED, 100, 0, 0, 120_000_000_000, "api")
+    ),
+    "error-with-id": Frame(6, "Error", ErrorBody(8, 'no rule "api"')),
+    "rule-info": Frame(
+        12, "Rule", RuleInfo(_GLOBAL_RULE, RuleSource.ETCD, 5, 1, 0, 2_000_000_000, _LEASE)
+    ),
+    "stats-report": Frame(
+        9,
+        "Stats",
+        StatsReport(
+            60_000_000_000, 5, 1, 0, 2, 3, 1_000_000, 0, 0, 1, 0, 1, 4, 0, 0,
+            _LATENCY,
+            [RuleCounters("search", 5, 1, 0)],
+            ClusterStats(
+                "healthy", 0, 3, 10, 1, 0, 120, 5, 0, 0,
+                _LATENCY,
+                [GlobalRuleStats("search", _LEASE)],
+                _CLOCK,
+                10, 0, 0, 0, 0, 0,
+            ),
+        ),
+    ),
+    "health-etcd": Frame(
+        10,
+        "Health",
+        HealthReport(
+            ServingState.OK,
+            "0.1.0",
+            60_000_000_000,
+            1,
+            "etcd",
+            EtcdHealth("healthy", 1_764_460_800_000, 3, "web-1", "", _CLOCK),
+        ),
     ),
 }
 
