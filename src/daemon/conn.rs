@@ -39,6 +39,16 @@ use crate::protocol::{
 };
 use crate::rule::RuleSpec;
 
+/// What every daemon of this version offers, as named in `Welcome` (see
+/// rld-protocol(7)); "global-rules" is added when limits are shared.
+const CAPABILITIES: &[&str] = &[
+    "acquire-many",
+    "priorities",
+    "trace-context",
+    "rule-admin",
+    "shutting-down",
+];
+
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
 /// The buffers a connection starts with and shrinks back to.
@@ -361,19 +371,51 @@ impl Conn {
             self.protocol_error(id, &ProtocolError::HandshakeRequired);
             return Next::Close;
         };
+        if version > PROTOCOL_VERSION {
+            // The client speaks version 2 or later: it reads the range as
+            // fields.
+            self.respond(
+                id,
+                &Response::UnsupportedVersion {
+                    requested: version,
+                    min_version: MIN_PROTOCOL_VERSION,
+                    max_version: PROTOCOL_VERSION,
+                },
+            );
+            return Next::Close;
+        }
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
             self.protocol_error(id, &ProtocolError::UnsupportedVersion(version));
             return Next::Close;
         }
         self.greeted = true;
-        self.respond(
-            id,
-            &Response::HelloOk {
-                version,
-                server: concat!("rld ", env!("CARGO_PKG_VERSION")).into(),
-                max_frame: self.shared.max_frame as u32,
-            },
-        )
+        let server = concat!("rld ", env!("CARGO_PKG_VERSION"));
+        let max_frame = self.shared.max_frame as u32;
+        if version == 1 {
+            let server = server.into();
+            return self.respond(
+                id,
+                &Response::HelloOk {
+                    version,
+                    server,
+                    max_frame,
+                },
+            );
+        }
+        let mut capabilities: Vec<std::borrow::Cow<'_, str>> =
+            CAPABILITIES.iter().map(|&c| c.into()).collect();
+        if self.shared.cluster.is_some() {
+            capabilities.push("global-rules".into());
+        }
+        let welcome = crate::protocol::Welcome {
+            version,
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            server: server.into(),
+            max_frame,
+            capabilities,
+        };
+        self.respond(id, &Response::Welcome(welcome))
     }
 
     /// The hot path: decide and encode the answer straight into the write

@@ -236,6 +236,30 @@ pub enum Response<'a> {
     Health(HealthReport),
     /// 9. The request failed; see the code.
     Error(ErrorBody<'a>),
+    /// 10. Answer to `Hello` from version 2: versions and capabilities.
+    Welcome(Welcome<'a>),
+    /// 11. Answer to `Hello` for a version above the daemon's (then closed).
+    UnsupportedVersion {
+        requested: u16,
+        min_version: u16,
+        max_version: u16,
+    },
+}
+
+/// The protocol version 2 handshake answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome<'a> {
+    /// The version this connection speaks (the one asked for).
+    pub version: u16,
+    /// The oldest and newest versions the daemon speaks.
+    pub min_version: u16,
+    pub max_version: u16,
+    pub server: Cow<'a, str>,
+    /// Largest request frame the daemon accepts, in bytes.
+    pub max_frame: u32,
+    /// Optional behaviours this daemon offers (see rld-protocol(7)); clients
+    /// ignore names they do not know.
+    pub capabilities: Vec<Cow<'a, str>>,
 }
 
 /// The answer to one acquire.

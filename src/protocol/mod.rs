@@ -15,9 +15,12 @@
 //!   response is [`ResponseFrame`] `{ id, response }` with the same id.
 //!   Responses come back in request order, so a client may pipeline: write many
 //!   requests, then read the answers.
-//! * The first request must be `Hello { version }`. The daemon answers
-//!   `HelloOk { version, server, max_frame }`, or `unsupported_version` naming
-//!   the versions it speaks, and closes.
+//! * The first request must be `Hello { version }`. Version 1 is answered
+//!   `HelloOk { version, server, max_frame }`; version 2 `Welcome` (the
+//!   versions the daemon speaks, its frame limit and capabilities). A version
+//!   above what the daemon speaks gets `UnsupportedVersion { requested,
+//!   min_version, max_version }` (asked by a version 2+ client) or the
+//!   `unsupported_version` error, and the connection is closed.
 //! * Malformed frames, unknown request types and oversized frames get an
 //!   `Error` response (id 0 when the id is unreadable) and the connection is
 //!   closed; other connections are unaffected.
@@ -45,11 +48,11 @@ pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
     GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
     REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo,
-    RuleSource, ServingState, StatsReport, TraceContext,
+    RuleSource, ServingState, StatsReport, TraceContext, Welcome,
 };
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Default maximum request frame, in bytes (body, header excluded).

@@ -89,15 +89,29 @@ async fn unknown_requests_and_versions_are_named() {
     // Request variant 42 with id 7.
     let msg = expect_rejected(&d, true, &[0, 0, 0, 2, 7, 42], ErrorCode::UNKNOWN_REQUEST).await;
     assert!(msg.contains("unknown request type 42"), "{msg}");
-    // Hello for version 99.
+    // Hello for version 0 (below every version): the error, for any client.
     let msg = expect_rejected(
         &d,
         false,
-        &[0, 0, 0, 3, 1, 0, 99],
+        &[0, 0, 0, 3, 1, 0, 0],
         ErrorCode::UNSUPPORTED_VERSION,
     )
     .await;
-    assert!(msg.contains("versions 1 to 1"), "{msg}");
+    assert!(msg.contains("versions 1 to 2"), "{msg}");
+    // Hello for version 99, from a client of version 2 or later: the range
+    // as fields, then the connection closes.
+    let mut s = UnixStream::connect(&d.socket).await.unwrap();
+    s.write_all(&[0, 0, 0, 3, 1, 0, 99]).await.unwrap();
+    let answer = read_frame(&mut s).await.unwrap();
+    assert_eq!(
+        answer.response,
+        Response::UnsupportedVersion {
+            requested: 99,
+            min_version: 1,
+            max_version: 2
+        }
+    );
+    assert!(is_closed(&mut s).await);
     // No Hello first.
     expect_rejected(
         &d,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use rld::protocol::client::blocking;
-use rld::protocol::{Acquire, Client, ClientError, Timeouts};
+use rld::protocol::{Acquire, Client, ClientError, ErrorBody, ErrorCode, Response, Timeouts};
 
 use crate::harness::{ProcessDaemon, wait_for};
 
@@ -167,4 +167,75 @@ fn the_blocking_client_gives_up_on_a_full_backlog() {
         .expect("connect returned instead of hanging");
     let err = result.unwrap_err();
     assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+}
+
+/// Both clients greet with version 2 and learn the daemon's range and
+/// capabilities; an older daemon that speaks only version 1 (played here by
+/// a scripted listener) is greeted again with version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_greet_with_version_2_and_fall_back_to_1() {
+    let d = crate::harness::TestDaemon::start(vec![]).await;
+    let conn = rld::protocol::Connection::connect(&d.socket).await.unwrap();
+    let info = conn.server().clone();
+    assert_eq!(
+        (info.version, info.min_version, info.max_version),
+        (2, 1, 2)
+    );
+    assert!(
+        info.capabilities.iter().any(|c| c == "acquire-many"),
+        "{info:?}"
+    );
+    assert!(
+        !info.capabilities.iter().any(|c| c == "global-rules"),
+        "standalone"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // Four connections: each client greets with 2 (refused), then 1.
+    let old_daemon = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for _ in 0..4 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 7];
+            s.read_exact(&mut hello).unwrap();
+            let answer = if hello[6] == 1 {
+                Response::HelloOk {
+                    version: 1,
+                    server: "rld 0.0.9".into(),
+                    max_frame: 65536,
+                }
+            } else {
+                let body = ErrorBody::new(ErrorCode::UNSUPPORTED_VERSION, "speaks 1 to 1");
+                Response::Error(body)
+            };
+            let mut out = bytes::BytesMut::new();
+            rld::protocol::codec::encode(&(u64::from(hello[4]), answer), &mut out).unwrap();
+            s.write_all(&out).unwrap();
+            if hello[6] == 1 {
+                // Stays open until the client has read its answer and left.
+                let _ = s.read(&mut [0u8; 1]);
+            }
+        }
+    });
+    let blocking_path = path.clone();
+    let old = tokio::task::spawn_blocking(move || {
+        blocking::Client::connect_with(&blocking_path, SHORT)
+            .unwrap()
+            .server()
+            .clone()
+    })
+    .await
+    .unwrap();
+    assert_eq!((old.version, old.max_version), (1, 1));
+    assert!(old.capabilities.is_empty());
+    let conn = rld::protocol::Connection::connect_with(&path, SHORT)
+        .await
+        .unwrap();
+    assert_eq!(conn.server().version, 1);
+    drop(conn);
+    tokio::task::spawn_blocking(move || old_daemon.join().unwrap())
+        .await
+        .unwrap();
 }

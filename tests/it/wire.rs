@@ -54,6 +54,7 @@ fn requests() -> Vec<(&'static str, RequestFrame<'static>)> {
     let frame = |id, request| RequestFrame { id, request };
     vec![
         ("hello", frame(1, Request::Hello { version: 1 })),
+        ("hello-v2", frame(1, Request::Hello { version: 2 })),
         (
             "acquire",
             frame(2, Request::Acquire(Acquire::new("alice", "api/search"))),
@@ -144,6 +145,31 @@ pub fn new_responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
         max_ns: 20000,
     };
     vec![
+        (
+            "welcome",
+            frame(
+                1,
+                Response::Welcome(Welcome {
+                    version: 2,
+                    min_version: 1,
+                    max_version: 2,
+                    server: "rld".into(),
+                    max_frame: 65536,
+                    capabilities: vec!["acquire-many".into(), "priorities".into()],
+                }),
+            ),
+        ),
+        (
+            "unsupported-version",
+            frame(
+                1,
+                Response::UnsupportedVersion {
+                    requested: 3,
+                    min_version: 1,
+                    max_version: 2,
+                },
+            ),
+        ),
         (
             "decision-bypassed",
             frame(

@@ -189,6 +189,30 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class Welcome:
+    """The protocol version 2 handshake answer: the versions the daemon
+    speaks and the optional behaviours it offers. (This client greets with
+    version 1; the type is here to read every message of the protocol.)"""
+
+    version: int
+    min_version: int
+    max_version: int
+    server: str
+    max_frame: int
+    capabilities: List[str]
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """``UnsupportedVersion``: the version asked and the range the daemon
+    speaks (sent to clients that greet with version 2 or later)."""
+
+    requested: int
+    min_version: int
+    max_version: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """The answer to one acquire. A denial is a normal outcome, not an error."""
 

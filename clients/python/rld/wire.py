@@ -280,6 +280,24 @@ RESPONSE = Tagged(
         ("Stats", STATS),
         ("Health", HEALTH),
         ("Error", ERROR),
+        (
+            "Welcome",
+            Struct(
+                m.Welcome,
+                [
+                    ("version", U16),
+                    ("min_version", U16),
+                    ("max_version", U16),
+                    ("server", STR),
+                    ("max_frame", U32),
+                    ("capabilities", Seq(STR)),
+                ],
+            ),
+        ),
+        (
+            "UnsupportedVersion",
+            Struct(m.VersionRange, [("requested", U16), ("min_version", U16), ("max_version", U16)]),
+        ),
     ],
 )
 """Response variants in wire order (``ResponseFrame`` in message.rs)."""

@@ -164,6 +164,8 @@ REQUESTS = [
 ]
 RESPONSES = [
     Frame(1, "HelloOk", rld.ServerInfo(1, "rld 0.1.0", 2**32 - 1)),
+    Frame(1, "Welcome", rld.messages.Welcome(2, 1, 2, "rld 0.1.0", 65536, ["acquire-many"])),
+    Frame(1, "UnsupportedVersion", rld.messages.VersionRange(7, 1, 2)),
     Frame(2, "Decision", rld.Decision(rld.Outcome.BYPASSED, 1, 0, 0, 5, "")),
     Frame(
         3,
@@ -243,7 +245,7 @@ def test_nan_and_infinities_survive():
     [
         ("", "reading id"),
         ("01", "reading Response"),
-        ("01 0a", "unknown Response variant 10"),
+        ("01 0c", "unknown Response variant 12"),
         ("01 01 03", "unknown Outcome variant 3"),
         ("01 01 00 64 63 00 00 03 61 70", "reading Response.Decision.rule"),
         ("01 01 00 64 63 00 00 00 ff", "1 unexpected bytes after the response"),

@@ -37,6 +37,8 @@ from rld.messages import (
     RuleInfo,
     RuleSource,
     StatsReport,
+    VersionRange,
+    Welcome,
 )
 from rld.wire import Frame
 from support import MAN_PAGE
@@ -122,6 +124,9 @@ _GLOBAL_RULE = RuleSpec(
 # What each vector documents, written from its title and annotations.
 EXPECTED: Dict[str, Frame] = {
     "hello": Frame(1, "Hello", 1),
+    "hello-v2": Frame(1, "Hello", 2),
+    "welcome": Frame(1, "Welcome", Welcome(2, 1, 2, "rld", 65536, ["acquire-many", "priorities"])),
+    "unsupported-version": Frame(1, "UnsupportedVersion", VersionRange(3, 1, 2)),
     "hello-ok": Frame(1, "HelloOk", ServerInfo(version=1, server="rld", max_frame=65536)),
     "acquire": Frame(2, "Acquire", Acquire("alice", "api/search")),
     "acquire-trace": Frame(300, "Acquire", Acquire("bob", "db", 5, Priority.CRITICAL, _TRACE)),

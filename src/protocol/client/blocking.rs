@@ -21,8 +21,8 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::{
-    ClientError, ServerInfo, Timeouts, expect_applied, expect_decision, expect_decisions,
-    expect_deleted, expect_health, expect_rule, expect_rules, expect_stats, unexpected,
+    ClientError, Greeting, ServerInfo, Timeouts, expect_applied, expect_decision, expect_decisions,
+    expect_deleted, expect_health, expect_rule, expect_rules, expect_stats, greeting,
 };
 use crate::protocol::codec::{FrameCodec, HEADER_LEN, decode_response, encode};
 use crate::protocol::{
@@ -78,8 +78,24 @@ impl Client {
         &self.server
     }
 
+    /// Connects and greets with this build's version; a daemon that speaks
+    /// only older ones (it closes the connection) is greeted again with the
+    /// newest it names.
     fn reconnect(&mut self) -> Result<(), ClientError> {
         self.conn = None;
+        match self.greet(PROTOCOL_VERSION)? {
+            None => Ok(()),
+            Some(older) if older < PROTOCOL_VERSION && self.greet(older)?.is_none() => Ok(()),
+            Some(_) => Err(ClientError::Unexpected {
+                request: "Hello",
+                got: "UnsupportedVersion",
+            }),
+        }
+    }
+
+    /// One handshake at `version`: `None` once connected, or the version the
+    /// daemon says to try instead.
+    fn greet(&mut self, version: u16) -> Result<Option<u16>, ClientError> {
         let connect_error = |source| ClientError::Connect {
             path: self.path.clone(),
             source,
@@ -98,24 +114,15 @@ impl Client {
             codec: FrameCodec::new(MAX_RESPONSE_FRAME),
             next_id: 1,
         };
-        let hello = Request::Hello {
-            version: PROTOCOL_VERSION,
-        };
-        match conn.call(&hello, 0, deadline, "the handshake", self.timeouts.connect)? {
-            Response::HelloOk {
-                version,
-                server,
-                max_frame,
-            } => {
-                self.server = ServerInfo {
-                    version,
-                    server: server.into_owned(),
-                    max_frame,
-                };
+        let hello = Request::Hello { version };
+        let answer = conn.call(&hello, 0, deadline, "the handshake", self.timeouts.connect)?;
+        match greeting(&hello, answer)? {
+            Greeting::Welcome(server) => {
+                self.server = server;
                 self.conn = Some(conn);
-                Ok(())
+                Ok(None)
             }
-            other => Err(unexpected(&hello, &other)),
+            Greeting::TryVersion(older) => Ok(Some(older)),
         }
     }
 

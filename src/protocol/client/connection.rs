@@ -8,8 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 use super::{
-    ClientError, ServerInfo, Timeouts, expect_applied, expect_decision, expect_decisions,
-    expect_deleted, expect_health, expect_rule, expect_rules, expect_stats, unexpected,
+    ClientError, Greeting, ServerInfo, Timeouts, expect_applied, expect_decision, expect_decisions,
+    expect_deleted, expect_health, expect_rule, expect_rules, expect_stats, greeting,
 };
 use crate::protocol::codec::{FrameCodec, decode_response, encode};
 use crate::protocol::{
@@ -61,7 +61,35 @@ impl Connection {
             }))
     }
 
+    /// Greets with this build's version; a daemon that speaks only older
+    /// ones (it closes the connection) is greeted again with the newest it
+    /// names.
     async fn handshake(path: &Path, timeouts: Timeouts) -> Result<Connection, ClientError> {
+        match Connection::greet(path, timeouts, PROTOCOL_VERSION).await? {
+            Ok(conn) => Ok(conn),
+            Err(older) if older < PROTOCOL_VERSION => {
+                match Connection::greet(path, timeouts, older).await? {
+                    Ok(conn) => Ok(conn),
+                    Err(_) => Err(ClientError::Unexpected {
+                        request: "Hello",
+                        got: "UnsupportedVersion",
+                    }),
+                }
+            }
+            Err(_) => Err(ClientError::Unexpected {
+                request: "Hello",
+                got: "UnsupportedVersion",
+            }),
+        }
+    }
+
+    /// One handshake at `version`: the connection, or the version the daemon
+    /// says to try instead.
+    async fn greet(
+        path: &Path,
+        timeouts: Timeouts,
+        version: u16,
+    ) -> Result<Result<Connection, u16>, ClientError> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| ClientError::Connect {
@@ -77,23 +105,18 @@ impl Connection {
             server: ServerInfo::default(),
             timeouts,
         };
-        let hello = Request::Hello {
-            version: PROTOCOL_VERSION,
+        let hello = Request::Hello { version };
+        let answer = match conn.exchange(&hello).await {
+            Ok(answer) => answer,
+            Err(ClientError::Server(e)) => Response::Error(e),
+            Err(e) => return Err(e),
         };
-        match conn.exchange(&hello).await? {
-            Response::HelloOk {
-                version,
-                server,
-                max_frame,
-            } => {
-                conn.server = ServerInfo {
-                    version,
-                    server: server.into_owned(),
-                    max_frame,
-                };
-                Ok(conn)
+        match greeting(&hello, answer)? {
+            Greeting::Welcome(server) => {
+                conn.server = server;
+                Ok(Ok(conn))
             }
-            other => Err(unexpected(&hello, &other)),
+            Greeting::TryVersion(older) => Ok(Err(older)),
         }
     }
 

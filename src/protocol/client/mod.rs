@@ -92,17 +92,66 @@ impl Default for Timeouts {
     }
 }
 
-/// What the daemon said in its `HelloOk`.
+/// What the daemon said in its handshake answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerInfo {
     pub version: u16,
     pub server: String,
     pub max_frame: u32,
+    /// The versions the daemon speaks (from protocol 2; a version 1 daemon
+    /// reports only its own).
+    pub min_version: u16,
+    pub max_version: u16,
+    /// Optional behaviours the daemon offers (empty from a version 1 daemon).
+    pub capabilities: Vec<String>,
+}
+
+/// What a handshake answer says: the server, or a version to try instead.
+enum Greeting {
+    Welcome(ServerInfo),
+    /// The daemon speaks only older versions (up to this one).
+    TryVersion(u16),
+}
+
+/// Reads the answer to `Hello { version }` (see rld-protocol(7)): `Welcome`
+/// (version 2+), `HelloOk` (version 1), or a daemon that speaks only older
+/// versions (`UnsupportedVersion`, or a version 1 daemon's error).
+fn greeting(hello: &Request<'_>, answer: Response<'_>) -> Result<Greeting, ClientError> {
+    match answer {
+        Response::Welcome(w) => Ok(Greeting::Welcome(ServerInfo {
+            version: w.version,
+            server: w.server.into_owned(),
+            max_frame: w.max_frame,
+            min_version: w.min_version,
+            max_version: w.max_version,
+            capabilities: w.capabilities.into_iter().map(|c| c.into_owned()).collect(),
+        })),
+        Response::HelloOk {
+            version,
+            server,
+            max_frame,
+        } => Ok(Greeting::Welcome(ServerInfo {
+            version,
+            server: server.into_owned(),
+            max_frame,
+            min_version: version,
+            max_version: version,
+            capabilities: Vec::new(),
+        })),
+        Response::UnsupportedVersion { max_version, .. } => Ok(Greeting::TryVersion(max_version)),
+        Response::Error(e) if e.code == super::ErrorCode::UNSUPPORTED_VERSION => {
+            Ok(Greeting::TryVersion(1))
+        }
+        Response::Error(e) => Err(ClientError::Server(e.into_owned())),
+        other => Err(unexpected(hello, &other)),
+    }
 }
 
 fn unexpected(request: &Request<'_>, got: &Response<'_>) -> ClientError {
     let got = match got {
         Response::HelloOk { .. } => "HelloOk",
+        Response::Welcome(_) => "Welcome",
+        Response::UnsupportedVersion { .. } => "UnsupportedVersion",
         Response::Decision(_) => "Decision",
         Response::Decisions(_) => "Decisions",
         Response::RulesApplied { .. } => "RulesApplied",
