@@ -308,6 +308,9 @@ async fn only_admins_change_rules_but_anyone_who_connects_may_acquire() {
     }
     let d = TestDaemon::start_with(|c| c.socket_mode = 0o666).await;
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A rule set by root (this process), which nobody may then delete.
+    let keep = rld::rule::RuleSpec::new("keep", "*", "k", 5, Duration::from_secs(60));
+    d.connect().await.rule_set(vec![keep]).await.unwrap();
     let as_nobody = |args: &[&str]| {
         let mut cmd = std::process::Command::new("setpriv");
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -336,9 +339,18 @@ async fn only_admins_change_rules_but_anyone_who_connects_may_acquire() {
         "{}",
         stderr(&denied)
     );
+    let delete = as_nobody(&["rules", "delete", "keep"]);
+    assert_eq!(code(&delete), 3, "{}", stderr(&delete));
+    assert!(
+        stderr(&delete).contains("may not delete rules"),
+        "{}",
+        stderr(&delete)
+    );
     let acquire = as_nobody(&["acquire", "a", "b"]);
     assert_eq!(code(&acquire), 0, "{}", stderr(&acquire));
-    assert_eq!(d.shared.limiter.rules().len(), 0);
+    let rules = d.shared.limiter.rules();
+    assert_eq!(rules.len(), 1, "only root's rule");
+    assert!(rules.get("keep").is_some());
 }
 
 /// Against a stopped daemon (SIGSTOP: the socket accepts, nothing answers)

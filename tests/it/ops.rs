@@ -94,12 +94,63 @@ fn readiness_is_signalled_once_the_socket_is_bound() {
     // Ready means ready: the socket answers at once.
     let out = rlctl(&socket, &["health"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // The socket's default mode: owner and group read-write, others nothing.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "{mode:o}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// Under `WatchdogSec=` (WATCHDOG_USEC) rld pings the watchdog at half the
+/// interval: here 200 ms, so several pings within seconds.
+#[test]
+fn the_systemd_watchdog_is_pinged() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // systemd names the watched process: WATCHDOG_PID is rld's own PID,
+    // which `exec` gives it from the shell.
+    let mut child = Reaper(
+        Command::new("sh")
+            .arg("-c")
+            .arg("WATCHDOG_PID=$$ exec \"$0\" --socket \"$1\" --state-dir \"$2\"")
+            .arg(env!("CARGO_BIN_EXE_rld"))
+            .arg(dir.path().join("rld.sock"))
+            .arg(dir.path().join("state"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut pings = 0;
+    let mut buf = [0u8; 256];
+    // Bounded: at most 100 messages, each within 20 s.
+    for _ in 0..100 {
+        let n = notify.recv(&mut buf).expect("a notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings += 1;
+            if pings == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(pings, 3, "three watchdog pings");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.0.wait().unwrap().success());
 }
 
 #[test]
