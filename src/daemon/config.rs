@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use super::cluster::security::{EtcdSecurity, SecurityError};
+use super::exporter::MetricsAddr;
 use super::limiter::DefaultAction;
 use crate::protocol::{DEFAULT_MAX_FRAME, daemon_socket_path};
 use crate::rule::file::{RuleEntry, RuleFileError, specs_from_entries};
@@ -86,6 +87,11 @@ pub struct Args {
     #[arg(long)]
     pub check_config: bool,
 
+    /// Serve Prometheus metrics (GET /metrics) on ADDR: an IP address with a
+    /// port (127.0.0.1:9464) or an absolute Unix socket path. Off by default.
+    #[arg(long, value_name = "ADDR", env = "RLD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
     /// Append one JSON line per lease operation and, every 100 ms, the
     /// requests admitted per global rule to FILE (checked by `rlctl audit`; off by
     /// default).
@@ -154,6 +160,8 @@ pub struct ConfigFile {
     pub answer_memory: Option<usize>,
     /// Lease audit log file (etcd mode).
     pub audit_log: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`127.0.0.1:9464`, `/run/rld/metrics.sock`).
+    pub metrics_listen: Option<String>,
     pub drain_timeout: Option<String>,
     pub sweep_interval: Option<String>,
     pub admin_group: Option<String>,
@@ -200,6 +208,11 @@ pub struct EtcdConfig {
     pub max_buckets_per_rule: usize,
     /// TLS and authentication towards etcd.
     pub security: EtcdSecurity,
+}
+
+fn metrics_addr(field: &'static str, text: &str) -> Result<MetricsAddr, ConfigError> {
+    text.parse()
+        .map_err(|message| ConfigError::Value { field, message })
 }
 
 /// Largest `max_buckets`.
@@ -259,6 +272,8 @@ pub struct Config {
     pub etcd: Option<EtcdConfig>,
     /// The lease audit log (etcd mode), if any.
     pub audit_log: Option<PathBuf>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics_listen: Option<MetricsAddr>,
 }
 
 /// A config that cannot be used.
@@ -309,6 +324,7 @@ impl Default for Config {
             rules: Vec::new(),
             etcd: None,
             audit_log: None,
+            metrics_listen: None,
         }
     }
 }
@@ -356,6 +372,9 @@ impl Config {
         }
         if let Some(f) = &args.audit_log {
             config.audit_log = Some(f.clone());
+        }
+        if let Some(a) = &args.metrics_listen {
+            config.metrics_listen = Some(metrics_addr("--metrics-listen", a)?);
         }
         if let Some(a) = &args.default_action {
             config.default_action = if a == "deny" {
@@ -483,6 +502,11 @@ impl Config {
             },
             rules,
             audit_log: file.audit_log,
+            metrics_listen: file
+                .metrics_listen
+                .as_deref()
+                .map(|a| metrics_addr("metrics_listen", a))
+                .transpose()?,
         })
     }
 

@@ -523,9 +523,13 @@ impl Conn {
     }
 
     fn respond(&mut self, id: u64, response: &Response<'_>) -> Next {
+        if let Response::Error(body) = response {
+            self.shared.metrics.error_answered(body.code);
+        }
         let start = self.write_buf.len();
         // An (id, response) tuple encodes exactly like `ResponseFrame`.
         if let Err(e) = encode(&(id, response), &mut self.write_buf) {
+            self.shared.metrics.error_answered(ErrorCode::INTERNAL);
             let body = ErrorBody::new(ErrorCode::INTERNAL, format!("answer too large: {e}"));
             encode(&(id, Response::Error(body)), &mut self.write_buf)
                 .expect("an error answer always fits");

@@ -88,6 +88,15 @@ pub fn bind(path: &Path, mode: u32) -> Result<Bound, BindError> {
             identity: None,
         });
     }
+    bind_path(path, mode)
+}
+
+/// Binds a Unix socket at `path` with `mode`, replacing a stale socket file
+/// but never a live one or a file that is not a socket.
+///
+/// # Errors
+/// As [`bind`].
+pub fn bind_path(path: &Path, mode: u32) -> Result<Bound, BindError> {
     let io_err = |source| BindError::Io {
         path: path.to_owned(),
         source,
@@ -173,7 +182,10 @@ pub async fn accept_loop(
         let slot = match shared.slots.take(&peer, admin) {
             Ok(slot) => slot,
             Err(refusal) => {
-                super::metrics::Metrics::inc(&shared.metrics.connections_rejected);
+                shared.metrics.refused(refusal.reason());
+                shared
+                    .metrics
+                    .error_answered(ErrorCode::TOO_MANY_CONNECTIONS);
                 tracing::debug!(
                     uid = peer.uid,
                     reason = refusal.reason(),

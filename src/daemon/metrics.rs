@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::protocol::LatencySummary;
+use crate::protocol::{ErrorCode, LatencySummary};
 
 /// Histogram slots: exact below 16 ns, then 8 slots per power of two up to 2^40 ns.
 const SUB_BITS: u32 = 3;
@@ -64,6 +64,35 @@ impl LatencyHistogram {
         self.slots[slot_of(ns)].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// The histogram in Prometheus' shape: the sum in seconds, the count,
+    /// and the count of each bucket below `2^k` ns for `k` in `exps`
+    /// (powers of two are slot edges, so every bucket is exact), the last
+    /// bucket (`+Inf`) holding the rest. Reads each slot once; slots may
+    /// move while being read, so the count is taken from the same reads.
+    pub fn buckets(&self, exps: std::ops::RangeInclusive<u32>) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut out = Vec::with_capacity(exps.clone().count() + 1);
+        let mut slot = 0;
+        let mut count = 0;
+        for k in exps {
+            let edge = slot_of(1u64 << k.clamp(4, MAX_EXP - 1));
+            let n: u64 = self.slots[slot..edge.max(slot)]
+                .iter()
+                .map(|s| s.load(Ordering::Relaxed))
+                .sum();
+            slot = edge.max(slot);
+            count += n;
+            out.push(((1u64 << k) as f64 / 1e9, n));
+        }
+        let rest: u64 = self.slots[slot..]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .sum();
+        count += rest;
+        out.push((f64::INFINITY, rest));
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, count, out)
     }
 
     /// Count, mean, quantiles and maximum so far.
@@ -160,13 +189,43 @@ impl LocalHistogram {
 pub struct Metrics {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
-    pub connections_rejected: AtomicU64,
+    /// Connections refused, by [`SlotRefusal`](super::limits::SlotRefusal)
+    /// reason (the order of [`REFUSAL_REASONS`]).
+    pub connections_refused: [AtomicU64; REFUSAL_REASONS.len()],
+    /// Requests the protocol could not read (malformed, oversized, unknown
+    /// version...).
     pub protocol_errors: AtomicU64,
+    /// Error answers sent, by error code (codes past the array share its
+    /// last slot, which no code uses today).
+    pub errors: [AtomicU64; ERROR_CODE_SLOTS],
     pub rules_expired: AtomicU64,
     pub latency: LatencyHistogram,
 }
 
+/// Why connections are refused, as counted in [`Metrics::connections_refused`].
+pub const REFUSAL_REASONS: [&str; 3] = ["full", "kept_for_admins", "per_uid"];
+
+/// Slots of [`Metrics::errors`]: one per error code the daemon sends.
+pub const ERROR_CODE_SLOTS: usize = 32;
+
 impl Metrics {
+    /// Counts a refused connection.
+    pub fn refused(&self, reason: &str) {
+        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
+            Self::inc(&self.connections_refused[i]);
+        }
+    }
+
+    /// Counts an error answer with `code`.
+    pub fn error_answered(&self, code: ErrorCode) {
+        Self::inc(&self.errors[usize::from(code.0).min(ERROR_CODE_SLOTS - 1)]);
+    }
+
+    /// Sum of an array of counters.
+    pub fn total(counters: &[AtomicU64]) -> u64 {
+        counters.iter().map(Self::get).sum()
+    }
+
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -209,5 +268,32 @@ mod tests {
         assert!((480_000..=530_000).contains(&s.p50_ns), "{s:?}");
         assert!((960_000..=1_000_000).contains(&s.p99_ns), "{s:?}");
         assert_eq!(s.avg_ns, 500_500);
+    }
+
+    #[test]
+    fn prometheus_buckets_are_exact_at_powers_of_two() {
+        let h = LatencyHistogram::default();
+        // 1023 ns is below 2^10, 1024 is not; 5000 below 2^13; 2^40 beyond all.
+        for v in [100, 1023, 1024, 5_000, 5_000, 1 << 40] {
+            h.record_one(v);
+        }
+        let (sum, count, buckets) = h.buckets(7..=13);
+        assert_eq!(count, 6);
+        assert!(
+            (sum - (100.0 + 1023.0 + 1024.0 + 10_000.0 + (1u64 << 40) as f64) / 1e9).abs() < 1e-9
+        );
+        let at = |le: f64| {
+            buckets
+                .iter()
+                .find(|(b, _)| (*b - le).abs() < 1e-15)
+                .unwrap()
+                .1
+        };
+        assert_eq!(at(128e-9), 1); // 100
+        assert_eq!(at(1024e-9), 1); // 1023
+        assert_eq!(at(2048e-9), 1); // 1024
+        assert_eq!(at(8192e-9), 2); // 5000 twice
+        assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, 1));
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), count);
     }
 }

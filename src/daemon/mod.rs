@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod exporter;
 pub mod health;
 pub mod lease;
 pub mod limiter;
@@ -67,6 +68,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Metrics(#[from] exporter::ExporterError),
 }
 
 /// State shared by every connection and background task.
@@ -120,6 +123,8 @@ pub struct Daemon {
     socket: PathBuf,
     /// The hot path's lease events, for the coordinator started by `serve`.
     lease_events: Option<(tokio::sync::mpsc::Receiver<LeaseEvent>, Arc<Planner>)>,
+    /// The Prometheus endpoint, when configured.
+    exporter: Option<exporter::Exporter>,
 }
 
 /// Reports computed at once on the blocking pool.
@@ -197,6 +202,13 @@ impl Daemon {
                 }
             }
         }
+        // The metrics endpoint first: if it cannot be bound, no socket file
+        // is left behind (and if the socket cannot, the endpoint's is removed).
+        let exporter = config
+            .metrics_listen
+            .as_ref()
+            .map(|addr| exporter::Exporter::bind(addr, config.socket_mode))
+            .transpose()?;
         let bound = listener::bind(&config.socket, config.socket_mode)?;
         let shared = Arc::new(Shared {
             limiter,
@@ -225,7 +237,13 @@ impl Daemon {
             socket: config.socket.clone(),
             config,
             lease_events,
+            exporter,
         })
+    }
+
+    /// Where Prometheus metrics are served (with the port chosen for `:0`).
+    pub fn metrics_addr(&self) -> Option<&exporter::MetricsAddr> {
+        self.exporter.as_ref().map(exporter::Exporter::addr)
     }
 
     /// The socket path clients should use.
@@ -247,6 +265,7 @@ impl Daemon {
             config,
             socket,
             lease_events,
+            exporter,
         } = self;
         let tracker = TaskTracker::new();
         let background = cancel.child_token();
@@ -324,6 +343,12 @@ impl Daemon {
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
+        let exporter = exporter.map(|e| {
+            // Logged before the socket answers, so whoever waits for it
+            // finds the address (the port chosen for `:0`).
+            tracing::info!("metrics served on {}", e.addr());
+            tokio::spawn(e.serve(Arc::clone(&shared), background.clone()))
+        });
         listener::accept_loop(
             bound.listener,
             Arc::clone(&shared),
@@ -348,6 +373,9 @@ impl Daemon {
         let _ = sweeper.await;
         let _ = reloader.await;
         let _ = watchdog.await;
+        if let Some(exporter) = exporter {
+            let _ = exporter.await;
+        }
         cluster_stop.cancel();
         for task in cluster_tasks {
             let _ = task.await;

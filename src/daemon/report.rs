@@ -70,7 +70,7 @@ impl Shared {
             rules_expired: Metrics::get(&m.rules_expired),
             connections_open: Metrics::get(&m.connections_open),
             connections_total: Metrics::get(&m.connections_total),
-            connections_rejected: Metrics::get(&m.connections_rejected),
+            connections_rejected: Metrics::total(&m.connections_refused),
             protocol_errors: Metrics::get(&m.protocol_errors),
             latency: m.latency.summary(),
             per_rule,

@@ -14,6 +14,7 @@ mod faults;
 mod fuzz;
 mod global;
 mod limits;
+mod metrics;
 mod ops;
 mod persistence;
 mod wire;

@@ -176,7 +176,10 @@ impl EtcdSource {
                 let (mut c, txn) = (client.clone(), txn.clone());
                 async move { c.txn(txn).await }
             })
-            .await?;
+            .await
+            .inspect_err(|_| {
+                self.stats.txn_failures.fetch_add(1, Ordering::Relaxed);
+            })?;
         self.stats.txns.fetch_add(1, Ordering::Relaxed);
         self.stats
             .latency

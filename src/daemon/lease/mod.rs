@@ -113,7 +113,11 @@ pub trait Source: Clone + Send + Sync + 'static {
 /// Lease counters (for `rlctl stats` and metrics).
 #[derive(Debug, Default)]
 pub struct LeaseStats {
+    /// Transactions etcd answered.
     pub txns: AtomicU64,
+    /// Transactions that failed or timed out (their outcome is unknown
+    /// until resolved; also counted in `failures`).
+    pub txn_failures: AtomicU64,
     /// Bucket writes whose compare failed (another daemon moved the key).
     pub conflicts: AtomicU64,
     pub failures: AtomicU64,

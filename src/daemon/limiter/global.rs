@@ -105,6 +105,14 @@ pub enum EtcdState {
 }
 
 impl EtcdState {
+    /// Every state, in the order of their values.
+    pub const ALL: [EtcdState; 4] = [
+        EtcdState::Healthy,
+        EtcdState::Suspect,
+        EtcdState::Degraded,
+        EtcdState::Recovering,
+    ];
+
     fn from_u8(v: u8) -> EtcdState {
         match v {
             0 => EtcdState::Healthy,
