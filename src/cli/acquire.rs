@@ -87,6 +87,20 @@ fn resolve(program: &str) -> Result<std::path::PathBuf, (i32, String)> {
     }
 }
 
+/// `TRACEPARENT` from the environment (as set by tracing-aware shells and
+/// CI systems). A malformed one is ignored with a warning: the environment
+/// is not this command's input, and a job gate must not fail over it.
+fn trace_from_env() -> Option<TraceContext> {
+    let value = std::env::var("TRACEPARENT").ok()?;
+    match TraceContext::parse_traceparent(value.trim()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("rlctl: ignoring TRACEPARENT: {e}");
+            None
+        }
+    }
+}
+
 /// Asks once, or until allowed / timed out with `--wait`.
 async fn decide(
     socket: &Path,
@@ -95,12 +109,10 @@ async fn decide(
     args: &DecisionArgs,
     timeout: Option<Duration>,
 ) -> Result<Decision<'static>, CliError> {
-    let trace = args
-        .traceparent
-        .as_deref()
-        .map(TraceContext::parse_traceparent)
-        .transpose()
-        .map_err(CliError::usage)?;
+    let trace = match args.traceparent.as_deref() {
+        Some(t) => Some(TraceContext::parse_traceparent(t).map_err(CliError::usage)?),
+        None => trace_from_env(),
+    };
     let request = Acquire {
         client: client.into(),
         resource: resource.into(),

@@ -213,7 +213,9 @@ pub struct DecisionArgs {
     /// (bounded by --timeout).
     #[arg(long)]
     pub wait: bool,
-    /// W3C traceparent to link this request to a trace.
+    /// W3C traceparent (00-<trace id>-<span id>-<flags>) to link this
+    /// request to a trace; default: $TRACEPARENT if set (ignored with a
+    /// warning when malformed).
     #[arg(long, value_name = "TRACEPARENT")]
     pub traceparent: Option<String>,
 }

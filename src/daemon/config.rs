@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::cluster::security::{EtcdSecurity, SecurityError};
 use super::exporter::MetricsAddr;
 use super::limiter::DefaultAction;
+use super::telemetry::TraceConfig;
 use crate::protocol::{DEFAULT_MAX_FRAME, daemon_socket_path};
 use crate::rule::file::{RuleEntry, RuleFileError, specs_from_entries};
 use crate::rule::{OnFailure, RuleSpec, parse_duration};
@@ -92,6 +93,16 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", env = "RLD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Export traces over OTLP/gRPC to URL (e.g. http://127.0.0.1:4317).
+    /// Off by default.
+    #[arg(long, value_name = "URL", env = "RLD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share (0 to 1) of decisions without a client trace context that are
+    /// traced (default 0.01); a client's sampled traceparent is always followed.
+    #[arg(long, value_name = "RATIO")]
+    pub trace_sample_ratio: Option<f64>,
+
     /// Append one JSON line per lease operation and, every 100 ms, the
     /// requests admitted per global rule to FILE (checked by `rlctl audit`; off by
     /// default).
@@ -162,6 +173,15 @@ pub struct ConfigFile {
     pub audit_log: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`127.0.0.1:9464`, `/run/rld/metrics.sock`).
     pub metrics_listen: Option<String>,
+    /// OTLP/gRPC collector for traces.
+    pub otlp_endpoint: Option<String>,
+    /// gRPC metadata sent with every export.
+    #[serde(default)]
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// Deadline of one export.
+    pub otlp_timeout: Option<String>,
+    /// Share of decisions without a client trace context that are traced.
+    pub trace_sample_ratio: Option<f64>,
     pub drain_timeout: Option<String>,
     pub sweep_interval: Option<String>,
     pub admin_group: Option<String>,
@@ -274,7 +294,14 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_listen: Option<MetricsAddr>,
+    /// Where and how much to trace, if at all.
+    pub trace: Option<TraceConfig>,
 }
+
+/// Default share of decisions without a client trace context traced.
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
+/// Default deadline of one span export.
+pub const DEFAULT_OTLP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +352,7 @@ impl Default for Config {
             etcd: None,
             audit_log: None,
             metrics_listen: None,
+            trace: None,
         }
     }
 }
@@ -375,6 +403,29 @@ impl Config {
         }
         if let Some(a) = &args.metrics_listen {
             config.metrics_listen = Some(metrics_addr("--metrics-listen", a)?);
+        }
+        if let Some(endpoint) = &args.otlp_endpoint {
+            config
+                .trace
+                .get_or_insert_with(|| TraceConfig {
+                    endpoint: String::new(),
+                    sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+                    headers: Vec::new(),
+                    timeout: DEFAULT_OTLP_TIMEOUT,
+                })
+                .endpoint = endpoint.clone();
+        }
+        if let Some(r) = args.trace_sample_ratio {
+            match config.trace.as_mut() {
+                Some(t) => t.sample_ratio = r,
+                None => {
+                    return Err(ConfigError::Value {
+                        field: "--trace-sample-ratio",
+                        message: "needs --otlp-endpoint (or otlp_endpoint in the config file)"
+                            .into(),
+                    });
+                }
+            }
         }
         if let Some(a) = &args.default_action {
             config.default_action = if a == "deny" {
@@ -507,6 +558,28 @@ impl Config {
                 .as_deref()
                 .map(|a| metrics_addr("metrics_listen", a))
                 .transpose()?,
+            trace: match file.otlp_endpoint {
+                Some(endpoint) => Some(TraceConfig {
+                    endpoint,
+                    sample_ratio: file
+                        .trace_sample_ratio
+                        .unwrap_or(DEFAULT_TRACE_SAMPLE_RATIO),
+                    headers: file.otlp_headers.into_iter().collect(),
+                    timeout: duration("otlp_timeout", file.otlp_timeout, DEFAULT_OTLP_TIMEOUT)?,
+                }),
+                None if file.trace_sample_ratio.is_some()
+                    || !file.otlp_headers.is_empty()
+                    || file.otlp_timeout.is_some() =>
+                {
+                    return Err(ConfigError::Value {
+                        field: "otlp_endpoint",
+                        message: "trace_sample_ratio, otlp_headers and otlp_timeout need \
+                                  otlp_endpoint"
+                            .into(),
+                    });
+                }
+                None => None,
+            },
         })
     }
 
@@ -622,6 +695,20 @@ impl Config {
             }
             if !(1..=MAX_BUCKETS_PER_RULE_LIMIT).contains(&e.max_buckets_per_rule) {
                 return bad("max_buckets_per_rule", "must be between 1 and 10000000");
+            }
+        }
+        if let Some(t) = &self.trace {
+            if let Err(e) = super::telemetry::check_endpoint(&t.endpoint) {
+                return Err(ConfigError::Value {
+                    field: "otlp_endpoint",
+                    message: e.to_string(),
+                });
+            }
+            if !(0.0..=1.0).contains(&t.sample_ratio) {
+                return bad("trace_sample_ratio", "must be between 0.0 and 1.0");
+            }
+            if !(MS * 100..=Duration::from_secs(60)).contains(&t.timeout) {
+                return bad("otlp_timeout", "must be between 100ms and 1m");
             }
         }
         Ok(())

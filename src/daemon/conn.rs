@@ -294,36 +294,47 @@ impl Conn {
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "set rules");
                 }
-                if let Some(cluster) = self.shared.cluster.clone() {
-                    return self.set_in_etcd(id, &cluster, rules).await;
-                }
-                let book = Arc::clone(&self.shared.rulebook);
-                let result = tokio::task::spawn_blocking(move || book.set(rules)).await;
-                match result {
-                    Ok(Ok(changed)) => self.respond(id, &Response::RulesApplied { changed }),
-                    Ok(Err(e)) => self.respond(id, &Response::Error(e.to_wire())),
-                    Err(e) => {
-                        self.error(id, ErrorCode::INTERNAL, format!("rule change failed: {e}"))
+                let traced = self.shared.telemetry.as_ref().map(|t| {
+                    let ids: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
+                    (Arc::clone(t), ids.join(","))
+                });
+                let answer = match self.shared.cluster.clone() {
+                    Some(cluster) => self.set_in_etcd(&cluster, rules).await,
+                    None => {
+                        let book = Arc::clone(&self.shared.rulebook);
+                        match tokio::task::spawn_blocking(move || book.set(rules)).await {
+                            Ok(Ok(changed)) => Response::RulesApplied { changed },
+                            Ok(Err(e)) => Response::Error(e.to_wire()),
+                            Err(e) => internal(format!("rule change failed: {e}")),
+                        }
                     }
+                };
+                if let Some((t, ids)) = traced {
+                    t.rule_change("rld.rule.set", &ids, outcome_of(&answer));
                 }
+                self.respond(id, &answer)
             }
             Request::RuleDelete { id: rule } => {
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "delete rules");
                 }
-                if let Some(cluster) = self.shared.cluster.clone() {
-                    return self.delete_in_etcd(id, &cluster, rule.into_owned()).await;
-                }
-                let book = Arc::clone(&self.shared.rulebook);
                 let rule = rule.into_owned();
-                let result = tokio::task::spawn_blocking(move || book.delete(&rule)).await;
-                match result {
-                    Ok(Ok(())) => self.respond(id, &Response::RuleDeleted),
-                    Ok(Err(e)) => self.respond(id, &Response::Error(e.to_wire())),
-                    Err(e) => {
-                        self.error(id, ErrorCode::INTERNAL, format!("rule change failed: {e}"))
+                let traced = self.shared.telemetry.clone().map(|t| (t, rule.clone()));
+                let answer = match self.shared.cluster.clone() {
+                    Some(cluster) => self.delete_in_etcd(&cluster, rule).await,
+                    None => {
+                        let book = Arc::clone(&self.shared.rulebook);
+                        match tokio::task::spawn_blocking(move || book.delete(&rule)).await {
+                            Ok(Ok(())) => Response::RuleDeleted,
+                            Ok(Err(e)) => Response::Error(e.to_wire()),
+                            Err(e) => internal(format!("rule change failed: {e}")),
+                        }
                     }
+                };
+                if let Some((t, rule)) = traced {
+                    t.rule_change("rld.rule.delete", &rule, outcome_of(&answer));
                 }
+                self.respond(id, &answer)
             }
         }
     }
@@ -331,38 +342,35 @@ impl Conn {
     /// `RuleSet` with etcd: checked here first (an invalid rule never reaches
     /// etcd), written in one transaction, mirrored locally at once; the other
     /// daemons apply it from their watch.
-    async fn set_in_etcd(&mut self, id: u64, cluster: &Cluster, rules: Vec<RuleSpec>) -> Next {
+    async fn set_in_etcd(&mut self, cluster: &Cluster, rules: Vec<RuleSpec>) -> Response<'static> {
         let book = Arc::clone(&self.shared.rulebook);
         let (checked, rules) = off_workers(move || (book.check_etcd_set(&rules), rules)).await;
         let changed = match checked {
             Ok(changed) => changed,
-            Err(e) => return self.respond(id, &Response::Error(e.to_wire())),
+            Err(e) => return Response::Error(e.to_wire()),
         };
         if let Err(e) = cluster.put_rules(&rules).await {
-            return self.error(id, ErrorCode::UNAVAILABLE, e.to_string());
+            return Response::Error(ErrorBody::new(ErrorCode::UNAVAILABLE, e.to_string()));
         }
         let book = Arc::clone(&self.shared.rulebook);
         off_workers(move || book.apply_etcd_upserts(rules)).await;
-        self.respond(id, &Response::RulesApplied { changed })
+        Response::RulesApplied { changed }
     }
 
-    async fn delete_in_etcd(&mut self, id: u64, cluster: &Cluster, rule: String) -> Next {
+    async fn delete_in_etcd(&mut self, cluster: &Cluster, rule: String) -> Response<'static> {
         let book = Arc::clone(&self.shared.rulebook);
         let (checked, rule) = off_workers(move || (book.check_delete(&rule), rule)).await;
         if let Err(e) = checked {
-            return self.respond(id, &Response::Error(e.to_wire()));
+            return Response::Error(e.to_wire());
         }
         match cluster.delete_rule(&rule).await {
             Ok(true) => {
                 let book = Arc::clone(&self.shared.rulebook);
                 off_workers(move || book.apply_etcd_delete(&rule)).await;
-                self.respond(id, &Response::RuleDeleted)
+                Response::RuleDeleted
             }
-            Ok(false) => {
-                let e = RuleBookError::NotFound(rule);
-                self.respond(id, &Response::Error(e.to_wire()))
-            }
-            Err(e) => self.error(id, ErrorCode::UNAVAILABLE, e.to_string()),
+            Ok(false) => Response::Error(RuleBookError::NotFound(rule).to_wire()),
+            Err(e) => Response::Error(ErrorBody::new(ErrorCode::UNAVAILABLE, e.to_string())),
         }
     }
 
@@ -630,9 +638,6 @@ impl Timing {
         a: &Acquire<'_>,
         answer: impl FnOnce(&Decision<'_>) -> R,
     ) -> Result<R, AcquireError> {
-        if let Some(trace) = &a.trace {
-            tracing::trace!(traceparent = %trace, client = %a.client, resource = %a.resource, "acquire");
-        }
         self.decisions = self.decisions.wrapping_add(1);
         let limiter = &shared.limiter;
         // The first decision of a connection is always timed (short-lived
@@ -648,10 +653,53 @@ impl Timing {
     }
 }
 
+fn internal(message: String) -> Response<'static> {
+    Response::Error(ErrorBody::new(ErrorCode::INTERNAL, message))
+}
+
+/// A rule change's outcome for its span.
+fn outcome_of(answer: &Response<'_>) -> Result<(), String> {
+    match answer {
+        Response::Error(e) => Err(format!("{}: {}", e.code.name(), e.message)),
+        _ => Ok(()),
+    }
+}
+
 /// Decides one acquire. Almost always synchronous; only a global rule whose
 /// accuracy forbids batching (`per_request`) waits for one lease transaction,
 /// bounded by a short deadline after which its `on_failure` policy decides.
 async fn decide<R>(
+    shared: &Shared,
+    timing: &mut Timing,
+    latency: &mut LocalHistogram,
+    a: &Acquire<'_>,
+    answer: &mut impl FnMut(&Decision<'_>) -> R,
+) -> Result<R, AcquireError> {
+    if let Some(trace) = &a.trace
+        && !trace.is_valid()
+    {
+        Metrics::inc(&shared.metrics.invalid_trace_contexts);
+    }
+    if let Some(t) = &shared.telemetry
+        && let Some(span) = t.decision(a.trace.as_ref().filter(|c| c.is_valid()))
+    {
+        let mut span = Some(span);
+        let mut traced = |d: &Decision<'_>| {
+            if let Some(s) = span.take() {
+                s.end(&a.client, &a.resource, a.cost, a.priority, d);
+            }
+            answer(d)
+        };
+        let result = decide_untraced(shared, timing, latency, a, &mut traced).await;
+        if let (Err(e), Some(s)) = (&result, span) {
+            s.fail(e.to_string());
+        }
+        return result;
+    }
+    decide_untraced(shared, timing, latency, a, answer).await
+}
+
+async fn decide_untraced<R>(
     shared: &Shared,
     timing: &mut Timing,
     latency: &mut LocalHistogram,

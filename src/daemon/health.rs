@@ -69,6 +69,8 @@ pub struct Health {
     /// Woken on every entry into RECOVERING (the rules watcher re-lists and
     /// re-creates its watch then, in case its stream stalled silently).
     pub recovering: tokio::sync::Notify,
+    /// Transitions become spans when traces are exported.
+    telemetry: std::sync::OnceLock<Arc<crate::daemon::telemetry::Telemetry>>,
 }
 
 impl Health {
@@ -89,7 +91,13 @@ impl Health {
             }),
             transitions: AtomicU64::new(0),
             recovering: tokio::sync::Notify::new(),
+            telemetry: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Exports every later transition as a span.
+    pub fn trace_with(&self, telemetry: Arc<crate::daemon::telemetry::Telemetry>) {
+        let _ = self.telemetry.set(telemetry);
     }
 
     pub fn state(&self) -> EtcdState {
@@ -208,6 +216,9 @@ impl Health {
         }
         self.link.set_state(state);
         self.transitions.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.telemetry.get() {
+            t.etcd_state(from.name(), state.name(), &i.last_error);
+        }
         if state == EtcdState::Recovering {
             self.recovering.notify_waiters();
         }

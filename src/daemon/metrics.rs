@@ -199,6 +199,8 @@ pub struct Metrics {
     /// last slot, which no code uses today).
     pub errors: [AtomicU64; ERROR_CODE_SLOTS],
     pub rules_expired: AtomicU64,
+    /// Trace contexts received with an all-zero id: ignored.
+    pub invalid_trace_contexts: AtomicU64,
     pub latency: LatencyHistogram,
 }
 

@@ -32,6 +32,7 @@ pub mod rulebook;
 pub mod shutdown;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
 pub mod throttle;
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,8 @@ pub enum DaemonError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Metrics(#[from] exporter::ExporterError),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// State shared by every connection and background task.
@@ -98,6 +101,8 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// Per-request leases go to the lease coordinator through this.
     pub lease: Option<LeaseHandle>,
+    /// The tracer, when spans are exported (`--otlp-endpoint`).
+    pub telemetry: Option<Arc<telemetry::Telemetry>>,
     pub(crate) stopping: AtomicBool,
 }
 
@@ -151,6 +156,16 @@ impl Daemon {
             default_action: config.default_action,
         }));
         let store = StateStore::open(&config.state_dir)?;
+        let telemetry = match &config.trace {
+            Some(t) => {
+                let node = config
+                    .etcd
+                    .as_ref()
+                    .map_or_else(host_name, |e| e.node_id.clone());
+                Some(Arc::new(telemetry::Telemetry::start(t, &node)?))
+            }
+            None => None,
+        };
         let (cluster, lease_events) = match &config.etcd {
             Some(etcd) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
@@ -171,6 +186,9 @@ impl Daemon {
                 let link = Arc::new(ClusterLink::new(sink, etcd.default_on_failure));
                 limiter.attach(Arc::clone(&link));
                 let cluster = Arc::new(Cluster::connect(etcd.clone(), link, members).await?);
+                if let Some(t) = &telemetry {
+                    cluster.health.trace_with(Arc::clone(t));
+                }
                 cluster.join().await?;
                 let handle = LeaseHandle {
                     events: tx,
@@ -229,6 +247,7 @@ impl Daemon {
             reports: tokio::sync::Semaphore::new(REPORTS_AT_ONCE),
             cluster,
             lease,
+            telemetry,
             stopping: AtomicBool::new(false),
         });
         Ok(Daemon {
@@ -291,6 +310,7 @@ impl Daemon {
                 etcd.timeout,
                 Arc::clone(&cluster.health),
                 Arc::clone(&lease.stats),
+                shared.telemetry.clone(),
             );
             let audit = match &config.audit_log {
                 Some(path) => match lease::audit::AuditLog::open(path) {
@@ -381,6 +401,10 @@ impl Daemon {
             let _ = task.await;
         }
         listener::remove_if_ours(bound.owned_path.as_deref(), bound.identity);
+        if let Some(t) = shared.telemetry.clone() {
+            // Export what is queued (blocking, bounded).
+            let _ = tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(2))).await;
+        }
         tracing::info!("rld stopped");
     }
 }
@@ -479,6 +503,14 @@ async fn reload_on_notify(
             Err(e) => tracing::error!("SIGHUP: reload task failed: {e}"),
         }
     }
+}
+
+/// This host's name (the node id of traces without etcd).
+fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "rld".into())
 }
 
 /// Starts and serves until SIGTERM/SIGINT (the `rld` binary's body).

@@ -111,6 +111,14 @@ impl<'a> Acquire<'a> {
         self.priority = priority;
         self
     }
+
+    /// Carries the caller's trace context: with `--otlp-endpoint`, the
+    /// daemon's decision span becomes a child of `trace`'s span (always
+    /// recorded when `trace` is sampled, never when it is not).
+    pub fn trace(mut self, trace: TraceContext) -> Self {
+        self.trace = Some(trace);
+        self
+    }
 }
 
 /// Request priority. Lower classes stop at their rule's reserve floor;
@@ -151,6 +159,12 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
+    /// Whether both ids are non-zero, as W3C requires (an invalid context is
+    /// ignored by the daemon, and counted).
+    pub fn is_valid(&self) -> bool {
+        self.trace_id != [0; 16] && self.span_id != [0; 8]
+    }
+
     /// Parses `00-<32 hex>-<16 hex>-<2 hex>`.
     ///
     /// # Errors

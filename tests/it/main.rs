@@ -17,4 +17,5 @@ mod limits;
 mod metrics;
 mod ops;
 mod persistence;
+mod traces;
 mod wire;

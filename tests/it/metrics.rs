@@ -346,7 +346,18 @@ fn etcd_mode_exports_cluster_state_and_lease_figures() {
     let _heavy = HEAVY.blocking_lock();
     let dir = tempfile::tempdir().unwrap();
     let mut args = etcd.args("m1");
-    args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+    // Traces on (towards nothing), so that their families are there too.
+    args.extend(
+        [
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--otlp-endpoint",
+            "http://127.0.0.1:9",
+            "--trace-sample-ratio",
+            "0",
+        ]
+        .map(String::from),
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = ProcessDaemon::start(dir.path(), &args);
     let addr = metrics_addr(&d);

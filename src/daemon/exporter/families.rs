@@ -34,6 +34,9 @@ pub struct Snapshot {
     errors: Vec<(&'static str, u64)>,
     decision_latency: Buckets,
     etcd: Option<EtcdSnapshot>,
+    invalid_trace_contexts: u64,
+    /// Spans exported and dropped, when traces are exported.
+    spans: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -77,6 +80,13 @@ impl Snapshot {
             errors,
             decision_latency: m.latency.buckets(DECISION_BUCKETS),
             etcd,
+            invalid_trace_contexts: Metrics::get(&m.invalid_trace_contexts),
+            spans: shared.telemetry.as_ref().map(|t| {
+                (
+                    Metrics::get(&t.stats.exported),
+                    Metrics::get(&t.stats.dropped),
+                )
+            }),
         }
     }
 
@@ -271,6 +281,26 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(code, n)| ([("code", *code)], ConstCounter::new(*n))),
         )?;
+        counter(
+            e,
+            "rld_trace_invalid_contexts",
+            "Requests whose trace context had an all-zero id (ignored).",
+            self.invalid_trace_contexts,
+        )?;
+        if let Some((exported, dropped)) = self.spans {
+            counter(
+                e,
+                "rld_trace_spans_exported",
+                "Spans the OTLP collector accepted.",
+                exported,
+            )?;
+            counter(
+                e,
+                "rld_trace_spans_dropped",
+                "Spans dropped: the export failed (collector unreachable) or the queue was full.",
+                dropped,
+            )?;
+        }
         if let (Some(c), Some(etcd)) = (&s.cluster, &self.etcd) {
             self.encode_cluster(e, c, etcd)?;
         }

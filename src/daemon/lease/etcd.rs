@@ -37,6 +37,7 @@ use parking_lot::Mutex;
 use super::value::{self, BucketValue, Params};
 use super::{BucketRef, Done, Known, LeaseError, LeaseStats, Op, Outcome, Source};
 use crate::daemon::health::{CallError, Health};
+use crate::daemon::telemetry::Telemetry;
 
 /// Keys per transaction (etcd's default `--max-txn-ops` is 128).
 pub const MAX_KEYS_PER_TXN: usize = 100;
@@ -78,6 +79,8 @@ pub struct EtcdSource {
     deadline: Duration,
     health: Arc<Health>,
     stats: Arc<LeaseStats>,
+    /// Transactions become spans when traces are exported.
+    telemetry: Option<Arc<Telemetry>>,
     /// Per rule and bucket depth: the etcd lease new key writes attach to,
     /// and when it was granted.
     key_leases: Arc<Mutex<HashMap<String, (i64, Instant)>>>,
@@ -125,6 +128,7 @@ impl EtcdSource {
         deadline: Duration,
         health: Arc<Health>,
         stats: Arc<LeaseStats>,
+        telemetry: Option<Arc<Telemetry>>,
     ) -> EtcdSource {
         EtcdSource {
             client,
@@ -133,6 +137,7 @@ impl EtcdSource {
             deadline,
             health,
             stats,
+            telemetry,
             key_leases: Arc::new(Mutex::new(HashMap::new())),
             contended: Arc::new(Mutex::new(Contended {
                 keys: std::collections::HashSet::new(),
@@ -168,7 +173,31 @@ impl EtcdSource {
         })
     }
 
-    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, LeaseError> {
+    /// One transaction over `slots[idx]` (a read or a swap).
+    async fn txn(
+        &self,
+        txn: Txn,
+        slots: &[Slot],
+        idx: &[usize],
+    ) -> Result<etcd_client::TxnResponse, LeaseError> {
+        let wall = self.telemetry.as_ref().map(|_| SystemTime::now());
+        let result = self.txn_untraced(txn).await;
+        if let (Some(t), Some(wall)) = (&self.telemetry, wall) {
+            let mut rules: Vec<&str> = idx.iter().map(|&i| slots[i].op.bucket.rule.id()).collect();
+            rules.sort_unstable();
+            rules.dedup();
+            let error = result.as_ref().err().map(ToString::to_string);
+            t.lease_txn(
+                wall,
+                &rules,
+                idx.len(),
+                error.as_deref().map_or(Ok(()), Err),
+            );
+        }
+        result
+    }
+
+    async fn txn_untraced(&self, txn: Txn) -> Result<etcd_client::TxnResponse, LeaseError> {
         let client = self.client.clone();
         let started = Instant::now();
         let resp = self
@@ -227,7 +256,7 @@ impl EtcdSource {
             .iter()
             .map(|&i| TxnOp::get(slots[i].key.as_str(), None))
             .collect();
-        match self.txn(Txn::new().and_then(gets)).await {
+        match self.txn(Txn::new().and_then(gets), slots, &idx).await {
             Ok(resp) => {
                 for (&i, r) in idx.iter().zip(resp.op_responses().iter()) {
                     let slot = &mut slots[i];
@@ -330,7 +359,7 @@ impl EtcdSource {
             ));
             results.push((next, applied, clamped));
         }
-        let resp = match self.txn(Txn::new().and_then(nested)).await {
+        let resp = match self.txn(Txn::new().and_then(nested), slots, idx).await {
             Ok(resp) => resp,
             Err(e) => {
                 // The transaction may or may not have committed.
