@@ -146,7 +146,7 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     let Some(etcd) = Etcd::private_for_faults() else {
         return;
     };
-    let _heavy = HEAVY.lock().await;
+    let _heavy = HEAVY.write().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&etcd.endpoints).await;
     let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a", &[]);
@@ -514,7 +514,7 @@ async fn the_ledger_holds_across_a_leader_kill_a_rule_edit_and_a_daemon_kill() {
 /// and follows `on_failure = "closed"`; the others keep the global limit.
 async fn skewed(offset: &str) {
     let Some(etcd) = Etcd::get() else { return };
-    let _heavy = HEAVY.lock().await;
+    let _heavy = HEAVY.write().await;
     let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
     assert!(
         Path::new(lib).exists(),

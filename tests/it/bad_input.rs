@@ -292,7 +292,21 @@ async fn connections_over_the_cap_are_refused_with_a_reason() {
     let err = Connection::connect(&d.socket).await.unwrap_err();
     assert!(err.to_string().contains("limit of 2 connections"), "{err}");
     drop(_a);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Its slot comes back once the daemon has seen it close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d
+        .shared
+        .metrics
+        .connections_open
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(Connection::connect(&d.socket).await.is_ok());
 }
 

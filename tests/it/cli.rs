@@ -75,8 +75,15 @@ async fn wait_sleeps_for_retry_after_and_times_out() {
     .await;
     let s = &d.socket;
     assert_eq!(code(&rlctl_async(s, &["acquire", "c", "r"]).await), 0);
-    let gave_up = rlctl_async(s, &["acquire", "c", "r", "--wait", "--timeout", "20ms"]).await;
+    // The next token is an hour away, beyond the 10 s timeout: rlctl gives
+    // up at once (exit 1), without waiting the 10 s.
+    let gave_up = rlctl_async(s, &["acquire", "c", "r", "--wait", "--timeout", "10s"]).await;
     assert_eq!(code(&gave_up), 1, "{}", stdout(&gave_up));
+    assert!(
+        stderr(&gave_up).contains("gave up waiting"),
+        "{}",
+        stderr(&gave_up)
+    );
     assert_eq!(code(&rlctl_async(s, &["acquire", "c", "s"]).await), 0);
     let waited = rlctl_async(s, &["acquire", "c", "s", "--wait", "--timeout", "30s"]).await;
     assert_eq!(code(&waited), 0, "{}", stdout(&waited));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{ProcessDaemon, code, etcd_state, rlctl, stderr, wait_for};
+use crate::harness::{HEAVY, ProcessDaemon, code, etcd_state, rlctl, stderr, wait_for};
 
 /// A single-member etcd started by a test, stopped (by PID) on drop.
 struct SecureEtcd {
@@ -246,6 +246,7 @@ fn path_str(p: PathBuf) -> String {
 
 #[test]
 fn global_rules_work_through_etcd_with_tls_and_client_certificates() {
+    let _group = HEAVY.blocking_read();
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path();
     make_certificates(certs);
@@ -303,6 +304,7 @@ fn global_rules_work_through_etcd_with_tls_and_client_certificates() {
 
 #[test]
 fn global_rules_work_through_etcd_with_authentication() {
+    let _group = HEAVY.blocking_read();
     let Some(mut etcd) = SecureEtcd::start(1, "http", &[], vec![]) else {
         return;
     };

@@ -63,7 +63,7 @@ fn mutate(rng: &mut SmallRng, vectors: &[Vec<u8>]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuzzed_frames_never_crash_wedge_or_garble() {
     // Seconds of full load: not alongside the timing-sensitive fault tests.
-    let _heavy = crate::harness::HEAVY.lock().await;
+    let _heavy = crate::harness::HEAVY.write().await;
     let frames: usize = std::env::var("RLD_FUZZ_FRAMES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -58,7 +58,7 @@ async fn offer(socket: std::path::PathBuf, resource: &str, rate: u64, duration: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_daemons_admit_the_global_limit_within_two_percent() {
     let Some(etcd) = Etcd::get() else { return };
-    let _heavy = HEAVY.lock().await;
+    let _heavy = HEAVY.write().await;
     let dir = tempfile::tempdir().unwrap();
     let daemons: Vec<ProcessDaemon> = ["a", "b", "c"]
         .iter()
@@ -135,6 +135,7 @@ async fn three_daemons_admit_the_global_limit_within_two_percent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_set_on_one_daemon_is_enforced_by_the_others() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
     let b = start(&etcd, dir.path(), "b");
@@ -182,6 +183,7 @@ async fn a_rule_set_on_one_daemon_is_enforced_by_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_gives_leased_tokens_back() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
     // One token per second, so the bucket cannot refill meaningfully while
@@ -257,11 +259,25 @@ async fn sigterm_gives_leased_tokens_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn low_rate_rules_lease_one_request_at_a_time() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
-    let a = start(&etcd, dir.path(), "a");
-    let b = start(&etcd, dir.path(), "b");
+    let start = |node: &str| {
+        let sub = dir.path().join(node);
+        std::fs::create_dir_all(&sub).unwrap();
+        let mut args = etcd.args(node);
+        args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ProcessDaemon::start(&sub, &args)
+    };
+    let a = start("a");
+    let b = start("b");
     // 10 per minute: 2% over 10 s is a fraction of a token, so no batching.
-    set_global(&a, "slow", &["--limit", "10", "--window", "1m"]);
+    // Closed: a request whose lease misses its deadline is denied.
+    set_global(
+        &a,
+        "slow",
+        &["--limit", "10", "--window", "1m", "--on-failure", "closed"],
+    );
     wait_for(Duration::from_secs(2), || {
         code(&rlctl(&b.socket, &["rules", "get", "slow"])) == 0
     });
@@ -274,19 +290,37 @@ async fn low_rate_rules_lease_one_request_at_a_time() {
             allowed += 1;
         }
     }
-    // Exactly the burst of 10 across both daemons (refill is 1 per 6 s).
-    assert!((10..=11).contains(&allowed), "{allowed} allowed");
-    let held = stdout(&rlctl(&a.socket, &["stats", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&held).unwrap();
-    assert_eq!(
-        v["cluster"]["rules"][0]["lease"]["held"], 0,
-        "nothing is prefetched"
+    // The burst of 10 across both daemons (refill is 1 per 6 s: one more if
+    // the test took that long), never more. A request whose per-request
+    // lease missed its deadline (max(50 ms, 3 x p99): a loaded machine can
+    // miss it) was denied by `closed` and is counted: those aside, every
+    // token of the burst was admitted.
+    let fallbacks: f64 = [&a, &b]
+        .iter()
+        .map(|d| d.metric("rld_lease_per_request_fallbacks_total"))
+        .sum();
+    assert!(allowed <= 11, "{allowed} allowed: over the burst");
+    assert!(
+        allowed + fallbacks as u64 >= 10,
+        "{allowed} allowed and {fallbacks} leases missed their deadline: the burst is 10"
     );
+    // Nothing is prefetched: each lease is one request's cost, spent at
+    // once (a lease that answered after its request gave up may have left
+    // its grant held).
+    if fallbacks == 0.0 {
+        let held = stdout(&rlctl(&a.socket, &["stats", "--json"]));
+        let v: serde_json::Value = serde_json::from_str(&held).unwrap();
+        assert_eq!(
+            v["cluster"]["rules"][0]["lease"]["held"], 0,
+            "nothing is prefetched"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_rules_never_reach_etcd_and_corrupt_ones_are_skipped() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let mut client = etcd.client().await;
     let bad_key = format!("{}/v1/rules/broken", etcd.prefix);
@@ -352,6 +386,7 @@ async fn bad_rules_never_reach_etcd_and_corrupt_ones_are_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_with_the_same_node_id_is_refused() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let _a = start(&etcd, dir.path(), "a");
     let other = dir.path().join("other");
@@ -418,6 +453,7 @@ async fn unreachable_etcd_at_start_up_serves_with_the_failure_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_etcd_is_unreachable_applies_the_rules_last_seen_in_etcd() {
     let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
     set_global(

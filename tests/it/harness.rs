@@ -130,6 +130,32 @@ impl ProcessDaemon {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The address `--metrics-listen 127.0.0.1:0` was given (from the log).
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        let from = "metrics served on http://";
+        let at = log
+            .find(from)
+            .unwrap_or_else(|| panic!("no metrics address in the log: {log}"))
+            + from.len();
+        log[at..at + log[at..].find("/metrics").unwrap()].to_owned()
+    }
+
+    /// The value of `series` (`name{labels}`) in a scrape of `/metrics`.
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics_addr()).expect("metrics address");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {series} in the scrape: {body}"))
+            .parse()
+            .unwrap()
+    }
+
     /// Sends a signal to this process only.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
@@ -379,10 +405,13 @@ impl Etcd {
         }
     }
 
-    /// Kills every member and reaps them (their data stays).
+    /// Kills every member and waits until they have exited (their ports
+    /// are free then; their data stays).
     pub fn kill_all(&self) {
         self.signal_all(nix::sys::signal::Signal::SIGKILL);
-        std::thread::sleep(Duration::from_millis(200));
+        // An exited member's /proc entry no longer names its data dir (a
+        // zombie's command line is empty), so it leaves `pids()`.
+        wait_for(Duration::from_secs(10), || self.pids().is_empty());
     }
 
     /// Starts every member again on its existing data.
@@ -548,9 +577,11 @@ async fn pipe(
     }
 }
 
-/// Serializes the heavy multi-process tests (etcd clusters under load) so
-/// they do not skew each other's timing on a small machine.
-pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Groups the tests that depend on timing: the heavy ones (etcd clusters
+/// or the daemon under load, faults) take it for writing and run alone; the
+/// other tests that talk to etcd take it for reading and run together, never
+/// beside a heavy one, whose load would make their etcd calls slow.
+pub static HEAVY: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// What an open-loop load saw, per 10 ms tick.
 #[derive(Debug, Default, Clone)]

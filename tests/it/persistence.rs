@@ -148,7 +148,7 @@ fn sigterm_answers_requests_already_sent() {
 #[test]
 fn sigterm_answers_later_requests_shutting_down() {
     // A flat-out load: not alongside the timing-sensitive fault tests.
-    let _heavy = crate::harness::HEAVY.blocking_lock();
+    let _heavy = crate::harness::HEAVY.blocking_write();
     let dir = tempfile::tempdir().unwrap();
     let d = ProcessDaemon::start(dir.path(), &[]);
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();

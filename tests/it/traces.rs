@@ -411,7 +411,7 @@ fn bad_trace_settings_are_refused_with_a_clear_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_transactions_etcd_states_and_rule_changes_are_spans() {
     let Some(etcd) = Etcd::get() else { return };
-    let _heavy = HEAVY.lock().await;
+    let _group = HEAVY.read().await;
     let (receiver, url) = Receiver::start().await;
     let node = format!("traced-{}", std::process::id());
     let d = TestDaemon::start_with(|c| {

@@ -44,6 +44,7 @@ struct EtcdSnapshot {
     state: EtcdState,
     txn_latency: Buckets,
     txn_failures: u64,
+    per_request_fallbacks: u64,
 }
 
 impl Snapshot {
@@ -72,6 +73,7 @@ impl Snapshot {
                 state: cluster.link.state(),
                 txn_latency: lease.map_or_else(empty_buckets, |s| s.latency.buckets(TXN_BUCKETS)),
                 txn_failures: lease.map_or(0, |s| Metrics::get(&s.txn_failures)),
+                per_request_fallbacks: lease.map_or(0, |s| Metrics::get(&s.per_request_fallbacks)),
             }
         });
         Snapshot {
@@ -393,6 +395,13 @@ impl Snapshot {
             "Tokens admitted without a lease (fallback, Critical priority) charged to \
              global buckets after the fact.",
             c.debt_charged,
+        )?;
+        counter(
+            e,
+            "rld_lease_per_request_fallbacks",
+            "Requests of per-request rules whose lease did not answer within its deadline \
+             (max(50 ms, 3 x p99), 100 ms at most): decided by the rule's on_failure.",
+            etcd.per_request_fallbacks,
         )?;
         counter(
             e,

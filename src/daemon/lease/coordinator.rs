@@ -218,13 +218,23 @@ impl LeaseHandle {
             cost,
             reply,
         };
-        if self.events.try_send(event).is_err() {
-            return SpendMode::LeaseFailed;
-        }
-        match tokio::time::timeout(deadline, answer).await {
-            Ok(Ok(true)) => SpendMode::Leased,
-            Ok(Ok(false)) => SpendMode::NotGranted,
-            Ok(Err(_)) | Err(_) => SpendMode::LeaseFailed,
+        let answered = if self.events.try_send(event).is_err() {
+            None
+        } else {
+            tokio::time::timeout(deadline, answer)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        };
+        match answered {
+            Some(true) => SpendMode::Leased,
+            Some(false) => SpendMode::NotGranted,
+            None => {
+                self.stats
+                    .per_request_fallbacks
+                    .fetch_add(1, Ordering::Relaxed);
+                SpendMode::LeaseFailed
+            }
         }
     }
 }
@@ -1005,6 +1015,8 @@ mod tests {
         returned: u64,
         debt: u64,
         commits: u64,
+        /// Operations answered as failed while `failing`.
+        failed: u64,
         failing: bool,
         /// Commit, then report the outcome as unknown.
         lose_answers: bool,
@@ -1026,6 +1038,7 @@ mod tests {
                         tau_ns: op.bucket.rule.params.tau_ns,
                     };
                     if b.failing {
+                        b.failed += 1;
                         let e = LeaseError::Timeout(Duration::from_millis(1));
                         let outcome = if op.uncertain {
                             Outcome::Unknown(e)
@@ -1171,8 +1184,14 @@ mod tests {
             .outcome
     }
 
-    async fn settle() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Waits until `cond` holds (the coordinator works in the background),
+    /// failing after 10 s.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     #[tokio::test]
@@ -1180,7 +1199,10 @@ mod tests {
         let s = setup(Some(20), OnFailure::Closed, LeaseSettings::default()).await;
         // The first request is admitted on credit and asks for a lease.
         assert_eq!(ask(&s.limiter, "a"), Decided::Allowed);
-        settle().await;
+        until("the first lease committed and was credited", || {
+            s.fake.0.lock().commits >= 1 && s.limiter.held_tokens().values().sum::<u64>() > 0
+        })
+        .await;
         let (taken, debt) = {
             let b = s.fake.0.lock();
             (b.taken, b.debt)
@@ -1209,7 +1231,7 @@ mod tests {
         let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         s.fake.0.lock().failing = true;
         assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "one credit");
-        settle().await;
+        until("the first lease failed", || s.fake.0.lock().failed >= 1).await;
         for _ in 0..20 {
             assert_eq!(ask(&s.limiter, "a"), Decided::Denied);
         }
@@ -1270,16 +1292,24 @@ mod tests {
         for i in 0..3 {
             assert_eq!(ask(&s.limiter, &format!("c{i}")), Decided::Allowed);
         }
-        settle().await;
         let rules = s.limiter.rules();
         let g = rules.get("g").unwrap().global.as_ref().unwrap();
-        assert!(g.at_cap.load(Ordering::Relaxed));
+        until("the rule is at its bucket cap", || {
+            g.at_cap.load(Ordering::Relaxed)
+        })
+        .await;
         let allowed = (3..50)
             .filter(|i| ask(&s.limiter, &format!("c{i}")) == Decided::Allowed)
             .count();
         assert_eq!(allowed, 0, "no credit at the cap");
-        settle().await;
-        assert_eq!(g.credit_out.load(Ordering::Relaxed), 0, "no credit leaked");
+        until("the three leases repaid their credit", || {
+            s.fake.0.lock().commits >= 3
+        })
+        .await;
+        until("no credit is out", || {
+            g.credit_out.load(Ordering::Relaxed) == 0
+        })
+        .await;
         s.cancel.cancel();
         s.task.await.unwrap();
     }
@@ -1312,9 +1342,16 @@ mod tests {
         let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         s.fake.0.lock().lose_answers = true;
         ask(&s.limiter, "a");
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        until("the first attempt committed, its answer lost", || {
+            s.fake.0.lock().commits == 1
+        })
+        .await;
         s.fake.0.lock().lose_answers = false;
-        settle().await;
+        until("the retry found it and credited the grant", || {
+            let taken = s.fake.0.lock().taken;
+            taken > 0 && s.limiter.held_tokens().values().sum::<u64>() == taken
+        })
+        .await;
         let (commits, debt, taken) = {
             let b = s.fake.0.lock();
             (b.commits, b.debt, b.taken)
@@ -1331,9 +1368,11 @@ mod tests {
     async fn shutdown_gives_held_tokens_back() {
         let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         ask(&s.limiter, "a");
-        settle().await;
+        until("tokens are held", || {
+            s.limiter.held_tokens().values().sum::<u64>() > 0
+        })
+        .await;
         let held: u64 = s.limiter.held_tokens().values().sum();
-        assert!(held > 0);
         s.cancel.cancel();
         s.task.await.unwrap();
         assert_eq!(s.fake.0.lock().returned, held);
@@ -1344,10 +1383,16 @@ mod tests {
     async fn deleting_the_rule_releases_its_leases() {
         let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
         ask(&s.limiter, "a");
-        settle().await;
+        until("tokens are held", || {
+            s.limiter.held_tokens().values().sum::<u64>() > 0
+        })
+        .await;
         let held: u64 = s.limiter.held_tokens().values().sum();
         s.limiter.set_rules(vec![], 0).unwrap();
-        settle().await;
+        until("the held tokens went back", || {
+            s.fake.0.lock().returned >= held
+        })
+        .await;
         assert_eq!(s.fake.0.lock().returned, held);
         s.cancel.cancel();
         s.task.await.unwrap();
@@ -1369,12 +1414,16 @@ mod tests {
         s.health.success();
         s.health.success();
         assert_eq!(s.link_state(), EtcdState::Recovering);
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        until("a debt posting was tried and failed", || {
+            s.fake.0.lock().failed >= 1
+        })
+        .await;
         assert_eq!(s.fake.0.lock().debt, 0);
         s.fake.0.lock().failing = false;
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(s.fake.0.lock().debt, 7);
-        assert_eq!(s.link_state(), EtcdState::Healthy);
+        until("the debt is charged and etcd healthy", || {
+            s.fake.0.lock().debt == 7 && s.link_state() == EtcdState::Healthy
+        })
+        .await;
         s.cancel.cancel();
         s.task.await.unwrap();
     }

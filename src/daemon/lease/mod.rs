@@ -134,6 +134,9 @@ pub struct LeaseStats {
     pub resolved: AtomicU64,
     /// Lease operations sent (one per bucket per transaction attempt).
     pub ops: AtomicU64,
+    /// Per-request leases that did not answer within their deadline (or
+    /// could not be queued): the request followed its rule's `on_failure`.
+    pub per_request_fallbacks: AtomicU64,
     /// Refill requests refused because the rule has its maximum of buckets.
     pub bucket_cap_refusals: AtomicU64,
     pub latency: LatencyHistogram,

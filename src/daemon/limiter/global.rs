@@ -513,4 +513,149 @@ mod tests {
         assert_eq!(b.credit(10), 6);
         assert_eq!(b.held, HELD_MAX);
     }
+
+    use crate::daemon::limiter::{DefaultAction, Limiter, LimiterConfig};
+    use crate::protocol::RuleSource;
+    use crate::rule::{RuleSpec, Scope};
+    use proptest::prelude::*;
+
+    /// A planned global rule (100/s, burst 20, fallback 10/s) with `policy`.
+    fn global_rule(policy: OnFailure, batch: u64, credit_cap: u64) -> Arc<Rule> {
+        let limiter = Limiter::new(LimiterConfig {
+            shards: 1,
+            max_buckets: 10,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        });
+        let mut spec = RuleSpec::new("g", "*", "*", 100, std::time::Duration::from_secs(1));
+        spec.scope = Scope::Global;
+        spec.burst = Some(20);
+        spec.on_failure = Some(policy);
+        spec.fallback_limit = Some(10);
+        limiter
+            .set_rules(vec![(spec, RuleSource::Etcd)], 0)
+            .unwrap();
+        let rule = Arc::clone(limiter.rules().get("g").unwrap());
+        let g = rule.global.as_ref().unwrap();
+        g.batch.store(batch, Ordering::Relaxed);
+        g.low_water.store((batch / 4).max(1), Ordering::Relaxed);
+        g.credit_cap.store(credit_cap, Ordering::Relaxed);
+        rule
+    }
+
+    proptest! {
+        /// Every token admitted is accounted for in the lease word: taken
+        /// from the held tokens or added to the debt (never both, never
+        /// neither), whatever the sequence of grants, spends under every
+        /// etcd state and policy, debt postings and give-backs; a denial
+        /// changes nothing; held tokens always admit, and each policy
+        /// decides as documented when etcd fails.
+        #[test]
+        fn every_admitted_token_is_held_or_owed(
+            policy in prop_oneof![Just(OnFailure::Open), Just(OnFailure::Closed), Just(OnFailure::Local)],
+            batch in 1u64..40,
+            credit_cap in 0u64..30,
+            steps in proptest::collection::vec(
+                (0u8..7, 1u64..12, 0u8..4, 0u64..400_000_000), 1..200),
+        ) {
+            let rule = global_rule(policy, batch, credit_cap);
+            let link = ClusterLink::new(NullSink, OnFailure::Local);
+            let (mut aux, mut tat, mut now) = (0u64, 0u64, 0u64);
+            // The ledger: credited = admitted-from-held + returned + held;
+            // owed (debt) = admitted-beyond-held - charged.
+            let (mut credited, mut returned, mut charged, mut admitted) = (0u64, 0u64, 0u64, 0u64);
+            for (op, x, p, dt) in steps {
+                now += dt;
+                let priority = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical][p as usize];
+                let before = Allotment::unpack(aux);
+                match op {
+                    // Spends: healthy, etcd degraded, a per-request lease
+                    // that failed, granted, or found the bucket empty.
+                    0..=4 => {
+                        let mode = match op {
+                            2 => SpendMode::LeaseFailed,
+                            3 => SpendMode::Leased,
+                            4 => SpendMode::NotGranted,
+                            _ => SpendMode::Normal,
+                        };
+                        link.set_state(if op == 1 { EtcdState::Degraded } else { EtcdState::Healthy });
+                        let cost = x;
+                        let Spend::Decided(v) = spend(
+                            &mut aux, &mut tat, &rule, "c", "r", 0, cost, priority, now, &link, mode,
+                        ) else {
+                            prop_assert!(false, "a batched rule never needs a per-request lease");
+                            unreachable!();
+                        };
+                        let after = Allotment::unpack(aux);
+                        let degraded = op == 1 || op == 2;
+                        if v.outcome == Outcome::Denied {
+                            prop_assert_eq!((after.held, after.debt), (before.held, before.debt));
+                        } else if mode == SpendMode::Leased {
+                            // The lease granted exactly this request's cost.
+                            prop_assert_eq!((after.held, after.debt), (before.held, before.debt));
+                            credited += cost;
+                            admitted += cost;
+                        } else {
+                            let from_held = u64::from(before.held - after.held);
+                            let owed = u64::from(after.debt - before.debt);
+                            prop_assert_eq!(from_held + owed, cost, "{:?} -> {:?}", before, after);
+                            admitted += cost;
+                        }
+                        match mode {
+                            SpendMode::Leased => prop_assert_eq!(v.outcome, Outcome::Allowed),
+                            SpendMode::NotGranted => prop_assert_eq!(v.outcome, Outcome::Denied),
+                            _ if u64::from(before.held) >= cost => {
+                                prop_assert_eq!(v.outcome, Outcome::Allowed, "held tokens admit");
+                                prop_assert_eq!(u64::from(after.held), u64::from(before.held) - cost);
+                            }
+                            _ if degraded => match policy {
+                                OnFailure::Open => prop_assert_eq!(v.outcome, Outcome::Allowed),
+                                OnFailure::Closed if priority == Priority::Critical => {
+                                    prop_assert_eq!(v.outcome, Outcome::Bypassed)
+                                }
+                                OnFailure::Closed => prop_assert_eq!(v.outcome, Outcome::Denied),
+                                // The fallback bucket decides (burst 10).
+                                OnFailure::Local => {}
+                            },
+                            // Healthy, too few held: a fresh bucket borrows
+                            // once within the credit cap, Critical bypasses
+                            // (owed), the rest is denied.
+                            _ if priority == Priority::Critical => {
+                                prop_assert_ne!(v.outcome, Outcome::Denied)
+                            }
+                            _ if before.leased || before.held > 0 || cost > batch => {
+                                prop_assert_eq!(v.outcome, Outcome::Denied)
+                            }
+                            _ => {}
+                        }
+                    }
+                    // A refill grants x tokens.
+                    5 => {
+                        let mut a = before;
+                        let overflow = a.credit(x);
+                        prop_assert_eq!(overflow, 0);
+                        aux = a.pack();
+                        credited += x;
+                    }
+                    // The coordinator charges the debt, then gives the held
+                    // tokens back (as on eviction or shutdown).
+                    _ => {
+                        let mut a = before;
+                        charged += u64::from(a.debt);
+                        a.debt = 0;
+                        if x % 2 == 0 {
+                            returned += u64::from(a.held);
+                            a.held = 0;
+                        }
+                        aux = a.pack();
+                    }
+                }
+                let a = Allotment::unpack(aux);
+                // Conservation: what was admitted came from grants (spent
+                // ones) or is owed (charged already, or still in the word).
+                let spent_from_grants = credited - returned - u64::from(a.held);
+                prop_assert_eq!(admitted, spent_from_grants + charged + u64::from(a.debt));
+            }
+        }
+    }
 }
