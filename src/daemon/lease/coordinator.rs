@@ -389,14 +389,7 @@ impl<S: Source> Coordinator<S> {
         while let Ok(event) = self.events.try_recv() {
             self.handle(event);
         }
-        for (rule, key, held, debt) in self.limiter.take_leases(true) {
-            let hash = self.limiter.table().hash_key(&key);
-            let state = self.key_state(&rule, key, hash);
-            state.give += held;
-            state.debt += debt;
-            state.refill = false;
-            state.released = true;
-        }
+        self.reclaim();
         for state in self.keys.values_mut() {
             state.refill = false;
             state.not_before = Instant::now();
@@ -431,7 +424,12 @@ impl<S: Source> Coordinator<S> {
                 }
             }
             match tokio::time::timeout_at(deadline, self.batches.join_next_with_id()).await {
-                Ok(Some(done)) => self.joined(done),
+                Ok(Some(done)) => {
+                    self.joined(done);
+                    // A lease that was in flight has just credited its
+                    // bucket: that goes back too.
+                    self.reclaim();
+                }
                 Ok(None) | Err(_) => break,
             }
         }
@@ -448,6 +446,19 @@ impl<S: Source> Coordinator<S> {
         }
         self.audit_admissions();
         self.audit.flush();
+    }
+
+    /// At shutdown: takes every bucket's held tokens and debt to give back
+    /// and charge, and stops asking for more.
+    fn reclaim(&mut self) {
+        for (rule, key, held, debt) in self.limiter.take_leases(true) {
+            let hash = self.limiter.table().hash_key(&key);
+            let state = self.key_state(&rule, key, hash);
+            state.give += held;
+            state.debt += debt;
+            state.refill = false;
+            state.released = true;
+        }
     }
 
     fn key_state(&mut self, rule: &Arc<Rule>, key: BucketKey, hash: u64) -> &mut KeyState {
@@ -1022,6 +1033,10 @@ mod tests {
         lose_answers: bool,
         /// Tokens the bucket has; `None`: as the rule says.
         available: Option<u64>,
+        /// How long each call takes.
+        delay: Duration,
+        /// Calls begun.
+        started: u64,
     }
 
     impl Source for Fake {
@@ -1030,6 +1045,12 @@ mod tests {
         }
 
         async fn apply(&self, ops: Vec<Op>) -> Vec<(Op, Done)> {
+            let delay = {
+                let mut b = self.0.lock();
+                b.started += 1;
+                b.delay
+            };
+            tokio::time::sleep(delay).await;
             let mut b = self.0.lock();
             ops.into_iter()
                 .map(|mut op| {
@@ -1377,6 +1398,93 @@ mod tests {
         s.task.await.unwrap();
         assert_eq!(s.fake.0.lock().returned, held);
         assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_a_batch_in_flight_then_gives_everything_back() {
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
+        ask(&s.limiter, "a");
+        until("tokens are held", || {
+            s.limiter.held_tokens().values().sum::<u64>() > 0
+        })
+        .await;
+        // etcd slows down; a second bucket's first lease is in flight when
+        // the coordinator is told to stop.
+        let (commits, started) = {
+            let mut b = s.fake.0.lock();
+            b.delay = Duration::from_millis(300);
+            (b.commits, b.started)
+        };
+        ask(&s.limiter, "b");
+        until("b's lease is in flight", || s.fake.0.lock().started > started).await;
+        s.cancel.cancel();
+        s.task.await.unwrap();
+        let b = s.fake.0.lock();
+        // b's lease committed during the drain; everything granted went
+        // back, and both fresh buckets' credit was charged.
+        assert!(b.commits > commits, "the batch in flight was awaited");
+        assert_eq!(b.returned, b.taken, "every granted token was given back");
+        assert_eq!(b.debt, 2, "both credits charged");
+        assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_per_request_lease_that_misses_its_deadline_is_counted_and_fails() {
+        let stats = Arc::new(LeaseStats::default());
+        // No coordinator answers: the request waits its deadline, no more.
+        let (events, _rx) = mpsc::channel(4);
+        let handle = LeaseHandle {
+            events,
+            stats: Arc::clone(&stats),
+        };
+        let limiter = Limiter::new(LimiterConfig {
+            shards: 1,
+            max_buckets: 10,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        });
+        let mut spec = RuleSpec::new("g", "*", "*", 10, Duration::from_secs(60));
+        spec.scope = Scope::Global;
+        limiter
+            .set_rules(vec![(spec, RuleSource::Etcd)], 0)
+            .unwrap();
+        let need = LeaseNeeded {
+            rule: Arc::clone(limiter.rules().get("g").unwrap()),
+            key: BucketKey::new("c", "r"),
+            hash: 0,
+        };
+        let started = tokio::time::Instant::now();
+        assert_eq!(handle.lease_now(need, 1).await, SpendMode::LeaseFailed);
+        let waited = started.elapsed();
+        // Before any transaction was timed the deadline is the minimum.
+        assert!(waited >= super::super::MIN_TXN_DEADLINE, "{waited:?}");
+        assert_eq!(stats.per_request_fallbacks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn lease_deadlines_are_three_p99_between_50_and_the_cap() {
+        let cap = Duration::from_millis(100);
+        let s = LeaseStats::default();
+        assert_eq!(s.txn_deadline(cap), None, "nothing timed yet");
+        for _ in 0..100 {
+            s.latency.record_one(5_000_000); // 5 ms
+        }
+        assert_eq!(s.txn_deadline(cap), Some(Duration::from_millis(50)), "floor");
+        let s = LeaseStats::default();
+        for _ in 0..100 {
+            s.latency.record_one(25_000_000); // 25 ms: 3 x p99 ~ 75 ms
+        }
+        let d = s.txn_deadline(cap).unwrap();
+        assert!(
+            d > Duration::from_millis(70) && d < Duration::from_millis(82),
+            "{d:?}"
+        );
+        // Timeouts count as samples of their deadline, so deadlines grow
+        // toward the cap when etcd slows down, never past it.
+        for _ in 0..100 {
+            s.timed_out(Duration::from_secs(1));
+        }
+        assert_eq!(s.txn_deadline(cap), Some(cap));
     }
 
     #[tokio::test]
