@@ -85,9 +85,13 @@ pub struct RuleBook {
 struct Layers {
     config_path: String,
     config: Vec<RuleSpec>,
-    /// Rules set at run time: the state file's, or etcd's.
+    /// Rules set at run time: the state file's, or etcd's (those in force:
+    /// etcd rules that clash with this host's config rules are left out).
     runtime: BTreeMap<String, RuleSpec>,
     runtime_source: Option<RuleSource>,
+    /// With etcd: every rule etcd holds as last seen, in force or not, so a
+    /// rule left out for a clash comes back once the config rule goes.
+    etcd: BTreeMap<String, RuleSpec>,
 }
 
 impl Layers {
@@ -106,6 +110,7 @@ impl Layers {
             config: self.config.clone(),
             runtime,
             runtime_source: self.runtime_source,
+            etcd: self.etcd.clone(),
         }
     }
 }
@@ -143,6 +148,7 @@ impl RuleBook {
             } else {
                 RuleSource::Runtime
             }),
+            etcd: BTreeMap::new(),
         };
         let book = RuleBook {
             limiter,
@@ -213,7 +219,7 @@ impl RuleBook {
     /// Mirrors rules just written to etcd (the watcher confirms them later).
     pub fn apply_etcd_upserts(&self, specs: Vec<RuleSpec>) {
         let mut layers = self.layers.lock();
-        let mut next = layers.runtime.clone();
+        let mut next = layers.etcd.clone();
         for s in specs {
             next.insert(s.id.clone(), s);
         }
@@ -223,7 +229,7 @@ impl RuleBook {
     /// Mirrors a rule just deleted from etcd.
     pub fn apply_etcd_delete(&self, id: &str) {
         let mut layers = self.layers.lock();
-        let mut next = layers.runtime.clone();
+        let mut next = layers.etcd.clone();
         if next.remove(id).is_some() {
             self.install_lenient(&mut layers, next);
         }
@@ -240,7 +246,7 @@ impl RuleBook {
             );
         }
         let next = specs.into_iter().map(|s| (s.id.clone(), s)).collect();
-        if next != layers.runtime {
+        if next != layers.etcd {
             self.install_lenient(&mut layers, next);
         }
     }
@@ -276,10 +282,21 @@ impl RuleBook {
     /// Installs a run-time layer from etcd, leaving out (with an error) each
     /// rule that clashes with this host's config rules, so one bad rule
     /// cannot take the others down.
-    fn install_lenient(&self, layers: &mut Layers, runtime: BTreeMap<String, RuleSpec>) {
+    fn install_lenient(&self, layers: &mut Layers, etcd: BTreeMap<String, RuleSpec>) {
+        if let Err(e) = self.try_install_lenient(layers, etcd) {
+            tracing::error!("rules from etcd not installed: {e}");
+        }
+    }
+
+    /// [`Self::install_lenient`], saying why the combined set failed.
+    fn try_install_lenient(
+        &self,
+        layers: &mut Layers,
+        etcd: BTreeMap<String, RuleSpec>,
+    ) -> Result<(), RuleBookError> {
         let now = self.clock.now_ns();
         let mut accepted = BTreeMap::new();
-        for (id, spec) in runtime {
+        for (id, spec) in etcd.clone() {
             if layers.config.iter().any(|c| c.id == id) {
                 tracing::error!(rule = %id, "etcd rule has the id of a config-file rule; the config rule wins");
                 continue;
@@ -296,11 +313,11 @@ impl RuleBook {
                 Err(e) => tracing::error!(rule = %id, "skipping rule from etcd: {e}"),
             }
         }
-        let next = layers.with_runtime(accepted);
-        match self.limiter.set_rules(next.combined(), now) {
-            Ok(_) => *layers = next,
-            Err(e) => tracing::error!("rules from etcd not installed: {e}"),
-        }
+        let mut next = layers.with_runtime(accepted);
+        next.etcd = etcd;
+        self.limiter.set_rules(next.combined(), now)?;
+        *layers = next;
+        Ok(())
     }
 
     /// The run-time layer after upserting `specs`, and how many changed.
@@ -389,6 +406,19 @@ impl RuleBook {
     pub fn reload_config(&self, config_rules: Vec<RuleSpec>) -> Result<(), RuleBookError> {
         let mut layers = self.layers.lock();
         self.check_scopes(&config_rules)?;
+        if self.etcd_mode {
+            // As at start: a config rule wins over the etcd rule with its id
+            // (left out, logged), and an etcd rule left out before comes
+            // back when the config rule is gone.
+            let mut next = layers.with_runtime(BTreeMap::new());
+            next.config = config_rules;
+            self.limiter
+                .check_rules(next.combined(), self.clock.now_ns())?;
+            let etcd = next.etcd.clone();
+            self.try_install_lenient(&mut next, etcd)?;
+            *layers = next;
+            return Ok(());
+        }
         let next = Layers {
             config: config_rules,
             ..layers.with_runtime(layers.runtime.clone())
@@ -509,6 +539,98 @@ mod tests {
 
     fn spec(id: &str, client: &str) -> RuleSpec {
         RuleSpec::new(id, client, "*", 10, Duration::from_secs(1))
+    }
+
+    fn etcd_book(dir: &Path, config: Vec<RuleSpec>) -> RuleBook {
+        let limiter = Arc::new(Limiter::new(LimiterConfig {
+            shards: 4,
+            max_buckets: 100,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        }));
+        RuleBook::open(
+            limiter,
+            MonotonicClock::new(),
+            StateStore::open(dir).unwrap(),
+            Some(Path::new("/etc/rld/rld.toml")),
+            config,
+            true,
+        )
+        .unwrap()
+    }
+
+    /// (id, source, client pattern) of the rules in force.
+    fn in_force(b: &RuleBook) -> Vec<(String, RuleSource, String)> {
+        let mut v: Vec<_> = b
+            .limiter
+            .rules()
+            .iter()
+            .map(|r| (r.id().to_owned(), r.source, r.spec.client.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn with_etcd_a_config_rule_wins_on_reload_and_the_etcd_rule_returns_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = etcd_book(dir.path(), vec![spec("local", "l*")]);
+        b.replace_etcd_layer(vec![spec("shared", "e*"), spec("other", "o*")], 5);
+        let etcd = |id: &str, c: &str| (id.to_owned(), RuleSource::Etcd, c.to_owned());
+        let config = |id: &str, c: &str| (id.to_owned(), RuleSource::Config, c.to_owned());
+        assert_eq!(
+            in_force(&b),
+            vec![
+                config("local", "l*"),
+                etcd("other", "o*"),
+                etcd("shared", "e*")
+            ]
+        );
+        // SIGHUP with a config rule of the same id as an etcd rule: as at
+        // start, the config rule wins; the etcd one is left out (logged).
+        b.reload_config(vec![spec("local", "l*"), spec("shared", "c*")])
+            .unwrap();
+        assert_eq!(
+            in_force(&b),
+            vec![
+                config("local", "l*"),
+                etcd("other", "o*"),
+                config("shared", "c*")
+            ]
+        );
+        // etcd changes meanwhile still apply; the left-out rule stays out.
+        b.apply_etcd_upserts(vec![spec("shared", "e2*"), spec("new", "n*")]);
+        b.apply_etcd_delete("other");
+        assert_eq!(
+            in_force(&b),
+            vec![
+                config("local", "l*"),
+                etcd("new", "n*"),
+                config("shared", "c*")
+            ]
+        );
+        // The config rule goes: the etcd rule (its latest version) is back.
+        b.reload_config(vec![spec("local", "l*")]).unwrap();
+        assert_eq!(
+            in_force(&b),
+            vec![
+                config("local", "l*"),
+                etcd("new", "n*"),
+                etcd("shared", "e2*")
+            ]
+        );
+        // An invalid config is refused and changes nothing.
+        let mut bad = spec("bad", "b*");
+        bad.limit = 0;
+        assert!(b.reload_config(vec![bad]).is_err());
+        assert_eq!(
+            in_force(&b),
+            vec![
+                config("local", "l*"),
+                etcd("new", "n*"),
+                etcd("shared", "e2*")
+            ]
+        );
     }
 
     #[test]

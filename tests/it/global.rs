@@ -493,3 +493,235 @@ async fn a_restart_while_etcd_is_unreachable_applies_the_rules_last_seen_in_etcd
         "closed without etcd denies, not default_action: {v}"
     );
 }
+
+/// The source of rule `id` on `d` as `rlctl rules get --json` shows it.
+fn source_of(d: &ProcessDaemon, id: &str) -> Option<String> {
+    let out = rlctl(&d.socket, &["rules", "get", id, "--json"]);
+    (code(&out) == 0).then(|| {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["source"].as_str().unwrap().to_owned()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_etcd_reloads_the_config_and_a_config_rule_wins_a_clash() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("a.toml");
+    let local =
+        "[[rule]]\nid = \"local\"\nclient = \"*\"\nresource = \"l\"\nlimit = 5\nwindow = \"1s\"\n";
+    std::fs::write(&config, local).unwrap();
+    let sub = dir.path().join("a");
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut args = etcd.args("a");
+    args.extend(["--config".into(), config.to_str().unwrap().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = ProcessDaemon::start(&sub, &args);
+    let b = start(&etcd, dir.path(), "b");
+    set_global(&b, "shared", &["--limit", "100", "--window", "1s"]);
+    wait_for(Duration::from_secs(5), || {
+        source_of(&a, "shared").as_deref() == Some("etcd")
+    });
+    assert_eq!(source_of(&a, "local").as_deref(), Some("config"));
+
+    // The config file gains a rule with the etcd rule's id: on SIGHUP it
+    // wins on this host (logged), the other host keeps the etcd rule.
+    let clash = "[[rule]]\nid = \"shared\"\nclient = \"*\"\nresource = \"shared\"\nlimit = 1\nwindow = \"1h\"\n";
+    std::fs::write(&config, format!("{local}{clash}")).unwrap();
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(5), || {
+        source_of(&a, "shared").as_deref() == Some("config")
+    });
+    assert!(
+        a.log().contains("the config rule wins"),
+        "the clash is logged: {}",
+        a.log()
+    );
+    assert!(a.log().contains("config rules reloaded"), "{}", a.log());
+    assert_eq!(source_of(&b, "shared").as_deref(), Some("etcd"));
+    // The config rule decides on a: 1 per hour.
+    assert_eq!(
+        code(&rlctl(&a.socket, &["acquire", "-q", "u", "shared"])),
+        0
+    );
+    assert_eq!(
+        code(&rlctl(&a.socket, &["acquire", "-q", "u", "shared"])),
+        1
+    );
+
+    // The config rule goes: the etcd rule is back on a.
+    std::fs::write(&config, local).unwrap();
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(5), || {
+        source_of(&a, "shared").as_deref() == Some("etcd")
+    });
+    // An invalid file is refused and changes nothing.
+    std::fs::write(&config, "[[rule]]\nid = \"broken\"\n").unwrap();
+    a.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for(Duration::from_secs(5), || {
+        a.log().contains("reload refused")
+    });
+    assert_eq!(source_of(&a, "local").as_deref(), Some("config"));
+    assert_eq!(source_of(&a, "shared").as_deref(), Some("etcd"));
+}
+
+/// Tokens `d` holds for rule `id` (from `rlctl rules get --json`).
+fn held_of(d: &ProcessDaemon, id: &str) -> u64 {
+    let out = rlctl(&d.socket, &["rules", "get", id, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["lease"]["held"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A counter of `rlctl stats --json`'s cluster section.
+fn cluster_stat(d: &ProcessDaemon, field: &str) -> u64 {
+    let out = rlctl(&d.socket, &["stats", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["cluster"][field]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_daemons_held_tokens_are_never_credited_again() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    // One token per second: the TAT shows any token moved.
+    set_global(
+        &a,
+        "crash",
+        &[
+            "--limit",
+            "3600",
+            "--window",
+            "1h",
+            "--burst",
+            "600",
+            "--accuracy",
+            "20%/1m",
+        ],
+    );
+    for _ in 0..5 {
+        rlctl(&a.socket, &["acquire", "-q", "job", "crash"]);
+    }
+    wait_for(Duration::from_secs(5), || held_of(&a, "crash") > 1);
+    let mut client = etcd.client().await;
+    let prefix = format!("{}/v1/buckets/crash/", etcd.prefix);
+    let mut bucket = async || -> serde_json::Value {
+        let options = etcd_client::GetOptions::new().with_prefix();
+        let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
+        serde_json::from_slice(resp.kvs()[0].value()).unwrap()
+    };
+    let before = loop {
+        let b = bucket().await;
+        if bucket().await == b {
+            break b;
+        }
+    };
+    a.kill9();
+    // Restarted under the same name and state directory: it starts with
+    // nothing held, and the bucket is as the crash left it (the tokens it
+    // held are lost to under-admission, never handed out again).
+    let a = start(&etcd, dir.path(), "a");
+    wait_for(Duration::from_secs(5), || source_of(&a, "crash").is_some());
+    assert_eq!(held_of(&a, "crash"), 0);
+    let after = bucket().await;
+    assert_eq!(after["tat_ns"], before["tat_ns"], "{before} -> {after}");
+    assert_eq!(
+        after["holders"]["a"], before["holders"]["a"],
+        "{before} -> {after}"
+    );
+    assert_eq!(cluster_stat(&a, "tokens_returned"), 0);
+    // Its next lease takes new tokens: the TAT only moves forward.
+    rlctl(&a.socket, &["acquire", "-q", "job", "crash"]);
+    wait_for(Duration::from_secs(5), || held_of(&a, "crash") > 0);
+    let later = bucket().await;
+    assert!(
+        later["tat_ns"].as_u64().unwrap() > before["tat_ns"].as_u64().unwrap(),
+        "{before} -> {later}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicting_a_global_bucket_gives_its_tokens_back() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("a");
+    std::fs::create_dir_all(&sub).unwrap();
+    // One shard of two buckets: a third client evicts the least recent.
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, "shards = 1\nmax_buckets = 2\n").unwrap();
+    let mut args = etcd.args("a");
+    args.extend(["--config".into(), config.to_str().unwrap().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = ProcessDaemon::start(&sub, &args);
+    set_global(
+        &a,
+        "evict",
+        &[
+            "--limit",
+            "3600",
+            "--window",
+            "1h",
+            "--burst",
+            "600",
+            "--accuracy",
+            "20%/1m",
+        ],
+    );
+    // c1 leases a batch and keeps most of it (above the low-water mark: no
+    // refill in flight).
+    rlctl(&a.socket, &["acquire", "-q", "c1", "evict"]);
+    wait_for(Duration::from_secs(5), || held_of(&a, "evict") > 1);
+    let held_c1 = held_of(&a, "evict");
+    assert_eq!(cluster_stat(&a, "tokens_returned"), 0);
+    rlctl(&a.socket, &["acquire", "-q", "c2", "evict"]);
+    wait_for(Duration::from_secs(5), || held_of(&a, "evict") > held_c1);
+    rlctl(&a.socket, &["acquire", "-q", "c3", "evict"]);
+    // c1 was evicted (LRU) and exactly its held tokens went back.
+    wait_for(Duration::from_secs(5), || {
+        cluster_stat(&a, "tokens_returned") == held_c1
+    });
+    let out = rlctl(&a.socket, &["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["evicted_lru"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_requests_on_an_exhausted_global_rule_are_bypassed_and_charged() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    set_global(&a, "crit", &["--limit", "5", "--window", "1h"]);
+    let outcome = |priority: &str| -> String {
+        let out = rlctl(
+            &a.socket,
+            &["acquire", "u", "crit", "--priority", priority, "--json"],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["outcome"].as_str().unwrap().to_owned()
+    };
+    // Exhaust the global bucket (5 per hour).
+    let mut allowed = 0;
+    for _ in 0..20 {
+        if outcome("normal") == "allowed" {
+            allowed += 1;
+        }
+    }
+    assert!(allowed <= 5, "{allowed} allowed of 5");
+    wait_for(Duration::from_secs(5), || outcome("high") == "denied");
+    let debt_before = cluster_stat(&a, "debt_charged");
+    for _ in 0..3 {
+        assert_eq!(outcome("critical"), "bypassed");
+    }
+    assert_eq!(outcome("normal"), "denied");
+    // Each critical token is charged to the global bucket, once.
+    wait_for(Duration::from_secs(5), || {
+        cluster_stat(&a, "debt_charged") >= debt_before + 3
+    });
+    assert_eq!(cluster_stat(&a, "debt_charged"), debt_before + 3);
+}

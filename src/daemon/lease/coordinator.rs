@@ -1416,7 +1416,10 @@ mod tests {
             (b.commits, b.started)
         };
         ask(&s.limiter, "b");
-        until("b's lease is in flight", || s.fake.0.lock().started > started).await;
+        until("b's lease is in flight", || {
+            s.fake.0.lock().started > started
+        })
+        .await;
         s.cancel.cancel();
         s.task.await.unwrap();
         let b = s.fake.0.lock();
@@ -1469,7 +1472,11 @@ mod tests {
         for _ in 0..100 {
             s.latency.record_one(5_000_000); // 5 ms
         }
-        assert_eq!(s.txn_deadline(cap), Some(Duration::from_millis(50)), "floor");
+        assert_eq!(
+            s.txn_deadline(cap),
+            Some(Duration::from_millis(50)),
+            "floor"
+        );
         let s = LeaseStats::default();
         for _ in 0..100 {
             s.latency.record_one(25_000_000); // 25 ms: 3 x p99 ~ 75 ms

@@ -352,7 +352,14 @@ pub fn spend(
         SpendMode::Leased | SpendMode::NotGranted => false,
     };
     let per_request = g.per_request.load(Ordering::Relaxed);
-    if per_request && !degraded && mode == SpendMode::Normal && held < cost {
+    // Critical requests are never denied: they take no lease (they would
+    // wait for one, and be denied when the bucket is empty).
+    if per_request
+        && !degraded
+        && mode == SpendMode::Normal
+        && held < cost
+        && priority != Priority::Critical
+    {
         return Spend::NeedsLease;
     }
     let interval = rule.params.interval_ns;
@@ -393,6 +400,17 @@ pub fn spend(
             // Admitted, counted, and charged to the global bucket later.
             a.held = 0;
             a.add_debt(cost - held);
+            if per_request {
+                // No refill of a per-request rule will carry the debt: post
+                // it now (the word keeps it if the queue is full).
+                let owed = Allotment {
+                    debt: a.debt,
+                    ..Allotment::default()
+                };
+                if link.release(rule, BucketKey::new(client, resource), owed) {
+                    a.debt = 0;
+                }
+            }
             granted(0, Outcome::Bypassed)
         } else {
             denied(held)
@@ -520,7 +538,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// A planned global rule (100/s, burst 20, fallback 10/s) with `policy`.
-    fn global_rule(policy: OnFailure, batch: u64, credit_cap: u64) -> Arc<Rule> {
+    fn global_rule(policy: OnFailure, batch: u64, credit_cap: u64, per_request: bool) -> Arc<Rule> {
         let limiter = Limiter::new(LimiterConfig {
             shards: 1,
             max_buckets: 10,
@@ -540,7 +558,25 @@ mod tests {
         g.batch.store(batch, Ordering::Relaxed);
         g.low_water.store((batch / 4).max(1), Ordering::Relaxed);
         g.credit_cap.store(credit_cap, Ordering::Relaxed);
+        g.per_request.store(per_request, Ordering::Relaxed);
         rule
+    }
+
+    /// A sink that records what the hot path hands to the coordinator.
+    #[derive(Debug, Default, Clone)]
+    struct Recording(Arc<parking_lot::Mutex<(u64, u64)>>);
+
+    impl LeaseSink for Recording {
+        fn plan(&self, _: &Rule) {}
+        fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
+            true
+        }
+        fn release(&self, _: &Arc<Rule>, _: BucketKey, a: Allotment) -> bool {
+            let mut r = self.0.lock();
+            r.0 += u64::from(a.held);
+            r.1 += u64::from(a.debt);
+            true
+        }
     }
 
     proptest! {
@@ -553,17 +589,20 @@ mod tests {
         #[test]
         fn every_admitted_token_is_held_or_owed(
             policy in prop_oneof![Just(OnFailure::Open), Just(OnFailure::Closed), Just(OnFailure::Local)],
+            per_request in any::<bool>(),
             batch in 1u64..40,
             credit_cap in 0u64..30,
             steps in proptest::collection::vec(
                 (0u8..7, 1u64..12, 0u8..4, 0u64..400_000_000), 1..200),
         ) {
-            let rule = global_rule(policy, batch, credit_cap);
-            let link = ClusterLink::new(NullSink, OnFailure::Local);
+            let rule = global_rule(policy, batch, credit_cap, per_request);
+            let sink = Recording::default();
+            let link = ClusterLink::new(sink.clone(), OnFailure::Local);
             let (mut aux, mut tat, mut now) = (0u64, 0u64, 0u64);
             // The ledger: credited = admitted-from-held + returned + held;
             // owed (debt) = admitted-beyond-held - charged.
             let (mut credited, mut returned, mut charged, mut admitted) = (0u64, 0u64, 0u64, 0u64);
+            let mut charged_by_sink = 0u64;
             for (op, x, p, dt) in steps {
                 now += dt;
                 let priority = [Priority::Low, Priority::Normal, Priority::High, Priority::Critical][p as usize];
@@ -580,11 +619,17 @@ mod tests {
                         };
                         link.set_state(if op == 1 { EtcdState::Degraded } else { EtcdState::Healthy });
                         let cost = x;
+                        let word = aux;
                         let Spend::Decided(v) = spend(
                             &mut aux, &mut tat, &rule, "c", "r", 0, cost, priority, now, &link, mode,
                         ) else {
-                            prop_assert!(false, "a batched rule never needs a per-request lease");
-                            unreachable!();
+                            // Only a per-request rule, healthy, short of
+                            // tokens, for a request that is not Critical.
+                            prop_assert!(per_request && op == 0);
+                            prop_assert!(u64::from(before.held) < cost);
+                            prop_assert_ne!(priority, Priority::Critical);
+                            prop_assert_eq!(aux, word, "nothing changes before the lease");
+                            continue;
                         };
                         let after = Allotment::unpack(aux);
                         let degraded = op == 1 || op == 2;
@@ -597,7 +642,10 @@ mod tests {
                             admitted += cost;
                         } else {
                             let from_held = u64::from(before.held - after.held);
-                            let owed = u64::from(after.debt - before.debt);
+                            // Owed: in the word, or posted to the coordinator
+                            // at once (per-request rules).
+                            let posted = sink.0.lock().1 - charged_by_sink;
+                            let owed = u64::from(after.debt) + posted - u64::from(before.debt);
                             prop_assert_eq!(from_held + owed, cost, "{:?} -> {:?}", before, after);
                             admitted += cost;
                         }
@@ -650,6 +698,10 @@ mod tests {
                         aux = a.pack();
                     }
                 }
+                // What the hot path posted to the coordinator is charged.
+                let posted = sink.0.lock().1;
+                charged += posted - charged_by_sink;
+                charged_by_sink = posted;
                 let a = Allotment::unpack(aux);
                 // Conservation: what was admitted came from grants (spent
                 // ones) or is owed (charged already, or still in the word).
