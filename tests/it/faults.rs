@@ -380,3 +380,85 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
         );
     }
 }
+
+/// Members `d` counts for rule `id`.
+fn members(d: &ProcessDaemon, id: &str) -> u64 {
+    let out = rlctl(&d.socket, &["rules", "get", id, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["lease"]["members"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn has_rule(d: &ProcessDaemon, id: &str) -> bool {
+    code(&rlctl(&d.socket, &["rules", "get", id])) == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
+    let Some(etcd) = Etcd::private_for_faults() else {
+        return;
+    };
+    let _heavy = HEAVY.write().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a");
+    let b = daemon(&etcd.endpoints, &etcd, dir.path(), "b");
+    import(&a, dir.path(), GLOBAL);
+    wait_ready(&[&a, &b], "g");
+
+    // Every member killed for longer than a member key's TTL (5 s): both
+    // daemons' member keys expire with their etcd lease.
+    etcd.kill_all();
+    let start = Instant::now();
+    for d in [&a, &b] {
+        wait_state(&d.socket, "degraded", start, Duration::from_secs(5)).await;
+    }
+    // A rule change while etcd is down is refused with a reason, and
+    // changes nothing.
+    let out = rlctl(
+        &a.socket,
+        &["rules", "set", "during", "--client", "*", "--resource", "d", "--limit", "5", "--window", "1s"],
+    );
+    assert_ne!(code(&out), 0);
+    assert!(stderr(&out).contains("etcd"), "{}", stderr(&out));
+    assert!(!has_rule(&a, "during"));
+    // Past the TTL, then etcd comes back.
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(start.elapsed())).await;
+    etcd.restart();
+    for d in [&a, &b] {
+        wait_state(&d.socket, "healthy", start, Duration::from_secs(20)).await;
+    }
+    // Both registered again: each counts two members.
+    for d in [&a, &b] {
+        crate::harness::wait_for(Duration::from_secs(10), || members(d, "g") == 2);
+    }
+    // Rules set after the outage reach the other daemon (its watch was
+    // re-created), in both directions.
+    for (from, to, id) in [(&b, &a, "after-b"), (&a, &b, "after-a")] {
+        let out = rlctl(
+            &from.socket,
+            &["rules", "set", id, "--client", "*", "--resource", id, "--limit", "5", "--window", "1s"],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        crate::harness::wait_for(Duration::from_secs(10), || has_rule(to, id));
+    }
+    let out = rlctl(&a.socket, &["rules", "delete", "after-b"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    crate::harness::wait_for(Duration::from_secs(10), || !has_rule(&b, "after-b"));
+
+    // b's member key loses its lease (as when it expires while b is cut
+    // off): b registers again under a new lease, and a counts it again.
+    let mut client = etcd.client().await;
+    let key = format!("{}/v1/members/b", etcd.prefix);
+    let old = client.get(key.as_str(), None).await.unwrap().kvs()[0].lease();
+    client.lease_revoke(old).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client.get(key.as_str(), None).await.unwrap();
+        if resp.kvs().first().is_some_and(|kv| kv.lease() != old) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never registered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    crate::harness::wait_for(Duration::from_secs(10), || members(&a, "g") == 2);
+}
