@@ -342,5 +342,9 @@ async fn reserves_hold_on_every_path() {
         .acquire(Acquire::new("a", "r").priority(Priority::Critical))
         .await
         .unwrap();
-    assert_eq!(crit.outcome, Outcome::Allowed, "the last token was kept for critical");
+    assert_eq!(
+        crit.outcome,
+        Outcome::Allowed,
+        "the last token was kept for critical"
+    );
 }

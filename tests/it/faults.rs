@@ -416,7 +416,19 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     // changes nothing.
     let out = rlctl(
         &a.socket,
-        &["rules", "set", "during", "--client", "*", "--resource", "d", "--limit", "5", "--window", "1s"],
+        &[
+            "rules",
+            "set",
+            "during",
+            "--client",
+            "*",
+            "--resource",
+            "d",
+            "--limit",
+            "5",
+            "--window",
+            "1s",
+        ],
     );
     assert_ne!(code(&out), 0);
     assert!(stderr(&out).contains("etcd"), "{}", stderr(&out));
@@ -436,7 +448,19 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     for (from, to, id) in [(&b, &a, "after-b"), (&a, &b, "after-a")] {
         let out = rlctl(
             &from.socket,
-            &["rules", "set", id, "--client", "*", "--resource", id, "--limit", "5", "--window", "1s"],
+            &[
+                "rules",
+                "set",
+                id,
+                "--client",
+                "*",
+                "--resource",
+                id,
+                "--limit",
+                "5",
+                "--window",
+                "1s",
+            ],
         );
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         crate::harness::wait_for(Duration::from_secs(10), || has_rule(to, id));
