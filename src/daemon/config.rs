@@ -390,6 +390,11 @@ impl Config {
             // (prefix, TLS, user...).
             file.etcd = args.etcd.clone();
         }
+        if let Some(endpoint) = &args.otlp_endpoint {
+            // Likewise: the flag's (or RLD_OTLP_ENDPOINT's) collector with
+            // the file's trace settings.
+            file.otlp_endpoint = Some(endpoint.clone());
+        }
         let mut config = Config::from_file(file, path.as_deref())?;
         config.config_path = path;
         if let Some(s) = &args.socket {
@@ -403,17 +408,6 @@ impl Config {
         }
         if let Some(a) = &args.metrics_listen {
             config.metrics_listen = Some(metrics_addr("--metrics-listen", a)?);
-        }
-        if let Some(endpoint) = &args.otlp_endpoint {
-            config
-                .trace
-                .get_or_insert_with(|| TraceConfig {
-                    endpoint: String::new(),
-                    sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
-                    headers: Vec::new(),
-                    timeout: DEFAULT_OTLP_TIMEOUT,
-                })
-                .endpoint = endpoint.clone();
         }
         if let Some(r) = args.trace_sample_ratio {
             match config.trace.as_mut() {
@@ -848,6 +842,33 @@ mod tests {
         .unwrap();
         let e = Config::from_file(file, None).unwrap_err();
         assert!(e.to_string().contains("expire_idle"), "{e}");
+    }
+
+    #[test]
+    fn the_files_trace_settings_go_with_an_endpoint_given_on_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rld.toml");
+        std::fs::write(
+            &path,
+            "trace_sample_ratio = 0.5\notlp_headers = { authorization = \"Bearer x\" }\n",
+        )
+        .unwrap();
+        let config_arg = path.to_str().unwrap();
+        let args = Args::parse_from(["rld", "--config", config_arg]);
+        let e = Config::load(&args).unwrap_err().to_string();
+        assert!(e.contains("otlp_endpoint"), "{e}");
+        let args = Args::parse_from([
+            "rld",
+            "--config",
+            config_arg,
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+        ]);
+        let t = Config::load(&args).unwrap().trace.unwrap();
+        assert_eq!(t.endpoint, "http://127.0.0.1:4317");
+        assert_eq!(t.sample_ratio, 0.5);
+        assert_eq!(t.headers, vec![("authorization".into(), "Bearer x".into())]);
+        assert_eq!(t.timeout, DEFAULT_OTLP_TIMEOUT);
     }
 
     /// Every count and duration has a documented maximum and is refused

@@ -296,7 +296,7 @@ impl Conn {
                 }
                 let traced = self.shared.telemetry.as_ref().map(|t| {
                     let ids: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
-                    (Arc::clone(t), ids.join(","))
+                    (Arc::clone(t), ids.join(","), std::time::SystemTime::now())
                 });
                 let answer = match self.shared.cluster.clone() {
                     Some(cluster) => self.set_in_etcd(&cluster, rules).await,
@@ -309,8 +309,8 @@ impl Conn {
                         }
                     }
                 };
-                if let Some((t, ids)) = traced {
-                    t.rule_change("rld.rule.set", &ids, outcome_of(&answer));
+                if let Some((t, ids, started)) = traced {
+                    t.rule_change("rld.rule.set", &ids, started, outcome_of(&answer));
                 }
                 self.respond(id, &answer)
             }
@@ -319,7 +319,11 @@ impl Conn {
                     return self.refuse(id, "delete rules");
                 }
                 let rule = rule.into_owned();
-                let traced = self.shared.telemetry.clone().map(|t| (t, rule.clone()));
+                let traced = self
+                    .shared
+                    .telemetry
+                    .clone()
+                    .map(|t| (t, rule.clone(), std::time::SystemTime::now()));
                 let answer = match self.shared.cluster.clone() {
                     Some(cluster) => self.delete_in_etcd(&cluster, rule).await,
                     None => {
@@ -331,8 +335,8 @@ impl Conn {
                         }
                     }
                 };
-                if let Some((t, rule)) = traced {
-                    t.rule_change("rld.rule.delete", &rule, outcome_of(&answer));
+                if let Some((t, rule, started)) = traced {
+                    t.rule_change("rld.rule.delete", &rule, started, outcome_of(&answer));
                 }
                 self.respond(id, &answer)
             }
@@ -474,7 +478,11 @@ impl Conn {
             let item = decide(shared, timing, latency, a, &mut answer).await;
             result = result.and(match item {
                 Ok(encoded) => encoded,
-                Err(e) => codec::append(&BatchItem::Error(acquire_error(&e)), out),
+                Err(e) => {
+                    let body = acquire_error(&e);
+                    shared.metrics.error_answered(body.code);
+                    codec::append(&BatchItem::Error(body), out)
+                }
             });
         }
         let result = result.and_then(|()| codec::finish_frame(out, start));
@@ -683,16 +691,18 @@ async fn decide<R>(
     if let Some(t) = &shared.telemetry
         && let Some(span) = t.decision(a.trace.as_ref().filter(|c| c.is_valid()))
     {
-        let mut span = Some(span);
+        // Inside the shard lock only the outcome is copied; the span is
+        // filled in and ended after the lock is released.
+        let mut seen = None;
         let mut traced = |d: &Decision<'_>| {
-            if let Some(s) = span.take() {
-                s.end(&a.client, &a.resource, a.cost, a.priority, d);
-            }
+            seen = Some((d.outcome, d.remaining, d.rule.to_string()));
             answer(d)
         };
         let result = decide_untraced(shared, timing, latency, a, &mut traced).await;
-        if let (Err(e), Some(s)) = (&result, span) {
-            s.fail(e.to_string());
+        match (&result, seen) {
+            (Ok(_), Some((outcome, remaining, rule))) => span.end(a, outcome, remaining, rule),
+            (Err(e), _) => span.fail(e.to_string()),
+            (Ok(_), None) => span.fail("no decision".into()),
         }
         return result;
     }

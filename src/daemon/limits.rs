@@ -12,6 +12,7 @@ use hashbrown::HashMap;
 use parking_lot::Mutex;
 
 use super::auth::Peer;
+use super::metrics::REFUSAL_REASONS;
 
 /// Why a connection was refused a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +46,15 @@ impl SlotRefusal {
 
     /// The reason label for metrics and logs.
     pub fn reason(self) -> &'static str {
+        REFUSAL_REASONS[self.index()]
+    }
+
+    /// The reason's place in [`REFUSAL_REASONS`] (and in the refusal counters).
+    pub fn index(self) -> usize {
         match self {
-            SlotRefusal::Full { .. } => "full",
-            SlotRefusal::KeptForAdmins { .. } => "kept_for_admins",
-            SlotRefusal::PerUid { .. } => "per_uid",
+            SlotRefusal::Full { .. } => 0,
+            SlotRefusal::KeptForAdmins { .. } => 1,
+            SlotRefusal::PerUid { .. } => 2,
         }
     }
 }

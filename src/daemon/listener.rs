@@ -76,6 +76,30 @@ pub fn remove_if_ours(path: Option<&Path>, identity: Option<(u64, u64)>) {
     }
 }
 
+/// A socket file we created, removed when dropped (if it is still ours):
+/// a start-up failure after the bind leaves nothing behind.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: Option<PathBuf>,
+    identity: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    /// Guards the file `bound` created (nothing for a socket from systemd).
+    pub fn of(bound: &Bound) -> SocketFile {
+        SocketFile {
+            path: bound.owned_path.clone(),
+            identity: bound.identity,
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        remove_if_ours(self.path.as_deref(), self.identity);
+    }
+}
+
 /// Takes the socket from systemd (`LISTEN_FDS`) or binds `path` with `mode`.
 ///
 /// # Errors
@@ -89,6 +113,24 @@ pub fn bind(path: &Path, mode: u32) -> Result<Bound, BindError> {
         });
     }
     bind_path(path, mode)
+}
+
+/// Fails as [`bind`] would if `path` is served by a live rld or is not a
+/// socket (nothing to check when systemd passes the socket). Binds nothing.
+///
+/// # Errors
+/// [`BindError::InUse`], [`BindError::NotASocket`].
+pub fn check_free(path: &Path) -> Result<(), BindError> {
+    if std::env::var_os("LISTEN_FDS").is_some() {
+        return Ok(());
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(BindError::NotASocket(path.to_owned())),
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            Err(BindError::InUse(path.to_owned()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Binds a Unix socket at `path` with `mode`, replacing a stale socket file
@@ -182,7 +224,7 @@ pub async fn accept_loop(
         let slot = match shared.slots.take(&peer, admin) {
             Ok(slot) => slot,
             Err(refusal) => {
-                shared.metrics.refused(refusal.reason());
+                shared.metrics.refused(refusal);
                 shared
                     .metrics
                     .error_answered(ErrorCode::TOO_MANY_CONNECTIONS);

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::limits::SlotRefusal;
 use crate::protocol::{ErrorCode, LatencySummary};
 
 /// Histogram slots: exact below 16 ns, then 8 slots per power of two up to 2^40 ns.
@@ -212,10 +213,8 @@ pub const ERROR_CODE_SLOTS: usize = 32;
 
 impl Metrics {
     /// Counts a refused connection.
-    pub fn refused(&self, reason: &str) {
-        if let Some(i) = REFUSAL_REASONS.iter().position(|r| *r == reason) {
-            Self::inc(&self.connections_refused[i]);
-        }
+    pub fn refused(&self, refusal: SlotRefusal) {
+        Self::inc(&self.connections_refused[refusal.index()]);
     }
 
     /// Counts an error answer with `code`.

@@ -156,6 +156,18 @@ impl Daemon {
             default_action: config.default_action,
         }));
         let store = StateStore::open(&config.state_dir)?;
+        // Addresses are checked before etcd: a daemon that cannot serve
+        // exits before it registers as a member (a phantom member would
+        // shrink the others' batches for a TTL). The metrics endpoint is
+        // bound now (its file removed if the start fails); the socket is
+        // only checked, and bound once the rules are in force, so that it
+        // answers from its first connection.
+        let exporter = config
+            .metrics_listen
+            .as_ref()
+            .map(|addr| exporter::Exporter::bind(addr, config.socket_mode))
+            .transpose()?;
+        listener::check_free(&config.socket)?;
         let telemetry = match &config.trace {
             Some(t) => {
                 let node = config
@@ -220,13 +232,7 @@ impl Daemon {
                 }
             }
         }
-        // The metrics endpoint first: if it cannot be bound, no socket file
-        // is left behind (and if the socket cannot, the endpoint's is removed).
-        let exporter = config
-            .metrics_listen
-            .as_ref()
-            .map(|addr| exporter::Exporter::bind(addr, config.socket_mode))
-            .transpose()?;
+
         let bound = listener::bind(&config.socket, config.socket_mode)?;
         let shared = Arc::new(Shared {
             limiter,
@@ -505,8 +511,8 @@ async fn reload_on_notify(
     }
 }
 
-/// This host's name (the node id of traces without etcd).
-fn host_name() -> String {
+/// This host's name (the node id of traces without etcd, `host.name`).
+pub(crate) fn host_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

@@ -36,7 +36,7 @@ use opentelemetry_sdk::trace::{
     SpanExporter, SpanProcessor,
 };
 
-use crate::protocol::{Decision, Outcome, Priority, TraceContext};
+use crate::protocol::{Acquire, Outcome, Priority, TraceContext};
 
 /// Spans waiting for export at most; beyond, new ones are dropped (counted).
 const QUEUE: u64 = 8192;
@@ -133,10 +133,7 @@ impl Telemetry {
                 .with_max_export_batch_size(512)
                 .build(),
         );
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_default();
+        let host = super::host_name();
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name("rld")
             .with_attributes([
@@ -177,6 +174,14 @@ impl Telemetry {
     /// [`TraceContext::is_valid`]).
     #[inline]
     pub fn decision(&self, parent: Option<&TraceContext>) -> Option<DecisionSpan> {
+        if self.stats.queued.load(Ordering::Relaxed) >= QUEUE {
+            // The export queue is full: the span would be dropped once
+            // built, so it is not built (and counted as dropped).
+            if parent.is_none_or(|p| p.flags & 1 == 1) {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            return None;
+        }
         match parent {
             Some(p) if p.flags & 1 == 0 => return None,
             Some(_) => {}
@@ -273,14 +278,21 @@ impl Telemetry {
     }
 
     /// A span for a rule change asked by a client (`name` is
-    /// `rld.rule.set` or `rld.rule.delete`).
-    pub fn rule_change(&self, name: &'static str, rule: &str, outcome: Result<(), String>) {
-        let mut span = self.span(
-            name,
-            SpanKind::Server,
-            None,
-            vec![KeyValue::new("rld.rule", rule.to_owned())],
-        );
+    /// `rld.rule.set` or `rld.rule.delete`), from `started` until now.
+    pub fn rule_change(
+        &self,
+        name: &'static str,
+        rule: &str,
+        started: SystemTime,
+        outcome: Result<(), String>,
+    ) {
+        let mut span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_start_time(started)
+            .with_attributes([KeyValue::new("rld.rule", rule.to_owned())])
+            .start(&self.tracer);
         if let Err(e) = outcome {
             span.set_status(Status::error(e));
         }
@@ -301,31 +313,29 @@ impl Telemetry {
 pub struct DecisionSpan(opentelemetry_sdk::trace::Span);
 
 impl DecisionSpan {
-    /// Records the decision and ends the span.
-    pub fn end(
-        mut self,
-        client: &str,
-        resource: &str,
-        cost: u64,
-        priority: Priority,
-        d: &Decision<'_>,
-    ) {
-        let outcome = match d.outcome {
+    /// Records the decision on `a` and ends the span.
+    pub fn end(mut self, a: &Acquire<'_>, outcome: Outcome, remaining: u64, rule: String) {
+        let outcome = match outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "rejected",
             Outcome::Bypassed => "bypassed",
         };
+        let priority = match a.priority {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        };
         let s = &mut self.0;
-        s.set_attribute(KeyValue::new("rld.client", client.to_owned()));
-        s.set_attribute(KeyValue::new("rld.resource", resource.to_owned()));
-        s.set_attribute(KeyValue::new("rld.cost", cost as i64));
-        s.set_attribute(KeyValue::new(
-            "rld.priority",
-            format!("{priority:?}").to_lowercase(),
-        ));
-        s.set_attribute(KeyValue::new("rld.rule", d.rule.to_string()));
-        s.set_attribute(KeyValue::new("rld.outcome", outcome));
-        s.set_attribute(KeyValue::new("rld.remaining", d.remaining as i64));
+        s.set_attributes([
+            KeyValue::new("rld.client", a.client.to_string()),
+            KeyValue::new("rld.resource", a.resource.to_string()),
+            KeyValue::new("rld.cost", a.cost as i64),
+            KeyValue::new("rld.priority", priority),
+            KeyValue::new("rld.rule", rule),
+            KeyValue::new("rld.outcome", outcome),
+            KeyValue::new("rld.remaining", remaining as i64),
+        ]);
         s.end();
     }
 

@@ -77,7 +77,12 @@ async fn wait_sleeps_for_retry_after_and_times_out() {
     assert_eq!(code(&rlctl_async(s, &["acquire", "c", "r"]).await), 0);
     // The next token is an hour away, beyond the 10 s timeout: rlctl gives
     // up at once (exit 1), without waiting the 10 s.
+    let asked = std::time::Instant::now();
     let gave_up = rlctl_async(s, &["acquire", "c", "r", "--wait", "--timeout", "10s"]).await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "it did not wait out the timeout"
+    );
     assert_eq!(code(&gave_up), 1, "{}", stdout(&gave_up));
     assert!(
         stderr(&gave_up).contains("gave up waiting"),

@@ -725,3 +725,38 @@ async fn critical_requests_on_an_exhausted_global_rule_are_bypassed_and_charged(
     });
     assert_eq!(cluster_stat(&a, "debt_charged"), debt_before + 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_cannot_serve_never_joins_the_cluster() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    // b on a's socket: refused before it registers as a member.
+    let mut args = etcd.args("b");
+    args.extend([
+        "--socket".into(),
+        a.socket.to_str().unwrap().to_owned(),
+        "--state-dir".into(),
+        dir.path().join("b-state").to_str().unwrap().to_owned(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+            .args(&args)
+            .env_remove("RLD_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("already serving"), "{}", stderr(&out));
+    let mut client = etcd.client().await;
+    let key = format!("{}/v1/members/b", etcd.prefix);
+    let resp = client.get(key.as_str(), None).await.unwrap();
+    assert!(
+        resp.kvs().is_empty(),
+        "b registered although it could not serve"
+    );
+    drop(a);
+}

@@ -10,16 +10,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, stderr, wait_for};
 
-/// The address the daemon logged for `--metrics-listen 127.0.0.1:0`.
-fn metrics_addr(d: &ProcessDaemon) -> String {
-    let log = d.log();
-    let at = log
-        .find("metrics served on http://")
-        .unwrap_or_else(|| panic!("no metrics address in the log: {log}"));
-    let rest = &log[at + "metrics served on http://".len()..];
-    rest[..rest.find("/metrics").unwrap()].to_owned()
-}
-
 /// An HTTP/1.0 request over `stream`: (status, head, body).
 fn http(mut stream: impl Read + Write, request: &str) -> (u16, String, String) {
     stream.write_all(request.as_bytes()).unwrap();
@@ -122,7 +112,7 @@ fn acquire(socket: &Path, resource: &str, n: usize) {
 fn a_scrape_reports_what_stats_reports_and_passes_promtool() {
     let dir = tempfile::tempdir().unwrap();
     let d = ProcessDaemon::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
-    let addr = metrics_addr(&d);
+    let addr = d.metrics_addr();
     set_rule(&d.socket, "api", &["--limit", "5", "--window", "1h"]);
     acquire(&d.socket, "api", 8);
     // An unmatched request, and an invalid one (cost above the burst).
@@ -360,7 +350,7 @@ fn etcd_mode_exports_cluster_state_and_lease_figures() {
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = ProcessDaemon::start(dir.path(), &args);
-    let addr = metrics_addr(&d);
+    let addr = d.metrics_addr();
     set_rule(
         &d.socket,
         "g",
@@ -475,7 +465,7 @@ fn a_prometheus_server_scrapes_rld_and_reads_back_the_decisions_counter() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = ProcessDaemon::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
-    let target = metrics_addr(&d);
+    let target = d.metrics_addr();
     set_rule(&d.socket, "api", &["--limit", "7", "--window", "1h"]);
     acquire(&d.socket, "api", 10);
     let allowed = stats(&d.socket)["per_rule"][0]["allowed"].as_u64().unwrap();
@@ -536,4 +526,30 @@ fn a_prometheus_server_scrapes_rld_and_reads_back_the_decisions_counter() {
         );
     };
     assert_eq!(value, allowed.to_string());
+}
+
+#[test]
+fn scrape_connections_beyond_the_cap_are_answered_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = ProcessDaemon::start(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let addr = d.metrics_addr();
+    // 16 connections that send nothing hold every slot...
+    let idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // ...so the next scrape is told to come back (once the daemon has
+    // accepted them all: poll).
+    let mut last = 0;
+    wait_for(Duration::from_secs(10), || {
+        let (status, head, body) = get(&addr, "/metrics", "*/*");
+        last = status;
+        status == 503 && head.contains("retry-after: 1") && body.contains("retry shortly")
+    });
+    assert_eq!(last, 503);
+    assert!(d.log().contains("answering 503"), "{}", d.log());
+    // Their slots come back when they close.
+    drop(idle);
+    wait_for(Duration::from_secs(10), || {
+        get(&addr, "/metrics", "*/*").0 == 200
+    });
 }

@@ -158,18 +158,20 @@ async fn the_decision_span_is_a_child_of_the_clients_trace_context() {
     let d = TestDaemon::start_with(traced(&url, 0.0)).await;
     let mut conn = d.connect().await;
 
-    // A sampled-out parent first, then a sampled one, then no parent.
+    // A sampled-out parent and no parent first, then a sampled parent: the
+    // first two, had they made spans, would have been sent with the third
+    // or before it.
     let out = context(0x11, false);
     let sampled = context(0x22, true);
     conn.acquire(Acquire::new("alice", "api").trace(out))
         .await
         .unwrap();
+    conn.acquire(Acquire::new("alice", "api")).await.unwrap();
     let decision = conn
         .acquire(Acquire::new("alice", "api").trace(sampled))
         .await
         .unwrap();
-    assert_eq!(decision.outcome, Outcome::Allowed);
-    conn.acquire(Acquire::new("alice", "api")).await.unwrap();
+    assert_eq!(decision.outcome, Outcome::Denied, "the burst of 2 is spent");
 
     let span = receiver
         .wait_for("rld.decide", |r| r.span.trace_id == sampled.trace_id)
@@ -180,8 +182,10 @@ async fn the_decision_span_is_a_child_of_the_clients_trace_context() {
     assert_eq!(span.attr("rld.client").as_deref(), Some("alice"));
     assert_eq!(span.attr("rld.resource").as_deref(), Some("api"));
     assert_eq!(span.attr("rld.rule").as_deref(), Some("api"));
-    assert_eq!(span.attr("rld.outcome").as_deref(), Some("allowed"));
+    assert_eq!(span.attr("rld.outcome").as_deref(), Some("rejected"));
     assert_eq!(span.attr("rld.remaining").as_deref(), Some("0"));
+    assert_eq!(span.attr("rld.priority").as_deref(), Some("normal"));
+    assert_eq!(span.attr("rld.cost").as_deref(), Some("1"));
     for (key, value) in [
         ("service.name", Some("rld".to_owned())),
         (
@@ -193,8 +197,6 @@ async fn the_decision_span_is_a_child_of_the_clients_trace_context() {
     }
     assert!(attr(&span.resource, "host.name").is_some_and(|h| !h.is_empty()));
     assert!(attr(&span.resource, "service.instance.id").is_some());
-    // The sampled-out request was decided before the sampled one, so its
-    // span, had one been made, would have been sent with it or before.
     assert!(receiver.with_trace(&out.trace_id).is_empty());
     // Ratio 0: the request without a parent made no span either.
     let decides = receiver
@@ -340,21 +342,7 @@ fn an_unreachable_collector_costs_counted_drops_and_one_warning() {
             "127.0.0.1:0",
         ],
     );
-    let dropped = || -> u64 {
-        let log = d.log();
-        let at = log.find("metrics served on http://").unwrap() + "metrics served on http://".len();
-        let addr = &log[at..at + log[at..].find("/metrics").unwrap()];
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        use std::io::{Read, Write};
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body.lines()
-            .find_map(|l| l.strip_prefix("rld_trace_spans_dropped_total "))
-            .expect("rld_trace_spans_dropped_total")
-            .parse()
-            .unwrap()
-    };
+    let dropped = || d.metric("rld_trace_spans_dropped_total") as u64;
     // Two rounds of decisions, each exported (and failing) separately.
     let mut last = 0;
     for round in 0..2 {

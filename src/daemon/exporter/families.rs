@@ -209,8 +209,9 @@ impl Collector for Snapshot {
         family(
             e,
             "rld_decisions",
-            "Decisions by rule and outcome (allowed, rejected, bypassed by a failing etcd; \
-             unmatched: no rule matched, answered by default_action).",
+            "Decisions by rule and outcome: allowed, rejected, bypassed (a Critical request \
+             admitted over the limit, still charged), unmatched (no rule matched; \
+             default_action answered).",
             MetricType::Counter,
             outcomes.chain(unmatched),
         )?;

@@ -31,11 +31,19 @@ use super::listener::{self, BindError};
 use super::throttle::LogThrottle;
 use families::Snapshot;
 
-/// Scrape connections served at once; more are closed at once (Prometheus
+/// Scrape connections served at once; more are answered 503 (Prometheus
 /// uses one per target).
 const CONNECTIONS: usize = 16;
 /// How long a scraper may take to send its request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection may last, keep-alive included: a scraper that
+/// stops reading (or keeps reconnecting to hold a slot) cannot keep it.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
+/// The answer to a connection over [`CONNECTIONS`].
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 48\r\nConnection: close\r\nRetry-After: 1\r\n\r\n\
+too many scrape connections open; retry shortly\n";
 
 /// Where `/metrics` is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,21 +101,13 @@ enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
-/// The Unix socket file we created, removed when dropped (if it is still
-/// ours), whether the daemon served or failed to start.
-struct SocketFile(Option<PathBuf>, Option<(u64, u64)>);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        listener::remove_if_ours(self.0.as_deref(), self.1);
-    }
-}
-
 /// A bound metrics endpoint, not yet serving.
 pub struct Exporter {
     listener: Listener,
     addr: MetricsAddr,
-    _file: Option<SocketFile>,
+    /// The Unix socket file, removed with the exporter whether the daemon
+    /// served or failed to start.
+    _file: Option<listener::SocketFile>,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -141,15 +141,12 @@ impl Exporter {
                 })
             }
             MetricsAddr::Unix(path) => {
-                let listener::Bound {
-                    listener,
-                    owned_path,
-                    identity,
-                } = listener::bind_path(path, mode).map_err(ExporterError::Unix)?;
+                let bound = listener::bind_path(path, mode).map_err(ExporterError::Unix)?;
+                let file = listener::SocketFile::of(&bound);
                 Ok(Exporter {
-                    listener: Listener::Unix(listener),
+                    listener: Listener::Unix(bound.listener),
                     addr: addr.clone(),
-                    _file: Some(SocketFile(owned_path, identity)),
+                    _file: Some(file),
                 })
             }
         }
@@ -198,6 +195,7 @@ async fn accept<S, F, Fut>(
     Fut: Future<Output = std::io::Result<S>>,
 {
     static FAILED: LogThrottle = LogThrottle::new();
+    static BUSY_LOG: LogThrottle = LogThrottle::new();
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => return,
@@ -213,8 +211,27 @@ async fn accept<S, F, Fut>(
                 continue;
             }
         };
-        // Beyond the cap the connection is closed unanswered.
+        // Beyond the cap: a short 503, written within a second or dropped.
         let Ok(turn) = Arc::clone(turns).try_acquire_owned() else {
+            if let Some(suppressed) = BUSY_LOG.allow() {
+                tracing::warn!(
+                    suppressed,
+                    "metrics: {CONNECTIONS} scrape connections open; answering 503 to more"
+                );
+            }
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = stream;
+                // Read the request first (closing with it unread would reset
+                // the connection before the scraper reads the answer).
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut request = [0u8; 2048];
+                    let _ = stream.read(&mut request).await;
+                    let _ = stream.write_all(BUSY).await;
+                    let _ = stream.shutdown().await;
+                })
+                .await;
+            });
             continue;
         };
         let shared = Arc::clone(shared);
@@ -231,8 +248,10 @@ async fn accept<S, F, Fut>(
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 () = cancel.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!("metrics connection: {e}");
+                r = tokio::time::timeout(CONNECTION_LIMIT, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!("metrics connection: {e}"),
+                    Err(_) => tracing::debug!("metrics connection closed after {CONNECTION_LIMIT:?}"),
+                    Ok(Ok(())) => {}
                 },
             }
         });

@@ -80,6 +80,13 @@ pub enum LeaseEvent {
         key: BucketKey,
         allotment: Allotment,
     },
+    /// Charge `tokens` of debt to the bucket (nothing else changes).
+    Debt {
+        rule: Arc<Rule>,
+        key: BucketKey,
+        hash: u64,
+        tokens: u64,
+    },
     /// A per-request rule: lease exactly `cost` tokens; `true` if granted.
     Now {
         rule: Arc<Rule>,
@@ -188,6 +195,17 @@ impl LeaseSink for QueueSink {
                 rule: Arc::clone(rule),
                 key,
                 allotment,
+            })
+            .is_ok()
+    }
+
+    fn debt(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, tokens: u64) -> bool {
+        self.events
+            .try_send(LeaseEvent::Debt {
+                rule: Arc::clone(rule),
+                key,
+                hash,
+                tokens,
             })
             .is_ok()
     }
@@ -557,6 +575,16 @@ impl<S: Source> Coordinator<S> {
                 state.debt += u64::from(allotment.debt);
                 state.refill = false;
                 state.released = true;
+            }
+            LeaseEvent::Debt {
+                rule,
+                key,
+                hash,
+                tokens,
+            } => {
+                // Only the debt: a lease waiting for this key, its refill
+                // and its demand are left as they are.
+                self.key_state(&rule, key, hash).debt += tokens;
             }
             LeaseEvent::Now {
                 rule,
@@ -1136,6 +1164,8 @@ mod tests {
     }
 
     struct Setup {
+        /// The coordinator's event queue, as the hot path sends on it.
+        events: mpsc::Sender<LeaseEvent>,
         limiter: Arc<Limiter>,
         link: Arc<ClusterLink>,
         health: Arc<Health>,
@@ -1158,7 +1188,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4096);
         let planner = Arc::new(Planner::new(settings, Arc::new(AtomicU64::new(1))));
         let sink = QueueSink {
-            events: tx,
+            events: tx.clone(),
             planner: Arc::clone(&planner),
         };
         let link = Arc::new(ClusterLink::new(sink, on_failure));
@@ -1190,6 +1220,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(coordinator.run(cancel.clone(), Duration::from_secs(1)));
         Setup {
+            events: tx,
             limiter,
             link,
             health,
@@ -1429,6 +1460,49 @@ mod tests {
         assert_eq!(b.returned, b.taken, "every granted token was given back");
         assert_eq!(b.debt, 2, "both credits charged");
         assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_debt_posted_while_a_lease_waits_does_not_cancel_it() {
+        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
+        let rule = Arc::clone(s.limiter.rules().get("g").unwrap());
+        // The bucket exists (a request made it) and its first lease is done.
+        ask(&s.limiter, "c");
+        until("the first lease committed", || s.fake.0.lock().commits >= 1).await;
+        let (taken, debt) = {
+            let b = s.fake.0.lock();
+            (b.taken, b.debt)
+        };
+        let key = BucketKey::new("c", "r");
+        let hash = s.limiter.table().hash_key(&key);
+        // A Normal request's lease and a Critical request's debt on the same
+        // bucket, queued together (the coordinator takes both before it
+        // sends anything).
+        let (reply, answer) = oneshot::channel();
+        s.events
+            .send(LeaseEvent::Now {
+                rule: Arc::clone(&rule),
+                key: key.clone(),
+                hash,
+                cost: 2,
+                reply,
+            })
+            .await
+            .unwrap();
+        s.events
+            .send(LeaseEvent::Debt {
+                rule,
+                key,
+                hash,
+                tokens: 3,
+            })
+            .await
+            .unwrap();
+        assert!(answer.await.unwrap(), "the lease was granted");
+        until("the debt is charged", || s.fake.0.lock().debt == debt + 3).await;
+        assert_eq!(s.fake.0.lock().taken, taken + 2);
+        s.cancel.cancel();
+        s.task.await.unwrap();
     }
 
     #[tokio::test]

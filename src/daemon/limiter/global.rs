@@ -147,6 +147,11 @@ pub trait LeaseSink: Send + Sync + std::fmt::Debug {
     /// The bucket is gone (evicted, rule changed): give its held tokens back
     /// and charge its debt.
     fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool;
+
+    /// Charge `tokens` of debt to the bucket now (a per-request rule's
+    /// Critical request over the limit: no refill would carry it). Changes
+    /// nothing else about the bucket.
+    fn debt(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, tokens: u64) -> bool;
 }
 
 /// What the hot path shares with the coordinator.
@@ -219,6 +224,14 @@ impl ClusterLink {
     /// its queue is full (the held tokens are then lost: under-admission).
     pub fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
         let sent = self.sink.release(rule, key, allotment);
+        if !sent {
+            self.dropped_events.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    pub fn debt(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, tokens: u64) -> bool {
+        let sent = self.sink.debt(rule, key, hash, tokens);
         if !sent {
             self.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
@@ -352,14 +365,7 @@ pub fn spend(
         SpendMode::Leased | SpendMode::NotGranted => false,
     };
     let per_request = g.per_request.load(Ordering::Relaxed);
-    // Critical requests are never denied: they take no lease (they would
-    // wait for one, and be denied when the bucket is empty).
-    if per_request
-        && !degraded
-        && mode == SpendMode::Normal
-        && held < cost
-        && priority != Priority::Critical
-    {
+    if per_request && !degraded && mode == SpendMode::Normal && held < cost {
         return Spend::NeedsLease;
     }
     let interval = rule.params.interval_ns;
@@ -372,7 +378,19 @@ pub fn spend(
     let verdict = if mode == SpendMode::Leased {
         granted(a.held, Outcome::Allowed)
     } else if mode == SpendMode::NotGranted {
-        denied(held)
+        if priority == Priority::Critical {
+            // Over the limit: admitted, and its cost charged to the global
+            // bucket now (no refill of a per-request rule would carry it;
+            // the word keeps it if the queue is full).
+            a.add_debt(cost);
+            let owed = u64::from(a.debt);
+            if link.debt(rule, BucketKey::new(client, resource), hash, owed) {
+                a.debt = 0;
+            }
+            granted(a.held, Outcome::Bypassed)
+        } else {
+            denied(held)
+        }
     } else if held >= cost {
         a.held -= cost as u32;
         granted(a.held, Outcome::Allowed)
@@ -400,17 +418,6 @@ pub fn spend(
             // Admitted, counted, and charged to the global bucket later.
             a.held = 0;
             a.add_debt(cost - held);
-            if per_request {
-                // No refill of a per-request rule will carry the debt: post
-                // it now (the word keeps it if the queue is full).
-                let owed = Allotment {
-                    debt: a.debt,
-                    ..Allotment::default()
-                };
-                if link.release(rule, BucketKey::new(client, resource), owed) {
-                    a.debt = 0;
-                }
-            }
             granted(0, Outcome::Bypassed)
         } else {
             denied(held)
@@ -474,6 +481,9 @@ impl LeaseSink for NullSink {
         true
     }
     fn release(&self, _: &Arc<Rule>, _: BucketKey, _: Allotment) -> bool {
+        true
+    }
+    fn debt(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
         true
     }
 }
@@ -577,6 +587,10 @@ mod tests {
             r.1 += u64::from(a.debt);
             true
         }
+        fn debt(&self, _: &Arc<Rule>, _: BucketKey, _: u64, tokens: u64) -> bool {
+            self.0.lock().1 += tokens;
+            true
+        }
     }
 
     proptest! {
@@ -624,10 +638,9 @@ mod tests {
                             &mut aux, &mut tat, &rule, "c", "r", 0, cost, priority, now, &link, mode,
                         ) else {
                             // Only a per-request rule, healthy, short of
-                            // tokens, for a request that is not Critical.
+                            // tokens.
                             prop_assert!(per_request && op == 0);
                             prop_assert!(u64::from(before.held) < cost);
-                            prop_assert_ne!(priority, Priority::Critical);
                             prop_assert_eq!(aux, word, "nothing changes before the lease");
                             continue;
                         };
@@ -640,6 +653,14 @@ mod tests {
                             prop_assert_eq!((after.held, after.debt), (before.held, before.debt));
                             credited += cost;
                             admitted += cost;
+                        } else if mode == SpendMode::NotGranted {
+                            // Only Critical passes: owed, posted at once with
+                            // whatever debt the word had.
+                            prop_assert_eq!(after.held, before.held);
+                            prop_assert_eq!(after.debt, 0);
+                            let posted = sink.0.lock().1 - charged_by_sink;
+                            prop_assert_eq!(posted, u64::from(before.debt) + cost);
+                            admitted += cost;
                         } else {
                             let from_held = u64::from(before.held - after.held);
                             // Owed: in the word, or posted to the coordinator
@@ -651,6 +672,9 @@ mod tests {
                         }
                         match mode {
                             SpendMode::Leased => prop_assert_eq!(v.outcome, Outcome::Allowed),
+                            SpendMode::NotGranted if priority == Priority::Critical => {
+                                prop_assert_eq!(v.outcome, Outcome::Bypassed)
+                            }
                             SpendMode::NotGranted => prop_assert_eq!(v.outcome, Outcome::Denied),
                             _ if u64::from(before.held) >= cost => {
                                 prop_assert_eq!(v.outcome, Outcome::Allowed, "held tokens admit");
