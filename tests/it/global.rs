@@ -461,8 +461,13 @@ async fn a_restart_while_etcd_is_unreachable_applies_the_rules_last_seen_in_etcd
         "deploy",
         &["--limit", "1", "--window", "1h", "--on-failure", "closed"],
     );
-    assert!(a.terminate().success());
+    // The cache follows what the rules watch lists (asynchronously after
+    // the write): wait until it has seen the rule.
     let cache = dir.path().join("a/state/etcd-rules.toml");
+    wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&cache).is_ok_and(|t| t.contains("deploy"))
+    });
+    assert!(a.terminate().success());
     let text = std::fs::read_to_string(&cache).unwrap();
     assert!(text.starts_with("# etcd revision "), "{text}");
     assert!(text.contains("deploy"), "{text}");
