@@ -78,15 +78,18 @@ fn readiness_is_signalled_once_the_socket_is_bound() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let socket = dir.path().join("rld.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rld"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_rld"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).expect("a readiness message");
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -99,11 +102,11 @@ fn readiness_is_signalled_once_the_socket_is_bound() {
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "{mode:o}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
 }
 
 /// Under `WatchdogSec=` (WATCHDOG_USEC) rld pings the watchdog at half the
@@ -160,17 +163,20 @@ fn socket_activation_uses_the_inherited_socket() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
-    let mut child = Command::new("systemd-socket-activate")
-        .arg("-l")
-        .arg(&socket)
-        .arg(env!("CARGO_BIN_EXE_rld"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaper(
+        Command::new("systemd-socket-activate")
+            .arg("-l")
+            .arg(&socket)
+            .arg(env!("CARGO_BIN_EXE_rld"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--socket")
+            .arg(dir.path().join("unused.sock"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..200 {
         if socket.exists() {
             break;
@@ -184,8 +190,8 @@ fn socket_activation_uses_the_inherited_socket() {
         !dir.path().join("unused.sock").exists(),
         "rld did not bind its own socket"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
 }
 
 /// The unit runs `User=rld` with `RuntimeDirectory=rld` and
