@@ -520,6 +520,10 @@ mod tests {
     use std::time::Duration;
 
     fn book(dir: &Path, config: Vec<RuleSpec>) -> RuleBook {
+        open_book(dir, config, false)
+    }
+
+    fn open_book(dir: &Path, config: Vec<RuleSpec>, etcd_mode: bool) -> RuleBook {
         let limiter = Arc::new(Limiter::new(LimiterConfig {
             shards: 4,
             max_buckets: 100,
@@ -532,31 +536,13 @@ mod tests {
             StateStore::open(dir).unwrap(),
             Some(Path::new("/etc/rld/rld.toml")),
             config,
-            false,
+            etcd_mode,
         )
         .unwrap()
     }
 
     fn spec(id: &str, client: &str) -> RuleSpec {
         RuleSpec::new(id, client, "*", 10, Duration::from_secs(1))
-    }
-
-    fn etcd_book(dir: &Path, config: Vec<RuleSpec>) -> RuleBook {
-        let limiter = Arc::new(Limiter::new(LimiterConfig {
-            shards: 4,
-            max_buckets: 100,
-            max_table_bytes: usize::MAX,
-            default_action: DefaultAction::Allow,
-        }));
-        RuleBook::open(
-            limiter,
-            MonotonicClock::new(),
-            StateStore::open(dir).unwrap(),
-            Some(Path::new("/etc/rld/rld.toml")),
-            config,
-            true,
-        )
-        .unwrap()
     }
 
     /// (id, source, client pattern) of the rules in force.
@@ -574,7 +560,7 @@ mod tests {
     #[test]
     fn with_etcd_a_config_rule_wins_on_reload_and_the_etcd_rule_returns_after() {
         let dir = tempfile::tempdir().unwrap();
-        let b = etcd_book(dir.path(), vec![spec("local", "l*")]);
+        let b = open_book(dir.path(), vec![spec("local", "l*")], true);
         b.replace_etcd_layer(vec![spec("shared", "e*"), spec("other", "o*")], 5);
         let etcd = |id: &str, c: &str| (id.to_owned(), RuleSource::Etcd, c.to_owned());
         let config = |id: &str, c: &str| (id.to_owned(), RuleSource::Config, c.to_owned());

@@ -186,41 +186,11 @@ async fn sigterm_gives_leased_tokens_back() {
     let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
-    // One token per second, so the bucket cannot refill meaningfully while
-    // the test runs and the returned amount is visible exactly in the TAT.
-    set_global(
-        &a,
-        "batch",
-        &[
-            "--limit",
-            "3600",
-            "--window",
-            "1h",
-            "--burst",
-            "600",
-            "--accuracy",
-            "20%/1m",
-        ],
-    );
+    lease_a_slow_batch(&a, "batch");
     let interval_ns: u64 = 1_000_000_000;
-    // Enough demand for a batch of several tokens.
-    for _ in 0..5 {
-        rlctl(&a.socket, &["acquire", "-q", "job", "batch"]);
-    }
-    let held = || -> u64 {
-        let out = rlctl(&a.socket, &["rules", "get", "batch", "--json"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["lease"]["held"]
-            .as_u64()
-            .unwrap()
-    };
-    wait_for(Duration::from_secs(5), || held() > 1);
+    let held = || held_of(&a, "batch");
     let mut client = etcd.client().await;
-    let prefix = format!("{}/v1/buckets/batch/", etcd.prefix);
-    let mut bucket = async || -> serde_json::Value {
-        let options = etcd_client::GetOptions::new().with_prefix();
-        let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
-        serde_json::from_slice(resp.kvs()[0].value()).unwrap()
-    };
+    let mut bucket = async || bucket_value(&mut client, &etcd, "batch").await;
     // A consistent pair: the daemon's held count and the bucket it came from
     // (no lease in flight between the two reads).
     let (held_before, before) = loop {
@@ -571,6 +541,48 @@ async fn sighup_with_etcd_reloads_the_config_and_a_config_rule_wins_a_clash() {
     assert_eq!(source_of(&a, "shared").as_deref(), Some("etcd"));
 }
 
+/// Sets global rule `id` at one token per second (burst 600): its bucket
+/// cannot refill meaningfully while a test runs, so every token moved shows
+/// in its TAT.
+fn set_slow_global(a: &ProcessDaemon, id: &str) {
+    set_global(
+        a,
+        id,
+        &[
+            "--limit",
+            "3600",
+            "--window",
+            "1h",
+            "--burst",
+            "600",
+            "--accuracy",
+            "20%/1m",
+        ],
+    );
+}
+
+/// [`set_slow_global`], then demand enough that `a` leases a batch of
+/// several tokens.
+fn lease_a_slow_batch(a: &ProcessDaemon, id: &str) {
+    set_slow_global(a, id);
+    for _ in 0..5 {
+        rlctl(&a.socket, &["acquire", "-q", "job", id]);
+    }
+    wait_for(Duration::from_secs(5), || held_of(a, id) > 1);
+}
+
+/// The value in etcd of rule `id`'s only bucket.
+async fn bucket_value(
+    client: &mut etcd_client::Client,
+    etcd: &Etcd,
+    id: &str,
+) -> serde_json::Value {
+    let prefix = format!("{}/v1/buckets/{id}/", etcd.prefix);
+    let options = etcd_client::GetOptions::new().with_prefix();
+    let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
+    serde_json::from_slice(resp.kvs()[0].value()).unwrap()
+}
+
 /// Tokens `d` holds for rule `id` (from `rlctl rules get --json`).
 fn held_of(d: &ProcessDaemon, id: &str) -> u64 {
     let out = rlctl(&d.socket, &["rules", "get", id, "--json"]);
@@ -593,32 +605,9 @@ async fn a_crashed_daemons_held_tokens_are_never_credited_again() {
     let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
-    // One token per second: the TAT shows any token moved.
-    set_global(
-        &a,
-        "crash",
-        &[
-            "--limit",
-            "3600",
-            "--window",
-            "1h",
-            "--burst",
-            "600",
-            "--accuracy",
-            "20%/1m",
-        ],
-    );
-    for _ in 0..5 {
-        rlctl(&a.socket, &["acquire", "-q", "job", "crash"]);
-    }
-    wait_for(Duration::from_secs(5), || held_of(&a, "crash") > 1);
+    lease_a_slow_batch(&a, "crash");
     let mut client = etcd.client().await;
-    let prefix = format!("{}/v1/buckets/crash/", etcd.prefix);
-    let mut bucket = async || -> serde_json::Value {
-        let options = etcd_client::GetOptions::new().with_prefix();
-        let resp = client.get(prefix.as_str(), Some(options)).await.unwrap();
-        serde_json::from_slice(resp.kvs()[0].value()).unwrap()
-    };
+    let mut bucket = async || bucket_value(&mut client, &etcd, "crash").await;
     let before = loop {
         let b = bucket().await;
         if bucket().await == b {
@@ -663,20 +652,7 @@ async fn evicting_a_global_bucket_gives_its_tokens_back() {
     args.extend(["--config".into(), config.to_str().unwrap().to_owned()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = ProcessDaemon::start(&sub, &args);
-    set_global(
-        &a,
-        "evict",
-        &[
-            "--limit",
-            "3600",
-            "--window",
-            "1h",
-            "--burst",
-            "600",
-            "--accuracy",
-            "20%/1m",
-        ],
-    );
+    set_slow_global(&a, "evict");
     // c1 leases a batch and keeps most of it (above the low-water mark: no
     // refill in flight).
     rlctl(&a.socket, &["acquire", "-q", "c1", "evict"]);
