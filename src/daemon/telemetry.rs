@@ -174,19 +174,17 @@ impl Telemetry {
     /// [`TraceContext::is_valid`]).
     #[inline]
     pub fn decision(&self, parent: Option<&TraceContext>) -> Option<DecisionSpan> {
-        if self.stats.queued.load(Ordering::Relaxed) >= QUEUE {
-            // The export queue is full: the span would be dropped once
-            // built, so it is not built (and counted as dropped).
-            if parent.is_none_or(|p| p.flags & 1 == 1) {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            return None;
-        }
         match parent {
             Some(p) if p.flags & 1 == 0 => return None,
             Some(_) => {}
             None if !self.sample_root() => return None,
             None => {}
+        }
+        if self.stats.queued.load(Ordering::Relaxed) >= QUEUE {
+            // The export queue is full: the span would be dropped once
+            // built, so it is not built (and counted as dropped).
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         Some(DecisionSpan(self.span(
             "rld.decide",
