@@ -196,6 +196,7 @@ async fn accept<S, F, Fut>(
 {
     static FAILED: LogThrottle = LogThrottle::new();
     static BUSY_LOG: LogThrottle = LogThrottle::new();
+    let busy = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     loop {
         let stream = tokio::select! {
             () = cancel.cancelled() => return,
@@ -211,8 +212,13 @@ async fn accept<S, F, Fut>(
                 continue;
             }
         };
-        // Beyond the cap: a short 503, written within a second or dropped.
+        // Beyond the cap: a short 503, written within a second or dropped;
+        // beyond as many 503s at once, closed (so that a flood of scrape
+        // connections cannot take the file descriptors clients need).
         let Ok(turn) = Arc::clone(turns).try_acquire_owned() else {
+            let Ok(refusing) = Arc::clone(&busy).try_acquire_owned() else {
+                continue;
+            };
             if let Some(suppressed) = BUSY_LOG.allow() {
                 tracing::warn!(
                     suppressed,
@@ -221,6 +227,7 @@ async fn accept<S, F, Fut>(
             }
             tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _refusing = refusing;
                 let mut stream = stream;
                 // Read the request first (closing with it unread would reset
                 // the connection before the scraper reads the answer).
