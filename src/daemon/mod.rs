@@ -416,8 +416,9 @@ impl Daemon {
 }
 
 /// File descriptors kept for everything but client connections (etcd,
-/// state files, the listener, logs).
-const RESERVED_FDS: u64 = 64;
+/// state files, the listener, logs, the metrics endpoint's 16 scrape
+/// connections and 16 refusals, the OTLP exporter).
+const RESERVED_FDS: u64 = 100;
 
 /// Raises the soft open-file limit to the hard one and returns how many
 /// connections fit under it: `max_connections`, or fewer (with a warning)
