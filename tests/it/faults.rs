@@ -293,9 +293,20 @@ async fn killing_the_leader_under_load_stays_within_three_percent() {
             eprintln!("  {line}");
         }
     }
+    // Within 3% of the limit, never above it; below it only by what the
+    // load generator failed to offer (a loaded machine may not deliver the
+    // 1,600/s asked of it: what was not offered cannot be admitted).
+    let offered: u64 = timelines
+        .iter()
+        .map(|t| t.offered(0, window.0, window.1))
+        .sum();
     assert!(
-        (admitted as f64 - 10_000.0).abs() <= 300.0,
-        "admitted {admitted}"
+        admitted as f64 <= 10_000.0 + 300.0,
+        "admitted {admitted} of {offered} offered: over the limit"
+    );
+    assert!(
+        admitted as f64 >= offered.min(10_000) as f64 - 300.0,
+        "admitted {admitted} of {offered} offered: under the limit"
     );
     assert!(max < WAITED_ON_ETCD, "a request waited {max:?}");
 }
@@ -363,9 +374,12 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
     );
     assert!(others_healthy, "a and b stayed healthy");
     assert!(degraded_at - cut_at <= Duration::from_secs(2));
+    // a and b share the limit within 2% (+ burst) and lose at most 5% to
+    // the partition, of what their load generators managed to offer.
+    let ab_offered = t[0].offered(0, window.0, window.1) + t[1].offered(0, window.0, window.1);
     assert!(
-        ab as f64 <= 10_000.0 * 1.02 + 100.0 && ab as f64 >= 10_000.0 * 0.95,
-        "a+b admitted {ab}"
+        ab as f64 <= 10_000.0 * 1.02 + 100.0 && ab as f64 >= ab_offered.min(10_000) as f64 * 0.95,
+        "a+b admitted {ab} of {ab_offered} offered"
     );
     // c's fallback: limit x 1.1 / N (N = 3 when cut) per second, plus burst.
     assert!(
