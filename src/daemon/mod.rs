@@ -167,6 +167,12 @@ impl Daemon {
             .as_ref()
             .map(|addr| exporter::Exporter::bind(addr, config.socket_mode))
             .transpose()?;
+        if let Some(e) = &exporter {
+            // Logged once bound, before the socket is: whoever waits for the
+            // socket finds the address (the port chosen for `:0`). Scrapes
+            // wait in the backlog until `serve` accepts them.
+            tracing::info!("metrics served on {}", e.addr());
+        }
         listener::check_free(&config.socket)?;
         let telemetry = match &config.trace {
             Some(t) => {
@@ -369,12 +375,8 @@ impl Daemon {
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let watchdog = tokio::spawn(watchdog(Arc::clone(&shared), background.clone()));
-        let exporter = exporter.map(|e| {
-            // Logged before the socket answers, so whoever waits for it
-            // finds the address (the port chosen for `:0`).
-            tracing::info!("metrics served on {}", e.addr());
-            tokio::spawn(e.serve(Arc::clone(&shared), background.clone()))
-        });
+        let exporter =
+            exporter.map(|e| tokio::spawn(e.serve(Arc::clone(&shared), background.clone())));
         listener::accept_loop(
             bound.listener,
             Arc::clone(&shared),
