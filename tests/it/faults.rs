@@ -339,7 +339,10 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
     let cut_at = start.elapsed();
     proxy.cut(true);
     let degraded_at = wait_state(&c.socket, "degraded", start, Duration::from_secs(5)).await;
-    // Ten seconds of partition; a and b must stay healthy throughout.
+    // Ten seconds of partition; a and b must keep leasing throughout: never
+    // degraded (a call slowed by a loaded machine may make one briefly
+    // suspect, which still serves and leases; the accuracy check below
+    // says whether they did).
     let mut others_healthy = true;
     while start.elapsed() < degraded_at + Duration::from_secs(10) {
         for d in [&a, &b] {
@@ -347,7 +350,7 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
             let s = tokio::task::spawn_blocking(move || etcd_state(&socket))
                 .await
                 .unwrap();
-            others_healthy &= s == "healthy";
+            others_healthy &= s == "healthy" || s == "suspect";
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -372,7 +375,7 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
         t[1].max_latency(),
         t[2].max_latency()
     );
-    assert!(others_healthy, "a and b stayed healthy");
+    assert!(others_healthy, "a and b were never degraded");
     assert!(degraded_at - cut_at <= Duration::from_secs(2));
     // a and b share the limit within 2% (+ burst) and lose at most 5% to
     // the partition, of what their load generators managed to offer.
