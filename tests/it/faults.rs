@@ -464,23 +464,7 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     // Rules set after the outage reach the other daemon (its watch was
     // re-created), in both directions.
     for (from, to, id) in [(&b, &a, "after-b"), (&a, &b, "after-a")] {
-        let out = rlctl(
-            &from.socket,
-            &[
-                "rules",
-                "set",
-                id,
-                "--client",
-                "*",
-                "--resource",
-                id,
-                "--limit",
-                "5",
-                "--window",
-                "1s",
-            ],
-        );
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        crate::harness::set_rule(&from.socket, id, &["--limit", "5", "--window", "1s"]);
         crate::harness::wait_for(Duration::from_secs(10), || has_rule(to, id));
     }
     let out = rlctl(&a.socket, &["rules", "delete", "after-b"]);

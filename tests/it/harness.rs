@@ -236,6 +236,15 @@ pub async fn rlctl_async(socket: &Path, args: &[&str]) -> Output {
     .expect("rlctl task")
 }
 
+/// `rlctl rules set ID --client '*' --resource ID` plus `extra` on `socket`,
+/// which must succeed.
+pub fn set_rule(socket: &Path, id: &str, extra: &[&str]) {
+    let mut args = vec!["rules", "set", id, "--client", "*", "--resource", id];
+    args.extend_from_slice(extra);
+    let out = rlctl(socket, &args);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

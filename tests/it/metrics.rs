@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, stderr, wait_for};
+use crate::harness::{Etcd, HEAVY, ProcessDaemon, code, rlctl, set_rule, stderr, wait_for};
 
 /// An HTTP/1.0 request over `stream`: (status, head, body).
 fn http(mut stream: impl Read + Write, request: &str) -> (u16, String, String) {
@@ -92,13 +92,6 @@ fn stats(socket: &Path) -> serde_json::Value {
     let out = rlctl(socket, &["stats", "--json"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn set_rule(socket: &Path, id: &str, extra: &[&str]) {
-    let mut args = vec!["rules", "set", id, "--client", "*", "--resource", id];
-    args.extend_from_slice(extra);
-    let out = rlctl(socket, &args);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
 }
 
 fn acquire(socket: &Path, resource: &str, n: usize) {

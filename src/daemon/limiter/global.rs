@@ -213,25 +213,23 @@ impl ClusterLink {
     /// Asks the coordinator for a refill without waiting; `false` (counted)
     /// if its queue is full.
     pub fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool {
-        let sent = self.sink.refill(rule, key, hash, borrowed);
-        if !sent {
-            self.dropped_events.fetch_add(1, Ordering::Relaxed);
-        }
-        sent
+        self.counted(self.sink.refill(rule, key, hash, borrowed))
     }
 
     /// Hands a gone bucket's lease to the coordinator; `false` (counted) if
     /// its queue is full (the held tokens are then lost: under-admission).
     pub fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
-        let sent = self.sink.release(rule, key, allotment);
-        if !sent {
-            self.dropped_events.fetch_add(1, Ordering::Relaxed);
-        }
-        sent
+        self.counted(self.sink.release(rule, key, allotment))
     }
 
+    /// Hands a debt to charge now to the coordinator; `false` (counted) if
+    /// its queue is full (the bucket's word keeps it then).
     pub fn debt(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, tokens: u64) -> bool {
-        let sent = self.sink.debt(rule, key, hash, tokens);
+        self.counted(self.sink.debt(rule, key, hash, tokens))
+    }
+
+    /// Counts an event the coordinator's queue had no room for.
+    fn counted(&self, sent: bool) -> bool {
         if !sent {
             self.dropped_events.fetch_add(1, Ordering::Relaxed);
         }
