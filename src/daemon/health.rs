@@ -1,5 +1,6 @@
 //! The health of the etcd cluster as one state machine:
-//! HEALTHY -> SUSPECT (a call failed: keep serving held tokens) -> DEGRADED
+//! HEALTHY -> SUSPECT (a call failed: keep serving held tokens; buckets of
+//! `on_failure = "local"` rules that run dry use their fallback) -> DEGRADED
 //! (failures for `degrade_after`, or `failures_to_degrade` in a row: global
 //! rules follow `on_failure`) -> RECOVERING (two calls in a row succeeded:
 //! hysteresis; rules re-listed,

@@ -977,12 +977,16 @@ impl<S: Source> Coordinator<S> {
         }
         if !self.recovering {
             self.recovering = true;
-            let debts = self.limiter.take_leases(false);
-            let total: u64 = debts.iter().map(|d| d.3).sum();
-            for (rule, key, _, debt) in debts {
+            for (rule, key, _, debt) in self.limiter.take_leases(false) {
                 let hash = self.limiter.table().hash_key(&key);
                 self.key_state(&rule, key, hash).debt += debt;
             }
+            // Debts collected by lease operations that failed are owed too.
+            let total: u64 = self
+                .keys
+                .values()
+                .map(|s| s.debt + s.op.as_ref().map_or(0, |o| o.ask.debt))
+                .sum();
             // Forget demand estimates from before the outage: start small.
             for state in self.keys.values_mut() {
                 state.demand = 0.0;

@@ -366,6 +366,8 @@ pub fn spend(
     if per_request && !degraded && mode == SpendMode::Normal && held < cost {
         return Spend::NeedsLease;
     }
+    let policy = rule.spec.on_failure.unwrap_or(link.default_on_failure);
+    let mut fallen_back = false;
     let interval = rule.params.interval_ns;
     let denied = |held: u64| Verdict {
         outcome: Outcome::Denied,
@@ -417,11 +419,20 @@ pub fn spend(
             a.held = 0;
             a.add_debt(cost - held);
             granted(0, Outcome::Bypassed)
+        } else if policy == OnFailure::Local && link.state() == EtcdState::Suspect {
+            // A call to etcd just failed and this bucket ran dry: under
+            // `local` the per-host share decides at once (and is charged
+            // with the next lease) instead of denying everything until the
+            // cluster is declared degraded: a leader election must not
+            // leave the limit unused.
+            fallen_back = true;
+            local_fallback(&mut a, tat, g, now, cost, priority).unwrap_or_else(|| denied(held))
         } else {
             denied(held)
         }
     } else {
-        match rule.spec.on_failure.unwrap_or(link.default_on_failure) {
+        fallen_back = true;
+        match policy {
             OnFailure::Open => {
                 a.held = 0;
                 a.add_debt(cost - held);
@@ -434,27 +445,48 @@ pub fn spend(
                 granted(0, Outcome::Bypassed)
             }
             OnFailure::Local => {
-                let fallback = g.fallback_params();
-                let extra = cost - held;
-                if extra > fallback.capacity {
-                    denied(held)
-                } else {
-                    let v = bucket::try_take(tat, &fallback, now, extra, priority);
-                    if v.outcome != Outcome::Denied {
-                        a.held = 0;
-                        a.add_debt(extra);
-                    }
-                    v
-                }
+                local_fallback(&mut a, tat, g, now, cost, priority).unwrap_or_else(|| denied(held))
             }
         }
     };
+    if !fallen_back {
+        // Decided on leased tokens: the local fallback bucket is drained
+        // as of now, so when held tokens run out during an outage it admits
+        // only what its rate earned since (no burst on entry: a busy bucket
+        // has just been using the global limit).
+        *tat = now.saturating_add(g.fallback_params().tau_ns);
+    }
     let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
     if !degraded && !per_request && low && !a.requested {
         a.requested = link.refill(rule, BucketKey::new(client, resource), hash, 0);
     }
     *aux = a.pack();
     Spend::Decided(verdict)
+}
+
+/// `on_failure = "local"`: the tokens beyond the held ones come from the
+/// bucket's local fallback bucket (the per-host share) and are owed. `None`
+/// if they exceed that bucket's capacity (never allowed).
+#[inline]
+fn local_fallback(
+    a: &mut Allotment,
+    tat: &mut u64,
+    g: &GlobalRuleState,
+    now: u64,
+    cost: u64,
+    priority: Priority,
+) -> Option<Verdict> {
+    let fallback = g.fallback_params();
+    let extra = cost - u64::from(a.held);
+    if extra > fallback.capacity {
+        return None;
+    }
+    let v = bucket::try_take(tat, &fallback, now, extra, priority);
+    if v.outcome != Outcome::Denied {
+        a.held = 0;
+        a.add_debt(extra);
+    }
+    Some(v)
 }
 
 fn granted(remaining: u32, outcome: Outcome) -> Verdict {
@@ -605,7 +637,7 @@ mod tests {
             batch in 1u64..40,
             credit_cap in 0u64..30,
             steps in proptest::collection::vec(
-                (0u8..7, 1u64..12, 0u8..4, 0u64..400_000_000), 1..200),
+                (0u8..8, 1u64..12, 0u8..4, 0u64..400_000_000), 1..200),
         ) {
             let rule = global_rule(policy, batch, credit_cap, per_request);
             let sink = Recording::default();
@@ -621,23 +653,28 @@ mod tests {
                 let before = Allotment::unpack(aux);
                 match op {
                     // Spends: healthy, etcd degraded, a per-request lease
-                    // that failed, granted, or found the bucket empty.
-                    0..=4 => {
+                    // that failed, granted, or found the bucket empty, etcd
+                    // suspect.
+                    0..=4 | 7 => {
                         let mode = match op {
                             2 => SpendMode::LeaseFailed,
                             3 => SpendMode::Leased,
                             4 => SpendMode::NotGranted,
                             _ => SpendMode::Normal,
                         };
-                        link.set_state(if op == 1 { EtcdState::Degraded } else { EtcdState::Healthy });
+                        link.set_state(match op {
+                            1 => EtcdState::Degraded,
+                            7 => EtcdState::Suspect,
+                            _ => EtcdState::Healthy,
+                        });
                         let cost = x;
                         let word = aux;
                         let Spend::Decided(v) = spend(
                             &mut aux, &mut tat, &rule, "c", "r", 0, cost, priority, now, &link, mode,
                         ) else {
-                            // Only a per-request rule, healthy, short of
-                            // tokens.
-                            prop_assert!(per_request && op == 0);
+                            // Only a per-request rule, not degraded, short
+                            // of tokens.
+                            prop_assert!(per_request && (op == 0 || op == 7));
                             prop_assert!(u64::from(before.held) < cost);
                             prop_assert_eq!(aux, word, "nothing changes before the lease");
                             continue;
@@ -684,9 +721,16 @@ mod tests {
                                     prop_assert_eq!(v.outcome, Outcome::Bypassed)
                                 }
                                 OnFailure::Closed => prop_assert_eq!(v.outcome, Outcome::Denied),
-                                // The fallback bucket decides (burst 10).
+                                // The fallback bucket decides.
                                 OnFailure::Local => {}
                             },
+                            // Suspect, too few held: under `local` a fresh
+                            // bucket still borrows first, Critical bypasses,
+                            // and the fallback bucket decides the rest;
+                            // the other policies wait for DEGRADED.
+                            _ if op == 7
+                                && policy == OnFailure::Local
+                                && priority != Priority::Critical => {}
                             // Healthy, too few held: a fresh bucket borrows
                             // once within the credit cap, Critical bypasses
                             // (owed), the rest is denied.
@@ -729,6 +773,66 @@ mod tests {
                 // ones) or is owed (charged already, or still in the word).
                 let spent_from_grants = credited - returned - u64::from(a.held);
                 prop_assert_eq!(admitted, spent_from_grants + charged + u64::from(a.debt));
+            }
+        }
+
+        /// Under `local`, the fallback bucket admits only what its rate
+        /// earned since the bucket was last decided on leased tokens (no
+        /// burst when an outage begins), and admits whatever that is
+        /// (a suspect cluster included: a leader election does not deny
+        /// everything); before any such decision it starts full.
+        #[test]
+        fn the_fallback_admits_what_its_rate_earned_since_leased_tokens_were_used(
+            steps in proptest::collection::vec((0u8..4, 1u64..8, 0u8..3, 0u64..300_000_000), 1..200),
+        ) {
+            // No credit: a fresh bucket never borrows here.
+            let rule = global_rule(OnFailure::Local, 50, 0, false);
+            let fallback = rule.global.as_ref().unwrap().fallback_params();
+            let (t, cap) = (fallback.interval_ns, fallback.capacity);
+            let link = ClusterLink::new(NullSink, OnFailure::Local);
+            let (mut aux, mut tat, mut now) = (0u64, 0u64, 1u64);
+            // When leased tokens last decided, and what the fallback admitted
+            // since (or since the start, before any).
+            let mut last_leased: Option<u64> = None;
+            let mut since = 0u64;
+            for (op, x, p, dt) in steps {
+                now += dt;
+                let priority = [Priority::Low, Priority::Normal, Priority::High][p as usize];
+                if op == 0 {
+                    let mut a = Allotment::unpack(aux);
+                    a.credit(x);
+                    aux = a.pack();
+                    continue;
+                }
+                let state = [EtcdState::Healthy, EtcdState::Suspect, EtcdState::Degraded][op as usize - 1];
+                link.set_state(state);
+                let before = Allotment::unpack(aux);
+                let cost = x;
+                let Spend::Decided(v) = spend(
+                    &mut aux, &mut tat, &rule, "c", "r", 0, cost, priority, now, &link, SpendMode::Normal,
+                ) else {
+                    unreachable!("not a per-request rule");
+                };
+                if u64::from(before.held) >= cost || state == EtcdState::Healthy {
+                    last_leased = Some(now);
+                    since = 0;
+                    continue;
+                }
+                // The fallback decided: the held tokens (if any) and `extra`.
+                let extra = cost - u64::from(before.held);
+                let earned = match last_leased {
+                    Some(at) => (now - at) / t,
+                    None => cap + now / t,
+                };
+                let fresh = last_leased.is_none_or(|at| now - at > fallback.tau_ns);
+                if v.outcome == Outcome::Allowed {
+                    since += extra;
+                    prop_assert!(since <= earned, "{since} admitted, {earned} earned");
+                } else if !fresh && (since + extra) * t <= now - last_leased.unwrap() {
+                    // Earned and not yet spent: must be admitted (the
+                    // fallback has no reserves).
+                    prop_assert!(false, "denied {extra} with {} earned, {since} spent", earned);
+                }
             }
         }
     }
