@@ -1,7 +1,8 @@
 //! The limiter core without the socket: ns per decision on 1 hot key, 100,000
 //! and 1,000,000 keys (uniformly random), on 1 and 2 threads, with and without
 //! eviction pressure, beside the governor crate's keyed limiter (the
-//! in-process ceiling) on the same keys. Run: `cargo bench --bench core`.
+//! in-process ceiling) on the same keys; and a global rule's decision from
+//! held tokens beside a local rule's. Run: `cargo bench --bench core`.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -140,5 +141,82 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A global rule's decision from held tokens (the common case with etcd:
+/// no I/O, one lease word), beside the same limiter's local rule, 100,000
+/// keys on 1 thread.
+fn bench_global(c: &mut Criterion) {
+    use rld::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSink};
+    use rld::daemon::limiter::key::BucketKey;
+    use rld::daemon::limiter::rules::Rule;
+    use rld::rule::{OnFailure, Scope};
+    /// Takes every message (none is sent: the held tokens never run low).
+    #[derive(Debug)]
+    struct Sink;
+    impl LeaseSink for Sink {
+        fn plan(&self, _: &Rule) {}
+        fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
+            true
+        }
+        fn release(&self, _: &Arc<Rule>, _: BucketKey, _: Allotment) -> bool {
+            true
+        }
+        fn debt(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
+            true
+        }
+    }
+    let clock = MonotonicClock::new();
+    let keys = Arc::new(Keys::new(100_000));
+    let mut group = c.benchmark_group("decision/100k keys, global vs local rule");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+    for global in [true, false] {
+        let l = Arc::new(Limiter::new(LimiterConfig {
+            shards: 128,
+            max_buckets: 1_000_000,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        }));
+        let link = Arc::new(ClusterLink::new(Sink, OnFailure::Local));
+        link.set_state(EtcdState::Healthy);
+        l.attach(link);
+        let mut rule = RuleSpec::new("bench", "*", "*", 1_000, Duration::from_secs(1));
+        if global {
+            rule.scope = Scope::Global;
+        }
+        l.set_rules(vec![(rule, RuleSource::Config)], 0).unwrap();
+        let r = Arc::clone(l.rules().get("bench").unwrap());
+        for name in &keys.names {
+            let _ = l.acquire(name, "api", 1, Priority::Normal, clock.now_ns());
+            if global {
+                // Held tokens enough for any run: every decision spends one.
+                let key = BucketKey::new(name, "api");
+                let hash = l.table().hash_key(&key);
+                l.credit(&r, &key, hash, 1 << 23);
+            }
+        }
+        let k = Arc::clone(&keys);
+        let name = if global {
+            "global (held tokens)"
+        } else {
+            "local"
+        };
+        group.bench_function(name, move |b| {
+            let (l, k) = (Arc::clone(&l), Arc::clone(&k));
+            b.iter_custom(move |iters| {
+                let (l, k) = (Arc::clone(&l), Arc::clone(&k));
+                run_threads(1, iters, move |_, i| {
+                    let key = k.get(i as usize);
+                    let allowed = l.decide(key, "api", 1, Priority::Normal, clock.now_ns(), |d| {
+                        d.is_allowed()
+                    });
+                    black_box(allowed.unwrap());
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_global);
 criterion_main!(benches);

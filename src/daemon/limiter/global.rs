@@ -454,7 +454,7 @@ pub fn spend(
         // as of now, so when held tokens run out during an outage it admits
         // only what its rate earned since (no burst on entry: a busy bucket
         // has just been using the global limit).
-        *tat = now.saturating_add(g.fallback_params().tau_ns);
+        *tat = now.saturating_add(g.fallback_tau_ns.load(Ordering::Relaxed));
     }
     let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
     if !degraded && !per_request && low && !a.requested {
