@@ -145,25 +145,9 @@ fn bench(c: &mut Criterion) {
 /// no I/O, one lease word), beside the same limiter's local rule, 100,000
 /// keys on 1 thread.
 fn bench_global(c: &mut Criterion) {
-    use rld::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSink};
+    use rld::daemon::limiter::global::{ClusterLink, EtcdState, NullSink};
     use rld::daemon::limiter::key::BucketKey;
-    use rld::daemon::limiter::rules::Rule;
     use rld::rule::{OnFailure, Scope};
-    /// Takes every message (none is sent: the held tokens never run low).
-    #[derive(Debug)]
-    struct Sink;
-    impl LeaseSink for Sink {
-        fn plan(&self, _: &Rule) {}
-        fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
-            true
-        }
-        fn release(&self, _: &Arc<Rule>, _: BucketKey, _: Allotment) -> bool {
-            true
-        }
-        fn debt(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
-            true
-        }
-    }
     let clock = MonotonicClock::new();
     let keys = Arc::new(Keys::new(100_000));
     let mut group = c.benchmark_group("decision/100k keys, global vs local rule");
@@ -177,7 +161,7 @@ fn bench_global(c: &mut Criterion) {
             max_table_bytes: usize::MAX,
             default_action: DefaultAction::Allow,
         }));
-        let link = Arc::new(ClusterLink::new(Sink, OnFailure::Local));
+        let link = Arc::new(ClusterLink::new(NullSink, OnFailure::Local));
         link.set_state(EtcdState::Healthy);
         l.attach(link);
         let mut rule = RuleSpec::new("bench", "*", "*", 1_000, Duration::from_secs(1));

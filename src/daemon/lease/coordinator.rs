@@ -992,9 +992,11 @@ impl<S: Source> Coordinator<S> {
                 state.demand = 0.0;
                 state.not_before = Instant::now();
             }
+            // Lease operations retried during the outage may have charged
+            // part of it already (each carries its bucket's debt).
             tracing::info!(
                 tokens = total,
-                "charging consumption made while etcd was unreachable"
+                "charging what is still owed for consumption while etcd was unreachable"
             );
         }
         let owed = self

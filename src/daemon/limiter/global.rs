@@ -498,13 +498,11 @@ fn granted(remaining: u32, outcome: Outcome) -> Verdict {
     }
 }
 
-/// A sink that takes every message and does nothing (tests of code that
-/// needs a [`ClusterLink`] but no coordinator).
-#[cfg(test)]
+/// A sink that takes every message and does nothing (tests and benchmarks
+/// of code that needs a [`ClusterLink`] but no coordinator).
 #[derive(Debug, Default)]
 pub struct NullSink;
 
-#[cfg(test)]
 impl LeaseSink for NullSink {
     fn plan(&self, _: &Rule) {}
     fn refill(&self, _: &Arc<Rule>, _: BucketKey, _: u64, _: u64) -> bool {
