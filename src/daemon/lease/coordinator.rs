@@ -147,8 +147,11 @@ impl Planner {
         g.per_request.store(p.per_request, Ordering::Relaxed);
         g.credit_cap
             .store(self.settings.max_credit.max(b_max), Ordering::Relaxed);
-        // The lenient local limit while etcd is unreachable: its rate and its
-        // burst are both `fallback_limit` per window.
+        // The lenient local limit while etcd is unreachable (or suspect, for
+        // buckets that ran dry): `fallback_limit` per window (by default this
+        // daemon's share of the rate plus the slack), and a burst of
+        // `fallback_limit` as well, never beyond the rule's (by default this
+        // daemon's share of it).
         let per_window = spec.fallback_limit.unwrap_or_else(|| {
             ((spec.limit as f64 * (1.0 + self.settings.fallback_slack) / n as f64).ceil() as u64)
                 .max(1)
@@ -981,7 +984,9 @@ impl<S: Source> Coordinator<S> {
                 let hash = self.limiter.table().hash_key(&key);
                 self.key_state(&rule, key, hash).debt += debt;
             }
-            // Debts collected by lease operations that failed are owed too.
+            // Debts of failed lease operations came back to their keys; those
+            // of operations in doubt may have been charged already (counted:
+            // the log says at most this much is owed).
             let total: u64 = self
                 .keys
                 .values()
@@ -996,7 +1001,7 @@ impl<S: Source> Coordinator<S> {
             // part of it already (each carries its bucket's debt).
             tracing::info!(
                 tokens = total,
-                "charging what is still owed for consumption while etcd was unreachable"
+                "charging what may still be owed for consumption while etcd was unreachable"
             );
         }
         let owed = self

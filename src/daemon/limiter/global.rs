@@ -4,6 +4,9 @@
 //! and never waits. While etcd is unreachable (or this host's clock is off)
 //! the rule's `on_failure` policy decides, and what is admitted beyond the
 //! held tokens is remembered as debt to charge to the global bucket later.
+//! Under `local` that starts as soon as a call failed (SUSPECT), for buckets
+//! whose held tokens ran out; a bucket's local fallback (its `tat`) is kept
+//! drained while leased tokens decide, so it never opens with a burst.
 //!
 //! Credit is bounded: a fresh bucket may admit one request (at most one
 //! batch, `b_max`) before its first grant, once, and only while the rule's
@@ -96,7 +99,8 @@ impl Allotment {
 pub enum EtcdState {
     /// Calls succeed.
     Healthy = 0,
-    /// Calls started failing: keep serving held tokens.
+    /// Calls started failing: keep serving held tokens (and leasing); under
+    /// `on_failure = "local"`, buckets that ran dry use their fallback.
     Suspect = 1,
     /// Unreachable: global rules follow their `on_failure` policy.
     Degraded = 2,
@@ -301,6 +305,16 @@ impl GlobalRuleState {
             });
     }
 
+    /// The fallback bucket's depth in ns (as in [`Self::fallback_params`],
+    /// without its division: this is read on every decision).
+    #[inline]
+    pub fn fallback_tau(&self) -> u64 {
+        let interval_ns = self.fallback_interval_ns.load(Ordering::Relaxed).max(1);
+        self.fallback_tau_ns
+            .load(Ordering::Relaxed)
+            .max(interval_ns)
+    }
+
     fn fallback_params(&self) -> BucketParams {
         let interval_ns = self.fallback_interval_ns.load(Ordering::Relaxed).max(1);
         let tau_ns = self
@@ -453,8 +467,9 @@ pub fn spend(
         // Decided on leased tokens: the local fallback bucket is drained
         // as of now, so when held tokens run out during an outage it admits
         // only what its rate earned since (no burst on entry: a busy bucket
-        // has just been using the global limit).
-        *tat = now.saturating_add(g.fallback_tau_ns.load(Ordering::Relaxed));
+        // has just been using the global limit). Never raised: a Critical
+        // overdraft of the fallback stays owed to it.
+        *tat = (*tat).max(now.saturating_add(g.fallback_tau()));
     }
     let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
     if !degraded && !per_request && low && !a.requested {
@@ -499,7 +514,9 @@ fn granted(remaining: u32, outcome: Outcome) -> Verdict {
 }
 
 /// A sink that takes every message and does nothing (tests and benchmarks
-/// of code that needs a [`ClusterLink`] but no coordinator).
+/// of code that needs a [`ClusterLink`] but no coordinator: refills asked of
+/// it never come).
+#[doc(hidden)]
 #[derive(Debug, Default)]
 pub struct NullSink;
 
@@ -575,7 +592,8 @@ mod tests {
     use crate::rule::{RuleSpec, Scope};
     use proptest::prelude::*;
 
-    /// A planned global rule (100/s, burst 20, fallback 10/s) with `policy`.
+    /// A global rule (100/s, burst 20) with `policy`, its batch plan set by
+    /// hand; unplanned, its fallback is the rule's own rate and burst.
     fn global_rule(policy: OnFailure, batch: u64, credit_cap: u64, per_request: bool) -> Arc<Rule> {
         let limiter = Limiter::new(LimiterConfig {
             shards: 1,
@@ -598,6 +616,52 @@ mod tests {
         g.credit_cap.store(credit_cap, Ordering::Relaxed);
         g.per_request.store(per_request, Ordering::Relaxed);
         rule
+    }
+
+    #[test]
+    fn draining_keeps_a_critical_overdraft_of_the_fallback() {
+        // Unplanned: the fallback is the rule's 100/s, burst 20 (tau 200 ms).
+        let rule = global_rule(OnFailure::Local, 50, 0, false);
+        let link = ClusterLink::new(NullSink, OnFailure::Local);
+        link.set_state(EtcdState::Degraded);
+        let (mut aux, mut tat, t0, tau) = (0u64, 0u64, 1_000_000_000u64, 200_000_000u64);
+        let mut take = |aux: &mut u64, cost, priority, now| match spend(
+            aux,
+            &mut tat,
+            &rule,
+            "c",
+            "r",
+            0,
+            cost,
+            priority,
+            now,
+            &link,
+            SpendMode::Normal,
+        ) {
+            Spend::Decided(v) => v.outcome,
+            Spend::NeedsLease => unreachable!("not a per-request rule"),
+        };
+        // Critical empties the fallback, then overdraws it by a bucket.
+        assert_eq!(take(&mut aux, 20, Priority::Critical, t0), Outcome::Allowed);
+        assert_eq!(
+            take(&mut aux, 20, Priority::Critical, t0),
+            Outcome::Bypassed
+        );
+        // Leased tokens decide one request (a drain)...
+        let mut a = Allotment::unpack(aux);
+        a.credit(1);
+        aux = a.pack();
+        assert_eq!(take(&mut aux, 1, Priority::Normal, t0), Outcome::Allowed);
+        // ...which must not forgive the overdraft: a bucket's time later the
+        // fallback is still repaying it, and only then admits again.
+        assert_eq!(
+            take(&mut aux, 1, Priority::Normal, t0 + tau),
+            Outcome::Denied
+        );
+        assert_eq!(
+            take(&mut aux, 1, Priority::Normal, t0 + 2 * tau + 10_000_000),
+            Outcome::Allowed
+        );
     }
 
     /// A sink that records what the hot path hands to the coordinator.

@@ -247,6 +247,11 @@ impl Limiter {
                             && entry.rule.global.is_none();
                         entry.tat = if same_local_rule {
                             bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
+                        } else if let Some(g) = &rule.global {
+                            // A global bucket in use: its fallback starts
+                            // drained (its held tokens were just released;
+                            // a burst now would come on top of them).
+                            now.saturating_add(g.fallback_tau())
                         } else {
                             0
                         };
@@ -568,6 +573,35 @@ mod tests {
             l.acquire("", "x", 1, Priority::Normal, 0),
             Err(AcquireError::Empty("client"))
         ));
+    }
+
+    #[test]
+    fn a_global_bucket_whose_rule_changed_starts_its_fallback_drained() {
+        use global::EtcdState;
+        let l = limiter(1000, DefaultAction::Allow);
+        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Local));
+        link.set_state(EtcdState::Healthy);
+        l.attach(Arc::clone(&link));
+        let global = |limit| {
+            let mut spec = RuleSpec::new("g", "*", "*", limit, Duration::from_secs(1));
+            spec.scope = crate::rule::Scope::Global;
+            (spec, RuleSource::Etcd)
+        };
+        l.set_rules(vec![global(10)], 0).unwrap();
+        // In use: a grant of 5 tokens, one spent.
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied, "no grant yet");
+        let key = BucketKey::new("a", "api");
+        let r = Arc::clone(l.rules().get("g").unwrap());
+        assert_eq!(l.credit(&r, &key, l.table().hash_key(&key), 5), 0);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        // The rule changes (its held tokens go back), then etcd fails: the
+        // fallback (unplanned here: the rule's 20/s, burst 20) has earned
+        // nothing yet, then one token per 50 ms.
+        l.set_rules(vec![global(20)], SEC).unwrap();
+        link.set_state(EtcdState::Degraded);
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+        assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Allowed);
+        assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Denied);
     }
 
     #[test]
