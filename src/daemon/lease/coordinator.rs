@@ -985,8 +985,8 @@ impl<S: Source> Coordinator<S> {
                 self.key_state(&rule, key, hash).debt += debt;
             }
             // Debts of failed lease operations came back to their keys; those
-            // of operations in doubt may have been charged already (counted:
-            // the log says at most this much is owed).
+            // of operations in doubt (and of any retried during the outage)
+            // may have been charged already: at most this much is owed.
             let total: u64 = self
                 .keys
                 .values()
@@ -997,8 +997,6 @@ impl<S: Source> Coordinator<S> {
                 state.demand = 0.0;
                 state.not_before = Instant::now();
             }
-            // Lease operations retried during the outage may have charged
-            // part of it already (each carries its bucket's debt).
             tracing::info!(
                 tokens = total,
                 "charging what may still be owed for consumption while etcd was unreachable"

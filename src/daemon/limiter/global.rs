@@ -305,14 +305,17 @@ impl GlobalRuleState {
             });
     }
 
-    /// The fallback bucket's depth in ns (as in [`Self::fallback_params`],
-    /// without its division: this is read on every decision).
+    /// The TAT of a fallback bucket drained at `now` (its depth as in
+    /// [`Self::fallback_params`], without that division: every decision on
+    /// leased tokens drains).
     #[inline]
-    pub fn fallback_tau(&self) -> u64 {
+    pub fn drained_fallback(&self, now: u64) -> u64 {
         let interval_ns = self.fallback_interval_ns.load(Ordering::Relaxed).max(1);
-        self.fallback_tau_ns
-            .load(Ordering::Relaxed)
-            .max(interval_ns)
+        now.saturating_add(
+            self.fallback_tau_ns
+                .load(Ordering::Relaxed)
+                .max(interval_ns),
+        )
     }
 
     fn fallback_params(&self) -> BucketParams {
@@ -469,7 +472,7 @@ pub fn spend(
         // only what its rate earned since (no burst on entry: a busy bucket
         // has just been using the global limit). Never raised: a Critical
         // overdraft of the fallback stays owed to it.
-        *tat = (*tat).max(now.saturating_add(g.fallback_tau()));
+        *tat = (*tat).max(g.drained_fallback(now));
     }
     let low = u64::from(a.held) < g.low_water.load(Ordering::Relaxed);
     if !degraded && !per_request && low && !a.requested {

@@ -251,7 +251,7 @@ impl Limiter {
                             // A global bucket in use: its fallback starts
                             // drained (its held tokens were just released;
                             // a burst now would come on top of them).
-                            now.saturating_add(g.fallback_tau())
+                            g.drained_fallback(now)
                         } else {
                             0
                         };
