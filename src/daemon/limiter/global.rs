@@ -470,7 +470,7 @@ pub fn spend(
         // Decided on leased tokens: the local fallback bucket is drained
         // as of now, so when held tokens run out during an outage it admits
         // only what its rate earned since (no burst on entry: a busy bucket
-        // has just been using the global limit). Never raised: a Critical
+        // has just been using the global limit). Never lowered: a Critical
         // overdraft of the fallback stays owed to it.
         *tat = (*tat).max(g.drained_fallback(now));
     }
