@@ -1,7 +1,8 @@
 //! `rlctl audit`: checks the lease audit logs of every daemon sharing a global
-//! rule (`rld --audit-log FILE`) against etcd's history of the rule's bucket
-//! keys and the rule's stated bound (the checker is
-//! [`crate::daemon::lease::audit::check`]). Talks to etcd, not to a daemon.
+//! rule (`rld --audit-log FILE`) against etcd's history of the shares (member
+//! keys and the rule's records) and the rule's bound, `rate x t + burst`
+//! (the checker is [`crate::daemon::lease::audit::check`]). Talks to etcd,
+//! not to a daemon.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,8 +15,7 @@ use super::{CliError, Exit, Output};
 use crate::daemon::cluster::rule_from_json;
 use crate::daemon::cluster::security::EtcdSecurity;
 use crate::daemon::lease::audit::{self, HistoryEntry, Record, RuleBound};
-use crate::daemon::lease::plan;
-use crate::rule::parse_duration;
+use crate::daemon::lease::view::Paths;
 
 /// Options of `rlctl audit`.
 #[derive(Debug, Clone, ClapArgs)]
@@ -50,12 +50,6 @@ pub struct AuditArgs {
     /// File holding the etcd user's password.
     #[arg(long, value_name = "FILE", requires = "etcd_user")]
     pub etcd_password_file: Option<PathBuf>,
-    /// Live daemons the bound is stated for. Default: the daemons in the logs.
-    #[arg(long, value_name = "N")]
-    pub members: Option<u64>,
-    /// The daemons' max_clock_skew.
-    #[arg(long, default_value = "10ms", value_parser = parse_duration, value_name = "DURATION")]
-    pub max_clock_skew: Duration,
     /// Window lengths to check, in seconds.
     #[arg(
         long,
@@ -69,16 +63,17 @@ pub struct AuditArgs {
 #[derive(Debug, Serialize)]
 struct AuditOutput {
     rule: String,
-    members: u64,
+    daemons: usize,
     rate: f64,
     burst: f64,
-    bound: f64,
-    ops_committed: u64,
-    ops_resolved: u64,
-    ops_unknown: u64,
-    tokens_granted: u64,
+    writes_committed: u64,
+    writes_unknown: u64,
+    count_writes: u64,
     admitted: u64,
-    history_entries: usize,
+    revisions: u64,
+    records: u64,
+    /// The fullest record seen, as a fraction of the rate.
+    fullest: f64,
     /// Window seconds -> (worst admitted, allowed).
     worst_windows: Vec<(u64, u64, f64)>,
     violations: Vec<String>,
@@ -96,7 +91,7 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     // One member at a time: a member that is down (killed, partitioned)
     // must not fail the audit while the others can answer.
     let rule_key = format!("{}/v1/rules/{}", args.etcd_prefix, args.rule);
-    let bucket_prefix = format!("{}/v1/buckets/{}/", args.etcd_prefix, args.rule);
+    let paths = Paths::new(&args.etcd_prefix);
     let security = EtcdSecurity {
         tls_ca: args.etcd_tls_ca.clone(),
         tls_cert: args.etcd_tls_cert.clone(),
@@ -114,7 +109,7 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     let mut errors = Vec::new();
     let mut found = None;
     for endpoint in &args.etcd {
-        match read_from(endpoint, options.clone(), &rule_key, &bucket_prefix).await {
+        match read_from(endpoint, options.clone(), &rule_key, &paths.root).await {
             Ok(r) => {
                 found = Some(r);
                 break;
@@ -136,33 +131,24 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     };
     let spec = rule_from_json(&value)
         .map_err(|e| CliError::failure(format!("rule {} in etcd is unreadable: {e}", args.rule)))?;
-    let nodes: std::collections::BTreeSet<&str> = records
-        .iter()
-        .map(|r| match r {
-            Record::Op { node, .. } | Record::Admitted { node, .. } => node.as_str(),
-        })
-        .collect();
-    let members = args.members.unwrap_or(nodes.len() as u64).max(1);
-    let p = plan(&spec, members, args.max_clock_skew);
+    let daemons: std::collections::BTreeSet<&str> = records.iter().map(Record::node).collect();
     let bound = RuleBound {
         rate: spec.limit as f64 / spec.window.as_secs_f64(),
         burst: spec.capacity() as f64,
-        bound: p.bound,
-        credit: 64f64.max(p.b_max.floor()),
     };
-    let report = audit::check(&records, &history, &args.rule, bound, &args.windows);
+    let report = audit::check(&records, &history, &paths, &args.rule, bound, &args.windows);
     let result = AuditOutput {
         rule: args.rule.clone(),
-        members,
+        daemons: daemons.len(),
         rate: bound.rate,
         burst: bound.burst,
-        bound: bound.bound,
-        ops_committed: report.ops_committed,
-        ops_resolved: report.ops_resolved,
-        ops_unknown: report.ops_unknown,
-        tokens_granted: report.tokens_granted,
+        writes_committed: report.writes_committed,
+        writes_unknown: report.writes_unknown,
+        count_writes: report.count_writes,
         admitted: report.admitted,
-        history_entries: history.len(),
+        revisions: report.revisions,
+        records: report.records,
+        fullest: report.fullest,
         worst_windows: report
             .worst_windows
             .iter()
@@ -174,18 +160,19 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
         out.json_value(&result)?;
     } else {
         out.line(format!(
-            "rule {}: {} daemons, rate {}/s, burst {}, bound {:.1} tokens",
-            result.rule, members, result.rate, result.burst, result.bound
+            "rule {}: {} daemons, rate {}/s, burst {}; bound rate x t + burst",
+            result.rule, result.daemons, result.rate, result.burst
         ))?;
         out.line(format!(
-            "ledger: {} operations committed ({} found committed after an unknown outcome), {} unknown, {} tokens granted, {} requests admitted; {} bucket values in etcd's history",
-            result.ops_committed,
-            result.ops_resolved,
-            result.ops_unknown,
-            result.tokens_granted,
-            result.admitted,
-            result.history_entries
+            "shares: {} etcd revisions replayed, {} records of the rule, fullest at {:.1}% of the rate; {} share writes committed ({} of unknown outcome), {} count writes",
+            result.revisions,
+            result.records,
+            result.fullest * 100.0,
+            result.writes_committed,
+            result.writes_unknown,
+            result.count_writes,
         ))?;
+        out.line(format!("admitted: {} requests", result.admitted))?;
         for (w, n, allowed) in &result.worst_windows {
             out.line(format!(
                 "worst {w} s window: {n} admitted, {allowed:.0} allowed"
@@ -205,12 +192,12 @@ pub async fn run(args: AuditArgs, out: &mut Output) -> Result<Exit, CliError> {
     })
 }
 
-/// The stored rule (if any) and the bucket history, from one member.
+/// The stored rule (if any) and the history of the shares, from one member.
 async fn read_from(
     endpoint: &str,
     options: etcd_client::ConnectOptions,
     rule_key: &str,
-    bucket_prefix: &str,
+    prefix: &str,
 ) -> Result<(Option<Vec<u8>>, Vec<HistoryEntry>), String> {
     let mut client = Client::connect([endpoint], Some(options))
         .await
@@ -220,13 +207,12 @@ async fn read_from(
         .await
         .map_err(|e| format!("cannot read {rule_key}: {e}"))?;
     let value = stored.kvs().first().map(|kv| kv.value().to_vec());
-    let history = history(&mut client, bucket_prefix).await?;
+    let history = history(&mut client, prefix).await?;
     Ok((value, history))
 }
 
-/// Every committed value of the keys under `prefix` in etcd's history (a
-/// watch from revision 1), oldest first; values that do not parse as bucket
-/// values are left out.
+/// Every event under `prefix` in etcd's history (a watch from revision 1
+/// until it is in sync), oldest first.
 ///
 /// # Errors
 /// etcd unreachable, or its history compacted.
@@ -234,51 +220,58 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
     let call = Duration::from_secs(10);
     let now = tokio::time::timeout(
         call,
-        client.get(prefix, Some(GetOptions::new().with_prefix())),
+        client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())),
     )
     .await
     .map_err(|_| format!("etcd did not answer a read of {prefix} within {call:?}"))?
     .map_err(|e| format!("cannot read {prefix} from etcd: {e}"))?;
-    let last = now
-        .kvs()
-        .iter()
-        .map(|kv| kv.mod_revision())
-        .max()
-        .unwrap_or(0);
-    let options = WatchOptions::new().with_prefix().with_start_revision(1);
-    let mut stream = tokio::time::timeout(call, client.watch(prefix, Some(options)))
+    let last = now.header().map_or(0, |h| h.revision());
+    let _ = last;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(1)
+        .with_progress_notify();
+    let (mut requests, mut stream) = tokio::time::timeout(call, client.watch(prefix, Some(options)))
         .await
         .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
-        .map_err(|e| format!("cannot watch {prefix}: {e}"))?;
+        .map_err(|e| format!("cannot watch {prefix}: {e}"))?
+        .split();
     let mut entries = Vec::new();
-    let mut seen = 0;
-    while seen < last {
+    loop {
         let msg = match tokio::time::timeout(call, stream.message()).await {
             Ok(Ok(Some(msg))) => msg,
             Ok(Ok(None)) | Err(_) => {
-                return Err(format!(
-                    "etcd's history of {prefix} ended at revision {seen} of {last}"
-                ));
+                return Err(format!("etcd's history of {prefix} ended before revision {last}"));
             }
             Ok(Err(e)) => return Err(format!("watching {prefix}: {e}")),
         };
         if msg.compact_revision() > 0 {
             return Err(format!(
-                "etcd compacted its history up to revision {}; audit before compaction",
+                "etcd compacted its history up to revision {}; audit with compaction off (etcd_compact_interval = \"0s\") or before it runs",
                 msg.compact_revision()
             ));
         }
         for event in msg.events() {
             let Some(kv) = event.kv() else { continue };
-            seen = seen.max(kv.mod_revision());
-            if let Ok(value) = serde_json::from_slice(kv.value()) {
-                entries.push(HistoryEntry {
-                    key: kv.key_str().unwrap_or_default().to_owned(),
-                    revision: kv.mod_revision(),
-                    value,
-                });
-            }
+            entries.push(HistoryEntry {
+                key: kv.key_str().unwrap_or_default().to_owned(),
+                revision: kv.mod_revision(),
+                value: (event.event_type() == etcd_client::EventType::Put)
+                    .then(|| kv.value().to_vec()),
+                lease: kv.lease(),
+            });
         }
+        // In sync once a progress answer (no events) comes after the
+        // history: etcd sends those only to watchers that caught up.
+        if msg.events().is_empty() && !msg.created() {
+            break;
+        }
+        // Asked after every answer: etcd ignores the question while the
+        // watcher is still replaying history.
+        requests
+            .request_progress()
+            .await
+            .map_err(|e| format!("watching {prefix}: {e}"))?;
     }
     Ok(entries)
 }

@@ -199,8 +199,11 @@ pub struct ConfigFile {
     pub etcd_tls_domain: Option<String>,
     pub etcd_user: Option<String>,
     pub etcd_password_file: Option<PathBuf>,
-    /// Largest wall-clock difference between hosts that accuracy is planned for.
+    /// Ignored since v2 leases (shares do not use wall clocks); accepted so
+    /// older config files still load.
     pub max_clock_skew: Option<String>,
+    /// How often the compactor daemon compacts etcd's history ("0s": never).
+    pub etcd_compact_interval: Option<String>,
     /// `on_failure` of global rules that set none.
     pub default_on_failure: Option<OnFailure>,
     /// Extra fraction for the default fallback limit: limit x (1 + slack) / N.
@@ -218,9 +221,15 @@ pub struct EtcdConfig {
     /// Key prefix, without a trailing slash (`/rld`).
     pub prefix: String,
     pub node_id: String,
-    /// Deadline of each etcd call (also the Txn deadline on the lease path).
+    /// Deadline of each etcd call. A call past it counts as failed (the
+    /// cluster is then SUSPECT); shares stay in force until their own
+    /// deadline, so a slow etcd changes no decision.
     pub timeout: Duration,
-    pub max_clock_skew: Duration,
+    /// Set in the config file though no longer used (warned about at start).
+    pub max_clock_skew: Option<Duration>,
+    /// How often one daemon (chosen through etcd) compacts etcd's history,
+    /// keeping one period of it; zero: never (the operator compacts).
+    pub compact_every: Duration,
     pub default_on_failure: OnFailure,
     pub fallback_slack: f64,
     /// Global buckets per rule this daemon leases for; requests on further
@@ -524,8 +533,15 @@ impl Config {
                     e.node_id = n;
                 }
                 e.timeout = duration("etcd_timeout", file.etcd_timeout, e.timeout)?;
-                e.max_clock_skew =
-                    duration("max_clock_skew", file.max_clock_skew, e.max_clock_skew)?;
+                e.max_clock_skew = file
+                    .max_clock_skew
+                    .map(|v| duration("max_clock_skew", Some(v), Duration::ZERO))
+                    .transpose()?;
+                e.compact_every = duration(
+                    "etcd_compact_interval",
+                    file.etcd_compact_interval,
+                    e.compact_every,
+                )?;
                 if let Some(p) = file.default_on_failure {
                     e.default_on_failure = p;
                 }
@@ -681,8 +697,14 @@ impl Config {
             if !(MS * 10..=Duration::from_secs(60)).contains(&e.timeout) {
                 return bad("etcd_timeout", "must be between 10ms and 1m");
             }
-            if e.max_clock_skew > Duration::from_secs(60) {
+            if e.max_clock_skew.is_some_and(|d| d > Duration::from_secs(60)) {
                 return bad("max_clock_skew", "must be at most 1m");
+            }
+            if !e.compact_every.is_zero() && e.compact_every < Duration::from_secs(10) {
+                return bad(
+                    "etcd_compact_interval",
+                    "must be 0s (never) or at least 10s",
+                );
             }
             if !(0.0..=10.0).contains(&e.fallback_slack) {
                 return bad("fallback_slack", "must be between 0.0 and 10.0");
@@ -734,8 +756,9 @@ impl EtcdConfig {
                 .ok()
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_else(|| "rld".into()),
-            timeout: Duration::from_millis(500),
-            max_clock_skew: Duration::from_millis(10),
+            timeout: Duration::from_secs(2),
+            max_clock_skew: None,
+            compact_every: Duration::from_secs(300),
             default_on_failure: OnFailure::Local,
             fallback_slack: 0.1,
             max_buckets_per_rule: 100_000,

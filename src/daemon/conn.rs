@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::auth::Peer;
 use super::cluster::Cluster;
-use super::limiter::{AcquireError, SpendMode};
+use super::limiter::AcquireError;
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
 use super::throttle::LogThrottle;
@@ -716,24 +716,7 @@ async fn decide_untraced<R>(
     a: &Acquire<'_>,
     answer: &mut impl FnMut(&Decision<'_>) -> R,
 ) -> Result<R, AcquireError> {
-    let need = match timing.decide(shared, latency, a, &mut *answer) {
-        Err(AcquireError::NeedsLease(need)) => need,
-        decided => return decided,
-    };
-    let mode = match &shared.lease {
-        Some(lease) => lease.lease_now(need, a.cost).await,
-        None => SpendMode::LeaseFailed,
-    };
-    let now = shared.clock.now_ns();
-    shared.limiter.decide_with(
-        &a.client,
-        &a.resource,
-        a.cost,
-        a.priority,
-        now,
-        mode,
-        answer,
-    )
+    timing.decide(shared, latency, a, &mut *answer)
 }
 
 /// A report (stats, rules) made on the blocking pool, a few at a time
@@ -779,7 +762,6 @@ async fn idle_timeout<F: Future<Output = io::Result<usize>>>(
 
 fn acquire_error(e: &AcquireError) -> ErrorBody<'static> {
     let code = match e {
-        AcquireError::NeedsLease(_) => ErrorCode::INTERNAL,
         AcquireError::CostExceedsBurst { .. } => ErrorCode::COST_EXCEEDS_BURST,
         AcquireError::Empty(_) | AcquireError::TooLong { .. } => ErrorCode::INVALID_ARGUMENT,
     };

@@ -1,11 +1,19 @@
-//! The health of the etcd cluster as one state machine:
-//! HEALTHY -> SUSPECT (a call failed: keep serving held tokens; buckets of
-//! `on_failure = "local"` rules that run dry use their fallback) -> DEGRADED
-//! (failures for `degrade_after`, or `failures_to_degrade` in a row: global
-//! rules follow `on_failure`) -> RECOVERING (two calls in a row succeeded:
-//! hysteresis; rules re-listed,
-//! debts posted by the coordinator) -> HEALTHY. Each transition is logged
-//! once, counted, and published to the hot path through the `ClusterLink`.
+//! The health of the etcd cluster as one state machine over two facts:
+//! whether this daemon's shares are in force (its etcd lease is renewed
+//! in time) and whether etcd calls succeed.
+//!
+//! - HEALTHY: shares in force, calls succeed.
+//! - SUSPECT: shares in force, but a call failed (decisions do not change:
+//!   shares stay in force until their deadline).
+//! - DEGRADED: shares out of force and etcd unreachable: global rules
+//!   follow their `on_failure` policy.
+//! - RECOVERING: etcd answers but shares are not in force yet (starting,
+//!   registering again after an outage): `on_failure` still decides.
+//!
+//! Slow is not down: only a failed call (or one past the etcd timeout)
+//! counts. Calls recover after two successes in a row (hysteresis). Each
+//! transition is logged once, counted, and published to the `ClusterLink`
+//! for reports.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,10 +23,7 @@ use parking_lot::Mutex;
 
 use crate::daemon::limiter::global::{ClusterLink, EtcdState};
 
-/// Consecutive failures that make a suspect cluster degraded.
-const FAILURES_TO_DEGRADE: u32 = 3;
-/// Consecutive successes that end DEGRADED (hysteresis: one lucky call
-/// against a failing or overloaded etcd does not flip the hot path back).
+/// Consecutive successes after a failure before calls count as working.
 const SUCCESSES_TO_RECOVER: u32 = 2;
 /// Immediate retries of a call that etcd answered Unavailable (each may
 /// reach another endpoint; the deadline still bounds them all).
@@ -48,23 +53,21 @@ fn retryable(e: &etcd_client::Error) -> bool {
 #[derive(Debug)]
 struct Inner {
     state: EtcdState,
-    /// Entered DEGRADED since the last completed recovery: the way back to
-    /// HEALTHY goes through RECOVERING (debts must be posted).
-    owes_recovery: bool,
     since: SystemTime,
-    first_failure: Option<Instant>,
-    failures: u32,
-    /// Consecutive successes (for leaving DEGRADED).
+    /// Calls work (no failure since the last two successes).
+    calls_ok: bool,
+    /// Shares are in force (as of the last check).
+    valid: bool,
+    /// Consecutive successes since the last failure.
     successes: u32,
     last_error: String,
 }
 
 /// The state machine; calls report with [`Health::success`] and
-/// [`Health::failure`].
+/// [`Health::failure`], share validity with [`Health::shares`].
 #[derive(Debug)]
 pub struct Health {
     link: Arc<ClusterLink>,
-    degrade_after: Duration,
     inner: Mutex<Inner>,
     pub transitions: AtomicU64,
     /// Woken on every entry into RECOVERING (the rules watcher re-lists and
@@ -75,18 +78,16 @@ pub struct Health {
 }
 
 impl Health {
-    /// Starts SUSPECT: nothing has been proven yet.
-    pub fn new(link: Arc<ClusterLink>, degrade_after: Duration) -> Health {
-        link.set_state(EtcdState::Suspect);
+    /// Starts RECOVERING: etcd not proven reachable, no share in force.
+    pub fn new(link: Arc<ClusterLink>) -> Health {
+        link.set_state(EtcdState::Recovering);
         Health {
             link,
-            degrade_after,
             inner: Mutex::new(Inner {
-                state: EtcdState::Suspect,
-                owes_recovery: false,
+                state: EtcdState::Recovering,
                 since: SystemTime::now(),
-                first_failure: Some(Instant::now()),
-                failures: 0,
+                calls_ok: true,
+                valid: false,
                 successes: 0,
                 last_error: String::new(),
             }),
@@ -114,17 +115,40 @@ impl Health {
     /// A call succeeded.
     pub fn success(&self) {
         let mut i = self.inner.lock();
-        i.failures = 0;
-        i.first_failure = None;
         i.successes = i.successes.saturating_add(1);
-        match i.state {
-            EtcdState::Suspect if i.owes_recovery => self.enter(&mut i, EtcdState::Recovering),
-            EtcdState::Suspect => self.enter(&mut i, EtcdState::Healthy),
-            EtcdState::Degraded if i.successes >= SUCCESSES_TO_RECOVER => {
-                self.enter(&mut i, EtcdState::Recovering)
-            }
-            EtcdState::Degraded => {}
-            EtcdState::Healthy | EtcdState::Recovering => {}
+        if !i.calls_ok && i.successes >= SUCCESSES_TO_RECOVER {
+            i.calls_ok = true;
+        }
+        self.settle(&mut i);
+    }
+
+    /// A call that started at `started` failed or timed out.
+    pub fn failure(&self, error: &str, _started: Instant) {
+        let mut i = self.inner.lock();
+        i.successes = 0;
+        i.calls_ok = false;
+        i.last_error = error.to_owned();
+        self.settle(&mut i);
+    }
+
+    /// Whether shares are in force now (checked on a timer).
+    pub fn shares(&self, valid: bool) {
+        let mut i = self.inner.lock();
+        if i.valid != valid {
+            i.valid = valid;
+            self.settle(&mut i);
+        }
+    }
+
+    fn settle(&self, i: &mut Inner) {
+        let state = match (i.valid, i.calls_ok) {
+            (true, true) => EtcdState::Healthy,
+            (true, false) => EtcdState::Suspect,
+            (false, false) => EtcdState::Degraded,
+            (false, true) => EtcdState::Recovering,
+        };
+        if state != i.state {
+            self.enter(i, state);
         }
     }
 
@@ -165,56 +189,10 @@ impl Health {
         }
     }
 
-    /// A call that started at `started` failed or timed out.
-    pub fn failure(&self, error: &str, started: Instant) {
-        let mut i = self.inner.lock();
-        i.failures += 1;
-        i.successes = 0;
-        i.last_error = error.to_owned();
-        // A hang counts from when the call began, not when it timed out.
-        let first = *i.first_failure.get_or_insert(started);
-        match i.state {
-            EtcdState::Healthy | EtcdState::Recovering => self.enter(&mut i, EtcdState::Suspect),
-            EtcdState::Suspect
-                if i.failures >= FAILURES_TO_DEGRADE || first.elapsed() >= self.degrade_after =>
-            {
-                self.enter(&mut i, EtcdState::Degraded)
-            }
-            _ => {}
-        }
-    }
-
-    /// The time-based part of SUSPECT -> DEGRADED, for when calls hang
-    /// instead of failing (the prober calls this on every tick).
-    pub fn check_timeout(&self) {
-        let mut i = self.inner.lock();
-        if i.state == EtcdState::Suspect
-            && i.first_failure
-                .is_some_and(|f| f.elapsed() >= self.degrade_after)
-        {
-            self.enter(&mut i, EtcdState::Degraded);
-        }
-    }
-
-    /// Recovery finished (rules re-listed, debts posted).
-    pub fn recovered(&self) {
-        let mut i = self.inner.lock();
-        if i.state == EtcdState::Recovering {
-            i.owes_recovery = false;
-            self.enter(&mut i, EtcdState::Healthy);
-        }
-    }
-
     fn enter(&self, i: &mut Inner, state: EtcdState) {
         let from = i.state;
         i.state = state;
-        if state == EtcdState::Degraded {
-            i.owes_recovery = true;
-        }
         i.since = SystemTime::now();
-        if state == EtcdState::Suspect {
-            i.first_failure.get_or_insert_with(Instant::now);
-        }
         self.link.set_state(state);
         self.transitions.fetch_add(1, Ordering::Relaxed);
         if let Some(t) = self.telemetry.get() {
@@ -227,13 +205,13 @@ impl Health {
             EtcdState::Degraded => tracing::warn!(
                 from = from.name(),
                 error = %i.last_error,
-                "etcd unreachable: global rules now follow their on_failure policy"
+                "etcd unreachable and this daemon's shares lapsed: global rules now follow their on_failure policy"
             ),
             EtcdState::Suspect => {
-                tracing::warn!(from = from.name(), error = %i.last_error, "etcd call failed; serving held tokens")
+                tracing::warn!(from = from.name(), error = %i.last_error, "etcd call failed; shares stay in force until their deadline")
             }
             EtcdState::Recovering => {
-                tracing::info!("etcd reachable again: re-listing rules, posting debts")
+                tracing::info!(from = from.name(), "etcd reachable; taking shares (on_failure decides until then)")
             }
             EtcdState::Healthy => tracing::info!(from = from.name(), "etcd healthy"),
         }
@@ -245,59 +223,37 @@ mod tests {
     use super::*;
 
     fn health() -> Health {
-        Health::new(
-            Arc::new(ClusterLink::new(
-                crate::daemon::limiter::NullSink,
-                crate::rule::OnFailure::Local,
-            )),
-            Duration::from_secs(60),
-        )
+        Health::new(Arc::new(ClusterLink::new(
+            crate::daemon::limiter::NullSink,
+            crate::rule::OnFailure::Local,
+        )))
     }
 
     #[test]
-    fn walks_the_states_in_order() {
+    fn states_follow_share_validity_and_calls() {
         let h = health();
-        assert_eq!(h.state(), EtcdState::Suspect);
+        assert_eq!(h.state(), EtcdState::Recovering);
         h.success();
+        h.shares(true);
         assert_eq!(h.state(), EtcdState::Healthy);
         h.failure("boom", Instant::now());
-        assert_eq!(h.state(), EtcdState::Suspect);
-        h.failure("boom", Instant::now());
-        assert_eq!(h.state(), EtcdState::Suspect);
-        h.failure("boom", Instant::now());
-        assert_eq!(h.state(), EtcdState::Degraded);
-        h.failure("boom", Instant::now());
-        assert_eq!(h.state(), EtcdState::Degraded);
-        // One success is not enough to leave DEGRADED; a failure in between
+        assert_eq!(h.state(), EtcdState::Suspect, "shares still in force");
+        // One success is not enough (hysteresis); a failure in between
         // starts the count again.
         h.success();
-        assert_eq!(h.state(), EtcdState::Degraded);
-        h.failure("boom", Instant::now());
-        h.success();
-        assert_eq!(h.state(), EtcdState::Degraded);
-        h.success();
-        assert_eq!(h.state(), EtcdState::Recovering);
-        // A failure while recovering does not skip the recovery.
-        h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Suspect);
+        h.failure("boom", Instant::now());
+        h.success();
+        h.success();
+        assert_eq!(h.state(), EtcdState::Healthy);
+        h.failure("boom", Instant::now());
+        h.shares(false);
+        assert_eq!(h.state(), EtcdState::Degraded);
+        h.success();
         h.success();
         assert_eq!(h.state(), EtcdState::Recovering);
-        h.recovered();
+        h.shares(true);
         assert_eq!(h.state(), EtcdState::Healthy);
         assert_eq!(h.transitions.load(Ordering::Relaxed), 7);
-    }
-
-    #[test]
-    fn hanging_calls_degrade_by_time() {
-        let h = Health::new(
-            Arc::new(ClusterLink::new(
-                crate::daemon::limiter::NullSink,
-                crate::rule::OnFailure::Local,
-            )),
-            Duration::from_millis(1),
-        );
-        std::thread::sleep(Duration::from_millis(5));
-        h.check_timeout();
-        assert_eq!(h.state(), EtcdState::Degraded);
     }
 }

@@ -6,13 +6,14 @@
 //! reloader and (with etcd) membership, the rules watch and the lease
 //! coordinator until the token is cancelled, then drains: stop accepting, let
 //! connections answer what they have read, stop the sweeper, give leased
-//! tokens back, leave the cluster, remove the socket file.
+//! shares out of force, leave the cluster (the others get them back at
+//! once), remove the socket file.
 //!
 //! Submodules: [`config`] (flags and TOML), [`listener`] (socket, accept,
 //! connection cap), [`conn`] (one connection), [`limiter`] (the decision core),
 //! [`rulebook`] (rule layers) and [`store`] (standalone persistence),
-//! [`cluster`] (etcd: membership, health, rules), [`lease`] (leasing tokens
-//! of global rules), [`sweeper`] (eviction timer), [`metrics`], `report`
+//! [`cluster`] (etcd: registration, health, rules), [`lease`] (shares of
+//! global rules), [`sweeper`] (eviction timer), [`metrics`], `report`
 //! (stats and health answers), [`auth`] (peer credentials), [`shutdown`]
 //! (signals).
 
@@ -48,8 +49,7 @@ pub use config::{Args, Config, ConfigError};
 
 use auth::Authorizer;
 use cluster::{Cluster, ClusterError};
-use lease::{Coordinator, LeaseSettings};
-use lease::{LeaseEvent, LeaseHandle, Planner, QueueSink};
+use lease::{Coordinator, LeaseEvent, LeaseSettings, LeaseStats, Planner, QueueSink};
 use limiter::global::ClusterLink;
 use limiter::{Limiter, LimiterConfig, MonotonicClock};
 use listener::{BindError, Bound};
@@ -99,8 +99,8 @@ pub struct Shared {
     pub reports: tokio::sync::Semaphore,
     /// The etcd side, when limits are shared.
     pub cluster: Option<Arc<Cluster>>,
-    /// Per-request leases go to the lease coordinator through this.
-    pub lease: Option<LeaseHandle>,
+    /// Lease counters, when limits are shared.
+    pub lease: Option<Arc<LeaseStats>>,
     /// The tracer, when spans are exported (`--otlp-endpoint`).
     pub telemetry: Option<Arc<telemetry::Telemetry>>,
     pub(crate) stopping: AtomicBool,
@@ -184,41 +184,43 @@ impl Daemon {
             }
             None => None,
         };
-        let (cluster, lease_events) = match &config.etcd {
+        let (cluster, lease_events, lease) = match &config.etcd {
             Some(etcd) => {
+                if etcd.max_clock_skew.is_some() {
+                    tracing::warn!(
+                        "max_clock_skew is set but no longer used: global rules lease shares (a rate and a depth), which do not depend on wall clocks; remove it from the config"
+                    );
+                }
                 let (tx, rx) = tokio::sync::mpsc::channel(LEASE_QUEUE);
                 let members = Arc::new(AtomicU64::new(1));
                 let planner = Arc::new(Planner::new(
                     LeaseSettings {
-                        max_clock_skew: etcd.max_clock_skew,
                         fallback_slack: etcd.fallback_slack,
                         max_buckets_per_rule: etcd.max_buckets_per_rule,
-                        ..LeaseSettings::default()
+                        compact_every: etcd.compact_every,
                     },
                     Arc::clone(&members),
+                    clock,
                 ));
                 let sink = QueueSink {
-                    events: tx.clone(),
+                    events: tx,
                     planner: Arc::clone(&planner),
                 };
                 let link = Arc::new(ClusterLink::new(sink, etcd.default_on_failure));
                 limiter.attach(Arc::clone(&link));
-                let cluster = Arc::new(Cluster::connect(etcd.clone(), link, members).await?);
+                let cluster =
+                    Arc::new(Cluster::connect(etcd.clone(), link, members, clock).await?);
                 if let Some(t) = &telemetry {
                     cluster.health.trace_with(Arc::clone(t));
                 }
                 cluster.join().await?;
-                let handle = LeaseHandle {
-                    events: tx,
-                    stats: Arc::new(lease::LeaseStats::default()),
-                };
-                (Some(cluster), Some((rx, handle, planner)))
+                (
+                    Some(cluster),
+                    Some((rx, planner)),
+                    Some(Arc::new(LeaseStats::default())),
+                )
             }
-            None => (None, None),
-        };
-        let (lease_events, lease) = match lease_events {
-            Some((rx, handle, planner)) => (Some((rx, planner)), Some(handle)),
-            None => (None, None),
+            None => (None, None, None),
         };
         let rulebook = Arc::new(RuleBook::open(
             Arc::clone(&limiter),
@@ -304,7 +306,7 @@ impl Daemon {
         // are returned last.
         let cluster_stop = CancellationToken::new();
         let mut cluster_tasks = Vec::new();
-        if let (Some(cluster), Some((events, planner)), Some(lease)) =
+        if let (Some(cluster), Some((events, planner)), Some(stats)) =
             (&shared.cluster, lease_events, &shared.lease)
         {
             cluster_tasks.push(tokio::spawn(
@@ -315,13 +317,13 @@ impl Daemon {
                     .run_rules_watch(Arc::clone(&shared.rulebook), cluster_stop.clone()),
             ));
             let etcd = &cluster.config;
-            let source = lease::etcd::EtcdSource::new(
+            let store = lease::store::Store::new(
                 cluster.client(),
-                etcd.prefix.clone(),
+                &etcd.prefix,
                 etcd.node_id.clone(),
                 etcd.timeout,
                 Arc::clone(&cluster.health),
-                Arc::clone(&lease.stats),
+                Arc::clone(stats),
                 shared.telemetry.clone(),
             );
             let audit = match &config.audit_log {
@@ -338,20 +340,20 @@ impl Daemon {
                 None => lease::audit::AuditLog::disabled(),
             };
             let coordinator = Coordinator::new(
-                source,
+                store,
                 Arc::clone(&shared.limiter),
                 lease::Wiring {
                     link: Arc::clone(&cluster.link),
                     health: Arc::clone(&cluster.health),
-                    stats: Arc::clone(&lease.stats),
+                    registration: Arc::clone(&cluster.registration),
+                    stats: Arc::clone(stats),
+                    clock: shared.clock,
                 },
                 events,
                 planner,
                 audit,
             );
-            cluster_tasks.push(tokio::spawn(
-                coordinator.run(cluster_stop.clone(), config.drain_timeout),
-            ));
+            cluster_tasks.push(tokio::spawn(coordinator.run(cluster_stop.clone())));
         }
         let sweeper = tokio::spawn(sweeper::run(
             Arc::clone(&shared),

@@ -1,6 +1,6 @@
 //! What `Stats`, `Health`, `RuleGet` and `RuleList` answer: counters gathered
-//! from the limiter, the metrics and, with etcd, the cluster and the lease
-//! plan of every global rule. Admin-rate work, run on the blocking pool; the
+//! from the limiter, the metrics and, with etcd, the cluster and the share
+//! of every global rule. Admin-rate work, run on the blocking pool; the
 //! one scan of the bucket table (tokens held per global rule) runs at most
 //! every [`HELD_SCAN_EVERY`] however many clients ask.
 
@@ -11,13 +11,12 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use super::Shared;
-use super::lease::{allowed_error, plan};
 use super::limiter::Rule;
 use super::limiter::global::EtcdState;
 use super::metrics::Metrics;
 use crate::protocol::{
     ClusterStats, EtcdHealth, GlobalRuleStats, HealthReport, LeaseInfo, RuleCounters, RuleInfo,
-    ServingState, StatsReport,
+    ServingState, ShareStats, StatsReport,
 };
 
 /// How stale the held-token figures of stats and rule lists may be.
@@ -45,7 +44,7 @@ impl Shared {
         {
             return Arc::clone(held);
         }
-        let held = Arc::new(self.limiter.held_tokens());
+        let held = Arc::new(self.limiter.held_tokens(self.clock.now_ns()));
         *latest = Some((Instant::now(), Arc::clone(&held)));
         held
     }
@@ -80,7 +79,7 @@ impl Shared {
 
     fn cluster_stats(&self) -> Option<ClusterStats> {
         let cluster = self.cluster.as_ref()?;
-        let s = &self.lease.as_ref()?.stats;
+        let s = self.lease.as_ref()?;
         let held = self.held_tokens();
         let rules = self
             .limiter
@@ -102,35 +101,58 @@ impl Shared {
             lease_txns: get(&s.txns),
             lease_conflicts: get(&s.conflicts),
             lease_failures: get(&s.failures),
-            tokens_leased: get(&s.tokens_leased),
-            tokens_returned: get(&s.tokens_returned),
-            debt_charged: get(&s.debt_charged),
+            tokens_leased: 0,
+            tokens_returned: 0,
+            debt_charged: 0,
             dropped_events: get(&cluster.link.dropped_events),
             txn_latency: s.latency.summary(),
             rules,
-            clock: cluster.clock.report(),
+            clock: Default::default(),
             lease_ops: get(&s.ops),
             lease_unknown: get(&s.unknown),
             lease_resolved: get(&s.resolved),
-            lease_repairs: get(&s.repairs),
-            lease_clamped: get(&s.clamped),
-            bucket_cap_refusals: get(&s.bucket_cap_refusals),
+            lease_repairs: 0,
+            lease_clamped: 0,
+            bucket_cap_refusals: 0,
+            shares: Some(self.share_stats(cluster, s)),
         })
     }
 
-    /// The lease plan of a global rule (`None` for local rules).
+    fn share_stats(&self, cluster: &super::cluster::Cluster, s: &super::lease::LeaseStats) -> ShareStats {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let now = self.clock.now_ns();
+        ShareStats {
+            count: self
+                .limiter
+                .rules()
+                .iter()
+                .find_map(|r| r.global.as_ref().map(|g| u64::from(g.count())))
+                .unwrap_or(0),
+            valid_for_ns: cluster.link.valid_until().saturating_sub(now),
+            recorded: self.limiter.recorded_shares() as u64,
+            records_created: get(&s.records_created),
+            records_deleted: get(&s.records_deleted),
+            raises: get(&s.raises),
+            lowers: get(&s.lowers),
+            count_changes: get(&s.count_changes),
+            etcd_db_bytes: get(&cluster.db.size_bytes),
+            etcd_nospace: cluster.db.nospace.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The share of a global rule on this daemon (`None` for local rules).
     fn lease_info(&self, rule: &Rule, held: u64) -> Option<LeaseInfo> {
         let g = rule.global.as_ref()?;
-        let cluster = self.cluster.as_ref()?;
-        // The N the rule is planned for (members, held up after a drop).
+        self.cluster.as_ref()?;
         let members = g.members.load(Ordering::Relaxed).max(1);
-        let p = plan(&rule.spec, members, cluster.config.max_clock_skew);
         Some(LeaseInfo {
-            batch: g.batch.load(Ordering::Relaxed),
-            per_request: p.per_request,
+            // The implicit share's depth (a bucket with no record).
+            batch: g.implicit_bucket(&rule.params).1,
+            per_request: false,
             members,
-            bound: p.bound,
-            allowed_error: allowed_error(&rule.spec),
+            // Shares sum to at most the rule: nothing beyond rate x t + burst.
+            bound: 0.0,
+            allowed_error: 0.0,
             held,
         })
     }
@@ -174,15 +196,13 @@ impl Shared {
                 members: c.members.load(Ordering::Relaxed),
                 node_id: c.config.node_id.clone(),
                 last_error,
-                clock: c.clock.report(),
+                clock: Default::default(),
             }
         });
-        // A skewed clock degrades the daemon as an etcd outage does: global
-        // rules run on their failure policy either way.
         let degraded = self
             .cluster
             .as_ref()
-            .is_some_and(|c| c.health.state() != EtcdState::Healthy || c.link.clock_skewed());
+            .is_some_and(|c| c.health.state() != EtcdState::Healthy);
         HealthReport {
             state: if self.stopping.load(Ordering::Relaxed) {
                 ServingState::Stopping

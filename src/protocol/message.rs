@@ -425,20 +425,24 @@ pub struct RuleInfo {
     pub lease: Option<LeaseInfo>,
 }
 
-/// How a global rule leases tokens on this daemon.
+/// How a global rule is shared on this daemon (v2 leases: each daemon holds
+/// a share of the rule's rate and burst, and the shares of all daemons sum
+/// to at most the rule).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseInfo {
-    /// Largest batch per lease (`b_max`).
+    /// Depth in tokens of this daemon's implicit share (`floor(burst / n)`,
+    /// what a bucket with no record holds); named for the v1 batch size.
     pub batch: u64,
-    /// Accuracy too tight for batching: one token per lease.
+    /// Always false since v2 leases (no rule leases per request).
     pub per_request: bool,
     /// Live daemons sharing the rule (`N`).
     pub members: u64,
-    /// Promised over-admission bound in tokens: `N * b_max + rate * skew`.
+    /// Tokens that all daemons together may admit beyond `rate x t + burst`
+    /// in any interval `t`: 0 since v2 leases.
     pub bound: f64,
-    /// Over-admission the rule's accuracy allows over its horizon, tokens.
+    /// Always 0 since v2 leases (the accuracy knob no longer applies).
     pub allowed_error: f64,
-    /// Tokens this daemon holds now.
+    /// Whole tokens this daemon's buckets of the rule hold now.
     pub held: u64,
 }
 
@@ -502,7 +506,36 @@ pub struct ClusterStats {
     /// Bucket TATs beyond the rule's depth (written by a clock ahead) clamped.
     pub lease_clamped: u64,
     /// Refills refused because the rule has `max_buckets_per_rule` buckets.
+    /// Always 0 since v2 leases.
     pub bucket_cap_refusals: u64,
+    /// Shares (v2 leases). Appended last so the fields before it keep their
+    /// offsets; `None` from a daemon older than v2 leases.
+    #[serde(default)]
+    pub shares: Option<ShareStats>,
+}
+
+/// This daemon's shares of global rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStats {
+    /// This daemon's operating count `n` (implicit shares are `1/n`; 0: not
+    /// using shares yet).
+    pub count: u64,
+    /// Nanoseconds until this daemon's shares lapse unless renewed (0:
+    /// lapsed: global rules follow `on_failure`).
+    pub valid_for_ns: u64,
+    /// Buckets with a recorded share on this daemon.
+    pub recorded: u64,
+    /// Records this daemon created and deleted; its shares raised and
+    /// lowered; changes of its operating count.
+    pub records_created: u64,
+    pub records_deleted: u64,
+    pub raises: u64,
+    pub lowers: u64,
+    pub count_changes: u64,
+    /// etcd's database size as last read, and whether its NOSPACE alarm is
+    /// raised (etcd refuses writes until an operator clears it).
+    pub etcd_db_bytes: u64,
+    pub etcd_nospace: bool,
 }
 
 /// One global rule's lease state.

@@ -1,41 +1,43 @@
 //! The etcd side of a daemon: the client (with deadlines and keep-alives so a
-//! hung etcd hangs nothing), membership (one key per daemon under a lease, so
-//! the number of live daemons `N` is known, rewritten every probe with this
-//! daemon's wall clock for the clock check in `clock`), the prober that
-//! drives the health machine, and the rules stored in etcd (listed, watched,
-//! written).
+//! hung etcd hangs nothing), registration (one member key per daemon under
+//! an etcd lease, kept alive; while it is, this daemon's shares are in
+//! force until a deadline that ends before the lease can expire), the
+//! database's size and alarms, and the rules stored in etcd (listed,
+//! watched, written).
 //!
-//! Key schema (v1), under the configured prefix:
-//! `/v1/members/{node}` (JSON `{pid, version, wall_ns}`, attached to the
-//! daemon's lease),
-//! `/v1/rules/{id}` (JSON in the TOML field names), and
-//! `/v1/buckets/{rule}/{hash}` (see `lease::etcd`).
+//! Key schema, under the configured prefix: `/v2/members/{node}` (see
+//! `lease::view`; written here at registration, then by the lease
+//! coordinator), `/v2/shares/..` (`lease`), and `/v1/rules/{id}` (JSON in
+//! the TOML field names; the rule format did not change with v2 leases).
 
-pub mod clock;
 mod rules;
 pub mod security;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    AlarmAction, AlarmType, Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions,
+    Txn, TxnOp,
+};
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::daemon::health::Health;
-pub use clock::ClockCheck;
 pub use rules::{rule_from_json, rule_to_json};
 
 use super::config::EtcdConfig;
+use super::lease::{MEMBER_TTL, validity_after_send, view::MemberValue, view::Paths};
+use super::limiter::MonotonicClock;
 use super::limiter::global::ClusterLink;
 use crate::rule::RuleSpec;
 
-/// Seconds a member key outlives its daemon.
-const MEMBER_TTL_SECS: i64 = 5;
-/// A failing cluster is declared degraded after this long.
-const DEGRADE_AFTER: Duration = Duration::from_millis(400);
-/// Probe cadence while unhealthy (twice this while healthy).
-const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// Keep-alives of the member lease: a tenth of its TTL, so a few lost ones
+/// change nothing.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// How often the database's size and alarms are read.
+const DB_STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the cluster refused us.
 #[derive(Debug, thiserror::Error)]
@@ -52,18 +54,74 @@ pub enum ClusterError {
     Unavailable(String),
 }
 
+/// This daemon's registration: its etcd lease, until when its shares may be
+/// used, and whether the lease coordinator is ready to use them under that
+/// lease (it has cleared what an earlier lease held).
+#[derive(Debug, Default)]
+pub struct Registration {
+    /// (lease id, deadline in ns of the monotonic clock); 0: not registered.
+    lease: Mutex<(i64, u64)>,
+    /// The lease the coordinator is ready to serve shares under.
+    ready: AtomicI64,
+    /// Woken when the lease changes (registered, lost).
+    pub changed: tokio::sync::Notify,
+}
+
+impl Registration {
+    /// The current lease (0: none).
+    pub fn lease(&self) -> i64 {
+        self.lease.lock().0
+    }
+
+    /// The lease the coordinator is ready under.
+    pub fn set_ready(&self, lease: i64) {
+        self.ready.store(lease, Ordering::Release);
+    }
+
+    /// Puts shares in force until the lease's deadline, if the coordinator
+    /// is ready under the current lease.
+    pub fn publish(&self, link: &ClusterLink) {
+        let (lease, deadline) = *self.lease.lock();
+        if lease != 0 && self.ready.load(Ordering::Acquire) == lease {
+            link.set_valid_until(deadline);
+        }
+    }
+
+    fn set(&self, lease: i64, deadline: u64) {
+        let changed = {
+            let mut l = self.lease.lock();
+            let changed = l.0 != lease;
+            *l = (lease, deadline);
+            changed
+        };
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// The etcd database as the last status read saw it.
+#[derive(Debug, Default)]
+pub struct DbStatus {
+    pub size_bytes: AtomicU64,
+    pub quota_bytes: AtomicU64,
+    /// A NOSPACE alarm is raised: etcd refuses writes until an operator
+    /// compacts, defragments and disarms it.
+    pub nospace: AtomicBool,
+}
+
 /// The connection to etcd and what is known about the cluster.
 pub struct Cluster {
     client: Client,
     pub config: EtcdConfig,
     pub health: Arc<Health>,
     pub link: Arc<ClusterLink>,
-    /// Live daemons, counted by the prober.
+    /// Live daemons (member keys), kept current by the lease coordinator.
     pub members: Arc<AtomicU64>,
-    /// This daemon's clock against its peers', and whether it may lease.
-    pub clock: Arc<ClockCheck>,
-    /// The lease our member key is attached to (0 until registered).
-    lease_id: AtomicU64,
+    pub registration: Arc<Registration>,
+    pub db: DbStatus,
+    clock: MonotonicClock,
+    paths: Paths,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -85,6 +143,7 @@ impl Cluster {
         config: EtcdConfig,
         link: Arc<ClusterLink>,
         members: Arc<AtomicU64>,
+        clock: MonotonicClock,
     ) -> Result<Cluster, ClusterError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(config.timeout)
@@ -99,19 +158,16 @@ impl Cluster {
         let client = Client::connect(&config.endpoints, Some(options))
             .await
             .map_err(ClusterError::Client)?;
-        let health = Arc::new(Health::new(Arc::clone(&link), DEGRADE_AFTER));
-        let clock = Arc::new(ClockCheck::new(
-            config.node_id.clone(),
-            config.max_clock_skew,
-            Arc::clone(&link),
-        ));
+        let health = Arc::new(Health::new(Arc::clone(&link)));
         Ok(Cluster {
             client,
             health,
             link,
             members,
+            registration: Arc::new(Registration::default()),
+            db: DbStatus::default(),
             clock,
-            lease_id: AtomicU64::new(0),
+            paths: Paths::new(&config.prefix),
             config,
         })
     }
@@ -126,7 +182,7 @@ impl Cluster {
     }
 
     fn member_key(&self) -> String {
-        self.key(&format!("members/{}", self.config.node_id))
+        self.paths.member(&self.config.node_id)
     }
 
     /// Runs one call with the deadline, feeding the health machine.
@@ -142,23 +198,17 @@ impl Cluster {
 
     /// Registers this daemon. A member key of the same node id that stays
     /// alive for a lease period belongs to another daemon: refused. With etcd
-    /// unreachable this returns `Ok` (the prober registers later).
+    /// unreachable this returns `Ok` (registration is retried in the
+    /// background).
     ///
     /// # Errors
     /// [`ClusterError::DuplicateNode`].
     pub async fn join(&self) -> Result<(), ClusterError> {
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(MEMBER_TTL_SECS as u64 + 1);
+        self.warn_of_v1_members().await;
+        let deadline = tokio::time::Instant::now() + MEMBER_TTL + Duration::from_secs(1);
         loop {
             match self.register().await {
-                Ok(true) => {
-                    // Rules listed at start-up are planned for this count.
-                    if let Ok(members) = self.count_members().await {
-                        self.members
-                            .store(members.len().max(1) as u64, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
+                Ok(true) => return Ok(()),
                 Ok(false) if tokio::time::Instant::now() < deadline => {
                     // Perhaps our own previous run, whose lease has not expired.
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -175,68 +225,73 @@ impl Cluster {
         }
     }
 
-    /// Our member key's value, stamped with the wall clock read now (each
-    /// attempt of a write calls this again, so the stamp is taken just before
-    /// the request leaves). The clock check times the write's watch event.
-    fn member_value(&self) -> String {
-        let wall_ns = clock::wall_now_ns();
-        self.clock.sending(wall_ns);
-        serde_json::json!({
-            "pid": std::process::id(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "wall_ns": wall_ns,
-        })
-        .to_string()
-    }
-
-    /// Writes our member key under `lease` if `guard` holds.
-    async fn write_member(&self, lease: i64, guard: Compare) -> Result<bool, String> {
+    /// Daemons of the v1 lease (token batches) cannot share a rule with v2
+    /// daemons (shares): says so loudly if any live under this prefix.
+    async fn warn_of_v1_members(&self) {
         let client = self.client.clone();
-        let key = self.member_key();
-        let resp = self
+        let prefix = self.key("members/");
+        let found = self
             .call(|| {
-                let txn = Txn::new().when([guard.clone()]).and_then([TxnOp::put(
-                    key.as_str(),
-                    self.member_value(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-                let mut c = client.clone();
-                async move { c.txn(txn).await }
+                let (mut c, prefix) = (client.clone(), prefix.clone());
+                async move {
+                    c.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+                        .await
+                }
             })
-            .await?;
-        if resp.succeeded() {
-            self.clock.written();
+            .await;
+        if let Ok(resp) = found
+            && resp.count() > 0
+        {
+            tracing::error!(
+                daemons = resp.count(),
+                prefix = %self.config.prefix,
+                "daemons of an older rld (v1 token leases) are registered under this prefix; they do not see this daemon's shares and global limits are not kept while both run: upgrade every daemon"
+            );
         }
-        Ok(resp.succeeded())
     }
 
-    /// Creates our member key under a fresh lease if no one holds the node id.
+    /// Creates our member key (operating count 0) under a fresh lease if no
+    /// one holds the node id.
     async fn register(&self) -> Result<bool, String> {
         let client = self.client.clone();
+        let sent = self.clock.now_ns();
         let lease = self
             .call(|| {
                 let mut c = client.clone();
-                async move { c.lease_grant(MEMBER_TTL_SECS, None).await }
+                async move { c.lease_grant(MEMBER_TTL.as_secs() as i64, None).await }
             })
             .await?;
         let key = self.member_key();
-        let fresh = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
-        if self.write_member(lease.id(), fresh).await? {
-            self.lease_id.store(lease.id() as u64, Ordering::Relaxed);
+        let value = serde_json::to_string(&MemberValue {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            n: 0,
+        })
+        .expect("member values serialize");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        let created = self
+            .call(|| {
+                let (mut c, txn) = (client.clone(), txn.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?
+            .succeeded();
+        if created {
+            let ttl = Duration::from_secs(lease.ttl().max(0) as u64);
+            self.registration
+                .set(lease.id(), sent + validity_after_send(ttl).as_nanos() as u64);
+            tracing::info!(node = %self.config.node_id, lease = lease.id(), "registered in etcd");
             Ok(true)
         } else {
             let _ = self.revoke(lease.id()).await;
             Ok(false)
         }
-    }
-
-    /// Rewrites our member key with the wall clock now, under our existing
-    /// lease; `false` if the key is not under that lease any more (expired,
-    /// or deleted by hand), so we register again.
-    async fn publish_clock(&self, lease: i64) -> Result<bool, String> {
-        let key = self.member_key();
-        let ours = Compare::lease(key.as_str(), CompareOp::Equal, lease);
-        self.write_member(lease, ours).await
     }
 
     async fn revoke(&self, id: i64) -> Result<(), String> {
@@ -249,8 +304,9 @@ impl Cluster {
         .map(drop)
     }
 
-    /// One keep-alive of our member lease; `false` if the lease is gone.
-    async fn keep_alive(&self, id: i64) -> Result<bool, String> {
+    /// One keep-alive of our member lease: the TTL it was renewed for, or
+    /// `None` if the lease is gone.
+    async fn keep_alive(&self, id: i64) -> Result<Option<Duration>, String> {
         let client = self.client.clone();
         let resp = self
             .call(|| {
@@ -272,98 +328,116 @@ impl Cluster {
                 }
             })
             .await?;
-        Ok(resp.is_some_and(|r| r.ttl() > 0))
-    }
-
-    /// The node ids of the live members (a real call: it also probes etcd).
-    async fn count_members(&self) -> Result<Vec<String>, String> {
-        let client = self.client.clone();
-        let prefix = self.key("members/");
-        let resp = self
-            .call(|| {
-                let (mut c, prefix) = (client.clone(), prefix.clone());
-                async move {
-                    c.get(
-                        prefix,
-                        Some(GetOptions::new().with_prefix().with_keys_only()),
-                    )
-                    .await
-                }
-            })
-            .await?;
         Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let node = kv.key().strip_prefix(prefix.as_bytes())?;
-                Some(String::from_utf8_lossy(node).into_owned())
-            })
-            .collect())
+            .filter(|r| r.ttl() > 0)
+            .map(|r| Duration::from_secs(r.ttl() as u64)))
     }
 
-    /// Keeps the member lease alive and our wall clock published, counts
-    /// members, runs the clock check, and probes etcd (which drives the
-    /// health machine) until `cancel`; then revokes the lease so the others
-    /// see one daemon less at once.
+    /// Reads the database's size and alarms; one log line per change of the
+    /// NOSPACE alarm, not one per refused write.
+    async fn read_db_status(&self) {
+        let client = self.client.clone();
+        if let Ok(status) = self
+            .call(|| {
+                let mut c = client.clone();
+                async move { c.status().await }
+            })
+            .await
+        {
+            self.db
+                .size_bytes
+                .store(status.db_size().max(0) as u64, Ordering::Relaxed);
+        }
+        let alarms = self
+            .call(|| {
+                let mut c = client.clone();
+                async move { c.alarm(AlarmAction::Get, AlarmType::None, None).await }
+            })
+            .await;
+        if let Ok(alarms) = alarms {
+            let nospace = alarms
+                .alarms()
+                .iter()
+                .any(|a| a.alarm() == AlarmType::Nospace);
+            if self.db.nospace.swap(nospace, Ordering::Relaxed) != nospace {
+                if nospace {
+                    tracing::error!(
+                        db_bytes = self.db.size_bytes.load(Ordering::Relaxed),
+                        "etcd raised NOSPACE: its database reached its quota and it refuses every write (shares cannot change, rules cannot be set); compact, defragment (etcdctl defrag) and disarm the alarm (etcdctl alarm disarm), or raise --quota-backend-bytes"
+                    );
+                } else {
+                    tracing::info!("etcd's NOSPACE alarm is cleared; writes resume");
+                }
+            }
+        }
+    }
+
+    /// Keeps the member lease alive (registering again when it was lost),
+    /// publishes the deadline of this daemon's shares after each renewal,
+    /// reads the database status, and updates the health machine, until
+    /// `cancel`; then takes shares out of force and revokes the lease so the
+    /// others get them back at once.
     pub async fn run_membership(self: Arc<Self>, cancel: CancellationToken) {
-        // The clock side of the health machine runs apart from the probes,
-        // so a probe hanging until its deadline cannot delay DEGRADED.
-        let timeouts = {
+        // The health machine follows share validity on its own timer, so a
+        // keep-alive hanging until its deadline cannot delay DEGRADED.
+        let watcher = {
             let health = Arc::clone(&self.health);
+            let link = Arc::clone(&self.link);
+            let clock = self.clock;
             let cancel = cancel.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(50));
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => return,
-                        _ = tick.tick() => health.check_timeout(),
+                        _ = tick.tick() => health.shares(link.shares_valid(clock.now_ns())),
                     }
                 }
             })
         };
-        let clock_watch = tokio::spawn(Arc::clone(&self).run_clock_watch(cancel.clone()));
-        let mut tick = tokio::time::interval(PROBE_EVERY);
+        let mut tick = tokio::time::interval(KEEPALIVE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut beats = 0u64;
+        let mut last_status: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            beats += 1;
-            // Every tick while unhealthy, every other one otherwise.
-            let healthy = self.link.state() == super::limiter::global::EtcdState::Healthy;
-            if healthy && beats % 2 != 0 {
-                continue;
-            }
-            let id = self.lease_id.load(Ordering::Relaxed) as i64;
+            let id = self.registration.lease();
             if id == 0 {
                 if let Ok(false) = self.register().await {
                     tracing::error!(
                         node = %self.config.node_id,
-                        "node id in use by another live daemon; not registered (membership count excludes us)"
+                        "node id in use by another live daemon; not registered (global rules follow on_failure)"
                     );
                 }
             } else {
-                let alive = match self.keep_alive(id).await {
-                    Ok(true) => self.publish_clock(id).await,
-                    other => other,
-                };
-                if let Ok(false) = alive {
-                    // The lease expired while we were cut off: register again.
-                    self.lease_id.store(0, Ordering::Relaxed);
+                let sent = self.clock.now_ns();
+                match self.keep_alive(id).await {
+                    Ok(Some(ttl)) => {
+                        self.registration
+                            .set(id, sent + validity_after_send(ttl).as_nanos() as u64);
+                        self.registration.publish(&self.link);
+                    }
+                    Ok(None) => {
+                        // The lease expired while we were cut off: our
+                        // shares may be others' by now. Out of force at once,
+                        // and register again.
+                        self.link.set_valid_until(0);
+                        self.registration.set(0, 0);
+                        tracing::warn!("etcd lease expired; registering again");
+                    }
+                    Err(_) => {}
                 }
             }
-            let members = self.count_members().await.ok();
-            if let Some(members) = &members {
-                self.members
-                    .store(members.len().max(1) as u64, Ordering::Relaxed);
+            if last_status.is_none_or(|t| t.elapsed() >= DB_STATUS_EVERY) {
+                last_status = Some(tokio::time::Instant::now());
+                self.read_db_status().await;
             }
-            self.clock.tick(members.as_deref());
         }
-        timeouts.abort();
-        clock_watch.abort();
-        let id = self.lease_id.load(Ordering::Relaxed) as i64;
+        watcher.abort();
+        self.link.set_valid_until(0);
+        let id = self.registration.lease();
         if id != 0 {
             let _ = self.revoke(id).await;
         }

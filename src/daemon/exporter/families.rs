@@ -44,7 +44,6 @@ struct EtcdSnapshot {
     state: EtcdState,
     txn_latency: Buckets,
     txn_failures: u64,
-    per_request_fallbacks: u64,
 }
 
 impl Snapshot {
@@ -68,12 +67,11 @@ impl Snapshot {
             })
             .collect();
         let etcd = shared.cluster.as_ref().map(|cluster| {
-            let lease = shared.lease.as_ref().map(|l| &l.stats);
+            let lease = shared.lease.as_deref();
             EtcdSnapshot {
                 state: cluster.link.state(),
                 txn_latency: lease.map_or_else(empty_buckets, |s| s.latency.buckets(TXN_BUCKETS)),
                 txn_failures: lease.map_or(0, |s| Metrics::get(&s.txn_failures)),
-                per_request_fallbacks: lease.map_or(0, |s| Metrics::get(&s.per_request_fallbacks)),
             }
         });
         Snapshot {
@@ -363,51 +361,25 @@ impl Snapshot {
         counter(
             e,
             "rld_lease_conflicts",
-            "Bucket writes whose compare failed (another daemon moved the key first).",
+            "Record writes whose compare failed (another daemon moved the record first).",
             c.lease_conflicts,
         )?;
         counter(
             e,
             "rld_lease_unknown_outcomes",
-            "Lease operations whose outcome was unknown (lost answer, timeout).",
+            "Record writes whose outcome was unknown (lost answer, timeout).",
             c.lease_unknown,
         )?;
         counter(
             e,
             "rld_lease_unknown_resolved",
-            "Unknown lease operations later found committed (applied once, never twice).",
+            "Unknown record writes the watch later showed committed (applied once, never twice).",
             c.lease_resolved,
         )?;
         counter(
             e,
-            "rld_lease_tokens_leased",
-            "Tokens leased from global buckets in etcd.",
-            c.tokens_leased,
-        )?;
-        counter(
-            e,
-            "rld_lease_tokens_returned",
-            "Unused tokens given back to global buckets.",
-            c.tokens_returned,
-        )?;
-        counter(
-            e,
-            "rld_lease_debt_charged_tokens",
-            "Tokens admitted without a lease (fallback, Critical priority) charged to \
-             global buckets after the fact.",
-            c.debt_charged,
-        )?;
-        counter(
-            e,
-            "rld_lease_per_request_fallbacks",
-            "Requests of per-request rules whose lease did not answer within its deadline \
-             (max(50 ms, 3 x p99), 100 ms at most): decided by the rule's on_failure.",
-            etcd.per_request_fallbacks,
-        )?;
-        counter(
-            e,
             "rld_lease_dropped_events",
-            "Refill or release events dropped because the lease coordinator lagged.",
+            "Shortfall or release events dropped because the lease coordinator lagged.",
             c.dropped_events,
         )?;
         family(
@@ -422,8 +394,8 @@ impl Snapshot {
         family(
             e,
             "rld_global_overadmission_bound_tokens",
-            "Promised over-admission bound of each global rule: members x batch + rate x \
-             max_clock_skew.",
+            "Tokens all daemons together may admit beyond rate x t + burst in any interval t: \
+             0 (shares of all daemons sum to at most the rule).",
             MetricType::Gauge,
             c.rules
                 .iter()
@@ -431,24 +403,71 @@ impl Snapshot {
         )?;
         family(
             e,
-            "rld_global_lease_batch_tokens",
-            "Largest batch of tokens one lease of each global rule takes.",
+            "rld_global_implicit_depth_tokens",
+            "Depth of this daemon's implicit share of each global rule (burst / n): what a \
+             bucket with no record holds.",
             MetricType::Gauge,
             c.rules
                 .iter()
                 .map(|r| ([("rule", r.id.as_str())], ConstGauge::new(r.lease.batch))),
         )?;
+        let Some(sh) = &c.shares else {
+            return Ok(());
+        };
         gauge(
             e,
-            "rld_clock_offset_seconds",
-            "This daemon's wall clock minus the median of the live daemons' (positive: ahead).",
-            c.clock.offset_ns as f64 / 1e9,
+            "rld_share_count",
+            "This daemon's operating count n: implicit shares are 1/n of each global rule \
+             (0: not using shares).",
+            sh.count,
         )?;
         gauge(
             e,
-            "rld_clock_skewed",
-            "1 when the clock is beyond max_clock_skew from most peers (leasing stopped).",
-            i64::from(c.clock.skewed),
+            "rld_share_valid_seconds",
+            "Seconds until this daemon's shares lapse unless its etcd lease is renewed \
+             (0: lapsed, global rules follow on_failure).",
+            sh.valid_for_ns as f64 / 1e9,
+        )?;
+        gauge(
+            e,
+            "rld_share_recorded_buckets",
+            "Buckets with a recorded (non-implicit) share on this daemon.",
+            sh.recorded,
+        )?;
+        family(
+            e,
+            "rld_share_records",
+            "Share records this daemon created and deleted in etcd.",
+            MetricType::Counter,
+            [
+                ([("action", "created")], ConstCounter::new(sh.records_created)),
+                ([("action", "deleted")], ConstCounter::new(sh.records_deleted)),
+            ],
+        )?;
+        family(
+            e,
+            "rld_share_changes",
+            "Changes of this daemon's recorded shares: raised (after etcd committed) and \
+             lowered (before it recorded them); and of its operating count.",
+            MetricType::Counter,
+            [
+                ([("change", "raised")], ConstCounter::new(sh.raises)),
+                ([("change", "lowered")], ConstCounter::new(sh.lowers)),
+                ([("change", "count")], ConstCounter::new(sh.count_changes)),
+            ],
+        )?;
+        gauge(
+            e,
+            "rld_etcd_db_size_bytes",
+            "etcd's database size as last read (every 10 s).",
+            sh.etcd_db_bytes,
+        )?;
+        gauge(
+            e,
+            "rld_etcd_nospace",
+            "1 while etcd's NOSPACE alarm is raised: it refuses every write until an operator \
+             compacts, defragments and disarms it.",
+            i64::from(sh.etcd_nospace),
         )
     }
 }

@@ -1,157 +1,114 @@
-//! The [`Coordinator`]: the task that owns the token [`Source`] and every
-//! lease operation. The hot path only sends it events (refill, release, a
-//! per-request lease); it turns them into one operation per bucket at a
-//! time and sends many buckets' operations in one batch, at most
-//! [`LeaseSettings::batches_in_flight`] batches at once.
+//! The [`Coordinator`]: the task that owns this daemon's shares. It keeps
+//! the [`View`] current from the watch, decides for each bucket the hot
+//! path says wants more (and each record that lists this daemon) what its
+//! share should be, and writes the changes, many records per transaction.
 //!
-//! An operation carries an identity (`boot nonce << 32 | sequence`) that the
-//! bucket value records. Its tokens in transit (held tokens given back,
-//! debt charged) stay with the operation until it commits: a failed
-//! operation is retried, and one whose outcome is unknown is retried under
-//! the same identity, so it is applied at most once and nothing is dropped.
+//! Its rules, which keep the invariant of `share`:
+//! - **Lower locally first**: a lower share is applied to the limiter
+//!   before the write that records it is sent.
+//! - **Raise only after the commit**: a higher share (or operating count)
+//!   is applied once etcd committed it, as the watch shows (this daemon's
+//!   own write comes back through the watch, which also resolves a write
+//!   whose answer was lost: the record carries the write's identity).
+//! - **Raise only into free capacity**, computed from the record the write
+//!   replaces (compare-and-swap on its revision).
+//! - A new count is applied once the view has caught up with the write
+//!   that recorded it, so every record created before it is known here.
+//!
+//! Demand is measured per bucket (tokens asked for per second, allowed or
+//! not) while a bucket is watched: from its first shortfall, or while a
+//! record lists this daemon, until it has been quiet for a while.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::audit::{AuditLog, Record};
-use super::etcd::wall_ns;
-use super::value::Ask;
-use super::{BucketRef, Done, LeaseStats, Op, Outcome, Source, plan};
-use crate::daemon::health::Health;
-use crate::daemon::limiter::global::{Allotment, ClusterLink, EtcdState, LeaseSink};
+use super::audit::{AuditLog, Record as AuditRecord};
+use super::share::{self, Claim, Entry, Record, SCALE, Share};
+use super::store::{Fed, RecordWrite, Store, Written};
+use super::view::{Change, View};
+use super::{LeaseSettings, LeaseStats};
+use crate::daemon::cluster::{Health, Registration};
+use crate::daemon::limiter::global::{ClusterLink, LeaseSink};
 use crate::daemon::limiter::key::BucketKey;
-use crate::daemon::limiter::{LeaseNeeded, Limiter, Rule, SpendMode};
+use crate::daemon::limiter::{Limiter, MonotonicClock, Rule, RuleSet};
 
-/// Shortest span a demand sample is measured over.
-const DEMAND_SAMPLE: Duration = Duration::from_millis(100);
+/// How often demand is sampled and decisions are made.
+const TICK: Duration = Duration::from_millis(50);
+/// The shortest span a demand sample covers (a first one: the shortest
+/// that has seen a few tokens).
+const SAMPLE: Duration = Duration::from_millis(100);
+const FIRST_SAMPLE: Duration = Duration::from_millis(30);
+/// A watched bucket that wanted no more than its share for this long is
+/// no longer watched.
+const QUIET: Duration = Duration::from_secs(5);
+/// An unanswered write is sent again after this long if the view shows its
+/// record unchanged (its compare lets at most one attempt commit).
+const RESEND: Duration = Duration::from_secs(1);
+/// After a compare failed, a record is decided again once the view is this
+/// far along (or this long after).
+const MOVED_WAIT: Duration = Duration::from_millis(200);
+/// Transactions in flight at once.
+const IN_FLIGHT: usize = 2;
+/// A share changes only when its target moved by more than this fraction
+/// (so measurement noise does not rewrite records).
+const HYSTERESIS: f64 = 0.1;
 
-/// Tuning of the coordinator.
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseSettings {
-    /// Largest clock difference between hosts planned for.
-    pub max_clock_skew: Duration,
-    /// A batch should last about this long at the bucket's demand.
-    pub prefetch: Duration,
-    /// Longest wait between retries while a global bucket is empty.
-    pub max_backoff: Duration,
-    /// Fallback limit of `on_failure = "local"`: `limit * (1 + slack) / N`.
-    pub fallback_slack: f64,
-    /// Tokens a rule's fresh buckets may admit on credit at once on this
-    /// daemon (before their first lease commits).
-    pub max_credit: u64,
-    /// Global buckets per rule this daemon leases for; requests on new
-    /// buckets beyond it are denied until idle ones are forgotten.
-    pub max_buckets_per_rule: usize,
-    /// Lease batches (etcd transactions) in flight at once.
-    pub batches_in_flight: usize,
-}
-
-impl Default for LeaseSettings {
-    fn default() -> Self {
-        LeaseSettings {
-            max_clock_skew: Duration::from_millis(10),
-            prefetch: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(1),
-            fallback_slack: 0.1,
-            max_credit: 64,
-            max_buckets_per_rule: 100_000,
-            batches_in_flight: 2,
-        }
-    }
-}
-
-/// A message to the coordinator.
+/// A message from the hot path.
 #[derive(Debug)]
 pub enum LeaseEvent {
-    Refill {
+    /// A bucket wants more than its share.
+    Unmet {
         rule: Arc<Rule>,
         key: BucketKey,
         hash: u64,
-        borrowed: u64,
     },
-    Release {
-        rule: Arc<Rule>,
-        key: BucketKey,
-        allotment: Allotment,
-    },
-    /// Charge `tokens` of debt to the bucket (nothing else changes).
-    Debt {
-        rule: Arc<Rule>,
-        key: BucketKey,
-        hash: u64,
-        tokens: u64,
-    },
-    /// A per-request rule: lease exactly `cost` tokens; `true` if granted.
-    Now {
-        rule: Arc<Rule>,
-        key: BucketKey,
-        hash: u64,
-        cost: u64,
-        reply: oneshot::Sender<bool>,
-    },
+    /// A bucket with a recorded share is gone.
+    Released { rule: Arc<Rule>, key: BucketKey },
 }
 
-/// Plans global rules (batch size, low-water mark, credit cap, fallback
-/// bucket) for the current membership: when a rule is installed, so its
-/// first request already has a plan, and again on every coordinator tick.
+/// Sets each global rule's implicit share and fallback for the current
+/// operating count and membership: when a rule is installed (so its first
+/// request has them) and whenever the count changes.
 #[derive(Debug)]
 pub struct Planner {
     pub settings: LeaseSettings,
-    /// Live daemons, kept current by the cluster's membership task.
+    /// This daemon's operating count (0: not operating).
+    pub count: AtomicU32,
+    /// Live daemons (for the fallback's share).
     pub members: Arc<AtomicU64>,
-    /// The largest count of the last [`MEMBERS_HOLD`], and since when.
-    peak: parking_lot::Mutex<(u64, Instant)>,
+    clock: MonotonicClock,
 }
 
-/// How long a drop in the member count is not believed: a daemon that
-/// vanished from etcd (partitioned, its member key expired) may still hold
-/// a batch and spend it, so batches of the others grow only once its
-/// tokens are surely spent or stale. Joins count at once.
-pub const MEMBERS_HOLD: Duration = super::value::HOLDER_TTL;
-
 impl Planner {
-    pub fn new(settings: LeaseSettings, members: Arc<AtomicU64>) -> Planner {
+    pub fn new(settings: LeaseSettings, members: Arc<AtomicU64>, clock: MonotonicClock) -> Planner {
         Planner {
             settings,
+            count: AtomicU32::new(0),
             members,
-            peak: parking_lot::Mutex::new((1, Instant::now())),
+            clock,
         }
-    }
-
-    /// `N` for planning: the live members, or more if more were live in the
-    /// last [`MEMBERS_HOLD`].
-    pub fn members(&self) -> u64 {
-        let now = self.members.load(Ordering::Relaxed).max(1);
-        let mut peak = self.peak.lock();
-        if now >= peak.0 || peak.1.elapsed() >= MEMBERS_HOLD {
-            *peak = (now, Instant::now());
-        }
-        peak.0.max(now)
     }
 
     pub fn plan(&self, rule: &Rule) {
         let Some(g) = &rule.global else { return };
-        let n = self.members();
-        let spec = &rule.spec;
-        let p = plan(spec, n, self.settings.max_clock_skew);
-        let b_max = p.b_max.floor().max(1.0) as u64;
-        g.batch.store(b_max, Ordering::Relaxed);
-        g.low_water.store((b_max / 4).max(1), Ordering::Relaxed);
+        let n = self.members.load(Ordering::Relaxed).max(1);
         g.members.store(n, Ordering::Relaxed);
-        g.per_request.store(p.per_request, Ordering::Relaxed);
-        g.credit_cap
-            .store(self.settings.max_credit.max(b_max), Ordering::Relaxed);
-        // The lenient local limit while etcd is unreachable (or suspect, for
-        // buckets that ran dry): `fallback_limit` per window (by default this
-        // daemon's share of the rate plus the slack), and a burst of
-        // `fallback_limit` as well, never beyond the rule's (by default this
-        // daemon's share of it).
+        g.set_count(
+            self.count.load(Ordering::Acquire),
+            &rule.params,
+            self.clock.now_ns(),
+        );
+        // The lenient local limit while shares are out of force:
+        // `fallback_limit` per window (by default this daemon's share of the
+        // rate plus the slack), and a burst of `fallback_limit` as well,
+        // never beyond the rule's (by default this daemon's share of it).
+        let spec = &rule.spec;
         let per_window = spec.fallback_limit.unwrap_or_else(|| {
             ((spec.limit as f64 * (1.0 + self.settings.fallback_slack) / n as f64).ceil() as u64)
                 .max(1)
@@ -164,8 +121,7 @@ impl Planner {
         }
         .max(1);
         g.fallback_interval_ns.store(interval, Ordering::Relaxed);
-        g.fallback_tau_ns
-            .store(interval.saturating_mul(burst), Ordering::Relaxed);
+        g.fallback_depth.store(burst, Ordering::Relaxed);
     }
 }
 
@@ -181,769 +137,1140 @@ impl LeaseSink for QueueSink {
         self.planner.plan(rule);
     }
 
-    fn refill(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, borrowed: u64) -> bool {
+    fn unmet(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64) -> bool {
         self.events
-            .try_send(LeaseEvent::Refill {
+            .try_send(LeaseEvent::Unmet {
                 rule: Arc::clone(rule),
                 key,
                 hash,
-                borrowed,
             })
             .is_ok()
     }
 
-    fn release(&self, rule: &Arc<Rule>, key: BucketKey, allotment: Allotment) -> bool {
+    fn released(&self, rule: &Arc<Rule>, key: BucketKey) -> bool {
         self.events
-            .try_send(LeaseEvent::Release {
+            .try_send(LeaseEvent::Released {
                 rule: Arc::clone(rule),
                 key,
-                allotment,
             })
             .is_ok()
-    }
-
-    fn debt(&self, rule: &Arc<Rule>, key: BucketKey, hash: u64, tokens: u64) -> bool {
-        self.events
-            .try_send(LeaseEvent::Debt {
-                rule: Arc::clone(rule),
-                key,
-                hash,
-                tokens,
-            })
-            .is_ok()
-    }
-}
-
-/// What a connection needs to lease for a per-request rule.
-#[derive(Debug, Clone)]
-pub struct LeaseHandle {
-    pub events: mpsc::Sender<LeaseEvent>,
-    pub stats: Arc<LeaseStats>,
-}
-
-impl LeaseHandle {
-    /// One lease of exactly `cost` tokens for one request of a per-request
-    /// rule, through the coordinator (batched with other operations),
-    /// waiting at most `max(50 ms, 3 x p99)` of recent transactions (100 ms
-    /// at most); then the rule's `on_failure` decides.
-    pub async fn lease_now(&self, need: LeaseNeeded, cost: u64) -> SpendMode {
-        let deadline = self
-            .stats
-            .txn_deadline(Duration::from_millis(100))
-            .unwrap_or(super::MIN_TXN_DEADLINE);
-        let (reply, answer) = oneshot::channel();
-        let event = LeaseEvent::Now {
-            rule: need.rule,
-            key: need.key,
-            hash: need.hash,
-            cost,
-            reply,
-        };
-        let answered = if self.events.try_send(event).is_err() {
-            None
-        } else {
-            tokio::time::timeout(deadline, answer)
-                .await
-                .ok()
-                .and_then(Result::ok)
-        };
-        match answered {
-            Some(true) => SpendMode::Leased,
-            Some(false) => SpendMode::NotGranted,
-            None => {
-                self.stats
-                    .per_request_fallbacks
-                    .fetch_add(1, Ordering::Relaxed);
-                SpendMode::LeaseFailed
-            }
-        }
-    }
-}
-
-type KeyId = (Box<str>, BucketKey);
-
-/// Demand and lease state of one global bucket.
-#[derive(Debug)]
-struct KeyState {
-    bucket: BucketRef,
-    hash: u64,
-    /// The hot path asked for tokens.
-    refill: bool,
-    /// A per-request lease waiting for an answer.
-    now: Option<(u64, oneshot::Sender<bool>)>,
-    /// Tokens in transit: to give back and to charge, not yet in an operation.
-    give: u64,
-    debt: u64,
-    /// Credit taken by the bucket's fresh request, repaid when its lease commits.
-    borrowed: u64,
-    /// The operation sent or to be retried under the same identity, and
-    /// when it was first sent.
-    op: Option<Op>,
-    op_sent: Option<Instant>,
-    in_flight: bool,
-    /// The bucket is gone: forget it once nothing is in transit.
-    released: bool,
-    known: Option<super::Known>,
-    not_before: Instant,
-    /// Smoothed tokens per second the bucket is asked for on this daemon.
-    demand: f64,
-    /// Tokens asked for since `last_collect` (a sample spans at least
-    /// [`DEMAND_SAMPLE`], so frequent leases do not under-read demand).
-    wanted: u64,
-    last_collect: Instant,
-    last_event: Instant,
-    /// When the current wait for tokens began (for giving up).
-    waiting_since: Option<Instant>,
-}
-
-impl KeyState {
-    fn has_work(&self) -> bool {
-        self.op.is_some() || self.refill || self.now.is_some() || self.give > 0 || self.debt > 0
     }
 }
 
 /// What the coordinator shares with the rest of the daemon.
 #[derive(Debug, Clone)]
 pub struct Wiring {
-    /// The hot path's view of the cluster (state, clock flag, sink).
     pub link: Arc<ClusterLink>,
-    /// etcd's health, which lease calls report to and recovery ends.
     pub health: Arc<Health>,
+    pub registration: Arc<Registration>,
     pub stats: Arc<LeaseStats>,
+    pub clock: MonotonicClock,
 }
 
-/// Owns the [`Source`] and every lease operation.
-pub struct Coordinator<S: Source> {
-    source: S,
+/// Demand of one bucket on this daemon.
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    /// Tokens per second (smoothed); meaningful once `known`.
+    rate: f64,
+    known: bool,
+    acc: u64,
+    since: Instant,
+}
+
+impl Demand {
+    fn new(now: Instant) -> Demand {
+        Demand {
+            rate: 0.0,
+            known: false,
+            acc: 0,
+            since: now,
+        }
+    }
+
+    /// Adds `wanted` tokens seen by `now`; a sample is taken once it spans
+    /// [`SAMPLE`] (a first one earlier if it saw a few tokens). A drop by
+    /// more than half is believed at once (demand that moved elsewhere frees
+    /// its share fast); rises are smoothed.
+    fn add(&mut self, wanted: u64, now: Instant) {
+        self.acc += wanted;
+        let span = now.duration_since(self.since);
+        let ready = span >= SAMPLE || (!self.known && span >= FIRST_SAMPLE && self.acc >= 8);
+        if !ready {
+            return;
+        }
+        let sample = self.acc as f64 / span.as_secs_f64();
+        self.rate = if !self.known || sample < self.rate / 2.0 {
+            sample
+        } else {
+            0.5 * self.rate + 0.5 * sample
+        };
+        self.known = true;
+        self.acc = 0;
+        self.since = now;
+    }
+
+    /// No bucket: no demand, known at once.
+    fn none(&mut self, now: Instant) {
+        *self = Demand {
+            rate: 0.0,
+            known: true,
+            acc: 0,
+            since: now,
+        };
+    }
+}
+
+/// What a write does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Create,
+    Entry,
+    Delete,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Create => "create",
+            Kind::Entry => "write",
+            Kind::Delete => "delete",
+        }
+    }
+}
+
+/// A write of a record not yet known to have ended.
+#[derive(Debug, Clone)]
+struct Pending {
+    op: u64,
+    kind: Kind,
+    write: RecordWrite,
+    /// The entry written (for creations and entry writes).
+    entry: Option<Entry>,
+    /// Applied once committed (a raise).
+    raise_to: Option<Share>,
+    sent: Option<Instant>,
+    in_flight: bool,
+    /// Its answer was lost: the view decides.
+    uncertain: bool,
+}
+
+/// A bucket this daemon watches.
+#[derive(Debug)]
+struct Watched {
+    rule: Arc<str>,
+    key: BucketKey,
+    hash: u64,
+    demand: Demand,
+    pending: Option<Pending>,
+    /// Decide again no sooner (after a conflict: once the view caught up).
+    not_before: Instant,
+    /// The view must be at least this far before deciding again.
+    view_at: i64,
+    quiet_since: Option<Instant>,
+    /// The latest write of this daemon's entry (its identity).
+    last_op: u64,
+}
+
+/// A write of the operating count in flight or awaited in the view.
+#[derive(Debug, Clone, Copy)]
+struct CountWrite {
+    n: u32,
+    raise: bool,
+    sent: Instant,
+    /// Committed at this revision (a raise waits for the view to pass it).
+    committed: Option<i64>,
+}
+
+type Batch = (Vec<String>, Vec<Written>);
+
+/// Owns this daemon's shares.
+pub struct Coordinator {
+    store: Store,
     limiter: Arc<Limiter>,
     link: Arc<ClusterLink>,
-    events: mpsc::Receiver<LeaseEvent>,
-    settings: LeaseSettings,
-    planner: Arc<Planner>,
-    stats: Arc<LeaseStats>,
     health: Arc<Health>,
-    keys: HashMap<KeyId, KeyState>,
-    /// Buckets per rule id (for the per-rule cap).
-    per_rule: HashMap<Box<str>, usize>,
-    batches: JoinSet<Vec<(Op, Done)>>,
-    /// The buckets of each batch in flight, so a batch whose task panicked
-    /// is retried (same identities) instead of stalling its buckets.
-    batch_keys: HashMap<tokio::task::Id, Vec<KeyId>>,
-    /// Operation identities: a random boot nonce and a sequence.
+    registration: Arc<Registration>,
+    stats: Arc<LeaseStats>,
+    planner: Arc<Planner>,
+    clock: MonotonicClock,
+    events: mpsc::Receiver<LeaseEvent>,
+    view: View,
+    /// The etcd lease this state belongs to (0: none yet).
+    lease: i64,
+    /// The operating count applied (0: none).
+    count: u32,
+    count_write: Option<CountWrite>,
+    /// This daemon's share of each record, as applied to the limiter.
+    applied: HashMap<String, Share>,
+    watched: HashMap<String, Watched>,
+    per_rule: HashMap<Arc<str>, usize>,
+    batches: JoinSet<Batch>,
     nonce: u64,
     seq: u32,
     audit: AuditLog,
-    /// Per rule: admitted counts at the last audit line.
     audited: HashMap<Box<str>, (u64, u64)>,
-    recovering: bool,
+    compact_mark: Option<(i64, Instant)>,
 }
 
-impl<S: Source> Coordinator<S> {
-    /// A coordinator leasing from `source` for `limiter`, reporting through
-    /// `wiring` (the hot path's link, etcd health, statistics).
+impl Coordinator {
     pub fn new(
-        source: S,
+        store: Store,
         limiter: Arc<Limiter>,
         wiring: Wiring,
         events: mpsc::Receiver<LeaseEvent>,
         planner: Arc<Planner>,
         audit: AuditLog,
-    ) -> Self {
+    ) -> Coordinator {
+        let view = View::new(store.paths.root.trim_end_matches("/v2/"));
         Coordinator {
-            source,
+            store,
             limiter,
             link: wiring.link,
-            events,
-            settings: planner.settings,
-            planner,
-            stats: wiring.stats,
             health: wiring.health,
-            keys: HashMap::new(),
+            registration: wiring.registration,
+            stats: wiring.stats,
+            planner,
+            clock: wiring.clock,
+            events,
+            view,
+            lease: 0,
+            count: 0,
+            count_write: None,
+            applied: HashMap::new(),
+            watched: HashMap::new(),
             per_rule: HashMap::new(),
             batches: JoinSet::new(),
-            batch_keys: HashMap::new(),
             nonce: u64::from(rand::random::<u32>()) << 32,
             seq: 0,
             audit,
             audited: HashMap::new(),
-            recovering: false,
+            compact_mark: None,
         }
     }
 
-    /// Runs until `cancel`, then gives every held token back and settles
-    /// every operation in transit (bounded by `drain_timeout`).
-    pub async fn run(mut self, cancel: CancellationToken, drain_timeout: Duration) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+    fn me(&self) -> &str {
+        &self.store.node
+    }
+
+    /// Runs until `cancel`; then takes shares out of force (the membership
+    /// task revokes the lease, which gives them back to the others).
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let (fed_tx, mut fed) = mpsc::channel(256);
+        let relist = Arc::new(tokio::sync::Notify::new());
+        let watch = tokio::spawn(self.store.clone().run_watch(
+            fed_tx,
+            Arc::clone(&relist),
+            cancel.clone(),
+        ));
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut audit_tick = tokio::time::interval(super::audit::ADMITTED_EVERY);
-        // Wakes the loop when a backed-off key becomes ready.
-        let mut retry = tokio::time::interval(Duration::from_millis(20));
+        let registration = Arc::clone(&self.registration);
+        let health = Arc::clone(&self.health);
         loop {
-            self.flush();
             tokio::select! {
                 () = cancel.cancelled() => break,
-                Some(event) = self.events.recv() => {
-                    self.handle(event);
-                    // Take whatever else is queued before sending a batch.
-                    while let Ok(event) = self.events.try_recv() {
-                        self.handle(event);
+                Some(f) = fed.recv() => {
+                    self.feed(f);
+                    while let Ok(f) = fed.try_recv() {
+                        self.feed(f);
                     }
                 }
-                Some(done) = self.batches.join_next_with_id(), if !self.batches.is_empty() => {
-                    self.joined(done);
+                Some(e) = self.events.recv() => {
+                    self.handle(e);
+                    while let Ok(e) = self.events.try_recv() {
+                        self.handle(e);
+                    }
                 }
-                _ = retry.tick() => {}
-                _ = tick.tick() => {
-                    self.retune();
-                    self.recover();
-                    self.forget_idle_keys();
+                Some(done) = self.batches.join_next(), if !self.batches.is_empty() => {
+                    match done {
+                        Ok(batch) => self.finished(batch),
+                        Err(e) => tracing::error!("a share write task failed: {e}"),
+                    }
                 }
+                () = registration.changed.notified() => {}
+                () = health.recovering.notified() => relist.notify_one(),
+                _ = tick.tick() => self.tick().await,
                 _ = audit_tick.tick() => self.audit_admissions(),
             }
-        }
-        self.shutdown(drain_timeout).await;
-    }
-
-    /// Gives back every held token and settles what is in transit.
-    async fn shutdown(&mut self, drain_timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + drain_timeout;
-        // Events still queued (releases of evicted buckets) are not lost.
-        while let Ok(event) = self.events.try_recv() {
-            self.handle(event);
-        }
-        self.reclaim();
-        for state in self.keys.values_mut() {
-            state.refill = false;
-            state.not_before = Instant::now();
-            if let Some((_, reply)) = state.now.take() {
-                let _ = reply.send(false);
-            }
-        }
-        loop {
+            self.check_lease();
+            self.step_count().await;
             self.flush();
-            if self.batches.is_empty() {
-                // A failed operation waits a little before its retry: wait
-                // for it (within the drain time) unless etcd is unreachable.
-                let next = self
-                    .keys
-                    .values()
-                    .filter(|s| s.has_work())
-                    .map(|s| s.not_before)
-                    .min();
-                match next {
-                    Some(at) if !self.link.failing() => {
-                        let at = tokio::time::Instant::from_std(at).min(deadline);
-                        if at >= deadline {
-                            break;
-                        }
-                        tokio::time::sleep_until(
-                            at.max(tokio::time::Instant::now() + Duration::from_millis(1)),
-                        )
-                        .await;
-                        continue;
-                    }
-                    _ => break,
-                }
-            }
-            match tokio::time::timeout_at(deadline, self.batches.join_next_with_id()).await {
-                Ok(Some(done)) => {
-                    self.joined(done);
-                    // A lease that was in flight has just credited its
-                    // bucket: that goes back too.
-                    self.reclaim();
-                }
-                Ok(None) | Err(_) => break,
-            }
         }
-        let (left, owed) = self.keys.values().fold((0, 0), |(g, d), s| {
-            let op = s.op.as_ref().map_or((0, 0), |o| (o.ask.give, o.ask.debt));
-            (g + s.give + op.0, d + s.debt + op.1)
-        });
-        if left > 0 || owed > 0 {
-            tracing::warn!(
-                tokens = left,
-                debt = owed,
-                "some leased tokens could not be returned (under-admission) and some debt not charged before the drain timeout"
-            );
-        }
+        self.link.set_valid_until(0);
+        watch.abort();
         self.audit_admissions();
         self.audit.flush();
     }
 
-    /// At shutdown: takes every bucket's held tokens and debt to give back
-    /// and charge, and stops asking for more.
-    fn reclaim(&mut self) {
-        for (rule, key, held, debt) in self.limiter.take_leases(true) {
-            let hash = self.limiter.table().hash_key(&key);
-            let state = self.key_state(&rule, key, hash);
-            state.give += held;
-            state.debt += debt;
-            state.refill = false;
-            state.released = true;
+    /// A new (or lost) etcd lease: what the old one held may be others' by
+    /// now, so every share goes (buckets emptied), the count starts over.
+    fn check_lease(&mut self) {
+        let lease = self.registration.lease();
+        if lease == self.lease {
+            return;
+        }
+        self.link.set_valid_until(0);
+        self.lease = lease;
+        self.count = 0;
+        self.count_write = None;
+        self.planner.count.store(0, Ordering::Release);
+        for rule in self.limiter.rules().iter() {
+            self.planner.plan(rule);
+        }
+        self.limiter.drop_all_shares();
+        for share in self.applied.values_mut() {
+            *share = Share::ZERO;
+        }
+        for w in self.watched.values_mut() {
+            w.pending = None;
         }
     }
 
-    fn key_state(&mut self, rule: &Arc<Rule>, key: BucketKey, hash: u64) -> &mut KeyState {
-        let id: KeyId = (rule.id().into(), key.clone());
-        let now = Instant::now();
-        let per_rule = &mut self.per_rule;
-        let cap = self.settings.max_buckets_per_rule;
-        let state = self.keys.entry(id).or_insert_with(|| {
-            let n = per_rule.entry(rule.id().into()).or_default();
-            *n += 1;
-            if *n >= cap
-                && let Some(g) = &rule.global
+    fn next_op(&mut self) -> u64 {
+        self.seq = self.seq.wrapping_add(1);
+        self.nonce | u64::from(self.seq)
+    }
+
+    // ----- the view -----
+
+    fn feed(&mut self, fed: Fed) {
+        let mut changed: Vec<String> = Vec::new();
+        let mut members = false;
+        match fed {
+            Fed::Snapshot { kvs, revision } => {
+                let before: Vec<String> = self.view.records.keys().cloned().collect();
+                let names = self.names_of(&before);
+                self.view.clear();
+                for kv in &kvs {
+                    self.view
+                        .put(kv.key(), kv.value(), kv.mod_revision(), kv.lease());
+                }
+                self.view.revision = self.view.revision.max(revision);
+                members = true;
+                changed.extend(self.view.records.keys().cloned());
+                for key in before {
+                    if !self.view.records.contains_key(&key) {
+                        self.record_gone(&key, names.get(&key));
+                    }
+                }
+            }
+            Fed::Events(events) => {
+                for e in events {
+                    let Some(kv) = e.kv() else { continue };
+                    let change = match e.event_type() {
+                        etcd_client::EventType::Put => {
+                            self.view
+                                .put(kv.key(), kv.value(), kv.mod_revision(), kv.lease())
+                        }
+                        etcd_client::EventType::Delete => {
+                            let key = String::from_utf8_lossy(kv.key()).into_owned();
+                            let names = self.names_of(std::slice::from_ref(&key));
+                            let change = self.view.delete(kv.key(), kv.mod_revision());
+                            if let Change::Record(k) = &change {
+                                self.record_gone(k, names.get(k));
+                            }
+                            change
+                        }
+                    };
+                    match change {
+                        Change::Member(_) => members = true,
+                        Change::Record(k) => changed.push(k),
+                        Change::None => {}
+                    }
+                }
+            }
+            Fed::Progress(revision) => {
+                self.view.revision = self.view.revision.max(revision);
+            }
+        }
+        if members {
+            let n = self.view.members.len().max(1) as u64;
+            if self.planner.members.swap(n, Ordering::Relaxed) != n {
+                for rule in self.limiter.rules().iter() {
+                    self.planner.plan(rule);
+                }
+            }
+            self.count_seen();
+        }
+        for key in changed {
+            self.reconcile(&key);
+        }
+    }
+
+    /// (rule, client, resource) of records about to leave the view.
+    fn names_of(&self, keys: &[String]) -> HashMap<String, (Box<str>, BucketKey)> {
+        keys.iter()
+            .filter_map(|k| {
+                let known = self.view.records.get(k)?;
+                Some((
+                    k.clone(),
+                    (
+                        known.rule.clone(),
+                        BucketKey::new(&known.record.client, &known.record.resource),
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// A record was deleted: this daemon's bucket returns to the implicit
+    /// share (every entry was at most implicit when it was deleted).
+    fn record_gone(&mut self, key: &str, names: Option<&(Box<str>, BucketKey)>) {
+        self.applied.remove(key);
+        if let Some(w) = self.watched.get_mut(key)
+            && let Some(p) = &w.pending
+            && p.kind == Kind::Delete
+        {
+            w.pending = None;
+        }
+        if let Some((rule, bucket)) = names {
+            let hash = self.limiter.table().hash_key(bucket);
+            self.limiter
+                .set_share(rule, bucket, hash, None, 0, self.clock.now_ns());
+        }
+    }
+
+    /// Brings this daemon's applied share of `key` in line with the view,
+    /// and resolves a write of it the view shows ended.
+    fn reconcile(&mut self, key: &str) {
+        let Some(known) = self.view.records.get(key) else {
+            return;
+        };
+        let rule_id = known.rule.clone();
+        let record = known.record.clone();
+        let mod_revision = known.mod_revision;
+        let mine = record
+            .entries
+            .get(self.me())
+            .filter(|e| e.lease == self.lease && self.lease != 0);
+        // Resolve a write of ours.
+        let mut committed_raise = None;
+        let mut latest_is_mine = false;
+        if let Some(w) = self.watched.get_mut(key) {
+            if let Some(e) = mine
+                && e.op == w.last_op
             {
-                g.at_cap.store(true, Ordering::Relaxed);
+                latest_is_mine = true;
             }
-            KeyState {
-                bucket: BucketRef {
-                    rule: Arc::clone(rule),
-                    key,
-                },
-                hash,
-                refill: false,
-                now: None,
-                give: 0,
-                debt: 0,
-                borrowed: 0,
-                op: None,
-                op_sent: None,
-                in_flight: false,
-                released: false,
-                known: None,
-                not_before: now,
-                demand: 0.0,
-                wanted: 0,
-                last_collect: now,
-                last_event: now,
-                waiting_since: None,
+            if let Some(p) = &w.pending {
+                let ours = mine.is_some_and(|e| e.op == p.op);
+                if ours {
+                    committed_raise = p.raise_to;
+                    if p.uncertain {
+                        self.stats.resolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    w.pending = None;
+                } else if mod_revision != p.write.expect && !p.in_flight {
+                    // The record moved on without it: it did not commit.
+                    w.pending = None;
+                }
             }
-        });
-        if !Arc::ptr_eq(&state.bucket.rule, rule) {
-            // The rule was edited: new parameters, same global bucket. An
-            // operation in flight keeps its own copy; its grant goes to the
-            // bucket under the rule it has now.
-            state.bucket.rule = Arc::clone(rule);
-            state.hash = hash;
         }
-        state.last_event = now;
-        state
+        let rule = self.limiter.rules().get(&rule_id).cloned();
+        let prev = self
+            .applied
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| implicit_share(rule.as_deref(), self.count, record.burst));
+        let listed = mine.map_or(Share::ZERO, Share::held);
+        let next = if latest_is_mine || committed_raise.is_some() {
+            // Our own latest write: the record says what we hold.
+            listed
+        } else {
+            Share {
+                rate: prev.rate.min(listed.rate),
+                depth: prev.depth.min(listed.depth),
+            }
+        };
+        if self.applied.get(key) != Some(&next) {
+            self.applied.insert(key.to_owned(), next);
+            self.apply(&rule_id, &record, rule.as_deref(), next);
+        }
+        // A record listing us at an unreported demand (a creation), or one
+        // that changed while we hold a share of it: decide.
+        let respond = mine.is_some_and(|e| e.demand.is_none() || e.rate > 0 || e.n > 0 || e.depth > 0);
+        if respond && !self.watched.contains_key(key) {
+            let bucket = BucketKey::new(&record.client, &record.resource);
+            self.watch(key, rule_id.as_ref(), bucket, None);
+        }
     }
 
-    fn at_cap(&self, rule: &Rule, key: &BucketKey) -> bool {
-        let id: KeyId = (rule.id().into(), key.clone());
-        !self.keys.contains_key(&id)
-            && self.per_rule.get(rule.id()).copied().unwrap_or(0)
-                >= self.settings.max_buckets_per_rule
+    /// Applies `share` of a record to the limiter.
+    fn apply(&mut self, rule_id: &str, record: &Record, rule: Option<&Rule>, share: Share) {
+        let bucket = BucketKey::new(&record.client, &record.resource);
+        let hash = self.limiter.table().hash_key(&bucket);
+        let implicit_depth = implicit_share(rule, self.count, record.burst).depth;
+        self.limiter.set_share(
+            rule_id,
+            &bucket,
+            hash,
+            Some(share.recorded(record.burst)),
+            implicit_depth,
+            self.clock.now_ns(),
+        );
+        if self.audit.enabled() {
+            self.audit.write(&AuditRecord::Applied {
+                node: self.me().to_owned(),
+                key: self.view.paths.record(rule_id, &bucket),
+                rate: share.rate,
+                depth: share.depth,
+                wall_ns: super::audit::wall_ns(),
+            });
+        }
     }
+
+    // ----- the operating count -----
+
+    /// The view changed members: a count write of ours may have landed.
+    fn count_seen(&mut self) {
+        let Some(w) = self.count_write else { return };
+        let Some(m) = self.view.members.get(self.me()) else {
+            return;
+        };
+        if m.lease != self.lease || m.n != w.n {
+            return;
+        }
+        if w.raise {
+            // Everything recorded before the raise is in the view now.
+            if w.committed.is_none_or(|rev| self.view.revision >= rev) {
+                self.set_count(w.n);
+                self.count_write = None;
+            }
+        } else {
+            self.count_write = None;
+        }
+    }
+
+    fn set_count(&mut self, n: u32) {
+        if n == self.count {
+            return;
+        }
+        let first = self.count == 0;
+        self.count = n;
+        self.stats.count_changes.fetch_add(1, Ordering::Relaxed);
+        // Ordered against rule installs by the rules lock (see `Planner`).
+        self.planner.count.store(n, Ordering::Release);
+        for rule in self.limiter.rules().iter() {
+            self.planner.plan(rule);
+        }
+        if first && n > 0 {
+            self.registration.set_ready(self.lease);
+            self.registration.publish(&self.link);
+            tracing::info!(count = n, "shares in force");
+        }
+    }
+
+    /// Moves the operating count toward the number of live members.
+    async fn step_count(&mut self) {
+        if self.lease == 0 {
+            return;
+        }
+        if let Some(w) = self.count_write {
+            if w.committed.is_some() || w.sent.elapsed() < RESEND {
+                return;
+            }
+            // No word of it: decide again from the view.
+            self.count_write = None;
+        }
+        let Some(mine) = self.view.members.get(self.me()) else {
+            return;
+        };
+        if mine.lease != self.lease {
+            return;
+        }
+        let written = mine.n;
+        let members = self.view.members.len() as u32;
+        let others = self.view.other_counts(self.me());
+        let (n, raise) = if self.count > 0 && members > self.count {
+            // More daemons: lower now, record after.
+            self.set_count(members);
+            (members, false)
+        } else if (self.count == 0 || members < self.count)
+            && share::may_raise_count(members, &others)
+        {
+            (members, true)
+        } else if written != self.count && self.count > 0 {
+            (self.count, false)
+        } else {
+            return;
+        };
+        let members_at = raise.then_some(self.view.revision);
+        self.count_write = Some(CountWrite {
+            n,
+            raise,
+            sent: Instant::now(),
+            committed: None,
+        });
+        let result = self.store.write_count(self.lease, n, members_at).await;
+        let (outcome, revision) = match &result {
+            Ok(Some(rev)) => ("committed", *rev),
+            Ok(None) => ("moved", 0),
+            Err(_) => ("unknown", 0),
+        };
+        if self.audit.enabled() {
+            self.audit.write(&AuditRecord::Count {
+                node: self.me().to_owned(),
+                lease: self.lease,
+                n,
+                outcome: outcome.into(),
+                revision,
+                wall_ns: super::audit::wall_ns(),
+            });
+        }
+        match result {
+            Ok(Some(rev)) => {
+                if let Some(w) = &mut self.count_write {
+                    w.committed = Some(rev);
+                }
+                self.count_seen();
+            }
+            // A member moved since the view: decide again when it shows.
+            Ok(None) => self.count_write = None,
+            // Unknown: the view tells (or a resend after RESEND).
+            Err(_) => {}
+        }
+    }
+
+    // ----- demand and decisions -----
 
     fn handle(&mut self, event: LeaseEvent) {
         match event {
-            LeaseEvent::Refill {
-                rule,
-                key,
-                hash,
-                borrowed,
-            } => {
-                if self.at_cap(&rule, &key) {
-                    self.stats
-                        .bucket_cap_refusals
-                        .fetch_add(1, Ordering::Relaxed);
-                    // Fresh buckets stop borrowing while the rule is at its
-                    // cap (set with the count), so the credit of a borrow
-                    // made before that is repaid: it cannot recur.
-                    if let Some(g) = &rule.global {
-                        g.at_cap.store(true, Ordering::Relaxed);
-                        g.repay(borrowed);
+            LeaseEvent::Unmet { rule, key, hash } => {
+                let record_key = self.view.paths.record(rule.id(), &key);
+                if !self.watched.contains_key(&record_key) {
+                    let n = self.per_rule.get(rule.id()).copied().unwrap_or(0);
+                    if n >= self.planner.settings.max_buckets_per_rule {
+                        return;
                     }
-                    self.limiter.clear_request(&rule, &key, hash);
-                    return;
+                    self.watch(&record_key, rule.id(), key, Some(hash));
                 }
-                let state = self.key_state(&rule, key, hash);
-                // A bucket released (its rule edited, or evicted) and asked
-                // for again lives on: it must be served, not forgotten.
-                state.released = false;
-                state.refill = true;
-                state.borrowed += borrowed;
-                state.waiting_since.get_or_insert_with(Instant::now);
             }
-            LeaseEvent::Release {
-                rule,
-                key,
-                allotment,
-            } => {
-                let hash = self.limiter.table().hash_key(&key);
-                let state = self.key_state(&rule, key, hash);
-                state.give += u64::from(allotment.held);
-                state.debt += u64::from(allotment.debt);
-                state.refill = false;
-                state.released = true;
-            }
-            LeaseEvent::Debt {
-                rule,
-                key,
-                hash,
-                tokens,
-            } => {
-                // Only the debt: a lease waiting for this key, its refill
-                // and its demand are left as they are.
-                self.key_state(&rule, key, hash).debt += tokens;
-            }
-            LeaseEvent::Now {
-                rule,
-                key,
-                hash,
-                cost,
-                reply,
-            } => {
-                if self.at_cap(&rule, &key) {
-                    self.stats
-                        .bucket_cap_refusals
-                        .fetch_add(1, Ordering::Relaxed);
-                    let _ = reply.send(false);
-                    return;
+            LeaseEvent::Released { rule, key } => {
+                let record_key = self.view.paths.record(rule.id(), &key);
+                if let Some(w) = self.watched.get_mut(&record_key) {
+                    w.demand.none(Instant::now());
+                    w.not_before = Instant::now();
+                } else if self.view.records.contains_key(&record_key) {
+                    self.watch(&record_key, rule.id(), key, None);
                 }
-                let state = self.key_state(&rule, key, hash);
-                state.released = false;
-                if let Some((_, old)) = state.now.replace((cost, reply)) {
-                    // One per-request lease per bucket at a time.
-                    let _ = old.send(false);
-                }
-                state.not_before = Instant::now();
             }
         }
     }
 
-    /// Sends the operations that are ready, in batches.
-    fn flush(&mut self) {
-        if self.batches.len() >= self.settings.batches_in_flight {
-            return;
-        }
-        let failing = self.link.failing();
+    fn watch(&mut self, record_key: &str, rule: &str, key: BucketKey, hash: Option<u64>) {
+        let hash = hash.unwrap_or_else(|| self.limiter.table().hash_key(&key));
+        let rule: Arc<str> = rule.into();
+        *self.per_rule.entry(Arc::clone(&rule)).or_default() += 1;
         let now = Instant::now();
-        let mut ready: Vec<KeyId> = Vec::new();
-        for (id, s) in &self.keys {
-            if s.in_flight || now < s.not_before || !s.has_work() {
-                continue;
-            }
-            // While etcd is unreachable or our clock is off, nothing is sent
-            // but the probing of the health machine; returns wait too.
-            if failing {
-                continue;
-            }
-            ready.push(id.clone());
-        }
-        if ready.is_empty() {
-            return;
-        }
-        let mut ops = Vec::with_capacity(ready.len());
-        for id in ready {
-            if let Some(op) = self.build(&id) {
-                ops.push(op);
-            }
-        }
-        if ops.is_empty() {
-            return;
-        }
-        let per_batch = ops
-            .len()
-            .div_ceil(self.settings.batches_in_flight - self.batches.len());
-        while !ops.is_empty() {
-            let batch: Vec<Op> = ops.drain(..per_batch.min(ops.len())).collect();
-            self.stats
-                .ops
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            let keys = batch
-                .iter()
-                .map(|op| (op.bucket.rule.id().into(), op.bucket.key.clone()))
-                .collect();
-            let source = self.source.clone();
-            let task = self.batches.spawn(async move { source.apply(batch).await });
-            self.batch_keys.insert(task.id(), keys);
-        }
-    }
-
-    /// A batch task ended: its results, or (it panicked, a bug) its
-    /// operations marked uncertain and retried under the same identities.
-    fn joined(&mut self, done: Result<(tokio::task::Id, Vec<(Op, Done)>), tokio::task::JoinError>) {
-        match done {
-            Ok((id, results)) => {
-                self.batch_keys.remove(&id);
-                self.finish(results);
-            }
-            Err(e) => {
-                let keys = self.batch_keys.remove(&e.id()).unwrap_or_default();
-                tracing::error!(
-                    buckets = keys.len(),
-                    "a lease batch failed ({e}); its operations are retried under the same identities"
-                );
-                for id in keys {
-                    if let Some(state) = self.keys.get_mut(&id) {
-                        state.in_flight = false;
-                        if let Some(op) = &mut state.op {
-                            op.uncertain = true;
-                            op.known = None;
-                        }
-                        state.not_before = Instant::now() + self.settings.max_backoff;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The next operation of a bucket, or `None` if it has nothing to do.
-    fn build(&mut self, id: &KeyId) -> Option<Op> {
-        let prefetch = self.settings.prefetch.as_secs_f64();
-        let state = self.keys.get_mut(id)?;
-        if let Some(op) = &state.op {
-            let stale = op.uncertain
-                && state
-                    .op_sent
-                    .is_some_and(|t| t.elapsed() > super::value::HOLDER_TTL / 2);
-            if !stale {
-                // Retried as it was, under the same identity.
-                state.in_flight = true;
-                return Some(op.clone());
-            }
-            // Its record may be pruned from the value by now, so a retry
-            // could no longer tell that it committed: assume it did (its
-            // returns and debts applied, its grant lost: under-admission,
-            // never a second application).
-            tracing::warn!(
-                rule = %op.bucket.rule.id(),
-                "a lease operation of unknown outcome is too old to check; assuming it committed"
-            );
-            state.op = None;
-        }
-        let rule = Arc::clone(&state.bucket.rule);
-        let g = rule.global.as_ref()?;
-        let b_max = g.batch.load(Ordering::Relaxed).max(1);
-        let mut take = 0;
-        let mut min = 1;
-        if !state.released && (state.refill || state.now.is_some()) {
-            match self.limiter.collect(&rule, &state.bucket.key, state.hash) {
-                Some(c) => {
-                    let now = Instant::now();
-                    let secs = now.duration_since(state.last_collect).as_secs_f64();
-                    state.wanted += c.wanted;
-                    let sample = DEMAND_SAMPLE.as_secs_f64();
-                    if secs >= sample || state.demand == 0.0 {
-                        let rate = state.wanted as f64 / secs.max(sample);
-                        state.demand = if state.demand == 0.0 {
-                            rate
-                        } else {
-                            0.7 * state.demand + 0.3 * rate
-                        };
-                        state.wanted = 0;
-                        state.last_collect = now;
-                    }
-                    state.debt += c.debt;
-                    if let Some((cost, _)) = &state.now {
-                        take = *cost;
-                        min = *cost;
-                    } else {
-                        // Held plus the new batch stays within b_max.
-                        let wanted = ((state.demand * prefetch).ceil() as u64).clamp(1, b_max);
-                        take = wanted.saturating_sub(c.held);
-                    }
-                }
-                None => {
-                    // The bucket is gone; its release event brings the rest.
-                    state.refill = false;
-                    if let Some((_, reply)) = state.now.take() {
-                        let _ = reply.send(false);
-                    }
-                }
-            }
-        }
-        if take == 0 && state.give == 0 && state.debt == 0 {
-            if state.refill {
-                // Enough held already: answer the request.
-                state.refill = false;
-                self.limiter.credit(&rule, &state.bucket.key, state.hash, 0);
-            }
-            return None;
-        }
-        self.seq = self.seq.wrapping_add(1);
-        let op = Op {
-            bucket: state.bucket.clone(),
-            ask: Ask {
-                op: self.nonce | u64::from(self.seq),
-                take,
-                min,
-                give: std::mem::take(&mut state.give),
-                debt: std::mem::take(&mut state.debt),
-                // A released bucket asks for nothing any more: its demand
-                // stops counting against the other daemons' shares.
-                demand: if state.released { 0.0 } else { state.demand },
+        self.watched.insert(
+            record_key.to_owned(),
+            Watched {
+                rule,
+                key,
+                hash,
+                demand: Demand::new(now),
+                pending: None,
+                not_before: now,
+                view_at: 0,
+                quiet_since: None,
+                last_op: 0,
             },
-            known: state.known.take(),
-            uncertain: false,
-        };
-        state.op = Some(op.clone());
-        state.op_sent = Some(Instant::now());
-        state.in_flight = true;
-        Some(op)
+        );
     }
 
-    fn finish(&mut self, results: Vec<(Op, Done)>) {
-        let node = self.source.node().to_owned();
-        for (op, done) in results {
-            let id: KeyId = (op.bucket.rule.id().into(), op.bucket.key.clone());
-            self.audit_op(&node, &op, &done);
-            let Some(state) = self.keys.get_mut(&id) else {
-                continue;
-            };
-            state.in_flight = false;
-            state.known = done.known;
-            let now = Instant::now();
-            match done.outcome {
-                Outcome::Committed {
-                    granted,
-                    retry_after,
-                    ..
-                } => {
-                    if done.resolved {
-                        self.stats.resolved.fetch_add(1, Ordering::Relaxed);
-                    }
-                    state.op = None;
-                    self.stats
-                        .tokens_leased
-                        .fetch_add(granted, Ordering::Relaxed);
-                    self.stats
-                        .tokens_returned
-                        .fetch_add(op.ask.give, Ordering::Relaxed);
-                    self.stats
-                        .debt_charged
-                        .fetch_add(op.ask.debt, Ordering::Relaxed);
-                    if op.ask.debt > 0 && state.borrowed > 0 {
-                        // The fresh request's credit is charged now.
-                        if let Some(g) = &op.bucket.rule.global {
-                            g.repay(state.borrowed);
-                        }
-                        state.borrowed = 0;
-                    }
-                    // The rule as the bucket has it now (it may have been
-                    // edited while the operation was in flight).
-                    let rule = &Arc::clone(&state.bucket.rule);
-                    if let Some((cost, reply)) = state.now.take() {
-                        let ok = granted >= cost;
-                        // The request may have been answered already (its
-                        // wait timed out): then its tokens go back too.
-                        let delivered = reply.send(ok).is_ok();
-                        let used = if ok && delivered { cost } else { 0 };
-                        state.give += granted - used;
-                        state.not_before = now;
-                    } else if op.ask.take > 0 && granted == 0 {
-                        // The global bucket is empty: back off, with jitter
-                        // so daemons waiting for the same bucket spread out.
-                        let waited = state.waiting_since.map_or(Duration::ZERO, |w| now - w);
-                        if waited >= self.settings.max_backoff * 4 || state.released {
-                            state.refill = false;
-                            state.waiting_since = None;
-                            self.limiter.clear_request(rule, &op.bucket.key, state.hash);
-                        } else {
-                            let jitter = 0.8 + 0.4 * rand::random::<f64>();
-                            let wait = retry_after
-                                .min(self.settings.max_backoff)
-                                .mul_f64(jitter)
-                                .max(Duration::from_millis(1));
-                            state.not_before = now + wait;
-                        }
-                    } else if op.ask.take > 0 {
-                        state.refill = false;
-                        state.waiting_since = None;
-                        let left = if state.released {
-                            granted
-                        } else {
-                            self.limiter
-                                .credit(rule, &op.bucket.key, state.hash, granted)
-                        };
-                        // Tokens that found no bucket go straight back.
-                        state.give += left;
-                    }
-                }
-                Outcome::Unknown(e) => {
-                    self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("lease outcome unknown, retrying under the same identity: {e}");
-                    let mut op = op;
-                    op.uncertain = true;
-                    op.known = None;
-                    state.op = Some(op);
-                    if let Some((_, reply)) = state.now.take() {
-                        let _ = reply.send(false);
-                    }
-                    state.not_before = now + Duration::from_millis(50);
-                }
-                Outcome::Failed(e) => {
-                    tracing::debug!("lease operation not applied: {e}");
-                    // Nothing was applied: its tokens in transit go back to
-                    // the bucket's account and are sent again.
-                    state.op = None;
-                    state.give += op.ask.give;
-                    state.debt += op.ask.debt;
-                    if let Some((_, reply)) = state.now.take() {
-                        let _ = reply.send(false);
-                    }
-                    if op.ask.take > 0 && !state.released {
-                        // The request is answered by on_failure meanwhile;
-                        // the next request asks again. Never fresh again.
-                        state.refill = false;
-                        state.waiting_since = None;
-                        let rule = Arc::clone(&state.bucket.rule);
-                        self.limiter
-                            .clear_request(&rule, &op.bucket.key, state.hash);
-                    }
-                    state.not_before = now + Duration::from_millis(100);
+    async fn tick(&mut self) {
+        self.registration.publish(&self.link);
+        let now = Instant::now();
+        let now_ns = self.clock.now_ns();
+        let keys: Vec<String> = self.watched.keys().cloned().collect();
+        let rules = self.limiter.rules();
+        for key in keys {
+            self.sample(&key, now, now_ns);
+            self.decide(&key, now, &rules);
+        }
+        self.forget_quiet(now);
+        self.compact().await;
+    }
+
+    fn sample(&mut self, key: &str, now: Instant, now_ns: u64) {
+        let Some(w) = self.watched.get_mut(key) else {
+            return;
+        };
+        match self.limiter.collect(&w.rule, &w.key, w.hash, now_ns) {
+            Some(c) => w.demand.add(c.wanted, now),
+            None => w.demand.none(now),
+        }
+    }
+
+    /// Decides what `key`'s record should say about this daemon, and queues
+    /// the write.
+    fn decide(&mut self, key: &str, now: Instant, rules: &RuleSet) {
+        match self.plan(key, now, rules) {
+            Action::None => {}
+            Action::Quiet => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.quiet_since.get_or_insert(now);
                 }
             }
+            Action::Busy => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.quiet_since = None;
+                }
+            }
+            Action::Create { demand } => {
+                let rule = self
+                    .watched
+                    .get(key)
+                    .and_then(|w| rules.get(&w.rule).cloned());
+                if let Some(rule) = rule {
+                    self.create(key, &rule, demand);
+                }
+            }
+            Action::Write {
+                next,
+                demand,
+                applied,
+            } => {
+                let Some(known) = self.view.records.get(key) else {
+                    return;
+                };
+                let (record, expect) = (known.record.clone(), known.mod_revision);
+                self.write_entry(key, &record, expect, next, demand, applied);
+            }
+            Action::Delete { expect } => self.delete(key, expect),
         }
     }
 
-    fn audit_op(&mut self, node: &str, op: &Op, done: &Done) {
-        if !self.audit.enabled() {
-            return;
+    /// What [`Coordinator::decide`] should do for `key`.
+    fn plan(&self, key: &str, now: Instant, rules: &RuleSet) -> Action {
+        if self.lease == 0 || self.count == 0 {
+            return Action::None;
         }
-        let (outcome, granted, revision) = match &done.outcome {
-            Outcome::Committed {
-                granted, revision, ..
-            } if done.resolved => ("resolved", *granted, *revision),
-            Outcome::Committed {
-                granted, revision, ..
-            } => ("committed", *granted, *revision),
-            Outcome::Unknown(_) => ("unknown", 0, 0),
-            Outcome::Failed(_) => ("failed", 0, 0),
+        let Some(w) = self.watched.get(key) else {
+            return Action::None;
         };
-        let key = super::etcd::bucket_key("", &op.bucket);
-        self.audit.write(&Record::Op {
-            node: node.to_owned(),
-            op: op.ask.op,
-            rule: op.bucket.rule.id().to_owned(),
-            key,
-            take: op.ask.take,
-            give: op.ask.give,
-            debt: op.ask.debt,
-            granted,
-            outcome: outcome.to_owned(),
-            revision,
-            wall_ns: wall_ns(),
+        if w.pending.is_some() || now < w.not_before || self.view.revision < w.view_at {
+            return Action::None;
+        }
+        if !w.demand.known {
+            return Action::None;
+        }
+        let demand = w.demand.rate;
+        let rule = rules.get(&w.rule).filter(|r| r.global.is_some());
+        let me = self.me();
+        let lease = self.lease;
+        let Some(known) = self.view.records.get(key) else {
+            // No record: the implicit share decides. Record the bucket
+            // when its demand outgrows that share.
+            let Some(rule) = rule else {
+                return Action::Quiet;
+            };
+            let rate = rule_rate(rule);
+            let (_, depth) = share::implicit(self.count, rule.params.capacity);
+            let unmet =
+                demand > rate / f64::from(self.count) * 1.05 || (depth == 0 && demand > 0.0);
+            return if unmet {
+                Action::Create { demand }
+            } else {
+                Action::Quiet
+            };
+        };
+        let record = &known.record;
+        let view = &self.view;
+        let live = |node: &str, lease: i64| view.live(node, lease);
+        let mine = record.entries.get(me).filter(|e| e.lease == lease);
+        let applied = self.applied.get(key).copied().unwrap_or(Share::ZERO);
+        let Some(rule) = rule else {
+            // The rule is gone here: nothing to hold, nothing wanted.
+            return if mine.is_some_and(|e| Share::of(e) != Share::ZERO || e.demand != Some(0.0)) {
+                Action::Write {
+                    next: Share::ZERO,
+                    demand: 0.0,
+                    applied,
+                }
+            } else {
+                Action::Quiet
+            };
+        };
+        let rate = rule_rate(rule);
+        let others = || {
+            record
+                .entries
+                .iter()
+                .filter(move |(n, e)| n.as_str() != me && live(n, e.lease))
+        };
+        // Everyone else at zero and quiet, and this daemon quiet too: the
+        // record can go (every daemon returns to its implicit share).
+        if demand == 0.0
+            && others().all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+        {
+            return Action::Delete {
+                expect: known.mod_revision,
+            };
+        }
+        let mut claims: Vec<Claim> = others()
+            .map(|(_, e)| match e.demand {
+                Some(d) => Claim {
+                    demand: d,
+                    measured: true,
+                },
+                // Not reported: keeps what it holds.
+                None => Claim {
+                    demand: share::rate_of(Share::of(e).rate, rate),
+                    measured: false,
+                },
+            })
+            .collect();
+        claims.push(Claim {
+            demand,
+            measured: true,
+        });
+        let targets = share::targets(rate, &claims);
+        let depths = share::depths(record.burst, &targets);
+        let target = Share {
+            rate: share::parts_of(targets[claims.len() - 1], rate),
+            depth: depths[claims.len() - 1],
+        };
+        let recorded = mine.map_or(Share::ZERO, Share::held);
+        let room = share::free_for(record, me, live);
+        let next = step_toward(applied, target, room);
+        let report = demand_report_due(
+            mine.and_then(|e| e.demand),
+            demand,
+            share::rate_of(applied.rate, rate),
+        );
+        if next != recorded || report {
+            Action::Write {
+                next,
+                demand,
+                applied,
+            }
+        } else if demand <= share::rate_of(applied.rate, rate) {
+            Action::Quiet
+        } else {
+            Action::Busy
+        }
+    }
+
+    /// Queues the creation of `key`'s record: every operating daemon listed
+    /// at its implicit share as its member key says (so no share changes),
+    /// this one with its demand.
+    fn create(&mut self, key: &str, rule: &Rule, demand: f64) {
+        let burst = rule.params.capacity;
+        let me = self.me().to_owned();
+        let mut entries = std::collections::BTreeMap::new();
+        for (node, m) in &self.view.members {
+            if m.n == 0 {
+                continue;
+            }
+            let (n, depth) = share::implicit(m.n, burst);
+            entries.insert(
+                node.clone(),
+                Entry {
+                    lease: m.lease,
+                    rate: 0,
+                    n,
+                    depth,
+                    demand: None,
+                    op: 0,
+                },
+            );
+        }
+        let op = self.next_op();
+        let Some(w) = self.watched.get(key) else {
+            return;
+        };
+        let (client, resource) = w.key.names();
+        let mut entry = entries.get(&me).cloned().unwrap_or(Entry {
+            lease: self.lease,
+            rate: 0,
+            n: 0,
+            depth: 0,
+            demand: None,
+            op: 0,
+        });
+        entry.demand = Some(demand);
+        entry.op = op;
+        entries.insert(me.clone(), entry.clone());
+        let record = Record {
+            client: client.to_owned(),
+            resource: resource.to_owned(),
+            burst,
+            entries,
+        };
+        let expect = self.view.broken.get(key).copied().unwrap_or(0);
+        let write = RecordWrite {
+            key: key.to_owned(),
+            expect,
+            members_at: Some(self.view.revision),
+            value: Some(serde_json::to_string(&record).expect("records serialize")),
+        };
+        let w = self.watched.get_mut(key).expect("watched");
+        w.last_op = op;
+        w.quiet_since = None;
+        w.pending = Some(Pending {
+            op,
+            kind: Kind::Create,
+            write,
+            entry: Some(entry),
+            raise_to: None,
+            sent: None,
+            in_flight: false,
+            uncertain: false,
         });
     }
+
+    /// Queues a write of this daemon's entry: lowered parts apply now,
+    /// raised ones once committed.
+    fn write_entry(&mut self, key: &str, record: &Record, expect: i64, next: Share, demand: f64, applied: Share) {
+        let lowered = Share {
+            rate: applied.rate.min(next.rate),
+            depth: applied.depth.min(next.depth),
+        };
+        if lowered != applied {
+            // Lower locally before recording the lower value.
+            self.stats.lowers.fetch_add(1, Ordering::Relaxed);
+            self.applied.insert(key.to_owned(), lowered);
+            let rule = self
+                .view
+                .records
+                .get(key)
+                .map(|k| k.rule.clone())
+                .unwrap_or_default();
+            let r = self.limiter.rules().get(&rule).cloned();
+            self.apply(&rule, record, r.as_deref(), lowered);
+        }
+        let op = self.next_op();
+        let entry = Entry {
+            lease: self.lease,
+            rate: next.rate,
+            n: 0,
+            depth: next.depth,
+            demand: Some(demand),
+            op,
+        };
+        let mut value = record.clone();
+        value.entries.insert(self.me().to_owned(), entry.clone());
+        // Entries of daemons that are gone are dropped while we write anyway.
+        let view = &self.view;
+        value
+            .entries
+            .retain(|node, e| view.live(node, e.lease) || e.lease == entry.lease);
+        let write = RecordWrite {
+            key: key.to_owned(),
+            expect,
+            members_at: None,
+            value: Some(serde_json::to_string(&value).expect("records serialize")),
+        };
+        let raise = next != lowered;
+        let Some(w) = self.watched.get_mut(key) else {
+            return;
+        };
+        w.last_op = op;
+        w.quiet_since = None;
+        w.pending = Some(Pending {
+            op,
+            kind: Kind::Entry,
+            write,
+            entry: Some(entry),
+            raise_to: raise.then_some(next),
+            sent: None,
+            in_flight: false,
+            uncertain: false,
+        });
+    }
+
+    fn delete(&mut self, key: &str, expect: i64) {
+        let op = self.next_op();
+        let Some(w) = self.watched.get_mut(key) else {
+            return;
+        };
+        w.pending = Some(Pending {
+            op,
+            kind: Kind::Delete,
+            write: RecordWrite {
+                key: key.to_owned(),
+                expect,
+                members_at: None,
+                value: None,
+            },
+            entry: None,
+            raise_to: None,
+            sent: None,
+            in_flight: false,
+            uncertain: false,
+        });
+    }
+
+    /// Stops watching buckets that have been quiet (no demand beyond their
+    /// share, nothing in flight) for [`QUIET`].
+    fn forget_quiet(&mut self, now: Instant) {
+        let mut forgotten = Vec::new();
+        self.watched.retain(|key, w| {
+            let quiet = w.pending.is_none() && w.quiet_since.is_some_and(|t| now.duration_since(t) >= QUIET);
+            if quiet {
+                forgotten.push((key.clone(), Arc::clone(&w.rule), w.key.clone(), w.hash));
+            }
+            !quiet
+        });
+        for (_, rule, key, hash) in forgotten {
+            if let Some(n) = self.per_rule.get_mut(&rule) {
+                *n = n.saturating_sub(1);
+            }
+            self.limiter.clear_signal(&rule, &key, hash);
+        }
+        self.per_rule.retain(|_, n| *n > 0);
+    }
+
+    // ----- writes -----
+
+    /// Sends the writes that are ready, at most [`IN_FLIGHT`] transactions.
+    fn flush(&mut self) {
+        if self.lease == 0 {
+            return;
+        }
+        let now = Instant::now();
+        while self.batches.len() < IN_FLIGHT {
+            let mut keys = Vec::new();
+            let mut writes = Vec::new();
+            for (key, w) in &mut self.watched {
+                let Some(p) = &mut w.pending else { continue };
+                if p.in_flight {
+                    continue;
+                }
+                if p.uncertain && p.sent.is_some_and(|t| now.duration_since(t) < RESEND) {
+                    continue;
+                }
+                p.in_flight = true;
+                p.sent = Some(now);
+                keys.push(key.clone());
+                writes.push(p.write.clone());
+                if writes.len() >= super::store::MAX_RECORDS_PER_TXN {
+                    break;
+                }
+            }
+            if writes.is_empty() {
+                return;
+            }
+            let store = self.store.clone();
+            self.batches.spawn(async move {
+                let results = store.apply(&writes).await;
+                (keys, results)
+            });
+        }
+    }
+
+    fn finished(&mut self, (keys, results): Batch) {
+        let now = Instant::now();
+        for (key, result) in keys.into_iter().zip(results) {
+            let Some(w) = self.watched.get_mut(&key) else {
+                continue;
+            };
+            let Some(p) = &mut w.pending else { continue };
+            p.in_flight = false;
+            let (outcome, revision) = match &result {
+                Written::Committed(rev) => ("committed", *rev),
+                Written::Moved(rev) => ("moved", *rev),
+                Written::Unknown(_) => ("unknown", 0),
+                Written::Failed(_) => ("failed", 0),
+            };
+            let p = p.clone();
+            match result {
+                Written::Committed(rev) => {
+                    match p.kind {
+                        Kind::Create => self.stats.records_created.fetch_add(1, Ordering::Relaxed),
+                        Kind::Delete => self.stats.records_deleted.fetch_add(1, Ordering::Relaxed),
+                        Kind::Entry => 0,
+                    };
+                    if p.raise_to.is_some() {
+                        self.stats.raises.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Applied when the watch shows it (in etcd's order).
+                    w.view_at = rev;
+                }
+                Written::Moved(rev) => {
+                    w.pending = None;
+                    w.view_at = rev;
+                    w.not_before = now + MOVED_WAIT.min(TICK);
+                }
+                Written::Unknown(_) => {
+                    self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                    if let Some(p) = &mut w.pending {
+                        p.uncertain = true;
+                    }
+                }
+                Written::Failed(_) => {
+                    w.pending = None;
+                    w.not_before = now + Duration::from_millis(100);
+                }
+            }
+            if self.audit.enabled() {
+                let entry = p.entry.as_ref();
+                self.audit.write(&AuditRecord::Share {
+                    node: self.store.node.clone(),
+                    key: key.clone(),
+                    op: p.op,
+                    kind: p.kind.name().into(),
+                    lease: self.lease,
+                    rate: entry.map_or(0, |e| Share::of(e).rate),
+                    depth: entry.map_or(0, |e| e.depth),
+                    outcome: outcome.into(),
+                    revision,
+                    wall_ns: super::audit::wall_ns(),
+                });
+            }
+            // A committed write may already be in the view (the watch can be
+            // faster than the answer).
+            if outcome == "committed" {
+                self.reconcile(&key);
+            }
+        }
+    }
+
+    // ----- etcd's history -----
+
+    /// Compacts etcd's history once per period, to the revision seen one
+    /// period ago (anything a watcher can still need is newer), when this
+    /// daemon holds the compactor role.
+    async fn compact(&mut self) {
+        let every = self.planner.settings.compact_every;
+        if every.is_zero() || self.lease == 0 || self.view.revision == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let Some((rev, at)) = self.compact_mark else {
+            self.compact_mark = Some((self.view.revision, now));
+            return;
+        };
+        if now.duration_since(at) < every {
+            return;
+        }
+        self.compact_mark = Some((self.view.revision, now));
+        match self.store.claim_compactor(self.lease).await {
+            Ok(true) => match self.store.compact(rev).await {
+                Ok(()) => tracing::debug!(revision = rev, "compacted etcd's history"),
+                Err(e) => tracing::debug!(revision = rev, "compaction not done: {e}"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::debug!("cannot claim the compactor role: {e}"),
+        }
+    }
+
+    // ----- audit -----
 
     /// One audit line per global rule with the requests admitted since the last.
     fn audit_admissions(&mut self) {
         if !self.audit.enabled() {
             return;
         }
-        let node = self.source.node().to_owned();
-        let now = wall_ns();
+        let node = self.store.node.clone();
+        let now = super::audit::wall_ns();
         for rule in self.limiter.rules().iter() {
             if rule.global.is_none() {
                 continue;
             }
             let (allowed, _, bypassed) = rule.activity.totals();
-            // Counters start at zero with the daemon (and stay with the
-            // rule id across edits): everything since start is logged.
             let last = self.audited.entry(rule.id().into()).or_insert((0, 0));
             let (da, db) = (
                 allowed - last.0.min(allowed),
@@ -953,7 +1280,7 @@ impl<S: Source> Coordinator<S> {
             if da == 0 && db == 0 {
                 continue;
             }
-            self.audit.write(&Record::Admitted {
+            self.audit.write(&AuditRecord::Admitted {
                 node: node.clone(),
                 rule: rule.id().to_owned(),
                 wall_ns: now,
@@ -963,672 +1290,137 @@ impl<S: Source> Coordinator<S> {
         }
         self.audit.flush();
     }
+}
 
-    /// Recomputes every global rule's batch plan for the current membership.
-    fn retune(&self) {
-        for rule in self.limiter.rules().iter() {
-            self.planner.plan(rule);
-        }
-    }
+/// What to do about one watched bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    None,
+    /// Demand within the share: forget the bucket if this lasts.
+    Quiet,
+    /// Demand beyond the share, nothing to write.
+    Busy,
+    Create {
+        demand: f64,
+    },
+    Write {
+        next: Share,
+        demand: f64,
+        applied: Share,
+    },
+    Delete {
+        expect: i64,
+    },
+}
 
-    /// After an outage: collect every bucket's debt into operations; once
-    /// nothing is in transit any more, declare the cluster healthy.
-    fn recover(&mut self) {
-        if self.link.state() != EtcdState::Recovering {
-            self.recovering = false;
-            return;
+/// The share to record next, from `applied` toward `target`: lowered parts
+/// as far as the target, raised ones as far as `room` (what this daemon may
+/// hold in all) allows. A part moves only when its target moved by more
+/// than [`HYSTERESIS`] (depth also when it goes to or from zero).
+fn step_toward(applied: Share, target: Share, room: Share) -> Share {
+    let moved =
+        |from: u64, to: u64| (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0);
+    let step = |from: u64, to: u64, room: u64, force: bool| {
+        if !(force || moved(from, to)) || to == from {
+            from
+        } else if to < from {
+            to
+        } else {
+            to.min(room).max(from)
         }
-        if !self.recovering {
-            self.recovering = true;
-            for (rule, key, _, debt) in self.limiter.take_leases(false) {
-                let hash = self.limiter.table().hash_key(&key);
-                self.key_state(&rule, key, hash).debt += debt;
-            }
-            // Debts of failed lease operations came back to their keys; those
-            // of operations in doubt (and of any retried during the outage)
-            // may have been charged already: at most this much is owed.
-            let total: u64 = self
-                .keys
-                .values()
-                .map(|s| s.debt + s.op.as_ref().map_or(0, |o| o.ask.debt))
-                .sum();
-            // Forget demand estimates from before the outage: start small.
-            for state in self.keys.values_mut() {
-                state.demand = 0.0;
-                state.not_before = Instant::now();
-            }
-            tracing::info!(
-                tokens = total,
-                "charging what may still be owed for consumption while etcd was unreachable"
-            );
-        }
-        let owed = self
-            .keys
-            .values()
-            .any(|s| s.debt > 0 || s.op.as_ref().is_some_and(|o| o.ask.debt > 0));
-        if !owed {
-            self.recovering = false;
-            self.health.recovered();
-        }
+    };
+    Share {
+        rate: step(applied.rate, target.rate, room.rate, false),
+        depth: step(
+            applied.depth,
+            target.depth,
+            room.depth,
+            applied.depth == 0 || target.depth == 0,
+        ),
     }
+}
 
-    fn forget_idle_keys(&mut self) {
-        let horizon = Duration::from_secs(60);
-        let now = Instant::now();
-        let per_rule = &mut self.per_rule;
-        self.keys.retain(|(rule, _), s| {
-            let keep = s.has_work()
-                || s.in_flight
-                || (!s.released && now.duration_since(s.last_event) < horizon);
-            if !keep && let Some(n) = per_rule.get_mut(rule) {
-                *n = n.saturating_sub(1);
-            }
-            keep
-        });
-        self.per_rule.retain(|_, n| *n > 0);
-        // Below the cap again: fresh buckets may borrow.
-        for rule in self.limiter.rules().iter() {
-            if let Some(g) = &rule.global {
-                let n = self.per_rule.get(rule.id()).copied().unwrap_or(0);
-                g.at_cap
-                    .store(n >= self.settings.max_buckets_per_rule, Ordering::Relaxed);
-            }
-        }
+/// Tokens per second of a rule.
+fn rule_rate(rule: &Rule) -> f64 {
+    1e9 / rule.params.interval_ns.max(1) as f64
+}
+
+/// The implicit share of a rule at count `n`, as a record of `burst`
+/// counts it (rounded down: what this daemon holds at most).
+fn implicit_share(rule: Option<&Rule>, n: u32, burst: u64) -> Share {
+    let Some(rule) = rule.filter(|r| r.global.is_some()) else {
+        return Share::ZERO;
+    };
+    if n == 0 {
+        return Share::ZERO;
     }
+    let depth = rule.params.capacity / u64::from(n);
+    let depth = crate::daemon::limiter::book::Recorded {
+        rate: 0,
+        depth,
+        counted_in: rule.params.capacity,
+    }
+    .bucket(1, burst)
+    .1;
+    Share {
+        rate: SCALE / u64::from(n),
+        depth,
+    }
+}
+
+/// Whether this daemon's demand should be written for the others: not
+/// reported yet, or it crossed its share (wanting more, or no longer), or
+/// changed by half while over it, or went to zero.
+fn demand_report_due(recorded: Option<f64>, demand: f64, share_rate: f64) -> bool {
+    let Some(recorded) = recorded else {
+        return true;
+    };
+    let unmet = |d: f64| d > share_rate * 1.05;
+    unmet(recorded) != unmet(demand)
+        || (unmet(demand) && (demand > recorded * 1.5 || demand < recorded / 1.5))
+        || (demand == 0.0 && recorded > 0.0)
 }
 
 #[cfg(test)]
 mod tests {
-    //! The coordinator against a scripted token source.
-
     use super::*;
-    use crate::daemon::lease::value::{self, BucketValue, Params};
-    use crate::daemon::lease::{Known, LeaseError};
-    use crate::daemon::limiter::{DefaultAction, LimiterConfig};
-    use crate::protocol::{Outcome as Decided, Priority, RuleSource};
-    use crate::rule::RuleSpec;
-    use crate::rule::{OnFailure, Scope};
-    use parking_lot::Mutex;
 
-    /// One global bucket in memory applying the real ledger rules, with
-    /// switches to fail calls or lose their answers after committing.
-    #[derive(Clone, Default)]
-    struct Fake(Arc<Mutex<FakeBucket>>);
-
-    #[derive(Default)]
-    struct FakeBucket {
-        value: Option<BucketValue>,
-        revision: i64,
-        taken: u64,
-        returned: u64,
-        debt: u64,
-        commits: u64,
-        /// Operations answered as failed while `failing`.
-        failed: u64,
-        failing: bool,
-        /// Commit, then report the outcome as unknown.
-        lose_answers: bool,
-        /// Tokens the bucket has; `None`: as the rule says.
-        available: Option<u64>,
-        /// How long each call takes.
-        delay: Duration,
-        /// Calls begun.
-        started: u64,
-    }
-
-    impl Source for Fake {
-        fn node(&self) -> &str {
-            "me"
-        }
-
-        async fn apply(&self, ops: Vec<Op>) -> Vec<(Op, Done)> {
-            let delay = {
-                let mut b = self.0.lock();
-                b.started += 1;
-                b.delay
-            };
-            tokio::time::sleep(delay).await;
-            let mut b = self.0.lock();
-            ops.into_iter()
-                .map(|mut op| {
-                    let params = Params {
-                        interval_ns: op.bucket.rule.params.interval_ns,
-                        tau_ns: op.bucket.rule.params.tau_ns,
-                    };
-                    if b.failing {
-                        b.failed += 1;
-                        let e = LeaseError::Timeout(Duration::from_millis(1));
-                        let outcome = if op.uncertain {
-                            Outcome::Unknown(e)
-                        } else {
-                            Outcome::Failed(e)
-                        };
-                        let done = Done {
-                            outcome,
-                            known: None,
-                            resolved: false,
-                            repaired: false,
-                            clamped: false,
-                        };
-                        return (op, done);
-                    }
-                    let mut v = b.value.clone().unwrap_or_else(|| value::fresh(params));
-                    if op.uncertain && v.holders.get("me").is_some_and(|h| h.op == op.ask.op) {
-                        let granted = v.holders["me"].granted;
-                        op.known = None;
-                        let done = Done {
-                            outcome: Outcome::Committed {
-                                granted,
-                                retry_after: Duration::ZERO,
-                                revision: b.revision,
-                            },
-                            known: None,
-                            resolved: true,
-                            repaired: false,
-                            clamped: false,
-                        };
-                        return (op, done);
-                    }
-                    let now = wall_ns();
-                    value::normalize(&mut v, params, now);
-                    let mut ask = op.ask;
-                    if let Some(avail) = b.available {
-                        ask.take = ask.take.min(avail);
-                    }
-                    let applied = value::apply(&mut v, "me", &ask, params, now);
-                    if let Some(avail) = &mut b.available {
-                        *avail -= applied.granted;
-                        *avail += ask.give;
-                    }
-                    b.taken += applied.granted;
-                    b.returned += ask.give;
-                    b.debt += ask.debt;
-                    b.commits += 1;
-                    b.revision += 1;
-                    b.value = Some(v.clone());
-                    let outcome = if b.lose_answers {
-                        Outcome::Unknown(LeaseError::Timeout(Duration::from_millis(1)))
-                    } else {
-                        Outcome::Committed {
-                            granted: applied.granted,
-                            retry_after: Duration::from_millis(5),
-                            revision: b.revision,
-                        }
-                    };
-                    let known = (!b.lose_answers).then(|| Known {
-                        value: v,
-                        revision: b.revision,
-                    });
-                    let done = Done {
-                        outcome,
-                        known,
-                        resolved: false,
-                        repaired: false,
-                        clamped: false,
-                    };
-                    (op, done)
-                })
-                .collect()
-        }
-    }
-
-    struct Setup {
-        /// The coordinator's event queue, as the hot path sends on it.
-        events: mpsc::Sender<LeaseEvent>,
-        limiter: Arc<Limiter>,
-        link: Arc<ClusterLink>,
-        health: Arc<Health>,
-        fake: Fake,
-        cancel: CancellationToken,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    async fn setup(
-        available: Option<u64>,
-        on_failure: OnFailure,
-        settings: LeaseSettings,
-    ) -> Setup {
-        let limiter = Arc::new(Limiter::new(LimiterConfig {
-            shards: 4,
-            max_buckets: 1000,
-            max_table_bytes: usize::MAX,
-            default_action: DefaultAction::Allow,
-        }));
-        let (tx, rx) = mpsc::channel(4096);
-        let planner = Arc::new(Planner::new(settings, Arc::new(AtomicU64::new(1))));
-        let sink = QueueSink {
-            events: tx.clone(),
-            planner: Arc::clone(&planner),
-        };
-        let link = Arc::new(ClusterLink::new(sink, on_failure));
-        limiter.attach(Arc::clone(&link));
-        let health = Arc::new(Health::new(Arc::clone(&link), Duration::from_millis(400)));
-        health.success();
-        let mut spec = RuleSpec::new("g", "*", "*", 1000, Duration::from_secs(1));
-        spec.scope = Scope::Global;
-        spec.burst = Some(100);
-        spec.on_failure = Some(on_failure);
-        limiter
-            .set_rules(vec![(spec, RuleSource::Etcd)], 0)
-            .unwrap();
-        let fake = Fake::default();
-        fake.0.lock().available = available;
-        let coordinator = Coordinator::new(
-            fake.clone(),
-            Arc::clone(&limiter),
-            Wiring {
-                link: Arc::clone(&link),
-                health: Arc::clone(&health),
-                stats: Arc::new(LeaseStats::default()),
-            },
-            rx,
-            planner,
-            AuditLog::disabled(),
-        );
-        coordinator.retune();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(coordinator.run(cancel.clone(), Duration::from_secs(1)));
-        Setup {
-            events: tx,
-            limiter,
-            link,
-            health,
-            fake,
-            cancel,
-            task,
-        }
-    }
-
-    fn ask(l: &Limiter, client: &str) -> Decided {
-        l.acquire(client, "r", 1, Priority::Normal, 0)
-            .unwrap()
-            .outcome
-    }
-
-    /// Waits until `cond` holds (the coordinator works in the background),
-    /// failing after 10 s.
-    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn a_fresh_bucket_borrows_once_then_is_served_from_leased_tokens() {
-        let s = setup(Some(20), OnFailure::Closed, LeaseSettings::default()).await;
-        // The first request is admitted on credit and asks for a lease.
-        assert_eq!(ask(&s.limiter, "a"), Decided::Allowed);
-        until("the first lease committed and was credited", || {
-            s.fake.0.lock().commits >= 1 && s.limiter.held_tokens().values().sum::<u64>() > 0
-        })
-        .await;
-        let (taken, debt) = {
-            let b = s.fake.0.lock();
-            (b.taken, b.debt)
-        };
-        assert!(taken > 1, "a batch was leased: {taken}");
-        assert_eq!(debt, 1, "the credit was charged with the first lease");
-        // The global bucket had 20: the credit was charged on top, so 19 of
-        // the leased tokens plus the first request make 20 admissions... and
-        // never more than what was granted plus the one credit.
-        let mut allowed = 1;
-        for _ in 0..100 {
-            if ask(&s.limiter, "a") == Decided::Allowed {
-                allowed += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let taken = s.fake.0.lock().taken;
-        assert_eq!(allowed, taken + 1, "grants plus one credit");
-        assert!(allowed <= 21);
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_bucket_whose_first_lease_fails_never_borrows_again() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        s.fake.0.lock().failing = true;
-        assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "one credit");
-        until("the first lease failed", || s.fake.0.lock().failed >= 1).await;
-        for _ in 0..20 {
-            assert_eq!(ask(&s.limiter, "a"), Decided::Denied);
-        }
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn credit_is_capped_per_rule() {
-        let settings = LeaseSettings {
-            max_credit: 5,
-            ..LeaseSettings::default()
-        };
-        let s = setup(None, OnFailure::Closed, settings).await;
-        // The batch size (b_max) may raise the cap; make calls fail so no
-        // credit is repaid meanwhile.
-        s.fake.0.lock().failing = true;
-        let cap = s
-            .limiter
-            .rules()
-            .get("g")
-            .unwrap()
-            .global
-            .as_ref()
-            .unwrap()
-            .credit_cap
-            .load(Ordering::Relaxed);
-        let allowed = (0..1000)
-            .filter(|i| ask(&s.limiter, &format!("client-{i}")) == Decided::Allowed)
-            .count() as u64;
-        assert!(cap > 0 && cap < 1000, "cap {cap}");
-        assert_eq!(allowed, cap, "1000 fresh keys, credit for {cap}");
-        s.cancel.cancel();
-        s.task.await.unwrap();
+    #[test]
+    fn shares_step_down_at_once_and_up_into_room() {
+        let s = |rate, depth| Share { rate, depth };
+        let all = s(SCALE, 100);
+        // Lower: at once.
+        assert_eq!(step_toward(s(1000, 10), s(500, 5), all), s(500, 5));
+        // Noise within the hysteresis: nothing moves.
+        assert_eq!(step_toward(s(1000, 10), s(1050, 10), all), s(1000, 10));
+        // Raise as far as the room goes, never below what is held.
+        assert_eq!(step_toward(s(1000, 10), s(3000, 30), s(2000, 20)), s(2000, 20));
+        assert_eq!(step_toward(s(1000, 10), s(3000, 30), s(500, 5)), s(1000, 10));
+        // A first token of depth moves whatever the hysteresis says.
+        assert_eq!(step_toward(s(1000, 0), s(1000, 1), all), s(1000, 1));
     }
 
     #[test]
-    fn a_drop_in_members_is_not_believed_at_once() {
-        let members = Arc::new(AtomicU64::new(3));
-        let p = Planner::new(LeaseSettings::default(), Arc::clone(&members));
-        assert_eq!(p.members(), 3);
-        // A daemon vanished (its member key expired): it may still hold a
-        // batch, so the others keep planning for 3.
-        members.store(2, Ordering::Relaxed);
-        assert_eq!(p.members(), 3);
-        // Joins count at once.
-        members.store(5, Ordering::Relaxed);
-        assert_eq!(p.members(), 5);
-    }
-
-    #[tokio::test]
-    async fn at_the_bucket_cap_fresh_buckets_neither_borrow_nor_leak_credit() {
-        let settings = LeaseSettings {
-            max_buckets_per_rule: 3,
-            ..LeaseSettings::default()
-        };
-        let s = setup(None, OnFailure::Closed, settings).await;
-        for i in 0..3 {
-            assert_eq!(ask(&s.limiter, &format!("c{i}")), Decided::Allowed);
-        }
-        let rules = s.limiter.rules();
-        let g = rules.get("g").unwrap().global.as_ref().unwrap();
-        until("the rule is at its bucket cap", || {
-            g.at_cap.load(Ordering::Relaxed)
-        })
-        .await;
-        let allowed = (3..50)
-            .filter(|i| ask(&s.limiter, &format!("c{i}")) == Decided::Allowed)
-            .count();
-        assert_eq!(allowed, 0, "no credit at the cap");
-        until("the three leases repaid their credit", || {
-            s.fake.0.lock().commits >= 3
-        })
-        .await;
-        until("no credit is out", || {
-            g.credit_out.load(Ordering::Relaxed) == 0
-        })
-        .await;
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn held_tokens_never_exceed_the_batch() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        let b_max = s
-            .limiter
-            .rules()
-            .get("g")
-            .unwrap()
-            .global
-            .as_ref()
-            .unwrap()
-            .batch
-            .load(Ordering::Relaxed);
-        for _ in 0..50 {
-            ask(&s.limiter, "a");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            let held: u64 = s.limiter.held_tokens().values().sum();
-            assert!(held <= b_max, "held {held} > b_max {b_max}");
-        }
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn an_unknown_outcome_is_applied_once() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        s.fake.0.lock().lose_answers = true;
-        ask(&s.limiter, "a");
-        until("the first attempt committed, its answer lost", || {
-            s.fake.0.lock().commits == 1
-        })
-        .await;
-        s.fake.0.lock().lose_answers = false;
-        until("the retry found it and credited the grant", || {
-            let taken = s.fake.0.lock().taken;
-            taken > 0 && s.limiter.held_tokens().values().sum::<u64>() == taken
-        })
-        .await;
-        let (commits, debt, taken) = {
-            let b = s.fake.0.lock();
-            (b.commits, b.debt, b.taken)
-        };
-        assert_eq!(commits, 1, "the retry found its predecessor committed");
-        assert_eq!(debt, 1, "the credit was charged once");
-        let held: u64 = s.limiter.held_tokens().values().sum();
-        assert_eq!(held, taken, "the recorded grant was credited");
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn shutdown_gives_held_tokens_back() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        ask(&s.limiter, "a");
-        until("tokens are held", || {
-            s.limiter.held_tokens().values().sum::<u64>() > 0
-        })
-        .await;
-        let held: u64 = s.limiter.held_tokens().values().sum();
-        s.cancel.cancel();
-        s.task.await.unwrap();
-        assert_eq!(s.fake.0.lock().returned, held);
-        assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
-    }
-
-    #[tokio::test]
-    async fn shutdown_waits_for_a_batch_in_flight_then_gives_everything_back() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        ask(&s.limiter, "a");
-        until("tokens are held", || {
-            s.limiter.held_tokens().values().sum::<u64>() > 0
-        })
-        .await;
-        // etcd slows down; a second bucket's first lease is in flight when
-        // the coordinator is told to stop.
-        let (commits, started) = {
-            let mut b = s.fake.0.lock();
-            b.delay = Duration::from_millis(300);
-            (b.commits, b.started)
-        };
-        ask(&s.limiter, "b");
-        until("b's lease is in flight", || {
-            s.fake.0.lock().started > started
-        })
-        .await;
-        s.cancel.cancel();
-        s.task.await.unwrap();
-        let b = s.fake.0.lock();
-        // b's lease committed during the drain; everything granted went
-        // back, and both fresh buckets' credit was charged.
-        assert!(b.commits > commits, "the batch in flight was awaited");
-        assert_eq!(b.returned, b.taken, "every granted token was given back");
-        assert_eq!(b.debt, 2, "both credits charged");
-        assert_eq!(s.limiter.held_tokens().values().sum::<u64>(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_debt_posted_while_a_lease_waits_does_not_cancel_it() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        let rule = Arc::clone(s.limiter.rules().get("g").unwrap());
-        // The bucket exists (a request made it) and its first lease is done.
-        ask(&s.limiter, "c");
-        until("the first lease committed", || s.fake.0.lock().commits >= 1).await;
-        let (taken, debt) = {
-            let b = s.fake.0.lock();
-            (b.taken, b.debt)
-        };
-        let key = BucketKey::new("c", "r");
-        let hash = s.limiter.table().hash_key(&key);
-        // A Normal request's lease and a Critical request's debt on the same
-        // bucket, queued together (the coordinator takes both before it
-        // sends anything).
-        let (reply, answer) = oneshot::channel();
-        s.events
-            .send(LeaseEvent::Now {
-                rule: Arc::clone(&rule),
-                key: key.clone(),
-                hash,
-                cost: 2,
-                reply,
-            })
-            .await
-            .unwrap();
-        s.events
-            .send(LeaseEvent::Debt {
-                rule,
-                key,
-                hash,
-                tokens: 3,
-            })
-            .await
-            .unwrap();
-        assert!(answer.await.unwrap(), "the lease was granted");
-        until("the debt is charged", || s.fake.0.lock().debt == debt + 3).await;
-        assert_eq!(s.fake.0.lock().taken, taken + 2);
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_per_request_lease_that_misses_its_deadline_is_counted_and_fails() {
-        let stats = Arc::new(LeaseStats::default());
-        // No coordinator answers: the request waits its deadline, no more.
-        let (events, _rx) = mpsc::channel(4);
-        let handle = LeaseHandle {
-            events,
-            stats: Arc::clone(&stats),
-        };
-        let limiter = Limiter::new(LimiterConfig {
-            shards: 1,
-            max_buckets: 10,
-            max_table_bytes: usize::MAX,
-            default_action: DefaultAction::Allow,
-        });
-        let mut spec = RuleSpec::new("g", "*", "*", 10, Duration::from_secs(60));
-        spec.scope = Scope::Global;
-        limiter
-            .set_rules(vec![(spec, RuleSource::Etcd)], 0)
-            .unwrap();
-        let need = LeaseNeeded {
-            rule: Arc::clone(limiter.rules().get("g").unwrap()),
-            key: BucketKey::new("c", "r"),
-            hash: 0,
-        };
-        let started = tokio::time::Instant::now();
-        assert_eq!(handle.lease_now(need, 1).await, SpendMode::LeaseFailed);
-        let waited = started.elapsed();
-        // Before any transaction was timed the deadline is the minimum.
-        assert!(waited >= super::super::MIN_TXN_DEADLINE, "{waited:?}");
-        assert_eq!(stats.per_request_fallbacks.load(Ordering::Relaxed), 1);
+    fn demand_reports_follow_crossings_not_noise() {
+        assert!(demand_report_due(None, 0.0, 10.0));
+        assert!(!demand_report_due(Some(5.0), 6.0, 10.0), "under the share either way");
+        assert!(demand_report_due(Some(5.0), 20.0, 10.0), "now wants more");
+        assert!(!demand_report_due(Some(20.0), 24.0, 10.0), "noise over the share");
+        assert!(demand_report_due(Some(20.0), 40.0, 10.0));
+        assert!(demand_report_due(Some(3.0), 0.0, 10.0), "idle: the record may go");
     }
 
     #[test]
-    fn lease_deadlines_are_three_p99_between_50_and_the_cap() {
-        let cap = Duration::from_millis(100);
-        let s = LeaseStats::default();
-        assert_eq!(s.txn_deadline(cap), None, "nothing timed yet");
-        for _ in 0..100 {
-            s.latency.record_one(5_000_000); // 5 ms
-        }
-        assert_eq!(
-            s.txn_deadline(cap),
-            Some(Duration::from_millis(50)),
-            "floor"
-        );
-        let s = LeaseStats::default();
-        for _ in 0..100 {
-            s.latency.record_one(25_000_000); // 25 ms: 3 x p99 ~ 75 ms
-        }
-        let d = s.txn_deadline(cap).unwrap();
-        assert!(
-            d > Duration::from_millis(70) && d < Duration::from_millis(82),
-            "{d:?}"
-        );
-        // Timeouts count as samples of their deadline, so deadlines grow
-        // toward the cap when etcd slows down, never past it.
-        for _ in 0..100 {
-            s.timed_out(Duration::from_secs(1));
-        }
-        assert_eq!(s.txn_deadline(cap), Some(cap));
-    }
-
-    #[tokio::test]
-    async fn deleting_the_rule_releases_its_leases() {
-        let s = setup(None, OnFailure::Closed, LeaseSettings::default()).await;
-        ask(&s.limiter, "a");
-        until("tokens are held", || {
-            s.limiter.held_tokens().values().sum::<u64>() > 0
-        })
-        .await;
-        let held: u64 = s.limiter.held_tokens().values().sum();
-        s.limiter.set_rules(vec![], 0).unwrap();
-        until("the held tokens went back", || {
-            s.fake.0.lock().returned >= held
-        })
-        .await;
-        assert_eq!(s.fake.0.lock().returned, held);
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn debts_made_while_degraded_are_charged_on_recovery_and_kept_until_then() {
-        let s = setup(None, OnFailure::Open, LeaseSettings::default()).await;
-        s.fake.0.lock().failing = true;
-        for _ in 0..3 {
-            s.health.failure("down", std::time::Instant::now());
-        }
-        assert_eq!(s.link_state(), EtcdState::Degraded);
-        for _ in 0..7 {
-            assert_eq!(ask(&s.limiter, "a"), Decided::Allowed, "open admits");
-        }
-        // Recovery starts (two successes), but the first postings fail:
-        // nothing is dropped.
-        s.health.success();
-        s.health.success();
-        assert_eq!(s.link_state(), EtcdState::Recovering);
-        until("a debt posting was tried and failed", || {
-            s.fake.0.lock().failed >= 1
-        })
-        .await;
-        assert_eq!(s.fake.0.lock().debt, 0);
-        s.fake.0.lock().failing = false;
-        until("the debt is charged and etcd healthy", || {
-            s.fake.0.lock().debt == 7 && s.link_state() == EtcdState::Healthy
-        })
-        .await;
-        s.cancel.cancel();
-        s.task.await.unwrap();
-    }
-
-    impl Setup {
-        fn link_state(&self) -> EtcdState {
-            self.link.state()
-        }
+    fn first_demand_samples_come_quickly_and_drops_are_believed() {
+        let t0 = Instant::now();
+        let mut d = Demand::new(t0);
+        d.add(2, t0 + Duration::from_millis(40));
+        assert!(!d.known, "too few tokens for an early sample");
+        d.add(10, t0 + Duration::from_millis(45));
+        assert!(d.known);
+        assert!((d.rate - 12.0 / 0.045).abs() < 1.0);
+        let t1 = t0 + Duration::from_millis(145);
+        d.add(1, t1);
+        assert!(d.rate < 20.0, "a drop to a tenth is taken at once: {}", d.rate);
     }
 }

@@ -21,6 +21,9 @@ pub struct BucketParams {
     /// Reserve floors in ns of TAT for `[low, normal, high]`: those classes are
     /// denied if they would leave less than this much of the bucket.
     floors_ns: [u64; 3],
+    /// The same floors in thousandths of the bucket, to scale them to a
+    /// share of it ([`BucketParams::share`]).
+    floors_permille: [u16; 3],
 }
 
 /// The result of one [`try_take`].
@@ -59,7 +62,36 @@ impl BucketParams {
             capacity,
             tau_ns,
             floors_ns: [floor(r.low), floor(r.normal), floor(r.high)],
+            floors_permille: [r.low, r.normal, r.high],
         }
+    }
+
+    /// The parameters of a share of this rule's bucket: one token every
+    /// `interval_ns`, `depth` tokens deep, with the rule's reserves as the
+    /// same fractions of it. `None` for a share that can admit nothing (no
+    /// depth, or no rate).
+    #[inline]
+    pub fn share(&self, interval_ns: u64, depth: u64) -> Option<BucketParams> {
+        if depth == 0 || interval_ns == 0 || interval_ns == u64::MAX {
+            return None;
+        }
+        let tau_ns = u64::try_from(u128::from(interval_ns) * u128::from(depth)).ok()?;
+        // Keep `tat` arithmetic (now + 2 tau) clear of overflow.
+        if tau_ns > u64::MAX / 4 {
+            return None;
+        }
+        let floor = |permille: u16| {
+            u64::try_from(u128::from(tau_ns) * u128::from(permille) / 1000)
+                .expect("a fraction of tau fits in u64")
+        };
+        let [low, normal, high] = self.floors_permille;
+        Some(BucketParams {
+            interval_ns,
+            capacity: depth,
+            tau_ns,
+            floors_ns: [floor(low), floor(normal), floor(high)],
+            floors_permille: self.floors_permille,
+        })
     }
 
     /// Parameters without reserves: one token every `interval_ns`, a bucket
@@ -70,6 +102,7 @@ impl BucketParams {
             capacity: tau_ns / interval_ns,
             tau_ns,
             floors_ns: [0; 3],
+            floors_permille: [0; 3],
         }
     }
 
@@ -163,6 +196,40 @@ pub fn rescale(tat: u64, old: &BucketParams, new: &BucketParams, now: u64) -> u6
     }
     let spent = (tat - now).div_ceil(old.interval_ns);
     now + spent.saturating_mul(new.interval_ns).min(new.tau_ns)
+}
+
+/// Carries a bucket's tokens over to new parameters (one token every
+/// `new.0` ns, `new.1` tokens deep) from old ones: the tokens it holds stay
+/// (fractions included), capped at the new depth, and an overdraft (a
+/// Critical request's) stays owed; room added by a deeper bucket starts
+/// empty and fills at the new rate. Parameters with no rate or no depth hold
+/// nothing: to or from them the bucket is empty.
+///
+/// ```
+/// use rld::daemon::limiter::bucket::retune;
+/// // 3 of 5 tokens (one per 10 ns) left at t=100; 10 deep at one per 20 ns:
+/// // still 3 tokens, so 7 to refill, 140 ns.
+/// let tat = 100 + 20;
+/// assert_eq!(retune(tat, (10, 5), (20, 10), 100), 100 + 140);
+/// ```
+pub fn retune(tat: u64, old: (u64, u64), new: (u64, u64), now: u64) -> u64 {
+    let usable = |(interval, depth): (u64, u64)| depth > 0 && interval > 0 && interval != u64::MAX;
+    let new_tau = u128::from(new.0) * u128::from(new.1);
+    if !usable(new) {
+        // Nothing to hold: an empty bucket of whatever shape.
+        return now;
+    }
+    let new_tau_ns = u64::try_from(new_tau).unwrap_or(u64::MAX / 4).min(u64::MAX / 4);
+    if !usable(old) {
+        return now.saturating_add(new_tau_ns);
+    }
+    let old_tau = i128::from(old.0) * i128::from(old.1);
+    let used = (i128::from(tat) - i128::from(now)).max(0);
+    // Whole tokens held (rounded down; negative: an overdraft, rounded up),
+    // then as many in the new bucket: used' = new_tau - held x new.0.
+    let held = (old_tau - used).div_euclid(i128::from(old.0));
+    let used_new = (new_tau as i128 - held * i128::from(new.0)).clamp(0, 2 * i128::from(new_tau_ns));
+    now.saturating_add(u64::try_from(used_new).unwrap_or(u64::MAX / 2))
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@
 //! allocation unless a new bucket is created. Time is passed in, so tests drive
 //! it with a fake clock.
 
+pub mod book;
 pub mod bucket;
 pub mod global;
 pub mod key;
-mod leases;
 pub mod rules;
+mod shares;
 pub mod table;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,10 +26,9 @@ use std::borrow::Cow;
 pub use bucket::{BucketParams, Verdict, try_take};
 #[cfg(test)]
 pub use global::NullSink;
-pub use global::SpendMode;
-use global::{ClusterLink, Spend};
-use key::BucketKey;
-pub use leases::Collected;
+use global::ClusterLink;
+pub use shares::Collected;
+use shares::params_of;
 pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
 
@@ -88,14 +88,6 @@ pub struct LimiterConfig {
     pub default_action: DefaultAction,
 }
 
-/// A per-request global rule needs a synchronous lease before deciding.
-#[derive(Debug, Clone)]
-pub struct LeaseNeeded {
-    pub rule: Arc<Rule>,
-    pub key: BucketKey,
-    pub hash: u64,
-}
-
 /// An acquire that cannot be decided (as opposed to a denial).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AcquireError {
@@ -112,10 +104,6 @@ pub enum AcquireError {
         /// Boxed: errors are rare, and a small `Err` keeps `Result` small.
         rule: Box<str>,
     },
-    /// Not an error for the caller: lease `cost` tokens synchronously, then
-    /// call [`Limiter::decide_with`] (the daemon's connection does this).
-    #[error("rule {:?} leases one request at a time", .0.rule.id())]
-    NeedsLease(LeaseNeeded),
 }
 
 /// Decisions not made by any rule.
@@ -195,65 +183,52 @@ impl Limiter {
         now: u64,
         answer: impl FnOnce(&Decision<'_>) -> R,
     ) -> Result<R, AcquireError> {
-        self.decide_with(
-            client,
-            resource,
-            cost,
-            priority,
-            now,
-            SpendMode::Normal,
-            answer,
-        )
-    }
-
-    /// [`Limiter::decide`] after a synchronous lease of a per-request global
-    /// rule: `mode` says whether it granted the cost or failed.
-    ///
-    /// # Errors
-    /// As [`Limiter::decide`].
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    pub fn decide_with<R>(
-        &self,
-        client: &str,
-        resource: &str,
-        cost: u64,
-        priority: Priority,
-        now: u64,
-        mode: SpendMode,
-        answer: impl FnOnce(&Decision<'_>) -> R,
-    ) -> Result<R, AcquireError> {
         check_name("client", client)?;
         check_name("resource", resource)?;
         let hash = self.table.hash(client, resource);
         let stripe = self.table.shard_of(hash);
         let mut guard = self.table.lock(stripe);
-        let table::Shard { buckets, rules } = &mut *guard;
+        let table::Shard {
+            buckets,
+            rules,
+            book,
+        } = &mut *guard;
         let entry = match buckets.find(hash, client, resource) {
             Some(entry) if entry.generation == rules.generation as u32 => entry,
             Some(entry) => match rules.resolve(client, resource) {
                 Some(rule) => {
                     if !Arc::ptr_eq(rule, &entry.rule) {
                         self.release(entry);
-                        // Not fresh again: an edited rule gives no new credit.
-                        let leased = global::Allotment::unpack(entry.aux).leased;
-                        entry.aux = global::Allotment {
-                            leased,
-                            ..Default::default()
-                        }
-                        .pack();
-                        let same_local_rule = rule.id() == entry.rule.id()
-                            && rule.global.is_none()
-                            && entry.rule.global.is_none();
-                        entry.tat = if same_local_rule {
-                            bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
-                        } else if let Some(g) = &rule.global {
-                            // A global bucket in use: its fallback starts
-                            // drained (its held tokens were just released;
-                            // a burst now would come on top of them).
-                            g.drained_fallback(now)
+                        let old = params_of(entry);
+                        let same_rule = rule.id() == entry.rule.id();
+                        let (new, fresh) = if rule.global.is_some() {
+                            let (interval, depth, recorded, fresh) =
+                                global::share_of(rule, book, hash, client, resource, now);
+                            entry.aux = global::ShareAux {
+                                depth,
+                                recorded,
+                                ..Default::default()
+                            }
+                            .pack();
+                            entry.share = interval;
+                            ((interval, depth), fresh)
                         } else {
-                            0
+                            entry.aux = 0;
+                            entry.share = 0;
+                            ((rule.params.interval_ns, rule.params.capacity), 0)
+                        };
+                        entry.tat = if !same_rule {
+                            // Another rule: its own bucket, as new.
+                            fresh
+                        } else if rule.global.is_none() && entry.rule.global.is_none() {
+                            // An edited local rule keeps what was spent
+                            // (raising it gives the new room at once).
+                            bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
+                        } else {
+                            // An edited global rule keeps the bucket's tokens
+                            // (capped at its new depth): new room starts
+                            // empty, as shares require.
+                            bucket::retune(entry.tat, old, new, now)
                         };
                         entry.rule = Arc::clone(rule);
                     }
@@ -283,6 +258,20 @@ impl Limiter {
                             .lru
                             .fetch_add(evicted as u64, Ordering::Relaxed);
                     }
+                    if entry.rule.global.is_some() {
+                        global::init(
+                            global::Slot {
+                                tat: &mut entry.tat,
+                                share: &mut entry.share,
+                                aux: &mut entry.aux,
+                            },
+                            &entry.rule,
+                            book,
+                            hash,
+                            (client, resource),
+                            now,
+                        );
+                    }
                     entry
                 }
                 None => {
@@ -299,28 +288,21 @@ impl Limiter {
             None
         };
         let verdict = match link {
-            Some(link) => match global::spend(
-                &mut entry.aux,
-                &mut entry.tat,
+            Some(link) => global::spend(
+                global::Slot {
+                    tat: &mut entry.tat,
+                    share: &mut entry.share,
+                    aux: &mut entry.aux,
+                },
                 rule,
-                client,
-                resource,
+                book,
                 hash,
+                (client, resource),
                 cost,
                 priority,
                 now,
                 link,
-                mode,
-            ) {
-                Spend::Decided(v) => v,
-                Spend::NeedsLease => {
-                    return Err(AcquireError::NeedsLease(LeaseNeeded {
-                        rule: Arc::clone(rule),
-                        key: BucketKey::new(client, resource),
-                        hash,
-                    }));
-                }
-            },
+            ),
             None => try_take(&mut entry.tat, &rule.params, now, cost, priority),
         };
         entry.last_used = table::tick(now);
@@ -369,8 +351,8 @@ impl Limiter {
         let mut current = self.rules.lock();
         let next = Arc::new(RuleSet::build(specs, &current, now)?);
         if let Some(link) = self.link.get() {
-            // New global rules get their lease plan before any request sees
-            // them (kept rules keep theirs).
+            // New global rules get their implicit share and fallback before
+            // any request sees them (kept rules keep theirs).
             for rule in next.iter() {
                 if current.get(rule.id()).is_none_or(|r| !Arc::ptr_eq(r, rule)) {
                     link.plan(rule);
@@ -378,14 +360,7 @@ impl Limiter {
             }
         }
         self.table.install_rules(&next);
-        let changed_global = current
-            .iter()
-            .any(|r| r.global.is_some() && next.get(r.id()).is_none_or(|n| !Arc::ptr_eq(n, r)));
         *current = Arc::clone(&next);
-        drop(current);
-        if changed_global {
-            self.release_replaced(&next);
-        }
         Ok(next)
     }
 
@@ -576,29 +551,30 @@ mod tests {
     }
 
     #[test]
-    fn a_global_bucket_whose_rule_changed_starts_its_fallback_drained() {
-        use global::EtcdState;
+    fn a_global_bucket_keeps_its_tokens_across_a_rule_change() {
         let l = limiter(1000, DefaultAction::Allow);
-        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Local));
-        link.set_state(EtcdState::Healthy);
+        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Closed));
+        link.set_valid_until(u64::MAX);
         l.attach(Arc::clone(&link));
         let global = |limit| {
             let mut spec = RuleSpec::new("g", "*", "*", limit, Duration::from_secs(1));
             spec.scope = crate::rule::Scope::Global;
             (spec, RuleSource::Etcd)
         };
+        let operate = |l: &Limiter| {
+            let r = Arc::clone(l.rules().get("g").unwrap());
+            r.global.as_ref().unwrap().set_count(1, &r.params, 0);
+        };
         l.set_rules(vec![global(10)], 0).unwrap();
-        // In use: a grant of 5 tokens, one spent.
-        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied, "no grant yet");
-        let key = BucketKey::new("a", "api");
-        let r = Arc::clone(l.rules().get("g").unwrap());
-        assert_eq!(l.credit(&r, &key, l.table().hash_key(&key), 5), 0);
-        assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
-        // The rule changes (its held tokens go back), then etcd fails: the
-        // fallback (unplanned here: the rule's 20/s, burst 20) has earned
-        // nothing yet, then one token per 50 ms.
+        operate(&l);
+        for _ in 0..10 {
+            assert_eq!(outcome(&l, "a", SEC), Outcome::Allowed);
+        }
+        assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
+        // Raised to 20/s: the bucket is still empty (no burst from the
+        // edit), and refills at the new rate.
         l.set_rules(vec![global(20)], SEC).unwrap();
-        link.set_state(EtcdState::Degraded);
+        operate(&l);
         assert_eq!(outcome(&l, "a", SEC), Outcome::Denied);
         assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Allowed);
         assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Denied);

@@ -6,7 +6,7 @@
 //! one means) and the hard caps, on buckets and on bytes (per shard, least
 //! recently used first, in batches so a flood of new keys costs O(1)
 //! amortised per insert). Bytes count the hash table's slots as allocated
-//! (56-byte entries plus a control byte, at hashbrown's 7/8 load) and boxed
+//! (64-byte entries plus a control byte, at hashbrown's 7/8 load) and boxed
 //! keys: a bucket costs about 64-128 bytes, plus its key rounded to 16 bytes
 //! when client and resource together exceed 20 bytes.
 //! No clock reads and no I/O; callers pass `now` and hold a shard for
@@ -21,6 +21,7 @@ use hashbrown::DefaultHashBuilder;
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 
+use super::book::ShareBook;
 use super::bucket;
 use super::key::BucketKey;
 use super::rules::{Rule, RuleSet};
@@ -35,7 +36,7 @@ pub fn tick(now_ns: u64) -> u32 {
     (now_ns >> TICK_SHIFT) as u32
 }
 
-/// One bucket: 56 bytes, keys of up to 22 bytes included.
+/// One bucket: 64 bytes (one cache line), keys of up to 22 bytes included.
 ///
 /// No hash is stored (the table rehashes keys when it grows, which is rare;
 /// hashbrown's 7-bit tags already filter lookups), and times are coarse, so
@@ -43,10 +44,12 @@ pub fn tick(now_ns: u64) -> u32 {
 #[derive(Debug)]
 pub struct Entry {
     key: BucketKey,
-    /// GCRA theoretical arrival time, ns (for a global rule: its local
-    /// fallback bucket).
+    /// GCRA theoretical arrival time, ns.
     pub tat: u64,
-    /// Global rules: the packed lease state (`global::Allotment`); else 0.
+    /// Global rules: ns per token of the bucket's current share (0 until
+    /// set); else 0.
+    pub share: u64,
+    /// Global rules: the packed share state (`global::ShareAux`); else 0.
     pub aux: u64,
     /// The rule this bucket was resolved to...
     pub rule: Arc<Rule>,
@@ -73,24 +76,22 @@ impl Entry {
         &self.key
     }
 
-    /// Whether dropping the bucket loses nothing: a local bucket that is full,
-    /// or a global one that holds no leased tokens and owes no debt.
+    /// Whether dropping the bucket loses nothing: it is full (a global
+    /// bucket at its current share), which is what a missing bucket means.
     fn is_settled(&self, now: u64) -> bool {
-        if self.rule.global.is_some() {
-            self.aux & !(1 << 63) == 0
-        } else {
-            bucket::is_full(self.tat, now)
-        }
+        bucket::is_full(self.tat, now)
     }
 }
 
-/// One shard: its buckets and the rules snapshot it resolves against.
+/// One shard: its buckets, the rules snapshot it resolves against, and the
+/// recorded shares of global buckets that hash here.
 #[derive(Debug)]
 pub struct Shard {
     pub buckets: Buckets,
     /// The current rules. Each shard holds its own pointer so the hot path
     /// touches no shared lock or reference count.
     pub rules: Arc<RuleSet>,
+    pub book: ShareBook,
 }
 
 /// The buckets of one shard.
@@ -151,6 +152,7 @@ impl Buckets {
         let entry = Entry {
             key,
             tat: 0,
+            share: 0,
             aux: 0,
             rule,
             generation,
@@ -229,11 +231,9 @@ impl Buckets {
         before - self.map.len()
     }
 
-    /// Drops buckets unused for their rule's idle TTL, and settled buckets
-    /// resolved under an older rules generation than `generation`. A local
-    /// bucket goes only when full (so forgetting it changes nothing); a
-    /// global one goes when idle whatever it holds, and `on_evict` sees it so
-    /// its leased tokens can be given back. Returns how many were dropped.
+    /// Drops full buckets unused for their rule's idle TTL or resolved under
+    /// an older rules generation than `generation` (forgetting a full bucket
+    /// changes nothing); `on_evict` sees each. Returns how many were dropped.
     pub fn evict_idle(
         &mut self,
         now: u64,
@@ -247,11 +247,7 @@ impl Buckets {
             let idle_ns = u64::from(now_tick.wrapping_sub(e.last_used)) << TICK_SHIFT;
             let idle = idle_ns >= e.rule.idle_ttl_ns;
             let settled = e.is_settled(now);
-            let evict = if e.rule.global.is_some() {
-                idle || (settled && e.generation != generation)
-            } else {
-                settled && (idle || e.generation != generation)
-            };
+            let evict = settled && (idle || e.generation != generation);
             if evict {
                 *key_bytes -= e.key.heap_bytes();
                 on_evict(e);
@@ -315,6 +311,7 @@ impl ShardedTable {
                         scratch: Vec::new(),
                     },
                     rules: Arc::new(RuleSet::default()),
+                    book: ShareBook::new(hasher.clone()),
                 }))
             })
             .collect();
@@ -486,8 +483,8 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_56_bytes() {
-        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    fn an_entry_is_64_bytes() {
+        assert_eq!(std::mem::size_of::<Entry>(), 64);
     }
 
     #[test]

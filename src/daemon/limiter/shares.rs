@@ -1,0 +1,220 @@
+//! The limiter's side of leasing, for global rules: what the lease
+//! coordinator reads from buckets (demand), writes into them (recorded
+//! shares, kept in the shards' books), and the scans it needs (a new etcd
+//! lease empties every bucket; tokens held, for stats). Everything here
+//! locks one shard at a time and runs on the coordinator, the sweeper or
+//! admin paths, never per request.
+
+use super::book::{BookEntry, Recorded};
+use super::bucket;
+use super::global::ShareAux;
+use super::key::BucketKey;
+use super::{Limiter, table};
+
+/// A bucket's state collected for the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collected {
+    /// Tokens asked for since the last collection.
+    pub wanted: u64,
+    /// Whole tokens the bucket holds now, and its depth.
+    pub tokens: u64,
+    pub depth: u64,
+}
+
+/// A bucket's parameters: (ns per token, depth).
+pub(super) fn params_of(entry: &table::Entry) -> (u64, u64) {
+    if entry.rule.global.is_some() {
+        (entry.share, ShareAux::unpack(entry.aux).depth)
+    } else {
+        (entry.rule.params.interval_ns, entry.rule.params.capacity)
+    }
+}
+
+/// Whether `next` has more depth than `old` (in `next`'s burst).
+fn raised(old: Recorded, next: Recorded) -> bool {
+    let old_depth = old.bucket(1, next.counted_in.max(1)).1;
+    next.depth > old_depth
+}
+
+/// Whole tokens a bucket with parameters `(interval, depth)` and `tat` holds.
+fn tokens(tat: u64, (interval, depth): (u64, u64), now: u64) -> u64 {
+    if interval == 0 || interval == u64::MAX || depth == 0 {
+        return 0;
+    }
+    let tau = u128::from(interval) * u128::from(depth);
+    let used = u128::from(tat.saturating_sub(now));
+    u64::try_from(tau.saturating_sub(used) / u128::from(interval)).unwrap_or(u64::MAX)
+}
+
+impl Limiter {
+    /// A bucket is gone (evicted, removed): the coordinator hears of it if it
+    /// had a recorded share (its demand is zero now).
+    pub(super) fn release(&self, entry: &table::Entry) {
+        if entry.rule.global.is_none() || !ShareAux::unpack(entry.aux).recorded {
+            return;
+        }
+        if let Some(link) = self.link.get() {
+            link.released(&entry.rule, entry.key().clone());
+        }
+    }
+
+    /// Records this daemon's share of (rule, key): `Some` recorded share,
+    /// or `None` for the rule's implicit share (the record is gone). The
+    /// bucket, if it exists under this rule, moves to it keeping its tokens;
+    /// a bucket created later after a raise starts empty of the added room.
+    /// `implicit_depth` is the depth the implicit share had (in the new
+    /// share's burst), for a first recording.
+    pub fn set_share(
+        &self,
+        rule_id: &str,
+        key: &BucketKey,
+        hash: u64,
+        share: Option<Recorded>,
+        implicit_depth: u64,
+        now: u64,
+    ) {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        let table::Shard { buckets, book, .. } = &mut *guard;
+        let before = book
+            .get(hash, rule_id, client, resource)
+            .map(|e| (e.share, e.start));
+        match share {
+            Some(next) => {
+                let start = match before {
+                    // The old share's tokens at most (those it held then, if
+                    // it was still filling after an earlier raise).
+                    Some((old, start)) if raised(old, next) => Some((
+                        now,
+                        start.map_or(old.depth, |(_, t)| t.min(old.depth)),
+                    )),
+                    Some((_, start)) => start,
+                    // From the implicit share: a bucket created now would
+                    // have been full at it.
+                    None if next.depth > implicit_depth => Some((now, implicit_depth)),
+                    None => None,
+                };
+                book.put(
+                    hash,
+                    BookEntry {
+                        rule: rule_id.into(),
+                        key: key.clone(),
+                        share: next,
+                        start,
+                    },
+                );
+            }
+            None => {
+                book.remove(hash, rule_id, client, resource);
+            }
+        }
+        if let Some(entry) = buckets.find(hash, client, resource)
+            && entry.rule.id() == rule_id
+            && let Some(g) = &entry.rule.global
+        {
+            let mut a = ShareAux::unpack(entry.aux);
+            a.recorded = share.is_some();
+            if !a.fallback {
+                // (A bucket on its fallback moves to its share when shares
+                // are back.)
+                let p = &entry.rule.params;
+                let new = match share {
+                    Some(s) => s.bucket(p.interval_ns, p.capacity),
+                    None => g.implicit_bucket(p),
+                };
+                entry.tat = bucket::retune(entry.tat, (entry.share, a.depth), new, now);
+                entry.share = new.0;
+                a.depth = new.1;
+            }
+            entry.aux = a.pack();
+        }
+    }
+
+    /// The demand and tokens of (rule, key) for the coordinator; the demand
+    /// counter restarts. `None` if there is no such bucket.
+    pub fn collect(&self, rule_id: &str, key: &BucketKey, hash: u64, now: u64) -> Option<Collected> {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        let entry = guard.buckets.find(hash, client, resource)?;
+        if entry.rule.id() != rule_id || entry.rule.global.is_none() {
+            return None;
+        }
+        let mut a = ShareAux::unpack(entry.aux);
+        let out = Collected {
+            wanted: u64::from(a.wanted),
+            tokens: tokens(entry.tat, params_of(entry), now),
+            depth: a.depth,
+        };
+        a.wanted = 0;
+        entry.aux = a.pack();
+        Some(out)
+    }
+
+    /// The coordinator stopped watching (rule, key): its next shortfall is
+    /// told again.
+    pub fn clear_signal(&self, rule_id: &str, key: &BucketKey, hash: u64) {
+        let (client, resource) = key.names();
+        let mut guard = self.table.lock(self.table.shard_of(hash));
+        if let Some(entry) = guard.buckets.find(hash, client, resource)
+            && entry.rule.id() == rule_id
+            && entry.rule.global.is_some()
+        {
+            let mut a = ShareAux::unpack(entry.aux);
+            a.signaled = false;
+            entry.aux = a.pack();
+        }
+    }
+
+    /// A new etcd lease (this daemon registered again): every share it held
+    /// may have been taken by others meanwhile, so every global bucket is
+    /// emptied and holds no share until the coordinator grants one again,
+    /// and every recorded share is zero.
+    pub fn drop_all_shares(&self) {
+        for shard in 0..self.table.shard_count() {
+            let mut guard = self.table.lock(shard);
+            let table::Shard { buckets, book, .. } = &mut *guard;
+            book.for_each_mut(|e| {
+                e.share = Recorded::ZERO;
+                e.start = None;
+            });
+            buckets.for_each_mut(|e| {
+                if e.rule.global.is_some() {
+                    let mut a = ShareAux::unpack(e.aux);
+                    a.depth = 0;
+                    a.signaled = false;
+                    e.share = u64::MAX;
+                    e.tat = 0;
+                    e.aux = a.pack();
+                }
+            });
+        }
+    }
+
+    /// Forgets every recorded share of rules `keep` rejects (deleted rules).
+    pub fn forget_shares(&self, mut keep: impl FnMut(&str) -> bool) {
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).book.retain(|e| keep(&e.rule));
+        }
+    }
+
+    /// Whole tokens held by global buckets, per rule id (a scan; for stats).
+    pub fn held_tokens(&self, now: u64) -> hashbrown::HashMap<String, u64> {
+        let mut held: hashbrown::HashMap<String, u64> = hashbrown::HashMap::new();
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).buckets.for_each_mut(|e| {
+                if e.rule.global.is_some() {
+                    *held.entry_ref(e.rule.id()).or_default() +=
+                        tokens(e.tat, params_of(e), now);
+                }
+            });
+        }
+        held
+    }
+
+    /// Recorded shares in this daemon's books (for stats).
+    pub fn recorded_shares(&self) -> usize {
+        (0..self.table.shard_count())
+            .map(|s| self.table.lock(s).book.len())
+            .sum()
+    }
+}
