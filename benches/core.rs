@@ -177,11 +177,7 @@ fn bench_global(c: &mut Criterion) {
             let _ = l.acquire(name, "api", 1, Priority::Normal, clock.now_ns());
         }
         let k = Arc::clone(&keys);
-        let name = if global {
-            "global (share)"
-        } else {
-            "local"
-        };
+        let name = if global { "global (share)" } else { "local" };
         group.bench_function(name, move |b| {
             let (l, k) = (Arc::clone(&l), Arc::clone(&k));
             b.iter_custom(move |iters| {

@@ -201,10 +201,21 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
     window_excess.sort_by(f64::total_cmp);
     let window_above = window_excess.iter().filter(|&&e| e > bound).count();
 
+    // Admitted per second of the run, all clients together.
+    let mut per_second = vec![0u64; SCALE_SECS as usize + 1];
+    for run in &measured.runs {
+        for &(tick, _) in &run.allowed_events {
+            let s = (tick as usize) / ticks_per(Duration::from_secs(1));
+            if let Some(n) = per_second.get_mut(s) {
+                *n += 1;
+            }
+        }
+    }
     let d = &measured.delta;
     let txns = d.get("lease_txns");
     let elapsed = measured.elapsed.as_secs_f64();
     let row = json!({
+        "admitted_per_s": per_second,
         "keys": k,
         "daemons": SCALE_DAEMONS,
         "seconds": SCALE_SECS,
@@ -1044,21 +1055,29 @@ fn start_daemons(
     prefix: &str,
     n: usize,
 ) -> Vec<Daemon> {
+    // RLD_BENCH_AUDIT=DIR keeps each daemon's audit log there.
+    let audit = std::env::var_os("RLD_BENCH_AUDIT").map(PathBuf::from);
     (0..n)
         .map(|i| {
             let node = format!("bench-{}", i + 1);
-            Daemon::start(
-                bins,
-                &dir.join(&node),
-                &[
-                    "--etcd",
-                    &etcd.endpoints,
-                    "--etcd-prefix",
-                    prefix,
-                    "--node-id",
-                    &node,
-                ],
-            )
+            let mut args = vec![
+                "--etcd".to_owned(),
+                etcd.endpoints.clone(),
+                "--etcd-prefix".to_owned(),
+                prefix.to_owned(),
+                "--node-id".to_owned(),
+                node.clone(),
+            ];
+            if let Some(a) = &audit {
+                args.push("--audit-log".into());
+                args.push(
+                    a.join(format!("{}{node}.audit", prefix.replace('/', "_")))
+                        .display()
+                        .to_string(),
+                );
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Daemon::start(bins, &dir.join(&node), &args)
         })
         .collect()
 }

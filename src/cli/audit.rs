@@ -220,7 +220,10 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
     let call = Duration::from_secs(10);
     let now = tokio::time::timeout(
         call,
-        client.get(prefix, Some(GetOptions::new().with_prefix().with_count_only())),
+        client.get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        ),
     )
     .await
     .map_err(|_| format!("etcd did not answer a read of {prefix} within {call:?}"))?
@@ -231,17 +234,20 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
         .with_prefix()
         .with_start_revision(1)
         .with_progress_notify();
-    let (mut requests, mut stream) = tokio::time::timeout(call, client.watch(prefix, Some(options)))
-        .await
-        .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
-        .map_err(|e| format!("cannot watch {prefix}: {e}"))?
-        .split();
+    let (mut requests, mut stream) =
+        tokio::time::timeout(call, client.watch(prefix, Some(options)))
+            .await
+            .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
+            .map_err(|e| format!("cannot watch {prefix}: {e}"))?
+            .split();
     let mut entries = Vec::new();
     loop {
         let msg = match tokio::time::timeout(call, stream.message()).await {
             Ok(Ok(Some(msg))) => msg,
             Ok(Ok(None)) | Err(_) => {
-                return Err(format!("etcd's history of {prefix} ended before revision {last}"));
+                return Err(format!(
+                    "etcd's history of {prefix} ended before revision {last}"
+                ));
             }
             Ok(Err(e)) => return Err(format!("watching {prefix}: {e}")),
         };

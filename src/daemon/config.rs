@@ -697,7 +697,9 @@ impl Config {
             if !(MS * 10..=Duration::from_secs(60)).contains(&e.timeout) {
                 return bad("etcd_timeout", "must be between 10ms and 1m");
             }
-            if e.max_clock_skew.is_some_and(|d| d > Duration::from_secs(60)) {
+            if e.max_clock_skew
+                .is_some_and(|d| d > Duration::from_secs(60))
+            {
                 return bad("max_clock_skew", "must be at most 1m");
             }
             if !e.compact_every.is_zero() && e.compact_every < Duration::from_secs(10) {

@@ -211,7 +211,10 @@ impl Health {
                 tracing::warn!(from = from.name(), error = %i.last_error, "etcd call failed; shares stay in force until their deadline")
             }
             EtcdState::Recovering => {
-                tracing::info!(from = from.name(), "etcd reachable; taking shares (on_failure decides until then)")
+                tracing::info!(
+                    from = from.name(),
+                    "etcd reachable; taking shares (on_failure decides until then)"
+                )
             }
             EtcdState::Healthy => tracing::info!(from = from.name(), "etcd healthy"),
         }

@@ -208,8 +208,7 @@ impl Daemon {
                 };
                 let link = Arc::new(ClusterLink::new(sink, etcd.default_on_failure));
                 limiter.attach(Arc::clone(&link));
-                let cluster =
-                    Arc::new(Cluster::connect(etcd.clone(), link, members, clock).await?);
+                let cluster = Arc::new(Cluster::connect(etcd.clone(), link, members, clock).await?);
                 if let Some(t) = &telemetry {
                     cluster.health.trace_with(Arc::clone(t));
                 }

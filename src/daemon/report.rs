@@ -118,7 +118,11 @@ impl Shared {
         })
     }
 
-    fn share_stats(&self, cluster: &super::cluster::Cluster, s: &super::lease::LeaseStats) -> ShareStats {
+    fn share_stats(
+        &self,
+        cluster: &super::cluster::Cluster,
+        s: &super::lease::LeaseStats,
+    ) -> ShareStats {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let now = self.clock.now_ns();
         ShareStats {

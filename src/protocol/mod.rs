@@ -47,9 +47,8 @@ pub use client::{ClientError, ServerInfo, Timeouts};
 pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
     GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
-    ShareStats,
     REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo,
-    RuleSource, ServingState, StatsReport, TraceContext, Welcome,
+    RuleSource, ServingState, ShareStats, StatsReport, TraceContext, Welcome,
 };
 
 /// The protocol version this build speaks.

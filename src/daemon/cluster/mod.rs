@@ -234,8 +234,11 @@ impl Cluster {
             .call(|| {
                 let (mut c, prefix) = (client.clone(), prefix.clone());
                 async move {
-                    c.get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
-                        .await
+                    c.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
                 }
             })
             .await;
@@ -284,8 +287,10 @@ impl Cluster {
             .succeeded();
         if created {
             let ttl = Duration::from_secs(lease.ttl().max(0) as u64);
-            self.registration
-                .set(lease.id(), sent + validity_after_send(ttl).as_nanos() as u64);
+            self.registration.set(
+                lease.id(),
+                sent + validity_after_send(ttl).as_nanos() as u64,
+            );
             tracing::info!(node = %self.config.node_id, lease = lease.id(), "registered in etcd");
             Ok(true)
         } else {

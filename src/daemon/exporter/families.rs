@@ -440,8 +440,14 @@ impl Snapshot {
             "Share records this daemon created and deleted in etcd.",
             MetricType::Counter,
             [
-                ([("action", "created")], ConstCounter::new(sh.records_created)),
-                ([("action", "deleted")], ConstCounter::new(sh.records_deleted)),
+                (
+                    [("action", "created")],
+                    ConstCounter::new(sh.records_created),
+                ),
+                (
+                    [("action", "deleted")],
+                    ConstCounter::new(sh.records_deleted),
+                ),
             ],
         )?;
         family(

@@ -308,8 +308,9 @@ pub fn check(
                         in_etcd.contains(&(node.clone(), *op))
                     };
                     if !found && !history.is_empty() {
-                        r.violations
-                            .push(format!("write {op} of {node} ({kind} {key}) is not in etcd's history"));
+                        r.violations.push(format!(
+                            "write {op} of {node} ({kind} {key}) is not in etcd's history"
+                        ));
                     }
                 }
                 "unknown" => r.writes_unknown += 1,
@@ -458,7 +459,10 @@ mod tests {
         let h = [
             member("a", 1, 1, 2),
             member("b", 2, 2, 2),
-            record(3, &[("a", 1, SCALE / 2 + 1, 5, 7), ("b", 2, SCALE / 2, 5, 8)]),
+            record(
+                3,
+                &[("a", 1, SCALE / 2 + 1, 5, 7), ("b", 2, SCALE / 2, 5, 8)],
+            ),
         ];
         assert_eq!(check(&[], &h, &paths(), "g", B, &[1]).violations.len(), 1);
         // A dead entry holds nothing: b's lease is not its member's.
@@ -474,11 +478,20 @@ mod tests {
         // A write not in etcd, and one counted twice.
         let h = [member("a", 1, 1, 1), record(2, &[("a", 1, SCALE, 10, 7)])];
         let ghost = [write("a", 9, 2)];
-        assert_eq!(check(&ghost, &h, &paths(), "g", B, &[1]).violations.len(), 1);
+        assert_eq!(
+            check(&ghost, &h, &paths(), "g", B, &[1]).violations.len(),
+            1
+        );
         let twice = [write("a", 7, 2), write("a", 7, 2)];
-        assert_eq!(check(&twice, &h, &paths(), "g", B, &[1]).violations.len(), 1);
+        assert_eq!(
+            check(&twice, &h, &paths(), "g", B, &[1]).violations.len(),
+            1
+        );
         // A window over the bound: 10/s x 1.1 s + 10 = 21.
         let burst = [admitted(S, 22)];
-        assert_eq!(check(&burst, &h, &paths(), "g", B, &[1]).violations.len(), 1);
+        assert_eq!(
+            check(&burst, &h, &paths(), "g", B, &[1]).violations.len(),
+            1
+        );
     }
 }

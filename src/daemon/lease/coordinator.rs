@@ -177,6 +177,11 @@ struct Demand {
     since: Instant,
 }
 
+/// Tokens a demand sample should see before it is believed (fewer make a
+/// noisy estimate: a low-rate bucket's demand would swing and rewrite its
+/// record for nothing).
+const SAMPLE_TOKENS: u64 = 16;
+
 impl Demand {
     fn new(now: Instant) -> Demand {
         Demand {
@@ -187,14 +192,23 @@ impl Demand {
         }
     }
 
-    /// Adds `wanted` tokens seen by `now`; a sample is taken once it spans
-    /// [`SAMPLE`] (a first one earlier if it saw a few tokens). A drop by
-    /// more than half is believed at once (demand that moved elsewhere frees
-    /// its share fast); rises are smoothed.
+    /// Adds `wanted` tokens seen by `now`. A sample is taken once it saw
+    /// [`SAMPLE_TOKENS`] tokens over at least [`SAMPLE`] (a first one after
+    /// [`FIRST_SAMPLE`]), or once it spans as long as the current estimate
+    /// needs to show that many: a quiet bucket's demand falls within that
+    /// time, a busy one's at once (demand that moved elsewhere frees its
+    /// share fast). A sample below half the estimate is believed at once;
+    /// others are smoothed.
     fn add(&mut self, wanted: u64, now: Instant) {
         self.acc += wanted;
         let span = now.duration_since(self.since);
-        let ready = span >= SAMPLE || (!self.known && span >= FIRST_SAMPLE && self.acc >= 8);
+        let enough = self.acc >= SAMPLE_TOKENS;
+        let long = if self.known && self.rate > 0.0 {
+            span.as_secs_f64() >= (SAMPLE_TOKENS as f64 / self.rate).max(SAMPLE.as_secs_f64())
+        } else {
+            span >= Duration::from_secs(1)
+        };
+        let ready = (enough && (span >= SAMPLE || (!self.known && span >= FIRST_SAMPLE))) || long;
         if !ready {
             return;
         }
@@ -589,7 +603,8 @@ impl Coordinator {
         }
         // A record listing us at an unreported demand (a creation), or one
         // that changed while we hold a share of it: decide.
-        let respond = mine.is_some_and(|e| e.demand.is_none() || e.rate > 0 || e.n > 0 || e.depth > 0);
+        let respond =
+            mine.is_some_and(|e| e.demand.is_none() || e.rate > 0 || e.n > 0 || e.depth > 0);
         if respond && !self.watched.contains_key(key) {
             let bucket = BucketKey::new(&record.client, &record.resource);
             self.watch(key, rule_id.as_ref(), bucket, None);
@@ -909,28 +924,52 @@ impl Coordinator {
                 expect: known.mod_revision,
             };
         }
-        let mut claims: Vec<Claim> = others()
-            .map(|(_, e)| match e.demand {
-                Some(d) => Claim {
-                    demand: d,
-                    measured: true,
-                },
-                // Not reported: keeps what it holds.
-                None => Claim {
-                    demand: share::rate_of(Share::of(e).rate, rate),
-                    measured: false,
-                },
+        // Every daemon takes part in node order (so all compute the same
+        // split of whole tokens), this one with its measured demand.
+        let mut parts: Vec<(&str, Claim)> = others()
+            .map(|(n, e)| {
+                let claim = match e.demand {
+                    Some(d) => Claim {
+                        demand: d,
+                        measured: true,
+                    },
+                    // Not reported: keeps what it holds.
+                    None => Claim {
+                        demand: share::rate_of(Share::of(e).rate, rate),
+                        measured: false,
+                    },
+                };
+                (n.as_str(), claim)
             })
             .collect();
-        claims.push(Claim {
-            demand,
-            measured: true,
-        });
+        parts.push((
+            me,
+            Claim {
+                demand,
+                measured: true,
+            },
+        ));
+        parts.sort_by(|a, b| a.0.cmp(b.0));
+        let claims: Vec<Claim> = parts.iter().map(|p| p.1).collect();
+        let at = parts
+            .iter()
+            .position(|p| p.0 == me)
+            .expect("this daemon takes part");
         let targets = share::targets(rate, &claims);
-        let depths = share::depths(record.burst, &targets);
+        // Depth is split in whole tokens from the demands as recorded (this
+        // daemon's too, once reported): every daemon computes the same split,
+        // so they do not take turns at a token.
+        let recorded_claims: Vec<Claim> = parts
+            .iter()
+            .map(|&(n, c)| match mine.and_then(|e| e.demand) {
+                Some(d) if n == me => Claim { demand: d, ..c },
+                _ => c,
+            })
+            .collect();
+        let depths = share::depths(record.burst, &share::targets(rate, &recorded_claims));
         let target = Share {
-            rate: share::parts_of(targets[claims.len() - 1], rate),
-            depth: depths[claims.len() - 1],
+            rate: share::parts_of(targets[at], rate),
+            depth: depths[at],
         };
         let recorded = mine.map_or(Share::ZERO, Share::held);
         let room = share::free_for(record, me, live);
@@ -1023,7 +1062,15 @@ impl Coordinator {
 
     /// Queues a write of this daemon's entry: lowered parts apply now,
     /// raised ones once committed.
-    fn write_entry(&mut self, key: &str, record: &Record, expect: i64, next: Share, demand: f64, applied: Share) {
+    fn write_entry(
+        &mut self,
+        key: &str,
+        record: &Record,
+        expect: i64,
+        next: Share,
+        demand: f64,
+        applied: Share,
+    ) {
         let lowered = Share {
             rate: applied.rate.min(next.rate),
             depth: applied.depth.min(next.depth),
@@ -1108,7 +1155,9 @@ impl Coordinator {
     fn forget_quiet(&mut self, now: Instant) {
         let mut forgotten = Vec::new();
         self.watched.retain(|key, w| {
-            let quiet = w.pending.is_none() && w.quiet_since.is_some_and(|t| now.duration_since(t) >= QUIET);
+            let quiet = w.pending.is_none()
+                && w.quiet_since
+                    .is_some_and(|t| now.duration_since(t) >= QUIET);
             if quiet {
                 forgotten.push((key.clone(), Arc::clone(&w.rule), w.key.clone(), w.hash));
             }
@@ -1318,8 +1367,9 @@ enum Action {
 /// hold in all) allows. A part moves only when its target moved by more
 /// than [`HYSTERESIS`] (depth also when it goes to or from zero).
 fn step_toward(applied: Share, target: Share, room: Share) -> Share {
-    let moved =
-        |from: u64, to: u64| (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0);
+    let moved = |from: u64, to: u64| {
+        (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0)
+    };
     let step = |from: u64, to: u64, room: u64, force: bool| {
         if !(force || moved(from, to)) || to == from {
             from
@@ -1394,8 +1444,14 @@ mod tests {
         // Noise within the hysteresis: nothing moves.
         assert_eq!(step_toward(s(1000, 10), s(1050, 10), all), s(1000, 10));
         // Raise as far as the room goes, never below what is held.
-        assert_eq!(step_toward(s(1000, 10), s(3000, 30), s(2000, 20)), s(2000, 20));
-        assert_eq!(step_toward(s(1000, 10), s(3000, 30), s(500, 5)), s(1000, 10));
+        assert_eq!(
+            step_toward(s(1000, 10), s(3000, 30), s(2000, 20)),
+            s(2000, 20)
+        );
+        assert_eq!(
+            step_toward(s(1000, 10), s(3000, 30), s(500, 5)),
+            s(1000, 10)
+        );
         // A first token of depth moves whatever the hysteresis says.
         assert_eq!(step_toward(s(1000, 0), s(1000, 1), all), s(1000, 1));
     }
@@ -1403,24 +1459,49 @@ mod tests {
     #[test]
     fn demand_reports_follow_crossings_not_noise() {
         assert!(demand_report_due(None, 0.0, 10.0));
-        assert!(!demand_report_due(Some(5.0), 6.0, 10.0), "under the share either way");
+        assert!(
+            !demand_report_due(Some(5.0), 6.0, 10.0),
+            "under the share either way"
+        );
         assert!(demand_report_due(Some(5.0), 20.0, 10.0), "now wants more");
-        assert!(!demand_report_due(Some(20.0), 24.0, 10.0), "noise over the share");
+        assert!(
+            !demand_report_due(Some(20.0), 24.0, 10.0),
+            "noise over the share"
+        );
         assert!(demand_report_due(Some(20.0), 40.0, 10.0));
-        assert!(demand_report_due(Some(3.0), 0.0, 10.0), "idle: the record may go");
+        assert!(
+            demand_report_due(Some(3.0), 0.0, 10.0),
+            "idle: the record may go"
+        );
     }
 
     #[test]
-    fn first_demand_samples_come_quickly_and_drops_are_believed() {
+    fn demand_samples_wait_for_enough_tokens_and_drops_are_believed() {
+        let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut d = Demand::new(t0);
-        d.add(2, t0 + Duration::from_millis(40));
-        assert!(!d.known, "too few tokens for an early sample");
-        d.add(10, t0 + Duration::from_millis(45));
+        d.add(10, t0 + ms(40));
+        assert!(!d.known, "too few tokens for a first sample");
+        d.add(10, t0 + ms(45));
         assert!(d.known);
-        assert!((d.rate - 12.0 / 0.045).abs() < 1.0);
-        let t1 = t0 + Duration::from_millis(145);
-        d.add(1, t1);
-        assert!(d.rate < 20.0, "a drop to a tenth is taken at once: {}", d.rate);
+        assert!((d.rate - 20.0 / 0.045).abs() < 1.0);
+        // A busy bucket gone quiet: within the time 16 tokens take at its
+        // rate (and at least 100 ms), its demand is zero.
+        d.add(0, t0 + ms(100));
+        assert!(d.rate > 400.0);
+        d.add(0, t0 + ms(150));
+        assert_eq!(d.rate, 0.0);
+        // A slow bucket (13/s) is not judged on a tenth of a second: its
+        // estimate needs 16 tokens or the time they take.
+        let mut slow = Demand::new(t0);
+        slow.add(16, t0 + ms(1200));
+        assert!((slow.rate - 13.3).abs() < 0.1);
+        slow.add(1, t0 + ms(1300));
+        slow.add(0, t0 + ms(1500));
+        assert!(
+            (slow.rate - 13.3).abs() < 0.1,
+            "not yet judged: {}",
+            slow.rate
+        );
     }
 }

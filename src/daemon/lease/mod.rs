@@ -135,6 +135,9 @@ mod tests {
         let v = validity_after_send(MEMBER_TTL);
         assert_eq!(v, Duration::from_millis(9_600));
         assert!(v < MEMBER_TTL);
-        assert_eq!(validity_after_send(Duration::from_millis(200)), Duration::ZERO);
+        assert_eq!(
+            validity_after_send(Duration::from_millis(200)),
+            Duration::ZERO
+        );
     }
 }

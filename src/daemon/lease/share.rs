@@ -128,7 +128,11 @@ impl Share {
 /// The implicit share of a daemon operating with count `n` on a rule of
 /// `burst`: `1/n` of the rate, `floor(burst / n)` tokens. `n = 0`: nothing.
 pub fn implicit(n: u32, burst: u64) -> (u32, u64) {
-    if n == 0 { (0, 0) } else { (n, burst / u64::from(n)) }
+    if n == 0 {
+        (0, 0)
+    } else {
+        (n, burst / u64::from(n))
+    }
 }
 
 /// An exact fraction, for sums of `p / SCALE` and `1 / n` terms.
@@ -347,7 +351,10 @@ pub fn depths(burst: u64, targets: &[f64]) -> Vec<u64> {
         .iter()
         .map(|t| t.max(0.0) / total * burst as f64)
         .collect();
-    let mut out: Vec<u64> = exact.iter().map(|x| (x.floor() as u64).min(burst)).collect();
+    let mut out: Vec<u64> = exact
+        .iter()
+        .map(|x| (x.floor() as u64).min(burst))
+        .collect();
     let mut left = burst.saturating_sub(out.iter().sum());
     let mut order: Vec<usize> = (0..targets.len()).filter(|&k| targets[k] > 0.0).collect();
     order.sort_by(|&a, &b| {
@@ -447,13 +454,22 @@ mod tests {
     #[test]
     fn an_entry_of_a_dead_lease_holds_nothing() {
         let r = record(&[("a", entry(SCALE, 0, 20))], 20);
-        assert_eq!(free(&r, |_, lease| lease != 1), Share { rate: SCALE, depth: 20 });
+        assert_eq!(
+            free(&r, |_, lease| lease != 1),
+            Share {
+                rate: SCALE,
+                depth: 20
+            }
+        );
         assert_eq!(free(&r, all), Share::ZERO);
     }
 
     #[test]
     fn over_full_records_are_caught() {
-        let r = record(&[("a", entry(SCALE / 2 + 1, 0, 1)), ("b", entry(0, 2, 1))], 2);
+        let r = record(
+            &[("a", entry(SCALE / 2 + 1, 0, 1)), ("b", entry(0, 2, 1))],
+            2,
+        );
         assert!(!holds(&r, all));
         let r = record(&[("a", entry(SCALE / 2, 0, 2)), ("b", entry(0, 2, 1))], 2);
         assert!(!holds(&r, all), "depth 3 of 2");

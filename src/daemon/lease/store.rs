@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -126,7 +128,12 @@ impl Store {
             })
     }
 
-    async fn txn(&self, txn: Txn, rules: &[&str], writes: usize) -> Result<etcd_client::TxnResponse, LeaseError> {
+    async fn txn(
+        &self,
+        txn: Txn,
+        rules: &[&str],
+        writes: usize,
+    ) -> Result<etcd_client::TxnResponse, LeaseError> {
         let wall = self.telemetry.as_ref().map(|_| SystemTime::now());
         let started = Instant::now();
         let client = self.client.clone();
@@ -162,7 +169,12 @@ impl Store {
     /// # Errors
     /// etcd unreachable (the outcome of a raise is then unknown: the watch
     /// tells).
-    pub async fn write_count(&self, lease: i64, n: u32, members_at: Option<i64>) -> Result<Option<i64>, LeaseError> {
+    pub async fn write_count(
+        &self,
+        lease: i64,
+        n: u32,
+        members_at: Option<i64>,
+    ) -> Result<Option<i64>, LeaseError> {
         let key = self.paths.member(&self.node);
         let value = serde_json::to_string(&MemberValue {
             pid: std::process::id(),
@@ -201,11 +213,19 @@ impl Store {
         let nested: Vec<TxnOp> = writes
             .iter()
             .map(|w| {
-                let mut when = vec![Compare::mod_revision(w.key.as_str(), CompareOp::Equal, w.expect)];
+                let mut when = vec![Compare::mod_revision(
+                    w.key.as_str(),
+                    CompareOp::Equal,
+                    w.expect,
+                )];
                 if let Some(rev) = w.members_at {
                     when.push(
-                        Compare::mod_revision(self.paths.members.as_str(), CompareOp::Less, rev + 1)
-                            .with_prefix(),
+                        Compare::mod_revision(
+                            self.paths.members.as_str(),
+                            CompareOp::Less,
+                            rev + 1,
+                        )
+                        .with_prefix(),
                     );
                 }
                 let op = match &w.value {
@@ -224,13 +244,18 @@ impl Store {
             .collect();
         rules.sort_unstable();
         rules.dedup();
-        match self.txn(Txn::new().and_then(nested), &rules, writes.len()).await {
+        match self
+            .txn(Txn::new().and_then(nested), &rules, writes.len())
+            .await
+        {
             Ok(resp) => {
                 let revision = resp.header().map_or(0, |h| h.revision());
                 resp.op_responses()
                     .iter()
                     .map(|r| match r {
-                        TxnOpResponse::Txn(inner) if inner.succeeded() => Written::Committed(revision),
+                        TxnOpResponse::Txn(inner) if inner.succeeded() => {
+                            Written::Committed(revision)
+                        }
                         _ => {
                             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                             Written::Moved(revision)
@@ -266,7 +291,11 @@ impl Store {
         let key = self.paths.compactor.as_str();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, self.node.as_str(), Some(PutOptions::new().with_lease(lease)))])
+            .and_then([TxnOp::put(
+                key,
+                self.node.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
             .or_else([TxnOp::get(key, None)]);
         let resp = self.txn(txn, &[], 1).await?;
         if resp.succeeded() {
@@ -314,7 +343,12 @@ impl Store {
     /// starts over from a listing whenever the stream breaks (from the next
     /// revision when it can, a fresh listing when that was compacted away).
     /// `relist` asks for a fresh listing (after an outage).
-    pub async fn run_watch(self, to: mpsc::Sender<Fed>, relist: Arc<tokio::sync::Notify>, cancel: CancellationToken) {
+    pub async fn run_watch(
+        self,
+        to: mpsc::Sender<Fed>,
+        relist: Arc<tokio::sync::Notify>,
+        cancel: CancellationToken,
+    ) {
         let mut next: Option<i64> = None;
         loop {
             let start = match next {
@@ -342,17 +376,18 @@ impl Store {
                 .with_prefix()
                 .with_start_revision(start)
                 .with_progress_notify();
-            let (mut watcher, mut stream) = match client.watch(self.paths.root.as_str(), Some(options)).await {
-                Ok(watch) => watch.split(),
-                Err(e) => {
-                    tracing::debug!("cannot watch shares: {e}");
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            let (mut watcher, mut stream) =
+                match client.watch(self.paths.root.as_str(), Some(options)).await {
+                    Ok(watch) => watch.split(),
+                    Err(e) => {
+                        tracing::debug!("cannot watch shares: {e}");
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        }
+                        continue;
                     }
-                    continue;
-                }
-            };
+                };
             // Progress is asked for every second, so a quiet prefix still
             // shows the watch is alive and how far it got.
             let mut progress = tokio::time::interval(Duration::from_secs(1));
@@ -387,7 +422,12 @@ impl Store {
                         let fed = if events.is_empty() {
                             Fed::Progress(revision)
                         } else {
-                            next = Some(events.last().and_then(|e| e.kv()).map_or(start, |kv| kv.mod_revision() + 1));
+                            next = Some(
+                                events
+                                    .last()
+                                    .and_then(|e| e.kv())
+                                    .map_or(start, |kv| kv.mod_revision() + 1),
+                            );
                             Fed::Events(events)
                         };
                         if to.send(fed).await.is_err() {

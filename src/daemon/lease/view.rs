@@ -241,7 +241,10 @@ mod tests {
         assert!(!v.live("a", 78));
         let key = v.paths.record("g", &BucketKey::new("c", "r"));
         let rec = r#"{"client":"c","resource":"r","burst":10,"entries":{"a":{"lease":77,"n":3,"depth":3}}}"#;
-        assert_eq!(v.put(key.as_bytes(), rec.as_bytes(), 6, 0), Change::Record(key.clone()));
+        assert_eq!(
+            v.put(key.as_bytes(), rec.as_bytes(), 6, 0),
+            Change::Record(key.clone())
+        );
         assert_eq!(v.records[&key].record.entries["a"].n, 3);
         assert_eq!(v.revision, 6);
         // An unreadable record counts as none (and is counted), not kept stale.

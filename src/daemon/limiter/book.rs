@@ -61,11 +61,9 @@ impl Recorded {
         let depth = if burst == self.counted_in || self.counted_in == 0 {
             self.depth.min(burst)
         } else {
-            u64::try_from(
-                u128::from(self.depth) * u128::from(burst) / u128::from(self.counted_in),
-            )
-            .unwrap_or(u64::MAX)
-            .min(burst)
+            u64::try_from(u128::from(self.depth) * u128::from(burst) / u128::from(self.counted_in))
+                .unwrap_or(u64::MAX)
+                .min(burst)
         };
         (interval, depth)
     }
@@ -101,17 +99,17 @@ impl ShareBook {
     /// The recorded share of (rule, client, resource), if any.
     #[inline]
     pub fn get(&self, hash: u64, rule: &str, client: &str, resource: &str) -> Option<&BookEntry> {
-        self.map
-            .find(hash, |e| &*e.rule == rule && e.key.matches(client, resource))
+        self.map.find(hash, |e| {
+            &*e.rule == rule && e.key.matches(client, resource)
+        })
     }
 
     /// Records a share (replacing the one before).
     pub fn put(&mut self, hash: u64, entry: BookEntry) {
         let (client, resource) = entry.key.names();
-        match self
-            .map
-            .find_mut(hash, |e| e.rule == entry.rule && e.key.matches(client, resource))
-        {
+        match self.map.find_mut(hash, |e| {
+            e.rule == entry.rule && e.key.matches(client, resource)
+        }) {
             Some(slot) => *slot = entry,
             None => {
                 let hasher = &self.hasher;
@@ -130,10 +128,9 @@ impl ShareBook {
         client: &str,
         resource: &str,
     ) -> Option<BookEntry> {
-        match self
-            .map
-            .find_entry(hash, |e| &*e.rule == rule && e.key.matches(client, resource))
-        {
+        match self.map.find_entry(hash, |e| {
+            &*e.rule == rule && e.key.matches(client, resource)
+        }) {
             Ok(slot) => Some(slot.remove().0),
             Err(_) => None,
         }

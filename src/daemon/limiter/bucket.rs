@@ -219,16 +219,25 @@ pub fn retune(tat: u64, old: (u64, u64), new: (u64, u64), now: u64) -> u64 {
         // Nothing to hold: an empty bucket of whatever shape.
         return now;
     }
-    let new_tau_ns = u64::try_from(new_tau).unwrap_or(u64::MAX / 4).min(u64::MAX / 4);
+    let new_tau_ns = u64::try_from(new_tau)
+        .unwrap_or(u64::MAX / 4)
+        .min(u64::MAX / 4);
     if !usable(old) {
         return now.saturating_add(new_tau_ns);
     }
     let old_tau = i128::from(old.0) * i128::from(old.1);
     let used = (i128::from(tat) - i128::from(now)).max(0);
-    // Whole tokens held (rounded down; negative: an overdraft, rounded up),
-    // then as many in the new bucket: used' = new_tau - held x new.0.
-    let held = (old_tau - used).div_euclid(i128::from(old.0));
-    let used_new = (new_tau as i128 - held * i128::from(new.0)).clamp(0, 2 * i128::from(new_tau_ns));
+    // The tokens held, in ns of the old bucket (negative: an overdraft),
+    // as ns of the new one: used' = new_tau - held x new.0 / old.0, rounded
+    // toward holding less. Fractions of a token are kept: a bucket moved
+    // back and forth between close parameters loses nothing.
+    let held_ns = old_tau - used;
+    let held_new = match held_ns.checked_mul(i128::from(new.0)) {
+        Some(scaled) => scaled.div_euclid(i128::from(old.0)),
+        // Beyond i128 (ns per token near u64::MAX): whole tokens only.
+        None => held_ns.div_euclid(i128::from(old.0)) * i128::from(new.0),
+    };
+    let used_new = (new_tau as i128 - held_new).clamp(0, 2 * i128::from(new_tau_ns));
     now.saturating_add(u64::try_from(used_new).unwrap_or(u64::MAX / 2))
 }
 

@@ -20,7 +20,7 @@
 //! No I/O and no `.await` here.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use super::book::ShareBook;
 use super::bucket::{self, BucketParams, Verdict};
@@ -224,6 +224,9 @@ pub struct GlobalRuleState {
     /// The TAT a new bucket on the implicit share starts from: 0 (full),
     /// or after a raise, empty of the new room as of the raise.
     fresh_tat: AtomicU64,
+    /// The count was set once: a rule new on this daemon starts full (no
+    /// bucket of it ever admitted here), a later raise does not.
+    planned: AtomicBool,
     /// Live daemons (`N`), for reports and the fallback.
     pub members: AtomicU64,
     /// The local fallback bucket used with `on_failure = "local"`.
@@ -238,6 +241,7 @@ impl GlobalRuleState {
             // No share until the coordinator plans the rule.
             implicit: AtomicU64::new(0),
             fresh_tat: AtomicU64::new(0),
+            planned: AtomicBool::new(false),
             members: AtomicU64::new(1),
             fallback_interval_ns: AtomicU64::new(p.interval_ns),
             fallback_depth: AtomicU64::new(p.capacity),
@@ -261,18 +265,27 @@ impl GlobalRuleState {
     }
 
     /// Sets the implicit share to `1/n` at `now`. A raise (a deeper bucket)
-    /// makes new buckets start empty of the new room.
+    /// makes new buckets start empty of the new room, except for a rule new
+    /// here (installed while this daemon operates: none of its buckets
+    /// admitted anything here yet).
     pub fn set_count(&self, n: u32, rule: &BucketParams, now: u64) {
         let n = n.min(0xffff);
         let old = self.implicit_bucket(rule);
         let (interval, depth) = implicit_bucket(n, rule.interval_ns, rule.capacity);
+        let first = !self.planned.swap(true, Ordering::Relaxed);
         if (interval, depth) == old {
             return;
         }
         let fresh = self.fresh_tat.load(Ordering::Relaxed);
-        let fresh = if depth > old.1 {
+        let fresh = if first {
+            0
+        } else if depth > old.1 {
             // As if every absent bucket were full at the old depth now.
-            let full_old = if fresh > now { fresh } else { now.saturating_sub(1) };
+            let full_old = if fresh > now {
+                fresh
+            } else {
+                now.saturating_sub(1)
+            };
             bucket::retune(full_old, old, (interval, depth), now)
         } else if fresh > now {
             bucket::retune(fresh, old, (interval, depth), now)
@@ -280,8 +293,10 @@ impl GlobalRuleState {
             0
         };
         self.fresh_tat.store(fresh, Ordering::Relaxed);
-        self.implicit
-            .store(u64::from(n) | (depth.min(u64::MAX >> 16) << 16), Ordering::Release);
+        self.implicit.store(
+            u64::from(n) | (depth.min(u64::MAX >> 16) << 16),
+            Ordering::Release,
+        );
     }
 
     /// The TAT a new bucket on the implicit share starts from.
@@ -343,8 +358,15 @@ pub fn share_of(
         .expect("global rules carry share state");
     match book.get(hash, rule.id(), client, resource) {
         Some(e) => {
-            let (interval, depth) = e.share.bucket(rule.params.interval_ns, rule.params.capacity);
-            (interval, depth, true, start_tat(e.start, interval, depth, now))
+            let (interval, depth) = e
+                .share
+                .bucket(rule.params.interval_ns, rule.params.capacity);
+            (
+                interval,
+                depth,
+                true,
+                start_tat(e.start, interval, depth, now),
+            )
         }
         None => {
             let (interval, depth) = g.implicit_bucket(&rule.params);
@@ -366,7 +388,14 @@ pub fn start_tat(start: Option<(u64, u64)>, interval: u64, depth: u64, now: u64)
 }
 
 /// Sets a new global bucket's parameters (called once, when it is created).
-pub fn init(slot: Slot<'_>, rule: &Rule, book: &ShareBook, hash: u64, names: (&str, &str), now: u64) {
+pub fn init(
+    slot: Slot<'_>,
+    rule: &Rule,
+    book: &ShareBook,
+    hash: u64,
+    names: (&str, &str),
+    now: u64,
+) {
     let (interval, depth, recorded, fresh) = share_of(rule, book, hash, names.0, names.1, now);
     *slot.tat = fresh;
     *slot.share = interval;
@@ -459,7 +488,14 @@ pub fn spend(
 
 /// Takes `cost` from the bucket's current parameters.
 #[inline]
-fn take(slot: &mut Slot<'_>, a: &ShareAux, rule: &Rule, cost: u64, priority: Priority, now: u64) -> Verdict {
+fn take(
+    slot: &mut Slot<'_>,
+    a: &ShareAux,
+    rule: &Rule,
+    cost: u64,
+    priority: Priority,
+    now: u64,
+) -> Verdict {
     match rule.params.share(*slot.share, a.depth) {
         Some(p) if cost <= p.capacity => bucket::try_take(slot.tat, &p, now, cost, priority),
         Some(p) if priority == Priority::Critical => {
@@ -630,17 +666,39 @@ mod tests {
         g.set_count(3, &rule.params, 0);
         let mut b = Bucket::new(&rule, &book, t0);
         for _ in 0..10 {
-            assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0), Outcome::Allowed);
+            assert_eq!(
+                b.spend(&rule, &book, &link, 1, Priority::Normal, t0),
+                Outcome::Allowed
+            );
         }
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0), Outcome::Denied);
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0),
+            Outcome::Denied
+        );
         // 10 ms (and the rounding up of 1/300 s) is one token at 100/s.
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 11 * MS), Outcome::Allowed);
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 11 * MS),
+            Outcome::Allowed
+        );
         // A fourth daemon: 75/s, 7 tokens; the bucket keeps what it holds
-        // (almost a token, rounded down: none), and refills at 75/s.
+        // (almost a token), and refills at 75/s (one per 13.3 ms).
         g.set_count(4, &rule.params, t0 + 20 * MS);
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 20 * MS), Outcome::Denied);
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 33 * MS), Outcome::Denied);
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 34 * MS), Outcome::Allowed);
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 20 * MS),
+            Outcome::Denied
+        );
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 21 * MS),
+            Outcome::Allowed
+        );
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 33 * MS),
+            Outcome::Denied
+        );
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 35 * MS),
+            Outcome::Allowed
+        );
     }
 
     #[test]
@@ -663,7 +721,8 @@ mod tests {
         // Much later a new bucket is full.
         let mut c = Bucket::new(&rule, &book, t0 + 1000 * MS);
         let mut allowed = 0;
-        while c.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 1000 * MS) == Outcome::Allowed {
+        while c.spend(&rule, &book, &link, 1, Priority::Normal, t0 + 1000 * MS) == Outcome::Allowed
+        {
             allowed += 1;
         }
         assert_eq!(allowed, 15);
@@ -752,10 +811,20 @@ mod tests {
         let book = ShareBook::default();
         let mut b = Bucket::new(&rule, &book, MS);
         for _ in 0..5 {
-            assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Normal, MS), Outcome::Denied);
+            assert_eq!(
+                b.spend(&rule, &book, &link, 1, Priority::Normal, MS),
+                Outcome::Denied
+            );
         }
-        assert_eq!(count.0.load(Ordering::Relaxed), 1, "asked once, then watched");
-        assert_eq!(b.spend(&rule, &book, &link, 1, Priority::Critical, MS), Outcome::Bypassed);
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            1,
+            "asked once, then watched"
+        );
+        assert_eq!(
+            b.spend(&rule, &book, &link, 1, Priority::Critical, MS),
+            Outcome::Bypassed
+        );
     }
 
     proptest! {

@@ -24,12 +24,12 @@ use parking_lot::Mutex;
 use std::borrow::Cow;
 
 pub use bucket::{BucketParams, Verdict, try_take};
+use global::ClusterLink;
 #[cfg(test)]
 pub use global::NullSink;
-use global::ClusterLink;
+pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use shares::Collected;
 use shares::params_of;
-pub use rules::{Rule, RuleActivity, RuleSet, RuleSetError};
 pub use table::ShardedTable;
 
 use crate::protocol::{Decision, Outcome, Priority, RuleCounters, RuleSource};

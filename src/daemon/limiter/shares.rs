@@ -84,10 +84,9 @@ impl Limiter {
                 let start = match before {
                     // The old share's tokens at most (those it held then, if
                     // it was still filling after an earlier raise).
-                    Some((old, start)) if raised(old, next) => Some((
-                        now,
-                        start.map_or(old.depth, |(_, t)| t.min(old.depth)),
-                    )),
+                    Some((old, start)) if raised(old, next) => {
+                        Some((now, start.map_or(old.depth, |(_, t)| t.min(old.depth))))
+                    }
                     Some((_, start)) => start,
                     // From the implicit share: a bucket created now would
                     // have been full at it.
@@ -132,7 +131,13 @@ impl Limiter {
 
     /// The demand and tokens of (rule, key) for the coordinator; the demand
     /// counter restarts. `None` if there is no such bucket.
-    pub fn collect(&self, rule_id: &str, key: &BucketKey, hash: u64, now: u64) -> Option<Collected> {
+    pub fn collect(
+        &self,
+        rule_id: &str,
+        key: &BucketKey,
+        hash: u64,
+        now: u64,
+    ) -> Option<Collected> {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
         let entry = guard.buckets.find(hash, client, resource)?;
@@ -203,8 +208,7 @@ impl Limiter {
         for shard in 0..self.table.shard_count() {
             self.table.lock(shard).buckets.for_each_mut(|e| {
                 if e.rule.global.is_some() {
-                    *held.entry_ref(e.rule.id()).or_default() +=
-                        tokens(e.tat, params_of(e), now);
+                    *held.entry_ref(e.rule.id()).or_default() += tokens(e.tat, params_of(e), now);
                 }
             });
         }
