@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args as ClapArgs;
-use etcd_client::{Client, GetOptions, WatchOptions};
+use etcd_client::{Client, WatchOptions};
 use serde::Serialize;
 
 use super::{CliError, Exit, Output};
@@ -211,37 +211,27 @@ async fn read_from(
     Ok((value, history))
 }
 
-/// Every event under `prefix` in etcd's history (a watch from revision 1
-/// until it is in sync), oldest first.
+/// Every event under `prefix` in etcd's history (a watch from revision 1),
+/// oldest first, up to now: a marker key put under the prefix (and deleted
+/// again) shows where the history read so far ends.
 ///
 /// # Errors
 /// etcd unreachable, or its history compacted.
 pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEntry>, String> {
     let call = Duration::from_secs(10);
-    let now = tokio::time::timeout(
-        call,
-        client.get(
-            prefix,
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        ),
-    )
-    .await
-    .map_err(|_| format!("etcd did not answer a read of {prefix} within {call:?}"))?
-    .map_err(|e| format!("cannot read {prefix} from etcd: {e}"))?;
-    let last = now.header().map_or(0, |h| h.revision());
-    let _ = last;
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(1)
-        .with_progress_notify();
-    let (mut requests, mut stream) =
-        tokio::time::timeout(call, client.watch(prefix, Some(options)))
-            .await
-            .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
-            .map_err(|e| format!("cannot watch {prefix}: {e}"))?
-            .split();
+    let marker = format!("{prefix}audit-marker-{}", std::process::id());
+    let put = tokio::time::timeout(call, client.put(marker.as_str(), "", None))
+        .await
+        .map_err(|_| format!("etcd did not answer a write of {marker} within {call:?}"))?
+        .map_err(|e| format!("cannot write {marker} to etcd: {e}"))?;
+    let last = put.header().map_or(0, |h| h.revision());
+    let options = WatchOptions::new().with_prefix().with_start_revision(1);
+    let mut stream = tokio::time::timeout(call, client.watch(prefix, Some(options)))
+        .await
+        .map_err(|_| format!("etcd did not answer a watch of {prefix} within {call:?}"))?
+        .map_err(|e| format!("cannot watch {prefix}: {e}"))?;
     let mut entries = Vec::new();
-    loop {
+    'read: loop {
         let msg = match tokio::time::timeout(call, stream.message()).await {
             Ok(Ok(Some(msg))) => msg,
             Ok(Ok(None)) | Err(_) => {
@@ -259,6 +249,9 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
         }
         for event in msg.events() {
             let Some(kv) = event.kv() else { continue };
+            if kv.mod_revision() >= last {
+                break 'read;
+            }
             entries.push(HistoryEntry {
                 key: kv.key_str().unwrap_or_default().to_owned(),
                 revision: kv.mod_revision(),
@@ -267,17 +260,7 @@ pub async fn history(client: &mut Client, prefix: &str) -> Result<Vec<HistoryEnt
                 lease: kv.lease(),
             });
         }
-        // In sync once a progress answer (no events) comes after the
-        // history: etcd sends those only to watchers that caught up.
-        if msg.events().is_empty() && !msg.created() {
-            break;
-        }
-        // Asked after every answer: etcd ignores the question while the
-        // watcher is still replaying history.
-        requests
-            .request_progress()
-            .await
-            .map_err(|e| format!("watching {prefix}: {e}"))?;
     }
+    let _ = client.delete(marker.as_str(), None).await;
     Ok(entries)
 }

@@ -103,11 +103,17 @@ pub struct Args {
     #[arg(long, value_name = "RATIO")]
     pub trace_sample_ratio: Option<f64>,
 
-    /// Append one JSON line per lease operation and, every 100 ms, the
-    /// requests admitted per global rule to FILE (checked by `rlctl audit`; off by
-    /// default).
+    /// Append one JSON line per write of this daemon's shares and, every
+    /// 100 ms, the requests admitted per global rule to FILE (checked by
+    /// `rlctl audit`; off by default).
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+
+    /// How often one daemon (chosen through etcd) compacts etcd's history,
+    /// keeping one interval of it (default 5m; 0s: never, the operator
+    /// compacts).
+    #[arg(long, value_name = "DURATION")]
+    pub etcd_compact_interval: Option<String>,
 }
 
 /// Sections of `rld(8)` beyond the options (appended to the generated page).
@@ -403,6 +409,9 @@ impl Config {
             // Likewise: the flag's (or RLD_OTLP_ENDPOINT's) collector with
             // the file's trace settings.
             file.otlp_endpoint = Some(endpoint.clone());
+        }
+        if let Some(every) = &args.etcd_compact_interval {
+            file.etcd_compact_interval = Some(every.clone());
         }
         let mut config = Config::from_file(file, path.as_deref())?;
         config.config_path = path;

@@ -1,10 +1,10 @@
-//! The lease ledger audited under faults, and the clock check under real
-//! skew. Three daemons share one global rule on a private etcd cluster,
+//! Shares audited under faults, and a skewed wall clock that changes
+//! nothing. Three daemons share one global rule on a private etcd cluster,
 //! each writing `--audit-log`; the checker (`rld::daemon::lease::audit`)
-//! then verifies from the logs and the bucket key's etcd history that no
-//! grant was counted twice, that every admitted request was covered by a
-//! grant or bounded credit, and that every 1 s and 10 s window stayed within
-//! `rate x t + burst + bound`. Figures go to stderr
+//! then verifies from the logs and etcd's history of the shares that at
+//! every revision the shares in force sum to at most the rule, that every
+//! write counted as committed is in the history (once), and that every 1 s
+//! and 10 s window stayed within `rate x t + burst`. Figures go to stderr
 //! (`cargo test --test it audit -- --nocapture`).
 
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use rld::daemon::lease::audit::{self, HistoryEntry, RuleBound};
+use rld::daemon::lease::view::Paths;
 
 use crate::harness::{
     Etcd, HEAVY, ProcessDaemon, Proxy, code, drive_each, etcd_state, rlctl, stderr,
@@ -42,6 +43,8 @@ fn daemon(
             node,
             "--audit-log",
             log.to_str().unwrap(),
+            "--etcd-compact-interval",
+            "0s",
         ],
         env,
     )
@@ -75,8 +78,6 @@ fn set_rule_on(d: &ProcessDaemon, id: &str, resource: &str) {
             "1s",
             "--burst",
             &burst,
-            "--accuracy",
-            "2%/10s",
             "--on-failure",
             "closed",
         ],
@@ -89,10 +90,10 @@ fn rule_json(d: &ProcessDaemon) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
-/// Every committed value of the rule's bucket keys, from etcd's history,
-/// read from the first member that answers (one may have been killed).
-async fn history(etcd: &Etcd, rule: &str) -> Vec<HistoryEntry> {
-    let prefix = format!("{}/v1/buckets/{rule}/", etcd.prefix);
+/// Every event of the shares (members, records), from etcd's history, read
+/// from the first member that answers (one may have been killed).
+async fn history(etcd: &Etcd) -> Vec<HistoryEntry> {
+    let prefix = format!("{}/v2/", etcd.prefix);
     let mut errors = Vec::new();
     for endpoint in etcd.endpoints.split(',') {
         let options = etcd_client::ConnectOptions::new()
@@ -123,17 +124,20 @@ fn records(dir: &Path, nodes: &[&str]) -> Vec<audit::Record> {
 enum Fault {
     /// c's proxy forwards requests and drops etcd's answers for 1 s.
     DropAnswers,
-    /// c's proxy holds etcd's answers 300 ms (past the lease deadline) for 2 s.
+    /// c's proxy holds etcd's answers 2.5 s (past the call deadline) for
+    /// 3 s, while c's demand for a key of its own ("s") begins: c records
+    /// and raises its share with answers that come too late.
     DelayAnswers,
     /// c's connection to etcd is cut (bytes silently lost) for 1.5 s.
     Cut,
-    /// The bucket value is overwritten with something unreadable.
+    /// The busy key's record is overwritten with something unreadable.
     Unreadable,
     /// The etcd leader is SIGKILLed.
     KillLeader,
-    /// The rule is edited (burst 100 -> 150: the TAT is rescaled).
+    /// The rule is edited (burst 100 -> 150: depths are rescaled).
     EditRule,
-    /// b stops under load: SIGTERM (tokens returned) or SIGKILL (lost).
+    /// b stops under load: SIGTERM (shares handed back) or SIGKILL (held
+    /// until its lease expires).
     TermB,
     KillB,
 }
@@ -156,7 +160,7 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     set_rule_on(&a, "solo", "s");
     for d in [&a, b.as_ref().unwrap(), &c] {
         let start = Instant::now();
-        while rule_json(d)["lease"]["members"] != 3 {
+        while rule_json(d)["lease"]["members"] != 3 || share_count(d) != 3 {
             assert!(start.elapsed() < Duration::from_secs(10), "3 members seen");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -177,13 +181,10 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
         &stop_b,
         limit,
     ));
-    // c also uses a rule no other daemon does ("solo"): its lease writes
-    // never conflict, so an operation whose answer came too late has surely
-    // committed, and its retry must find it there ("resolved").
     loads.push(tokio::spawn(crate::harness::drive(
         c.socket.clone(),
-        vec!["g".into(), "s".into()],
-        vec![600, 300],
+        vec!["g".into()],
+        vec![600],
         start,
         Arc::clone(&stop),
         limit,
@@ -200,8 +201,18 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
                 proxy.drop_answers(false);
             }
             Fault::DelayAnswers => {
-                proxy.delay_answers(Duration::from_millis(300));
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                proxy.delay_answers(Duration::from_millis(2500));
+                // c alone uses "solo": its demand (600/s of 1000/s, over
+                // its third) makes it record the key and raise its share.
+                loads.push(tokio::spawn(crate::harness::drive(
+                    c.socket.clone(),
+                    vec!["s".into()],
+                    vec![600],
+                    start,
+                    Arc::clone(&stop),
+                    limit,
+                )));
+                tokio::time::sleep(Duration::from_secs(3)).await;
                 proxy.delay_answers(Duration::ZERO);
             }
             Fault::Cut => {
@@ -211,7 +222,7 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
             }
             Fault::Unreadable => {
                 let mut client = etcd.client().await;
-                let prefix = format!("{}/v1/buckets/g/", etcd.prefix);
+                let prefix = format!("{}/v2/shares/g/", etcd.prefix);
                 let options = etcd_client::GetOptions::new().with_prefix();
                 let keys = client.get(prefix.as_str(), Some(options)).await.unwrap();
                 let key = keys.kvs()[0].key().to_vec();
@@ -240,8 +251,6 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
                         "1s",
                         "--burst",
                         &burst.to_string(),
-                        "--accuracy",
-                        "2%/10s",
                         "--on-failure",
                         "closed",
                     ],
@@ -274,6 +283,7 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     }
     let per_second: Vec<Vec<u64>> = timelines
         .iter()
+        .take(3)
         .map(|t| {
             (0..secs)
                 .map(|i| t.allowed(0, Duration::from_secs(i), Duration::from_secs(i + 1)))
@@ -297,6 +307,24 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
             let after: u64 = per_second[i][(edit + 1) as usize..until as usize]
                 .iter()
                 .sum();
+            if after == 0 {
+                eprintln!("c's log:\n{}", c.log());
+                let audit_c =
+                    std::fs::read_to_string(audit_path(dir.path(), "c")).unwrap_or_default();
+                for l in audit_c.lines().filter(|l| !l.contains("admitted")) {
+                    eprintln!("c audit: {l}");
+                }
+                for args in [
+                    &["acquire", "load", "g", "--json"][..],
+                    &["rules", "get", "g", "--json"],
+                    &["stats", "--json"],
+                ] {
+                    eprintln!(
+                        "c {args:?}: {}",
+                        crate::harness::stdout(&rlctl(&c.socket, args))
+                    );
+                }
+            }
             assert!(
                 after > 0,
                 "{node} admitted nothing after the rule edit: {per_second:?}"
@@ -311,10 +339,6 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     if !b_stats.is_null() {
         stats.push(b_stats);
     }
-    let bound = rule_json(&a)["lease"]["bound"].as_f64().unwrap().max(
-        // Before b stopped, with 3 members.
-        3.0 * (burst as f64 / 3.0).min(190.0 / 3.0) + 10.0,
-    );
     drop(proxy);
     assert!(a.terminate().success());
     assert!(c.terminate().success());
@@ -322,20 +346,17 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
         assert!(b.terminate().success());
     }
 
-    let history_g = history(&etcd, "g").await;
-    let history_solo = history(&etcd, "solo").await;
-    let history = history_g;
+    let history = history(&etcd).await;
     let records = records(dir.path(), &["a", "b", "c"]);
-    let credit = 64f64.max(burst as f64 / 3.0);
+    let paths = Paths::new(&etcd.prefix);
     let report = audit::check(
         &records,
         &history,
+        &paths,
         "g",
         RuleBound {
             rate: LIMIT as f64,
             burst: burst as f64,
-            bound,
-            credit,
         },
         &[1, 10],
     );
@@ -360,45 +381,30 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
             .sum()
     };
     eprintln!(
-        "audit {name}: admitted a/b/c {admitted:?} (ideal {} in {secs} s + burst {burst}); \
-         {} ops committed ({} resolved after an unknown outcome), {} unknown, {} tokens granted; \
-         worst windows {:?} (admitted, allowed); bound {bound:.1}; \
-         {} lease txns, {} ops, {} unknown, {} resolved, {} repairs, {} failures; \
-         {} history entries",
+        "audit {name}: admitted a/b/c {:?} (ideal {} in {secs} s + burst {burst}); \
+         {} etcd revisions replayed, {} records, fullest {:.1}% of the rate; \
+         {} share writes committed, {} unknown; worst windows {:?} (admitted, allowed); \
+         {} txns, {} writes sent, {} unknown, {} resolved, {} conflicts, {} failures",
+        &admitted[..3],
         LIMIT * secs,
-        report.ops_committed,
-        report.ops_resolved,
-        report.ops_unknown,
-        report.tokens_granted,
+        report.revisions,
+        report.records,
+        report.fullest * 100.0,
+        report.writes_committed,
+        report.writes_unknown,
         report.worst_windows,
         sum("lease_txns"),
         sum("lease_ops"),
         sum("lease_unknown"),
         sum("lease_resolved"),
-        sum("lease_repairs"),
+        sum("lease_conflicts"),
         sum("lease_failures"),
-        history.len(),
     );
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
-    // Every unknown outcome was settled by its retry under the same identity
-    // (found committed, or committed then), never applied twice.
-    for rec in &records {
-        if let audit::Record::Op {
-            node, op, outcome, ..
-        } = rec
-            && outcome == "unknown"
-            && (node != "b" || b_clean)
-        {
-            let mine: Vec<_> = records
-                .iter()
-                .filter(|r| matches!(r, audit::Record::Op { node: n, op: o, .. } if n == node && o == op))
-                .collect();
-            let settled = mine.iter().any(|r| {
-                matches!(r, audit::Record::Op { outcome, .. } if outcome == "resolved" || outcome == "committed")
-            });
-            assert!(settled, "operation {op} of {node} never settled: {mine:?}");
-        }
-    }
+    assert!(
+        report.revisions > 0 && report.records > 0,
+        "the history was replayed"
+    );
     // What each daemon admitted, as the load saw it, is what its log says
     // (a SIGKILLed daemon loses at most its last 100 ms of lines).
     for (i, node) in ["a", "b", "c"].iter().enumerate() {
@@ -413,41 +419,35 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
         }
     }
     for f in faults {
-        match f.1 {
-            // Answers held past the deadline surely make outcomes unknown
-            // (dropped ones only when a lease's answer is the one dropped).
-            Fault::DelayAnswers => {
-                // On the uncontended key every late answer's operation had
-                // committed; each retry found it and did not apply it again.
-                let solo = audit::check(
-                    &records,
-                    &history_solo,
-                    "solo",
-                    RuleBound {
-                        rate: LIMIT as f64,
-                        burst: BURST as f64,
-                        bound,
-                        credit,
-                    },
-                    &[1, 10],
-                );
-                eprintln!(
-                    "audit {name}, solo key: {} committed, {} unknown, {} resolved; worst windows {:?}",
-                    solo.ops_committed, solo.ops_unknown, solo.ops_resolved, solo.worst_windows
-                );
-                assert!(solo.violations.is_empty(), "{:#?}", solo.violations);
-                assert!(
-                    solo.ops_unknown > 0 && solo.ops_resolved > 0,
-                    "late answers on the solo key: {} unknown, {} resolved",
-                    solo.ops_unknown,
-                    solo.ops_resolved
-                );
-            }
-            Fault::Unreadable => assert!(
-                sum("lease_repairs") >= 1,
-                "the unreadable value was repaired"
-            ),
-            _ => {}
+        if f.1 == Fault::DelayAnswers {
+            // c's writes for "solo" got their answers too late: each was
+            // resolved from the watch (found committed, or seen not to
+            // have been), never applied twice (the ledger check above).
+            let solo = audit::check(
+                &records,
+                &history,
+                &paths,
+                "solo",
+                RuleBound {
+                    rate: LIMIT as f64,
+                    burst: BURST as f64,
+                },
+                &[1, 10],
+            );
+            eprintln!(
+                "audit {name}, solo key: {} writes committed, {} unknown; {} resolved in all; worst windows {:?}",
+                solo.writes_committed,
+                solo.writes_unknown,
+                sum("lease_resolved"),
+                solo.worst_windows
+            );
+            assert!(solo.violations.is_empty(), "{:#?}", solo.violations);
+            assert!(
+                solo.writes_unknown > 0 && sum("lease_resolved") > 0,
+                "late answers on the solo key: {} unknown, {} resolved",
+                solo.writes_unknown,
+                sum("lease_resolved")
+            );
         }
     }
     // The same check from the shell: `rlctl audit` exits 0 and says ok.
@@ -465,7 +465,6 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
             "--etcd-prefix",
             &etcd.prefix,
         ])
-        .args(["--members", "3"])
         .args(&logs)
         .output()
         .unwrap();
@@ -473,6 +472,15 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     eprintln!("rlctl audit:\n{text}");
     assert_eq!(cli.status.code(), Some(0), "{text}{}", stderr(&cli));
     assert!(text.contains("ok: no violation"), "{text}");
+}
+
+/// This daemon's operating count (`rlctl stats`).
+fn share_count(d: &ProcessDaemon) -> u64 {
+    let out = rlctl(&d.socket, &["stats", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()["cluster"]
+        ["shares"]["count"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// Unknown outcomes (answers dropped, or held past the deadline, after etcd
@@ -510,8 +518,9 @@ async fn the_ledger_holds_across_a_leader_kill_a_rule_edit_and_a_daemon_kill() {
 }
 
 /// A daemon whose wall clock is 2 s off (libfaketime; the monotonic clock
-/// left true) measures its offset, says so in `rlctl health`, stops leasing
-/// and follows `on_failure = "closed"`; the others keep the global limit.
+/// left true) changes nothing: shares are rates and depths on monotonic
+/// clocks, expiring by etcd's lease TTL, never wall-clock times. It stays
+/// healthy, admits its share, and the three keep the global limit.
 async fn skewed(offset: &str) {
     let Some(etcd) = Etcd::get() else { return };
     let _heavy = HEAVY.write().await;
@@ -530,41 +539,16 @@ async fn skewed(offset: &str) {
     ];
     let c = daemon(&etcd.endpoints, &etcd, dir.path(), "c", &env);
     set_rule(&a);
-    // c finds out it is skewed.
-    let start = Instant::now();
-    let health = loop {
-        let out = rlctl(&c.socket, &["health", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if v["etcd"]["clock"]["skewed"] == true {
-            break v;
+    for d in [&a, &b, &c] {
+        let start = Instant::now();
+        while share_count(d) != 3 || rule_json(d)["lease"]["members"] != 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "3 daemons sharing"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "c never found its clock {offset} off: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let detected = start.elapsed();
-    let offset_ns = health["etcd"]["clock"]["offset_ns"].as_i64().unwrap();
-    let want: i64 = if offset.starts_with('-') {
-        -2_000_000_000
-    } else {
-        2_000_000_000
-    };
-    // c is one of three: the median is a healthy clock, so c is ~2 s off it.
-    assert!(
-        (offset_ns - want).abs() < 100_000_000,
-        "offset {offset_ns} ns, expected about {want}"
-    );
-    assert_eq!(health["state"], "degraded", "{health}");
-    for d in [&a, &b] {
-        let out = rlctl(&d.socket, &["health", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["etcd"]["clock"]["skewed"], false, "{v}");
     }
-    let text = crate::harness::stdout(&rlctl(&c.socket, &["health"]));
-    assert!(text.contains("SKEWED"), "{text}");
-
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let loads = drive_each(&[&a, &b, &c], "g", 600, t0, &stop, Duration::from_secs(10));
@@ -576,37 +560,44 @@ async fn skewed(offset: &str) {
         admitted.push(t.allowed(0, Duration::ZERO, Duration::from_secs(60)));
     }
     let secs = t0.elapsed().as_secs_f64();
+    let state = etcd_state(&c.socket);
     eprintln!(
-        "clock {offset}: detected after {detected:?}, offset {:.1} ms; admitted a/b/c {admitted:?} \
-         in {secs:.1} s (limit {LIMIT}/s, c closed); c state {}",
-        offset_ns as f64 / 1e6,
-        etcd_state(&c.socket)
+        "clock {offset}: admitted a/b/c {admitted:?} in {secs:.1} s (limit {LIMIT}/s); c state {state}"
     );
-    assert_eq!(
-        admitted[2], 0,
-        "a skewed daemon on a closed rule admits nothing"
-    );
-    let ab = (admitted[0] + admitted[1]) as f64;
+    assert_eq!(state, "healthy", "a skewed wall clock is no fault");
+    let total: u64 = admitted.iter().sum();
     let ideal = LIMIT as f64 * secs;
     assert!(
-        ab <= ideal * 1.02 + BURST as f64 + 100.0,
-        "a+b admitted {ab} of {ideal}"
+        (total as f64) <= ideal + BURST as f64,
+        "admitted {total} of {ideal} + burst {BURST}"
     );
-    // Not starved by c's clock (a TAT written 2 s ahead would lock them out
-    // for 2 s without the clamp); a loose floor, since a loaded machine
-    // offers less than the load asks for.
+    // c serves its share like the others (a loose floor: a loaded machine
+    // offers less than the load asks for).
     assert!(
-        ab >= ideal * 0.5,
-        "a and b are not starved: {ab} of {ideal}"
+        admitted[2] as f64 >= 0.2 * total as f64,
+        "c admits its share: {admitted:?}"
     );
+    let records = records(dir.path(), &["a", "b", "c"]);
+    let report = audit::check(
+        &records,
+        &history(&etcd).await,
+        &Paths::new(&etcd.prefix),
+        "g",
+        RuleBound {
+            rate: LIMIT as f64,
+            burst: BURST as f64,
+        },
+        &[1],
+    );
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_2s_behind_stops_leasing_loudly() {
+async fn a_clock_2s_behind_changes_nothing() {
     skewed("-2s").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_2s_ahead_stops_leasing_loudly() {
+async fn a_clock_2s_ahead_changes_nothing() {
     skewed("+2s").await;
 }

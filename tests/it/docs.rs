@@ -261,7 +261,7 @@ fn the_config_page_states_the_real_defaults() {
         ("sweep_interval", dur(c.sweep_interval)),
         ("etcd_prefix", e.prefix.clone()),
         ("etcd_timeout", dur(e.timeout)),
-        ("max_clock_skew", dur(e.max_clock_skew)),
+        ("etcd_compact_interval", dur(e.compact_every)),
         ("fallback_slack", e.fallback_slack.to_string()),
         ("max_buckets_per_rule", e.max_buckets_per_rule.to_string()),
     ];

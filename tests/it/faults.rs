@@ -1,7 +1,11 @@
 //! Graceful degradation against real failures of a real etcd cluster: every
 //! member killed, every member hung (SIGSTOP), the leader killed under load,
-//! one daemon cut off by a silent partition. Each test reports its figures
-//! on stderr (`cargo test --test it faults -- --nocapture`).
+//! one daemon cut off by a silent partition. Shares stay in force until
+//! their deadline (before the daemon's etcd lease can expire): a short
+//! fault changes no decision; a long one makes the daemon follow each
+//! rule's `on_failure`, and the others get its shares back once its lease
+//! expired. Each test reports its figures on stderr
+//! (`cargo test --test it faults -- --nocapture`).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -48,11 +52,17 @@ fallback_limit = 40
 "#;
 
 /// What a batch of requests that waited on a failing etcd would take at
-/// least: the etcd call deadline (`etcd_timeout`, 500 ms by default), which
-/// a hung or partitioned etcd lets run out. Not a speed check (a loaded
+/// least: the etcd call deadline (`etcd_timeout`, 2 s by default), which a
+/// hung or partitioned etcd lets run out. Not a speed check (a loaded
 /// machine may take tens of milliseconds per batch): answers faster than
 /// this were not held behind the fault.
 const WAITED_ON_ETCD: Duration = Duration::from_millis(500);
+
+/// How long after a fault shares go out of force: their deadline is the
+/// last renewal sent (at most a keep-alive period, 1 s, before the fault)
+/// plus 9.6 s; checked on a 50 ms timer.
+const LAPSE_EARLIEST: Duration = Duration::from_millis(8_500);
+const LAPSE_LATEST: Duration = Duration::from_secs(11);
 
 fn daemon(etcd_endpoints: &str, etcd: &Etcd, dir: &std::path::Path, node: &str) -> ProcessDaemon {
     let sub = dir.join(node);
@@ -91,20 +101,13 @@ fn wait_ready(ds: &[&ProcessDaemon], id: &str) {
     }
 }
 
-/// Tokens of debt the daemon has charged to etcd so far.
-fn debt_charged(d: &ProcessDaemon) -> u64 {
-    let out = rlctl(&d.socket, &["stats", "--json"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["cluster"]["debt_charged"]
-        .as_u64()
-        .unwrap()
-}
-
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
 /// The shared scenario of "all members killed" and "all members hung":
-/// 200/s offered on each policy's rule; `fail` at 4 s; `heal` 6 s later.
+/// 200/s offered on each policy's rule (100/s, burst 50); `fail` at 3 s;
+/// `heal` 4 s after the shares lapsed.
 async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
     let Some(etcd) = Etcd::private_for_faults() else {
         return;
@@ -113,7 +116,13 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
     let dir = tempfile::tempdir().unwrap();
     let d = daemon(&etcd.endpoints, &etcd, dir.path(), "a");
     import(&d, dir.path(), RULES);
-    wait_state(&d.socket, "healthy", Instant::now(), Duration::from_secs(5)).await;
+    wait_state(
+        &d.socket,
+        "healthy",
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(drive(
@@ -124,39 +133,37 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
         Arc::clone(&stop),
         Duration::from_secs(60),
     ));
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let debt_before = debt_charged(&d);
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let failed_at = start.elapsed();
     fail(&etcd);
-    let degraded_at = wait_state(&d.socket, "degraded", start, Duration::from_secs(5)).await;
-    tokio::time::sleep(Duration::from_secs(6).saturating_sub(start.elapsed() - failed_at)).await;
+    let degraded_at = wait_state(&d.socket, "degraded", start, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let healed_at = start.elapsed();
     heal(&etcd);
-    let healthy_at = wait_state(&d.socket, "healthy", start, Duration::from_secs(10)).await;
-    // HEALTHY comes only once the debts are posted.
-    let debt = debt_charged(&d) - debt_before;
+    let healthy_at = wait_state(&d.socket, "healthy", start, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let t: Timeline = load.await.unwrap();
 
     let healthy = (Duration::from_secs(1), failed_at);
-    let fault = (degraded_at + Duration::from_millis(50), healed_at);
+    let in_force = (failed_at, degraded_at);
+    let lapsed = (degraded_at + Duration::from_millis(50), healed_at);
     let after = (healthy_at, healthy_at + Duration::from_secs(10));
     let secs = |w: (Duration, Duration)| (w.1 - w.0).as_secs_f64();
-    let during: Vec<u64> = (0..3).map(|r| t.allowed(r, fault.0, fault.1)).collect();
-    let offered: Vec<u64> = (0..3).map(|r| t.offered(r, fault.0, fault.1)).collect();
+    let kept: Vec<u64> = (0..3)
+        .map(|r| t.allowed(r, in_force.0, in_force.1))
+        .collect();
+    let during: Vec<u64> = (0..3).map(|r| t.allowed(r, lapsed.0, lapsed.1)).collect();
+    let offered: Vec<u64> = (0..3).map(|r| t.offered(r, lapsed.0, lapsed.1)).collect();
     let post: Vec<u64> = (0..3).map(|r| t.allowed(r, after.0, after.1)).collect();
-    let healthy_lat: Vec<Duration> = {
-        let h = Timeline {
-            ticks: t
-                .ticks
-                .iter()
-                .filter(|(at, ..)| *at < healthy.1)
-                .cloned()
-                .collect(),
-            per_tick: t.per_tick.clone(),
-        };
-        vec![h.latency_quantile(0.5), h.latency_quantile(0.99)]
+    let healthy_lat = Timeline {
+        ticks: t
+            .ticks
+            .iter()
+            .filter(|(at, ..)| *at < healthy.1)
+            .cloned()
+            .collect(),
+        per_tick: t.per_tick.clone(),
     };
     let fault_lat = Timeline {
         ticks: t
@@ -169,14 +176,16 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
     };
     eprintln!(
         "{name}: DEGRADED {} ms after the fault, HEALTHY {} ms after healing; \
-         during the fault ({:.1} s, offered {offered:?}) admitted open/closed/local {during:?}; \
+         shares in force for {:.1} s of the fault: admitted open/closed/local {kept:?} (100/s each); \
+         lapsed ({:.1} s, offered {offered:?}) admitted {during:?}; \
          10 s after recovery {post:?} (ideal 1000 each); batch latency p50/p99 healthy {:?}/{:?}, \
          during the fault {:?}/{:?}, max {:?}",
         ms(degraded_at - failed_at),
         ms(healthy_at - healed_at),
-        secs(fault),
-        healthy_lat[0],
-        healthy_lat[1],
+        secs(in_force),
+        secs(lapsed),
+        healthy_lat.latency_quantile(0.5),
+        healthy_lat.latency_quantile(0.99),
         fault_lat.latency_quantile(0.5),
         fault_lat.latency_quantile(0.99),
         t.max_latency(),
@@ -186,47 +195,49 @@ async fn outage(name: &str, fail: impl Fn(&Etcd), heal: impl Fn(&Etcd)) {
         "a request waited {:?}",
         t.max_latency()
     );
-    assert!(degraded_at - failed_at <= Duration::from_secs(2));
-    assert!(healthy_at - healed_at <= Duration::from_secs(5));
+    assert!(
+        (LAPSE_EARLIEST..=LAPSE_LATEST).contains(&(degraded_at - failed_at)),
+        "shares lapsed {:?} after the fault",
+        degraded_at - failed_at
+    );
+    assert!(healthy_at - healed_at <= Duration::from_secs(10));
+    // While shares are in force nothing changes: every rule admits its
+    // rate (this daemon holds all of it), and no more.
+    for (r, n) in kept.iter().enumerate() {
+        let cap = 100.0 * secs(in_force) + 50.0 + 1.0;
+        assert!(
+            *n as f64 <= cap,
+            "rule {r}: {n} admitted while in force > {cap}"
+        );
+        assert!(
+            *n as f64 >= 100.0 * secs(in_force) * 0.9 - 10.0,
+            "rule {r}: {n} admitted while in force: the fault changed a decision"
+        );
+    }
     // open: everything.
     assert_eq!(during[0], offered[0], "open admits all");
-    // closed: only tokens held when etcd went away (at most a batch or two).
+    // closed: nothing once the shares lapsed (they may be others' now).
+    assert_eq!(during[1], 0, "closed admitted {} without shares", during[1]);
+    // local: the fallback limit, 40/s, from the tokens the bucket had when
+    // its shares lapsed (it was busy: none): no burst on entry. And it
+    // does admit: 200/s are offered.
+    let local_cap = 40.0 * secs(lapsed) + 1.0;
     assert!(
-        during[1] <= 40,
-        "closed admitted {} without etcd",
-        during[1]
-    );
-    // local: the fallback limit, 40/s, from when the bucket last used leased
-    // tokens (before the fault), and no burst on entry (a busy bucket's
-    // fallback starts drained); beyond the tokens still held then (at most
-    // a batch, 19 here). And the fallback does admit: 200/s are offered.
-    let local = t.allowed(2, failed_at, healed_at);
-    let local_cap = 40.0 * secs((failed_at, healed_at)) + 19.0 + 1.0;
-    assert!(
-        local as f64 <= local_cap,
-        "local admitted {local} from the fault to healing > {local_cap}"
+        during[2] as f64 <= local_cap,
+        "local admitted {} on its fallback > {local_cap}",
+        during[2]
     );
     assert!(
-        during[2] as f64 >= 40.0 * secs(fault) * 0.9,
+        during[2] as f64 >= 40.0 * secs(lapsed) * 0.9,
         "local admitted only {} in {:.1} s of fallback at 40/s",
         during[2],
-        secs(fault)
+        secs(lapsed)
     );
-    // The debt was charged: what open and local admitted beyond the tokens
-    // held when etcd went (at most one batch each, 19 here) and no more
-    // than they admitted from the fault to HEALTHY.
-    let outage = (failed_at, healthy_at);
-    let most = t.allowed(0, outage.0, outage.1) + t.allowed(2, outage.0, outage.1);
-    let least = (during[0] + during[2]).saturating_sub(2 * 19);
-    eprintln!("{name}: debt charged on recovery {debt} (between {least} and {most})");
-    assert!(
-        (least..=most).contains(&debt),
-        "debt charged {debt}, expected {least}..={most}"
-    );
-    // No burst after recovery: the debt was charged.
+    // No burst after recovery: buckets keep their tokens across the change
+    // of parameters (open drew its own down while admitting everything).
     for (r, n) in post.iter().enumerate() {
         assert!(
-            *n as f64 <= 1000.0 * 1.02 + 50.0,
+            *n as f64 <= 1000.0 + 50.0 + 1.0,
             "rule {r}: {n} admitted in the 10 s after recovery"
         );
     }
@@ -334,8 +345,17 @@ async fn killing_the_leader_under_load_stays_within_three_percent() {
     assert!(max < WAITED_ON_ETCD, "a request waited {max:?}");
 }
 
+/// This daemon's operating count (`rlctl stats`).
+fn share_count(d: &ProcessDaemon) -> u64 {
+    let out = rlctl(&d.socket, &["stats", "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default()["cluster"]
+        ["shares"]["count"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
+async fn a_partitioned_daemon_stops_before_its_shares_are_reclaimed() {
     let Some(etcd) = Etcd::private_for_faults() else {
         return;
     };
@@ -346,7 +366,13 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
     let b = daemon(&etcd.endpoints, &etcd, dir.path(), "b");
     let c = daemon(&proxy.endpoints, &etcd, dir.path(), "c");
     import(&a, dir.path(), GLOBAL);
-    wait_state(&c.socket, "healthy", Instant::now(), Duration::from_secs(5)).await;
+    wait_state(
+        &c.socket,
+        "healthy",
+        Instant::now(),
+        Duration::from_secs(10),
+    )
+    .await;
     wait_ready(&[&a, &b, &c], "g");
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
@@ -356,18 +382,19 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
         600,
         start,
         &stop,
-        Duration::from_secs(20),
+        Duration::from_secs(40),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cut_at = start.elapsed();
     proxy.cut(true);
-    let degraded_at = wait_state(&c.socket, "degraded", start, Duration::from_secs(5)).await;
-    // Ten seconds of partition; a and b must keep leasing throughout: never
-    // degraded (a call slowed by a loaded machine may make one briefly
-    // suspect, which still serves and leases; the accuracy check below
-    // says whether they did).
+    // c keeps its third until its deadline, then follows on_failure
+    // (local); etcd expires its lease after that, and a and b split the
+    // rule between them.
+    let degraded_at = wait_state(&c.socket, "degraded", start, Duration::from_secs(15)).await;
     let mut others_healthy = true;
-    while start.elapsed() < degraded_at + Duration::from_secs(10) {
+    let reclaim_deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts: Vec<u64> = [&a, &b].iter().map(|d| share_count(d)).collect();
         for d in [&a, &b] {
             let socket = d.socket.clone();
             let s = tokio::task::spawn_blocking(move || etcd_state(&socket))
@@ -375,42 +402,80 @@ async fn a_partitioned_daemon_degrades_while_the_others_stay_accurate() {
                 .unwrap();
             others_healthy &= s == "healthy" || s == "suspect";
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if counts == [2, 2] {
+            break;
+        }
+        assert!(
+            Instant::now() < reclaim_deadline,
+            "c's shares never came back: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let window = (degraded_at, degraded_at + Duration::from_secs(10));
+    let reclaimed_at = start.elapsed();
+    // Eight seconds of a and b alone.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let window = (
+        reclaimed_at + Duration::from_millis(500),
+        reclaimed_at + Duration::from_secs(8),
+    );
     proxy.cut(false);
     let healed_at = start.elapsed();
-    let healthy_at = wait_state(&c.socket, "healthy", start, Duration::from_secs(10)).await;
+    let healthy_at = wait_state(&c.socket, "healthy", start, Duration::from_secs(15)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut t = Vec::new();
     for l in loads {
         t.push(l.await.unwrap());
     }
+    let in_force = (cut_at, degraded_at);
+    let all_in_force: u64 = t.iter().map(|t| t.allowed(0, in_force.0, in_force.1)).sum();
     let ab = t[0].allowed(0, window.0, window.1) + t[1].allowed(0, window.0, window.1);
-    let c_admitted = t[2].allowed(0, window.0, window.1);
+    let c_fallback = t[2].allowed(0, degraded_at, healed_at);
+    let secs = |w: (Duration, Duration)| (w.1 - w.0).as_secs_f64();
     eprintln!(
-        "partition: c DEGRADED {} ms after the cut, HEALTHY {} ms after healing; in 10 s of \
-         partition a+b admitted {ab} (ideal 10000), c admitted {c_admitted} on its fallback; \
-         max latency a/b/c {:?}/{:?}/{:?}",
+        "partition: c DEGRADED {} ms after the cut, a and b took its shares back {} ms after the \
+         cut, c HEALTHY {} ms after healing; while c's shares were in force all three admitted \
+         {all_in_force} in {:.1} s (1000/s); a+b alone admitted {ab} in {:.1} s; c admitted \
+         {c_fallback} on its fallback; max latency a/b/c {:?}/{:?}/{:?}",
         ms(degraded_at - cut_at),
+        ms(reclaimed_at - cut_at),
         ms(healthy_at - healed_at),
+        secs(in_force),
+        secs(window),
         t[0].max_latency(),
         t[1].max_latency(),
         t[2].max_latency()
     );
     assert!(others_healthy, "a and b were never degraded");
-    assert!(degraded_at - cut_at <= Duration::from_secs(2));
-    // a and b share the limit within 2% (+ burst) and lose at most 5% to
-    // the partition, of what their load generators managed to offer.
-    let ab_offered = t[0].offered(0, window.0, window.1) + t[1].offered(0, window.0, window.1);
     assert!(
-        ab as f64 <= 10_000.0 * 1.02 + 100.0 && ab as f64 >= ab_offered.min(10_000) as f64 * 0.95,
-        "a+b admitted {ab} of {ab_offered} offered"
+        (LAPSE_EARLIEST..=LAPSE_LATEST).contains(&(degraded_at - cut_at)),
+        "c's shares lapsed {:?} after the cut",
+        degraded_at - cut_at
     );
-    // c's fallback: limit x 1.1 / N (N = 3 when cut) per second, plus burst.
     assert!(
-        c_admitted as f64 <= 1000.0 * 1.1 / 3.0 * 10.0 + 100.0,
-        "c admitted {c_admitted}"
+        reclaimed_at >= degraded_at,
+        "c's shares were reclaimed before c stopped using them"
+    );
+    // While c's shares were in force (c cut off but within its deadline),
+    // the three together kept the rule.
+    assert!(
+        all_in_force as f64 <= 1000.0 * secs(in_force) + 100.0 + 1.0,
+        "{all_in_force} admitted in {:.1} s",
+        secs(in_force)
+    );
+    // a and b alone: the whole rule between them (within 2% and the
+    // burst), losing at most 5% of what their load generators offered.
+    let ab_offered = t[0].offered(0, window.0, window.1) + t[1].offered(0, window.0, window.1);
+    let ideal = 1000.0 * secs(window);
+    assert!(
+        ab as f64 <= ideal * 1.02 + 100.0 && ab as f64 >= (ab_offered as f64).min(ideal) * 0.95,
+        "a+b admitted {ab} of {ab_offered} offered (ideal {ideal:.0})"
+    );
+    // c's fallback: limit x 1.1 / N (N = 3 when cut) per second (and no
+    // burst: its bucket was busy when its shares lapsed).
+    let fallback = 1000.0 * 1.1 / 3.0;
+    assert!(
+        c_fallback as f64 <= fallback * secs((degraded_at, healed_at)) + 1.0 + fallback,
+        "c admitted {c_fallback} on its fallback"
     );
     for timeline in &t {
         assert!(
@@ -445,13 +510,13 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     import(&a, dir.path(), GLOBAL);
     wait_ready(&[&a, &b], "g");
 
-    // Every member killed for 7 s (etcd refreshes lease TTLs when it
-    // elects a leader again, so member keys need not expire here; their
-    // loss is forced below).
+    // Every member killed until the daemons' shares lapsed (etcd refreshes
+    // lease TTLs when it elects a leader again, so member keys need not
+    // expire here; their loss is forced below).
     etcd.kill_all();
     let start = Instant::now();
     for d in [&a, &b] {
-        wait_state(&d.socket, "degraded", start, Duration::from_secs(5)).await;
+        wait_state(&d.socket, "degraded", start, Duration::from_secs(15)).await;
     }
     // A rule change while etcd is down is refused with a reason, and
     // changes nothing.
@@ -474,8 +539,7 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     assert_ne!(code(&out), 0);
     assert!(stderr(&out).contains("etcd"), "{}", stderr(&out));
     assert!(!has_rule(&a, "during"));
-    // Past the TTL, then etcd comes back.
-    tokio::time::sleep(Duration::from_secs(7).saturating_sub(start.elapsed())).await;
+    // Then etcd comes back.
     etcd.restart();
     for d in [&a, &b] {
         wait_state(&d.socket, "healthy", start, Duration::from_secs(20)).await;
@@ -497,7 +561,7 @@ async fn rule_changes_and_membership_come_back_after_an_etcd_outage() {
     // b's member key loses its lease (as when it expires while b is cut
     // off): b registers again under a new lease, and a counts it again.
     let mut client = etcd.client().await;
-    let key = format!("{}/v1/members/b", etcd.prefix);
+    let key = format!("{}/v2/members/b", etcd.prefix);
     let old = client.get(key.as_str(), None).await.unwrap().kvs()[0].lease();
     client.lease_revoke(old).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

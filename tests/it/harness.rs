@@ -313,7 +313,9 @@ impl Etcd {
         }
     }
 
-    /// `rld` arguments joining this cluster as `node`.
+    /// `rld` arguments joining this cluster as `node`. Compaction is off:
+    /// the suite's clusters are shared, and the audit tests read etcd's
+    /// history from its start (the compaction test turns it on).
     pub fn args(&self, node: &str) -> Vec<String> {
         vec![
             "--etcd".into(),
@@ -322,6 +324,8 @@ impl Etcd {
             self.prefix.clone(),
             "--node-id".into(),
             node.into(),
+            "--etcd-compact-interval".into(),
+            "0s".into(),
         ]
     }
 

@@ -39,29 +39,46 @@ impl Cluster {
                     .with_start_revision(revision + 1)
                     .with_progress_notify();
                 match client.watch(self.rules_prefix(), Some(options)).await {
-                    Ok(mut stream) => loop {
-                        let next = tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = self.health.recovering.notified() => {
-                                tracing::debug!("etcd recovering: re-listing rules and re-watching");
-                                break;
-                            }
-                            m = stream.message() => m,
-                        };
-                        match next {
-                            Ok(Some(resp)) if resp.canceled() => break,
-                            Ok(Some(resp)) if !resp.events().is_empty() => {
-                                if self.relist(&book).await.is_none() {
+                    Ok(watch) => {
+                        let (mut requests, mut stream) = watch.split();
+                        // Progress asked for every second: a stream silent
+                        // for longer than `WATCH_SILENCE` has stalled.
+                        let mut progress = tokio::time::interval(Duration::from_secs(1));
+                        let mut heard = tokio::time::Instant::now();
+                        loop {
+                            let next = tokio::select! {
+                                () = cancel.cancelled() => return,
+                                () = self.health.recovering.notified() => {
+                                    tracing::debug!("etcd recovering: re-listing rules and re-watching");
+                                    break;
+                                }
+                                _ = progress.tick() => {
+                                    if heard.elapsed() > crate::daemon::lease::store::WATCH_SILENCE
+                                        || requests.request_progress().await.is_err()
+                                    {
+                                        tracing::debug!("rule watch went silent; re-listing");
+                                        break;
+                                    }
+                                    continue;
+                                }
+                                m = stream.message() => m,
+                            };
+                            heard = tokio::time::Instant::now();
+                            match next {
+                                Ok(Some(resp)) if resp.canceled() => break,
+                                Ok(Some(resp)) if !resp.events().is_empty() => {
+                                    if self.relist(&book).await.is_none() {
+                                        break;
+                                    }
+                                }
+                                Ok(Some(_)) => {}
+                                Ok(None) | Err(_) => {
+                                    tracing::debug!("rule watch ended; re-listing");
                                     break;
                                 }
                             }
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => {
-                                tracing::debug!("rule watch ended; re-listing");
-                                break;
-                            }
                         }
-                    },
+                    }
                     Err(e) => tracing::debug!("cannot watch rules: {e}"),
                 }
             }

@@ -382,6 +382,7 @@ mod tests {
         let rec = ShareRecord {
             client: "c".into(),
             resource: "r".into(),
+            pool: 0,
             burst: 10,
             entries: entries
                 .iter()

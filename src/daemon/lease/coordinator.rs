@@ -53,6 +53,8 @@ const RESEND: Duration = Duration::from_secs(1);
 /// After a compare failed, a record is decided again once the view is this
 /// far along (or this long after).
 const MOVED_WAIT: Duration = Duration::from_millis(200);
+/// How often records nobody holds are looked for (to delete them).
+const ADOPT_EVERY: Duration = Duration::from_secs(10);
 /// Transactions in flight at once.
 const IN_FLIGHT: usize = 2;
 /// A share changes only when its target moved by more than this fraction
@@ -223,6 +225,14 @@ impl Demand {
         self.since = now;
     }
 
+    /// An estimate before the first sample, for a bucket whose share cannot
+    /// hold anything (no depth): any demand there is unmet, and waiting for
+    /// a full sample would deny a slow rule's requests for a second.
+    fn provisional(&self, now: Instant) -> Option<f64> {
+        (self.acc > 0)
+            .then(|| self.acc as f64 / now.duration_since(self.since).max(SAMPLE).as_secs_f64())
+    }
+
     /// No bucket: no demand, known at once.
     fn none(&mut self, now: Instant) {
         *self = Demand {
@@ -260,12 +270,19 @@ struct Pending {
     write: RecordWrite,
     /// The entry written (for creations and entry writes).
     entry: Option<Entry>,
-    /// Applied once committed (a raise).
+    /// Applied once committed (a raise), with the tokens it takes from the
+    /// record's pool into its new room.
     raise_to: Option<Share>,
+    fill: u64,
+    /// Tokens this write puts in the record's pool (of `Watched::owed`).
+    pooled: u64,
     sent: Option<Instant>,
     in_flight: bool,
     /// Its answer was lost: the view decides.
     uncertain: bool,
+    /// etcd committed it: waiting for the watch to show it (never sent
+    /// again).
+    committed: bool,
 }
 
 /// A bucket this daemon watches.
@@ -281,8 +298,16 @@ struct Watched {
     /// The view must be at least this far before deciding again.
     view_at: i64,
     quiet_since: Option<Instant>,
+    /// Since when the record has been idle everywhere (every entry at zero,
+    /// no demand): it is deleted once that lasted as long as the rule takes
+    /// to refill its burst, so that a bucket starting full afterwards hands
+    /// out nothing the rule had not earned.
+    idle_since: Option<Instant>,
     /// The latest write of this daemon's entry (its identity).
     last_op: u64,
+    /// Tokens this daemon gave up by lowering its depth and owes to the
+    /// record's pool (carried by its next write until one commits).
+    owed: u64,
 }
 
 /// A write of the operating count in flight or awaited in the view.
@@ -295,7 +320,9 @@ struct CountWrite {
     committed: Option<i64>,
 }
 
-type Batch = (Vec<String>, Vec<Written>);
+/// The writes of one transaction (record key and what was sent) and how
+/// each ended.
+type Batch = (Vec<(String, Pending)>, Vec<Written>);
 
 /// Owns this daemon's shares.
 pub struct Coordinator {
@@ -324,6 +351,7 @@ pub struct Coordinator {
     audit: AuditLog,
     audited: HashMap<Box<str>, (u64, u64)>,
     compact_mark: Option<(i64, Instant)>,
+    adopted_at: Option<Instant>,
 }
 
 impl Coordinator {
@@ -359,6 +387,7 @@ impl Coordinator {
             audit,
             audited: HashMap::new(),
             compact_mark: None,
+            adopted_at: None,
         }
     }
 
@@ -532,16 +561,19 @@ impl Coordinator {
     /// share (every entry was at most implicit when it was deleted).
     fn record_gone(&mut self, key: &str, names: Option<&(Box<str>, BucketKey)>) {
         self.applied.remove(key);
+        // A write of ours is settled: a deletion is done, anything else has
+        // nothing left to write to (if its answer is still to come, that
+        // answer settles it).
         if let Some(w) = self.watched.get_mut(key)
             && let Some(p) = &w.pending
-            && p.kind == Kind::Delete
+            && !p.in_flight
         {
             w.pending = None;
         }
         if let Some((rule, bucket)) = names {
             let hash = self.limiter.table().hash_key(bucket);
             self.limiter
-                .set_share(rule, bucket, hash, None, 0, self.clock.now_ns());
+                .set_share(rule, bucket, hash, None, 0, 0, self.clock.now_ns());
         }
     }
 
@@ -560,6 +592,7 @@ impl Coordinator {
             .filter(|e| e.lease == self.lease && self.lease != 0);
         // Resolve a write of ours.
         let mut committed_raise = None;
+        let mut fill = 0;
         let mut latest_is_mine = false;
         if let Some(w) = self.watched.get_mut(key) {
             if let Some(e) = mine
@@ -571,6 +604,8 @@ impl Coordinator {
                 let ours = mine.is_some_and(|e| e.op == p.op);
                 if ours {
                     committed_raise = p.raise_to;
+                    fill = p.fill;
+                    w.owed = w.owed.saturating_sub(p.pooled);
                     if p.uncertain {
                         self.stats.resolved.fetch_add(1, Ordering::Relaxed);
                     }
@@ -599,7 +634,8 @@ impl Coordinator {
         };
         if self.applied.get(key) != Some(&next) {
             self.applied.insert(key.to_owned(), next);
-            self.apply(&rule_id, &record, rule.as_deref(), next);
+            let discarded = self.apply(&rule_id, &record, rule.as_deref(), next, fill);
+            self.owe(key, discarded);
         }
         // A record listing us at an unreported demand (a creation), or one
         // that changed while we hold a share of it: decide.
@@ -611,17 +647,36 @@ impl Coordinator {
         }
     }
 
-    /// Applies `share` of a record to the limiter.
-    fn apply(&mut self, rule_id: &str, record: &Record, rule: Option<&Rule>, share: Share) {
+    /// Tokens given up by lowering `key`'s share go to its record's pool
+    /// with this daemon's next write of it.
+    fn owe(&mut self, key: &str, tokens: u64) {
+        if tokens > 0
+            && let Some(w) = self.watched.get_mut(key)
+        {
+            w.owed = w.owed.saturating_add(tokens);
+        }
+    }
+
+    /// Applies `share` of a record to the limiter, with `fill` tokens from
+    /// the pool in the room a raise adds; returns the tokens given up.
+    fn apply(
+        &mut self,
+        rule_id: &str,
+        record: &Record,
+        rule: Option<&Rule>,
+        share: Share,
+        fill: u64,
+    ) -> u64 {
         let bucket = BucketKey::new(&record.client, &record.resource);
         let hash = self.limiter.table().hash_key(&bucket);
         let implicit_depth = implicit_share(rule, self.count, record.burst).depth;
-        self.limiter.set_share(
+        let discarded = self.limiter.set_share(
             rule_id,
             &bucket,
             hash,
             Some(share.recorded(record.burst)),
             implicit_depth,
+            fill,
             self.clock.now_ns(),
         );
         if self.audit.enabled() {
@@ -633,6 +688,7 @@ impl Coordinator {
                 wall_ns: super::audit::wall_ns(),
             });
         }
+        discarded
     }
 
     // ----- the operating count -----
@@ -789,7 +845,9 @@ impl Coordinator {
                 not_before: now,
                 view_at: 0,
                 quiet_since: None,
+                idle_since: None,
                 last_op: 0,
+                owed: 0,
             },
         );
     }
@@ -805,6 +863,7 @@ impl Coordinator {
             self.decide(&key, now, &rules);
         }
         self.forget_quiet(now);
+        self.adopt_idle_records(now);
         self.compact().await;
     }
 
@@ -821,7 +880,14 @@ impl Coordinator {
     /// Decides what `key`'s record should say about this daemon, and queues
     /// the write.
     fn decide(&mut self, key: &str, now: Instant, rules: &RuleSet) {
-        match self.plan(key, now, rules) {
+        let action = self.plan(key, now, rules);
+        if !matches!(action, Action::Idle | Action::StillIdle | Action::None)
+            && let Some(w) = self.watched.get_mut(key)
+        {
+            w.idle_since = None;
+        }
+        match action {
+            Action::StillIdle => {}
             Action::None => {}
             Action::Quiet => {
                 if let Some(w) = self.watched.get_mut(key) {
@@ -854,6 +920,11 @@ impl Coordinator {
                 self.write_entry(key, &record, expect, next, demand, applied);
             }
             Action::Delete { expect } => self.delete(key, expect),
+            Action::Idle => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.idle_since.get_or_insert(now);
+                }
+            }
         }
     }
 
@@ -868,13 +939,23 @@ impl Coordinator {
         if w.pending.is_some() || now < w.not_before || self.view.revision < w.view_at {
             return Action::None;
         }
-        if !w.demand.known {
-            return Action::None;
-        }
-        let demand = w.demand.rate;
         let rule = rules.get(&w.rule).filter(|r| r.global.is_some());
         let me = self.me();
         let lease = self.lease;
+        let demand = if w.demand.known {
+            w.demand.rate
+        } else {
+            // Before a first sample, only a share with no depth acts (on
+            // the demand seen so far): it can admit nothing at all.
+            let applied_depth = match self.view.records.get(key) {
+                Some(_) => self.applied.get(key).map_or(0, |s| s.depth),
+                None => rule.map_or(0, |r| share::implicit(self.count, r.params.capacity).1),
+            };
+            match w.demand.provisional(now) {
+                Some(d) if applied_depth == 0 => d,
+                _ => return Action::None,
+            }
+        };
         let Some(known) = self.view.records.get(key) else {
             // No record: the implicit share decides. Record the bucket
             // when its demand outgrows that share.
@@ -897,12 +978,23 @@ impl Coordinator {
         let mine = record.entries.get(me).filter(|e| e.lease == lease);
         let applied = self.applied.get(key).copied().unwrap_or(Share::ZERO);
         let Some(rule) = rule else {
-            // The rule is gone here: nothing to hold, nothing wanted.
-            return if mine.is_some_and(|e| Share::of(e) != Share::ZERO || e.demand != Some(0.0)) {
+            // The rule is gone here: nothing to hold, nothing wanted; once
+            // every daemon says so, its record goes.
+            let idle = |e: &Entry| Share::of(e) == Share::ZERO && e.demand == Some(0.0);
+            return if mine.is_some_and(|e| !idle(e)) {
                 Action::Write {
                     next: Share::ZERO,
                     demand: 0.0,
                     applied,
+                }
+            } else if record
+                .entries
+                .iter()
+                .filter(|(n, e)| live(n, e.lease))
+                .all(|(_, e)| idle(e))
+            {
+                Action::Delete {
+                    expect: known.mod_revision,
                 }
             } else {
                 Action::Quiet
@@ -915,13 +1007,22 @@ impl Coordinator {
                 .iter()
                 .filter(move |(n, e)| n.as_str() != me && live(n, e.lease))
         };
-        // Everyone else at zero and quiet, and this daemon quiet too: the
-        // record can go (every daemon returns to its implicit share).
+        // Everyone else at zero and quiet, and this daemon quiet too: once
+        // that lasted as long as the rule takes to refill its burst, the
+        // record can go (every daemon returns to its implicit share, a new
+        // bucket full: the rate earned that while the record was idle).
         if demand == 0.0
             && others().all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+            && mine.is_none_or(|e| e.demand == Some(0.0) || Share::of(e) == Share::ZERO)
         {
-            return Action::Delete {
-                expect: known.mod_revision,
+            let refill =
+                Duration::from_secs_f64((record.burst as f64 / rate.max(1e-9)).min(1e9)).max(QUIET);
+            return match w.idle_since {
+                Some(since) if now.duration_since(since) >= refill => Action::Delete {
+                    expect: known.mod_revision,
+                },
+                Some(_) => Action::StillIdle,
+                None => Action::Idle,
             };
         }
         // Every daemon takes part in node order (so all compute the same
@@ -1032,13 +1133,26 @@ impl Coordinator {
         entry.demand = Some(demand);
         entry.op = op;
         entries.insert(me.clone(), entry.clone());
+        let expect = self.view.broken.get(key).copied().unwrap_or(0);
+        // The depth no implicit share holds (the burst's remainder over
+        // the counts) was never anyone's: it starts full in the pool, so a
+        // burst smaller than the number of daemons is admitted somewhere.
+        // (A record deleted lately left nothing behind to reuse: it is
+        // deleted only once idle for as long as the burst takes to refill.)
+        // Over an unreadable value, whose state is unknown, nothing is.
+        let held: u64 = entries.values().map(|e| e.depth).sum();
+        let pool = if expect == 0 {
+            burst.saturating_sub(held)
+        } else {
+            0
+        };
         let record = Record {
             client: client.to_owned(),
             resource: resource.to_owned(),
             burst,
             entries,
+            pool,
         };
-        let expect = self.view.broken.get(key).copied().unwrap_or(0);
         let write = RecordWrite {
             key: key.to_owned(),
             expect,
@@ -1054,14 +1168,18 @@ impl Coordinator {
             write,
             entry: Some(entry),
             raise_to: None,
+            fill: 0,
+            pooled: 0,
             sent: None,
             in_flight: false,
             uncertain: false,
+            committed: false,
         });
     }
 
-    /// Queues a write of this daemon's entry: lowered parts apply now,
-    /// raised ones once committed.
+    /// Queues a write of this daemon's entry: lowered parts apply now
+    /// (the tokens they held above the new depth owed to the pool), raised
+    /// ones once committed (taking what the pool has into the new room).
     fn write_entry(
         &mut self,
         key: &str,
@@ -1086,7 +1204,8 @@ impl Coordinator {
                 .map(|k| k.rule.clone())
                 .unwrap_or_default();
             let r = self.limiter.rules().get(&rule).cloned();
-            self.apply(&rule, record, r.as_deref(), lowered);
+            let discarded = self.apply(&rule, record, r.as_deref(), lowered, 0);
+            self.owe(key, discarded);
         }
         let op = self.next_op();
         let entry = Entry {
@@ -1097,13 +1216,29 @@ impl Coordinator {
             demand: Some(demand),
             op,
         };
+        let me = self.me().to_owned();
+        let recorded_depth = record
+            .entries
+            .get(&me)
+            .filter(|e| e.lease == self.lease)
+            .map_or(0, |e| e.depth);
         let mut value = record.clone();
-        value.entries.insert(self.me().to_owned(), entry.clone());
+        value.entries.insert(me, entry.clone());
         // Entries of daemons that are gone are dropped while we write anyway.
         let view = &self.view;
         value
             .entries
             .retain(|node, e| view.live(node, e.lease) || e.lease == entry.lease);
+        let owed = self.watched.get(key).map_or(0, |w| w.owed);
+        let held: u64 = value.entries.values().map(|e| e.depth).sum();
+        let (fill, pool) = share::take_from_pool(
+            record.pool,
+            recorded_depth,
+            next.depth,
+            owed,
+            value.burst.saturating_sub(held),
+        );
+        value.pool = pool;
         let write = RecordWrite {
             key: key.to_owned(),
             expect,
@@ -1122,9 +1257,14 @@ impl Coordinator {
             write,
             entry: Some(entry),
             raise_to: raise.then_some(next),
+            // Tokens of the pool come into the room this raise adds here
+            // (the part of it this daemon had not applied yet).
+            fill: fill.min(next.depth.saturating_sub(lowered.depth)),
+            pooled: owed,
             sent: None,
             in_flight: false,
             uncertain: false,
+            committed: false,
         });
     }
 
@@ -1144,10 +1284,49 @@ impl Coordinator {
             },
             entry: None,
             raise_to: None,
+            fill: 0,
+            pooled: 0,
             sent: None,
             in_flight: false,
             uncertain: false,
+            committed: false,
         });
+    }
+
+    /// Every [`ADOPT_EVERY`], watches the records no daemon holds anything
+    /// of any more (every daemon quiet), so that someone deletes them: the
+    /// daemon that wrote last may have stopped.
+    fn adopt_idle_records(&mut self, now: Instant) {
+        if self
+            .adopted_at
+            .is_some_and(|t| now.duration_since(t) < ADOPT_EVERY)
+        {
+            return;
+        }
+        self.adopted_at = Some(now);
+        let view = &self.view;
+        let idle: Vec<(String, Box<str>, BucketKey)> = view
+            .records
+            .iter()
+            .filter(|(key, k)| {
+                !self.watched.contains_key(*key)
+                    && k.record
+                        .entries
+                        .iter()
+                        .filter(|(n, e)| view.live(n, e.lease))
+                        .all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+            })
+            .map(|(key, k)| {
+                (
+                    key.clone(),
+                    k.rule.clone(),
+                    BucketKey::new(&k.record.client, &k.record.resource),
+                )
+            })
+            .collect();
+        for (key, rule, bucket) in idle {
+            self.watch(&key, &rule, bucket, None);
+        }
     }
 
     /// Stops watching buckets that have been quiet (no demand beyond their
@@ -1185,7 +1364,7 @@ impl Coordinator {
             let mut writes = Vec::new();
             for (key, w) in &mut self.watched {
                 let Some(p) = &mut w.pending else { continue };
-                if p.in_flight {
+                if p.in_flight || p.committed {
                     continue;
                 }
                 if p.uncertain && p.sent.is_some_and(|t| now.duration_since(t) < RESEND) {
@@ -1193,7 +1372,7 @@ impl Coordinator {
                 }
                 p.in_flight = true;
                 p.sent = Some(now);
-                keys.push(key.clone());
+                keys.push((key.clone(), p.clone()));
                 writes.push(p.write.clone());
                 if writes.len() >= super::store::MAX_RECORDS_PER_TXN {
                     break;
@@ -1210,23 +1389,17 @@ impl Coordinator {
         }
     }
 
-    fn finished(&mut self, (keys, results): Batch) {
+    fn finished(&mut self, (sent, results): Batch) {
         let now = Instant::now();
-        for (key, result) in keys.into_iter().zip(results) {
-            let Some(w) = self.watched.get_mut(&key) else {
-                continue;
-            };
-            let Some(p) = &mut w.pending else { continue };
-            p.in_flight = false;
+        for ((key, p), result) in sent.into_iter().zip(results) {
             let (outcome, revision) = match &result {
                 Written::Committed(rev) => ("committed", *rev),
                 Written::Moved(rev) => ("moved", *rev),
                 Written::Unknown(_) => ("unknown", 0),
                 Written::Failed(_) => ("failed", 0),
             };
-            let p = p.clone();
-            match result {
-                Written::Committed(rev) => {
+            match &result {
+                Written::Committed(_) => {
                     match p.kind {
                         Kind::Create => self.stats.records_created.fetch_add(1, Ordering::Relaxed),
                         Kind::Delete => self.stats.records_deleted.fetch_add(1, Ordering::Relaxed),
@@ -1235,24 +1408,11 @@ impl Coordinator {
                     if p.raise_to.is_some() {
                         self.stats.raises.fetch_add(1, Ordering::Relaxed);
                     }
-                    // Applied when the watch shows it (in etcd's order).
-                    w.view_at = rev;
-                }
-                Written::Moved(rev) => {
-                    w.pending = None;
-                    w.view_at = rev;
-                    w.not_before = now + MOVED_WAIT.min(TICK);
                 }
                 Written::Unknown(_) => {
                     self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                    if let Some(p) = &mut w.pending {
-                        p.uncertain = true;
-                    }
                 }
-                Written::Failed(_) => {
-                    w.pending = None;
-                    w.not_before = now + Duration::from_millis(100);
-                }
+                _ => {}
             }
             if self.audit.enabled() {
                 let entry = p.entry.as_ref();
@@ -1262,16 +1422,45 @@ impl Coordinator {
                     op: p.op,
                     kind: p.kind.name().into(),
                     lease: self.lease,
-                    rate: entry.map_or(0, |e| Share::of(e).rate),
+                    rate: entry.map_or(0, |e| Share::held(e).rate),
                     depth: entry.map_or(0, |e| e.depth),
                     outcome: outcome.into(),
                     revision,
                     wall_ns: super::audit::wall_ns(),
                 });
             }
-            // A committed write may already be in the view (the watch can be
-            // faster than the answer).
-            if outcome == "committed" {
+            // The write may have been settled by the watch already (it can
+            // be faster than the answer): only this very write is updated.
+            let Some(w) = self.watched.get_mut(&key) else {
+                continue;
+            };
+            if w.pending.as_ref().is_none_or(|q| q.op != p.op) {
+                continue;
+            }
+            let pending = w.pending.as_mut().expect("checked");
+            pending.in_flight = false;
+            match result {
+                Written::Committed(rev) => {
+                    // Applied when the watch shows it (in etcd's order); a
+                    // deletion is done.
+                    w.view_at = rev;
+                    pending.committed = true;
+                    if p.kind == Kind::Delete {
+                        w.pending = None;
+                    }
+                }
+                Written::Moved(rev) => {
+                    w.pending = None;
+                    w.view_at = rev;
+                    w.not_before = now + MOVED_WAIT.min(TICK);
+                }
+                Written::Unknown(_) => pending.uncertain = true,
+                Written::Failed(_) => {
+                    w.pending = None;
+                    w.not_before = now + Duration::from_millis(100);
+                }
+            }
+            if outcome == "committed" && p.kind != Kind::Delete {
                 self.reconcile(&key);
             }
         }
@@ -1345,6 +1534,10 @@ impl Coordinator {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Action {
     None,
+    /// The record is idle everywhere: since now...
+    Idle,
+    /// ...and still, not yet for long enough to delete it.
+    StillIdle,
     /// Demand within the share: forget the bucket if this lasts.
     Quiet,
     /// Demand beyond the share, nothing to write.

@@ -79,6 +79,13 @@ pub struct Record {
     /// burst, during an edit, scales them: see [`Recorded::bucket`]).
     pub burst: u64,
     pub entries: BTreeMap<String, Entry>,
+    /// Tokens of the free depth (not held by any entry) that are full:
+    /// tokens move with depth. A daemon that lowers its depth puts the
+    /// tokens it held above the new depth here; one that raises takes what
+    /// is here into its new room (which otherwise starts empty). Never more
+    /// than the free depth.
+    #[serde(default)]
+    pub pool: u64,
 }
 
 /// A share as a daemon applies it.
@@ -206,7 +213,33 @@ pub fn holds(record: &Record, live: impl Fn(&str, i64) -> bool) -> bool {
             .map(|(_, e)| e)
     };
     let depth: u128 = in_force().map(|e| u128::from(e.depth)).sum();
-    depth <= u128::from(record.burst) && rate_sum(in_force()).is_some_and(Ratio::at_most_one)
+    depth + u128::from(record.pool) <= u128::from(record.burst)
+        && rate_sum(in_force()).is_some_and(Ratio::at_most_one)
+}
+
+/// A daemon's entry in `record` goes from `from` to `to` tokens of depth,
+/// adding `discarded` tokens it held above its new depth to the pool:
+/// (tokens it takes from the pool into the room it adds, the new pool). A
+/// raise takes from the pool first, so the pool never exceeds the free
+/// depth (what is beyond it is dropped: fewer tokens, never more).
+///
+/// ```
+/// use rld::daemon::lease::share::take_from_pool;
+/// // 2 tokens pooled, raising by 3: 2 come full, the third starts empty.
+/// assert_eq!(take_from_pool(2, 0, 3, 0, 5), (2, 0));
+/// // Lowering by 2 and giving back 1 held token.
+/// assert_eq!(take_from_pool(0, 4, 2, 1, 3), (0, 1));
+/// ```
+pub fn take_from_pool(
+    pool: u64,
+    from: u64,
+    to: u64,
+    discarded: u64,
+    free_after: u64,
+) -> (u64, u64) {
+    let pool = pool.saturating_add(discarded);
+    let taken = to.saturating_sub(from).min(pool);
+    (taken, (pool - taken).min(free_after))
 }
 
 /// The rate fraction (of 1) the entries in force of `record` hold.
@@ -417,6 +450,7 @@ mod tests {
         Record {
             client: "c".into(),
             resource: "r".into(),
+            pool: 0,
             burst,
             entries: entries
                 .iter()
@@ -511,6 +545,8 @@ mod tests {
                 r.entries.insert((*node).into(), entry(0, n, d));
             }
             prop_assert!(holds(&r, all));
+            r.pool = burst - r.entries.values().map(|e| e.depth).sum::<u64>();
+            prop_assert!(holds(&r, all));
             for (who, rate, depth, raise) in steps {
                 let node = nodes[who];
                 let now = r.entries.get(node).map(Share::held).unwrap_or_default();
@@ -520,6 +556,13 @@ mod tests {
                 } else {
                     Share { rate: rate.min(now.rate), depth: depth.min(now.depth) }
                 };
+                // A lowering gives back some of the tokens it held.
+                let discarded = (now.depth.saturating_sub(next.depth)) / 2;
+                let others: u64 = r.entries.iter().filter(|(n, _)| n.as_str() != node).map(|(_, e)| e.depth).sum();
+                let free_after = burst - others - next.depth;
+                let (taken, pool) = take_from_pool(r.pool, now.depth, next.depth, discarded, free_after);
+                prop_assert!(taken <= next.depth.saturating_sub(now.depth));
+                r.pool = pool;
                 r.entries.insert(node.into(), entry(next.rate, 0, next.depth));
                 prop_assert!(holds(&r, all), "{:?}", r);
             }

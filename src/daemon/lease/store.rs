@@ -30,6 +30,10 @@ use crate::daemon::telemetry::Telemetry;
 /// transaction counts its compares and its write).
 pub const MAX_RECORDS_PER_TXN: usize = 60;
 
+/// A watch that answers nothing (not even the progress asked for every
+/// second) for this long is made anew.
+pub const WATCH_SILENCE: Duration = Duration::from_secs(3);
+
 /// One write of a record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordWrite {
@@ -389,8 +393,11 @@ impl Store {
                     }
                 };
             // Progress is asked for every second, so a quiet prefix still
-            // shows the watch is alive and how far it got.
+            // shows the watch is alive and how far it got; a stream that
+            // answers nothing for a few seconds has stalled (its member died
+            // behind a connection that stays open) and is made anew.
             let mut progress = tokio::time::interval(Duration::from_secs(1));
+            let mut heard = tokio::time::Instant::now();
             loop {
                 let message = tokio::select! {
                     () = cancel.cancelled() => return,
@@ -399,6 +406,10 @@ impl Store {
                         break;
                     }
                     _ = progress.tick() => {
+                        if heard.elapsed() > WATCH_SILENCE {
+                            tracing::debug!("the shares watch went silent; watching again");
+                            break;
+                        }
                         if watcher.request_progress().await.is_err() {
                             break;
                         }
@@ -406,6 +417,7 @@ impl Store {
                     }
                     m = stream.message() => m,
                 };
+                heard = tokio::time::Instant::now();
                 match message {
                     Ok(Some(resp)) if resp.compact_revision() > 0 => {
                         tracing::info!(

@@ -204,9 +204,15 @@ impl Limiter {
                         let (new, fresh) = if rule.global.is_some() {
                             let (interval, depth, recorded, fresh) =
                                 global::share_of(rule, book, hash, client, resource, now);
+                            // The demand seen so far, and whether the
+                            // coordinator watches the bucket, carry over.
+                            let before = global::ShareAux::unpack(entry.aux);
+                            let same = entry.rule.global.is_some() && same_rule;
                             entry.aux = global::ShareAux {
                                 depth,
                                 recorded,
+                                wanted: if same { before.wanted } else { 0 },
+                                signaled: same && before.signaled,
                                 ..Default::default()
                             }
                             .pack();

@@ -60,10 +60,15 @@ impl Limiter {
 
     /// Records this daemon's share of (rule, key): `Some` recorded share,
     /// or `None` for the rule's implicit share (the record is gone). The
-    /// bucket, if it exists under this rule, moves to it keeping its tokens;
-    /// a bucket created later after a raise starts empty of the added room.
-    /// `implicit_depth` is the depth the implicit share had (in the new
-    /// share's burst), for a first recording.
+    /// bucket, if it exists under this rule, moves to it keeping its tokens
+    /// (capped at the new depth) plus `fill` tokens taken from the record's
+    /// pool into the room a raise adds (which otherwise starts empty; so
+    /// does a bucket created later). `implicit_depth` is the depth the
+    /// implicit share had (in the new share's burst), for a first recording.
+    ///
+    /// Returns the whole tokens the bucket held above its new depth (given
+    /// up: the coordinator puts them in the record's pool).
+    #[allow(clippy::too_many_arguments)]
     pub fn set_share(
         &self,
         rule_id: &str,
@@ -71,8 +76,9 @@ impl Limiter {
         hash: u64,
         share: Option<Recorded>,
         implicit_depth: u64,
+        fill: u64,
         now: u64,
-    ) {
+    ) -> u64 {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
         let table::Shard { buckets, book, .. } = &mut *guard;
@@ -83,14 +89,16 @@ impl Limiter {
             Some(next) => {
                 let start = match before {
                     // The old share's tokens at most (those it held then, if
-                    // it was still filling after an earlier raise).
-                    Some((old, start)) if raised(old, next) => {
-                        Some((now, start.map_or(old.depth, |(_, t)| t.min(old.depth))))
-                    }
+                    // it was still filling after an earlier raise), and what
+                    // came from the pool.
+                    Some((old, start)) if raised(old, next) => Some((
+                        now,
+                        start.map_or(old.depth, |(_, t)| t.min(old.depth)) + fill,
+                    )),
                     Some((_, start)) => start,
                     // From the implicit share: a bucket created now would
                     // have been full at it.
-                    None if next.depth > implicit_depth => Some((now, implicit_depth)),
+                    None if next.depth > implicit_depth => Some((now, implicit_depth + fill)),
                     None => None,
                 };
                 book.put(
@@ -107,6 +115,7 @@ impl Limiter {
                 book.remove(hash, rule_id, client, resource);
             }
         }
+        let mut discarded = 0;
         if let Some(entry) = buckets.find(hash, client, resource)
             && entry.rule.id() == rule_id
             && let Some(g) = &entry.rule.global
@@ -121,12 +130,22 @@ impl Limiter {
                     Some(s) => s.bucket(p.interval_ns, p.capacity),
                     None => g.implicit_bucket(p),
                 };
-                entry.tat = bucket::retune(entry.tat, (entry.share, a.depth), new, now);
+                let old = (entry.share, a.depth);
+                let held = tokens(entry.tat, old, now);
+                entry.tat = bucket::retune(entry.tat, old, new, now);
+                discarded = held.saturating_sub(tokens(entry.tat, new, now));
+                if fill > 0 && new.0 != u64::MAX {
+                    // Full tokens from the pool: the TAT moves back by as
+                    // many intervals, never past a full bucket.
+                    let back = fill.saturating_mul(new.0);
+                    entry.tat = entry.tat.saturating_sub(back).max(now.saturating_sub(1));
+                }
                 entry.share = new.0;
                 a.depth = new.1;
             }
             entry.aux = a.pack();
         }
+        discarded
     }
 
     /// The demand and tokens of (rule, key) for the coordinator; the demand
