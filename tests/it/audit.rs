@@ -153,9 +153,10 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
     let _heavy = HEAVY.write().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(&etcd.endpoints).await;
-    let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a", &[]);
-    let mut b = Some(daemon(&etcd.endpoints, &etcd, dir.path(), "b", &[]));
-    let c = daemon(&proxy.endpoints, &etcd, dir.path(), "c", &[]);
+    let debug = [("RLD_LOG", "info,rld::daemon::lease=debug")];
+    let a = daemon(&etcd.endpoints, &etcd, dir.path(), "a", &debug);
+    let mut b = Some(daemon(&etcd.endpoints, &etcd, dir.path(), "b", &debug));
+    let c = daemon(&proxy.endpoints, &etcd, dir.path(), "c", &debug);
     set_rule(&a);
     set_rule_on(&a, "solo", "s");
     for d in [&a, b.as_ref().unwrap(), &c] {
@@ -308,21 +309,20 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
                 .iter()
                 .sum();
             if after == 0 {
-                eprintln!("c's log:\n{}", c.log());
-                let audit_c =
-                    std::fs::read_to_string(audit_path(dir.path(), "c")).unwrap_or_default();
-                for l in audit_c.lines().filter(|l| !l.contains("admitted")) {
-                    eprintln!("c audit: {l}");
+                let d = match *node {
+                    "a" => Some(&a),
+                    "b" => b.as_ref(),
+                    _ => Some(&c),
+                };
+                if let Some(d) = d {
+                    eprintln!("{node}'s log:\n{}", d.log());
+                    for args in [&["acquire", "load", "g", "--json"][..], &["rules", "get", "g", "--json"]] {
+                        eprintln!("{node} {args:?}: {}", crate::harness::stdout(&rlctl(&d.socket, args)));
+                    }
                 }
-                for args in [
-                    &["acquire", "load", "g", "--json"][..],
-                    &["rules", "get", "g", "--json"],
-                    &["stats", "--json"],
-                ] {
-                    eprintln!(
-                        "c {args:?}: {}",
-                        crate::harness::stdout(&rlctl(&c.socket, args))
-                    );
+                let audit_n = std::fs::read_to_string(audit_path(dir.path(), node)).unwrap_or_default();
+                for l in audit_n.lines().filter(|l| !l.contains("admitted")) {
+                    eprintln!("{node} audit: {l}");
                 }
             }
             assert!(

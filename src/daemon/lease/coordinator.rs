@@ -53,6 +53,8 @@ const RESEND: Duration = Duration::from_secs(1);
 /// After a compare failed, a record is decided again once the view is this
 /// far along (or this long after).
 const MOVED_WAIT: Duration = Duration::from_millis(200);
+/// How long a decision waits for the view to catch up with a write.
+const VIEW_PATIENCE: Duration = Duration::from_secs(2);
 /// How often records nobody holds are looked for (to delete them).
 const ADOPT_EVERY: Duration = Duration::from_secs(10);
 /// Transactions in flight at once.
@@ -175,8 +177,12 @@ struct Demand {
     /// Tokens per second (smoothed); meaningful once `known`.
     rate: f64,
     known: bool,
+    /// Tokens seen over `span` since the last sample.
     acc: u64,
-    since: Instant,
+    span: Duration,
+    /// When the coordinator last read the bucket (`None`: never: the
+    /// bucket's own count says over what span it counted).
+    read_at: Option<Instant>,
 }
 
 /// Tokens a demand sample should see before it is believed (fewer make a
@@ -185,36 +191,49 @@ struct Demand {
 const SAMPLE_TOKENS: u64 = 16;
 
 impl Demand {
-    fn new(now: Instant) -> Demand {
+    fn new() -> Demand {
         Demand {
             rate: 0.0,
             known: false,
             acc: 0,
-            since: now,
+            span: Duration::ZERO,
+            read_at: None,
         }
     }
 
-    /// Adds `wanted` tokens seen by `now`. A sample is taken once it saw
-    /// [`SAMPLE_TOKENS`] tokens over at least [`SAMPLE`] (a first one after
-    /// [`FIRST_SAMPLE`]), or once it spans as long as the current estimate
-    /// needs to show that many: a quiet bucket's demand falls within that
-    /// time, a busy one's at once (demand that moved elsewhere frees its
-    /// share fast). A sample below half the estimate is believed at once;
-    /// others are smoothed.
-    fn add(&mut self, wanted: u64, now: Instant) {
-        self.acc += wanted;
-        let span = now.duration_since(self.since);
-        let enough = self.acc >= SAMPLE_TOKENS;
-        let long = if self.known && self.rate > 0.0 {
-            span.as_secs_f64() >= (SAMPLE_TOKENS as f64 / self.rate).max(SAMPLE.as_secs_f64())
-        } else {
-            span >= Duration::from_secs(1)
+    /// Adds a reading of the bucket at `now`: `wanted` tokens since the
+    /// last one (the first reading: over `first_span`, as the bucket
+    /// counted), the bucket idle for `idle`. A sample is taken once it saw
+    /// [`SAMPLE_TOKENS`] tokens over at least [`FIRST_SAMPLE`] (a first one
+    /// at once if it spans that long), or once it spans as long as the
+    /// current estimate needs to show that many (at least [`SAMPLE`]). A
+    /// bucket idle for as long as that is at zero at once: demand that moved
+    /// elsewhere frees its share fast. A sample below half the estimate is
+    /// believed at once; others are smoothed.
+    fn add(&mut self, wanted: u64, first_span: Duration, idle: Duration, now: Instant) {
+        let span = match self.read_at {
+            Some(at) => now.duration_since(at),
+            None => first_span,
         };
-        let ready = (enough && (span >= SAMPLE || (!self.known && span >= FIRST_SAMPLE))) || long;
-        if !ready {
+        self.read_at = Some(now);
+        self.acc += wanted;
+        self.span += span;
+        let patience = if self.known && self.rate > 0.0 {
+            Duration::from_secs_f64((SAMPLE_TOKENS as f64 / self.rate).min(60.0)).max(SAMPLE)
+        } else {
+            SAMPLE
+        };
+        if self.known && self.rate > 0.0 && idle >= patience {
+            self.rate = 0.0;
+            self.acc = 0;
+            self.span = Duration::ZERO;
             return;
         }
-        let sample = self.acc as f64 / span.as_secs_f64();
+        let enough = self.acc >= SAMPLE_TOKENS && self.span >= FIRST_SAMPLE;
+        if !(enough || self.span >= patience) {
+            return;
+        }
+        let sample = self.acc as f64 / self.span.as_secs_f64().max(1e-3);
         self.rate = if !self.known || sample < self.rate / 2.0 {
             sample
         } else {
@@ -222,15 +241,13 @@ impl Demand {
         };
         self.known = true;
         self.acc = 0;
-        self.since = now;
+        self.span = Duration::ZERO;
     }
 
     /// An estimate before the first sample, for a bucket whose share cannot
-    /// hold anything (no depth): any demand there is unmet, and waiting for
-    /// a full sample would deny a slow rule's requests for a second.
-    fn provisional(&self, now: Instant) -> Option<f64> {
-        (self.acc > 0)
-            .then(|| self.acc as f64 / now.duration_since(self.since).max(SAMPLE).as_secs_f64())
+    /// hold anything (no depth): any demand there is unmet.
+    fn provisional(&self) -> Option<f64> {
+        (self.acc > 0).then(|| self.acc as f64 / self.span.max(SAMPLE).as_secs_f64())
     }
 
     /// No bucket: no demand, known at once.
@@ -239,7 +256,8 @@ impl Demand {
             rate: 0.0,
             known: true,
             acc: 0,
-            since: now,
+            span: Duration::ZERO,
+            read_at: Some(now),
         };
     }
 }
@@ -352,6 +370,9 @@ pub struct Coordinator {
     audited: HashMap<Box<str>, (u64, u64)>,
     compact_mark: Option<(i64, Instant)>,
     adopted_at: Option<Instant>,
+    /// Watched buckets to decide for at once (their record changed, or the
+    /// hot path said they want more), not at the next tick.
+    dirty: Vec<String>,
 }
 
 impl Coordinator {
@@ -388,6 +409,7 @@ impl Coordinator {
             audited: HashMap::new(),
             compact_mark: None,
             adopted_at: None,
+            dirty: Vec::new(),
         }
     }
 
@@ -438,6 +460,7 @@ impl Coordinator {
             }
             self.check_lease();
             self.step_count().await;
+            self.decide_dirty();
             self.flush();
         }
         self.link.set_valid_until(0);
@@ -645,6 +668,7 @@ impl Coordinator {
             let bucket = BucketKey::new(&record.client, &record.resource);
             self.watch(key, rule_id.as_ref(), bucket, None);
         }
+        self.dirty.push(key.to_owned());
     }
 
     /// Tokens given up by lowering `key`'s share go to its record's pool
@@ -815,6 +839,7 @@ impl Coordinator {
                         return;
                     }
                     self.watch(&record_key, rule.id(), key, Some(hash));
+                    self.dirty.push(record_key);
                 }
             }
             LeaseEvent::Released { rule, key } => {
@@ -834,13 +859,26 @@ impl Coordinator {
         let rule: Arc<str> = rule.into();
         *self.per_rule.entry(Arc::clone(&rule)).or_default() += 1;
         let now = Instant::now();
+        self.watch_inserted(record_key, rule, key, hash, now);
+        // The bucket's own count gives a first reading at once.
+        self.sample(record_key, now, self.clock.now_ns());
+    }
+
+    fn watch_inserted(
+        &mut self,
+        record_key: &str,
+        rule: Arc<str>,
+        key: BucketKey,
+        hash: u64,
+        now: Instant,
+    ) {
         self.watched.insert(
             record_key.to_owned(),
             Watched {
                 rule,
                 key,
                 hash,
-                demand: Demand::new(now),
+                demand: Demand::new(),
                 pending: None,
                 not_before: now,
                 view_at: 0,
@@ -850,6 +888,25 @@ impl Coordinator {
                 owed: 0,
             },
         );
+    }
+
+    /// Decides at once for the buckets marked dirty.
+    fn decide_dirty(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let rules = self.limiter.rules();
+        let now = Instant::now();
+        let now_ns = self.clock.now_ns();
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for key in dirty {
+            if self.watched.contains_key(&key) {
+                self.sample(&key, now, now_ns);
+                self.decide(&key, now, &rules);
+            }
+        }
     }
 
     async fn tick(&mut self) {
@@ -871,8 +928,21 @@ impl Coordinator {
         let Some(w) = self.watched.get_mut(key) else {
             return;
         };
+        // A committed write the view still does not show after a while: the
+        // view lags; decide again from it (a raise is applied when it shows).
+        if w.pending.as_ref().is_some_and(|p| {
+            p.committed && p.sent.is_some_and(|t| now.duration_since(t) > 2 * VIEW_PATIENCE)
+        }) {
+            tracing::debug!(key, "a committed share write is not in the view yet; deciding again");
+            w.pending = None;
+        }
         match self.limiter.collect(&w.rule, &w.key, w.hash, now_ns) {
-            Some(c) => w.demand.add(c.wanted, now),
+            Some(c) => w.demand.add(
+                c.wanted,
+                Duration::from_nanos(c.span_ns),
+                Duration::from_nanos(c.idle_ns),
+                now,
+            ),
             None => w.demand.none(now),
         }
     }
@@ -881,6 +951,9 @@ impl Coordinator {
     /// the write.
     fn decide(&mut self, key: &str, now: Instant, rules: &RuleSet) {
         let action = self.plan(key, now, rules);
+        if !matches!(action, Action::None | Action::Quiet | Action::Busy | Action::StillIdle) {
+            tracing::debug!(key, ?action, demand = ?self.watched.get(key).map(|w| w.demand.rate), "share decision");
+        }
         if !matches!(action, Action::Idle | Action::StillIdle | Action::None)
             && let Some(w) = self.watched.get_mut(key)
         {
@@ -936,7 +1009,13 @@ impl Coordinator {
         let Some(w) = self.watched.get(key) else {
             return Action::None;
         };
-        if w.pending.is_some() || now < w.not_before || self.view.revision < w.view_at {
+        // Wait for the view to show what a write of ours changed, but not
+        // for ever: a view that lags (a watch made anew) must not freeze the
+        // bucket's share; compare-and-swap keeps a decision from a stale
+        // view safe anyway.
+        let lagging = self.view.revision < w.view_at
+            && now.duration_since(w.not_before) < VIEW_PATIENCE;
+        if w.pending.is_some() || now < w.not_before || lagging {
             return Action::None;
         }
         let rule = rules.get(&w.rule).filter(|r| r.global.is_some());
@@ -951,7 +1030,7 @@ impl Coordinator {
                 Some(_) => self.applied.get(key).map_or(0, |s| s.depth),
                 None => rule.map_or(0, |r| share::implicit(self.count, r.params.capacity).1),
             };
-            match w.demand.provisional(now) {
+            match w.demand.provisional() {
                 Some(d) if applied_depth == 0 => d,
                 _ => return Action::None,
             }
@@ -1672,25 +1751,28 @@ mod tests {
     fn demand_samples_wait_for_enough_tokens_and_drops_are_believed() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut d = Demand::new(t0);
-        d.add(10, t0 + ms(40));
-        assert!(!d.known, "too few tokens for a first sample");
-        d.add(10, t0 + ms(45));
+        // A first reading over the bucket's own count: 20 tokens in 45 ms.
+        let mut d = Demand::new();
+        d.add(20, ms(45), ms(0), t0);
         assert!(d.known);
         assert!((d.rate - 20.0 / 0.045).abs() < 1.0);
-        // A busy bucket gone quiet: within the time 16 tokens take at its
-        // rate (and at least 100 ms), its demand is zero.
-        d.add(0, t0 + ms(100));
+        // Too few tokens too soon: no sample yet.
+        let mut e = Demand::new();
+        e.add(5, ms(20), ms(0), t0);
+        assert!(!e.known);
+        // A busy bucket gone quiet: idle for as long as 16 tokens take at
+        // its rate (at least 100 ms), its demand is zero at once.
+        d.add(0, ms(0), ms(50), t0 + ms(95));
         assert!(d.rate > 400.0);
-        d.add(0, t0 + ms(150));
+        d.add(0, ms(0), ms(100), t0 + ms(145));
         assert_eq!(d.rate, 0.0);
         // A slow bucket (13/s) is not judged on a tenth of a second: its
         // estimate needs 16 tokens or the time they take.
-        let mut slow = Demand::new(t0);
-        slow.add(16, t0 + ms(1200));
+        let mut slow = Demand::new();
+        slow.add(16, ms(1200), ms(0), t0);
         assert!((slow.rate - 13.3).abs() < 0.1);
-        slow.add(1, t0 + ms(1300));
-        slow.add(0, t0 + ms(1500));
+        slow.add(1, ms(0), ms(10), t0 + ms(100));
+        slow.add(0, ms(0), ms(200), t0 + ms(300));
         assert!(
             (slow.rate - 13.3).abs() < 0.1,
             "not yet judged: {}",

@@ -30,15 +30,20 @@ use crate::protocol::{Outcome, Priority};
 use crate::rule::{OnFailure, RuleSpec};
 
 /// The lease state of one global bucket, packed into its `aux` word: depth
-/// of its current parameters (42 bits), tokens asked for since the
-/// coordinator last looked (18 bits, saturating), and flags.
+/// of its current parameters (41 bits), tokens asked for since `start`
+/// (14 bits, saturating), `start` (6 bits of a coarse clock) and flags.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShareAux {
     /// Tokens of depth of the bucket's current parameters (its `share` word
     /// holds their ns per token).
     pub depth: u64,
-    /// Tokens asked for (allowed or not): the bucket's demand.
+    /// Tokens asked for (allowed or not) since `start`: the bucket's demand.
     pub wanted: u32,
+    /// When `wanted` started counting, in ticks of [`table::tick`] modulo
+    /// 64 (16.8 ms each). The count restarts when it is older than
+    /// [`WINDOW_TICKS`], so its span is always known: the coordinator can
+    /// read a bucket's demand the moment it looks, without watching first.
+    pub start: u8,
     /// The parameters are a recorded share (the shard's book), not the
     /// rule's implicit one.
     pub recorded: bool,
@@ -48,9 +53,13 @@ pub struct ShareAux {
     pub signaled: bool,
 }
 
-const DEPTH_BITS: u32 = 42;
+const DEPTH_BITS: u32 = 41;
 const DEPTH_MAX: u64 = (1 << DEPTH_BITS) - 1;
-const WANTED_MAX: u32 = (1 << 18) - 1;
+const WANTED_BITS: u32 = 14;
+const WANTED_MAX: u32 = (1 << WANTED_BITS) - 1;
+const START_MASK: u32 = 63;
+/// A demand count older than this many ticks (0.8 s) starts over.
+pub const WINDOW_TICKS: u32 = 48;
 
 impl ShareAux {
     #[inline]
@@ -58,9 +67,10 @@ impl ShareAux {
         ShareAux {
             depth: word & DEPTH_MAX,
             wanted: ((word >> DEPTH_BITS) as u32) & WANTED_MAX,
-            recorded: (word >> 60) & 1 == 1,
-            fallback: (word >> 61) & 1 == 1,
-            signaled: (word >> 62) & 1 == 1,
+            start: ((word >> (DEPTH_BITS + WANTED_BITS)) as u32 & START_MASK) as u8,
+            recorded: (word >> 61) & 1 == 1,
+            fallback: (word >> 62) & 1 == 1,
+            signaled: (word >> 63) & 1 == 1,
         }
     }
 
@@ -68,13 +78,30 @@ impl ShareAux {
     pub fn pack(self) -> u64 {
         self.depth.min(DEPTH_MAX)
             | (u64::from(self.wanted.min(WANTED_MAX)) << DEPTH_BITS)
-            | (u64::from(self.recorded) << 60)
-            | (u64::from(self.fallback) << 61)
-            | (u64::from(self.signaled) << 62)
+            | (u64::from(u32::from(self.start) & START_MASK) << (DEPTH_BITS + WANTED_BITS))
+            | (u64::from(self.recorded) << 61)
+            | (u64::from(self.fallback) << 62)
+            | (u64::from(self.signaled) << 63)
+    }
+
+    /// Ticks since `start` at `now` (ns).
+    #[inline]
+    pub fn age(self, now: u64) -> u32 {
+        super::table::tick(now).wrapping_sub(u32::from(self.start)) & START_MASK
+    }
+
+    /// Restarts the demand count at `now`.
+    #[inline]
+    pub fn restart(&mut self, now: u64) {
+        self.wanted = 0;
+        self.start = (super::table::tick(now) & START_MASK) as u8;
     }
 
     #[inline]
-    fn want(&mut self, cost: u64) {
+    fn want(&mut self, cost: u64, now: u64) {
+        if self.age(now) >= WINDOW_TICKS {
+            self.restart(now);
+        }
         self.wanted = (u64::from(self.wanted) + cost).min(u64::from(WANTED_MAX)) as u32;
     }
 }
@@ -399,12 +426,13 @@ pub fn init(
     let (interval, depth, recorded, fresh) = share_of(rule, book, hash, names.0, names.1, now);
     *slot.tat = fresh;
     *slot.share = interval;
-    *slot.aux = ShareAux {
+    let mut a = ShareAux {
         depth,
         recorded,
         ..ShareAux::default()
-    }
-    .pack();
+    };
+    a.restart(now);
+    *slot.aux = a.pack();
 }
 
 /// Moves a bucket to new parameters, keeping its tokens.
@@ -437,7 +465,7 @@ pub fn spend(
         .as_ref()
         .expect("global rules carry share state");
     let mut a = ShareAux::unpack(*slot.aux);
-    a.want(cost);
+    a.want(cost, now);
     let verdict = if link.shares_valid(now) {
         if a.fallback {
             // Shares are back: the bucket's own share, with the tokens it has.
@@ -563,6 +591,7 @@ mod tests {
             ShareAux {
                 depth: DEPTH_MAX,
                 wanted: WANTED_MAX,
+                start: 63,
                 recorded: true,
                 fallback: true,
                 signaled: true,
@@ -570,6 +599,7 @@ mod tests {
             ShareAux {
                 depth: 7,
                 wanted: 3,
+                start: 5,
                 recorded: false,
                 fallback: true,
                 signaled: false,

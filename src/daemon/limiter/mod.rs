@@ -198,9 +198,13 @@ impl Limiter {
             Some(entry) => match rules.resolve(client, resource) {
                 Some(rule) => {
                     if !Arc::ptr_eq(rule, &entry.rule) {
-                        self.release(entry);
-                        let old = params_of(entry);
                         let same_rule = rule.id() == entry.rule.id();
+                        if !same_rule {
+                            // Another rule decides this bucket now: its
+                            // recorded share under the old one is not used.
+                            self.release(entry);
+                        }
+                        let old = params_of(entry);
                         let (new, fresh) = if rule.global.is_some() {
                             let (interval, depth, recorded, fresh) =
                                 global::share_of(rule, book, hash, client, resource, now);
@@ -208,14 +212,18 @@ impl Limiter {
                             // coordinator watches the bucket, carry over.
                             let before = global::ShareAux::unpack(entry.aux);
                             let same = entry.rule.global.is_some() && same_rule;
-                            entry.aux = global::ShareAux {
+                            let mut aux = global::ShareAux {
                                 depth,
                                 recorded,
-                                wanted: if same { before.wanted } else { 0 },
+                                wanted: before.wanted,
+                                start: before.start,
                                 signaled: same && before.signaled,
                                 ..Default::default()
+                            };
+                            if !same {
+                                aux.restart(now);
                             }
-                            .pack();
+                            entry.aux = aux.pack();
                             entry.share = interval;
                             ((interval, depth), fresh)
                         } else {

@@ -14,8 +14,12 @@ use super::{Limiter, table};
 /// A bucket's state collected for the coordinator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Collected {
-    /// Tokens asked for since the last collection.
+    /// Tokens asked for over the last `span_ns` (since the previous
+    /// collection, or at most the bucket's demand window, 0.8 s).
     pub wanted: u64,
+    pub span_ns: u64,
+    /// Ns since the bucket's last request (16.8 ms resolution).
+    pub idle_ns: u64,
     /// Whole tokens the bucket holds now, and its depth.
     pub tokens: u64,
     pub depth: u64,
@@ -164,12 +168,18 @@ impl Limiter {
             return None;
         }
         let mut a = ShareAux::unpack(entry.aux);
+        let tick_ns = 1u64 << table::TICK_SHIFT;
+        let idle_ticks = table::tick(now).wrapping_sub(entry.last_used);
         let out = Collected {
             wanted: u64::from(a.wanted),
+            // The count started somewhere in its start tick: count the
+            // tick as half elapsed.
+            span_ns: u64::from(a.age(now)) * tick_ns + tick_ns / 2,
+            idle_ns: u64::from(idle_ticks) * tick_ns,
             tokens: tokens(entry.tat, params_of(entry), now),
             depth: a.depth,
         };
-        a.wanted = 0;
+        a.restart(now);
         entry.aux = a.pack();
         Some(out)
     }
