@@ -178,7 +178,9 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
         ));
     }
     if let Some(a) = &e.accuracy {
-        lines.push(format!("accuracy      {a}"));
+        lines.push(format!(
+            "accuracy      {a} (not used: shares keep the bound exactly)"
+        ));
     }
     if let Some(p) = s.on_failure {
         lines.push(format!("on_failure    {p:?}").to_lowercase());
@@ -187,25 +189,16 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
         lines.push(format!("fallback      {f} per {}", e.window));
     }
     if let Some(l) = &info.lease {
-        let mode = if l.per_request {
-            "one token per lease: batching cannot meet the accuracy at this rate".to_string()
-        } else {
-            format!("batches of up to {} tokens", l.batch)
-        };
-        lines.push(format!("leasing       {mode}"));
         lines.push(format!(
-            "daemons       {}  (this one holds {} tokens)",
-            l.members, l.held
+            "sharing       {} daemons; a key with no record holds 1/{} of the rate and {} tokens here",
+            l.members, l.members, l.batch
         ));
-        lines.push(format!(
-            "accuracy      over-admission bound {:.1} tokens (N x batch + rate x skew); allowed {:.1}",
-            l.bound, l.allowed_error
-        ));
-        lines.push(format!(
-            "promise       with on_failure = closed, all daemons together allow at most \
-             rate x t + burst + {:.1} in any interval t",
-            l.bound
-        ));
+        lines.push(format!("held          {} tokens on this daemon", l.held));
+        lines.push(
+            "promise       all daemons together allow at most rate x t + burst in any \
+             interval t (while shares are in force; on_failure decides once they lapse)"
+                .to_string(),
+        );
     }
     lines.push(format!(
         "decisions     allowed {}  rejected {}  bypassed {}",

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::output::fmt_ns;
 use super::{CliError, Exit, Output, StatsArgs, connect};
-use crate::protocol::{ClockReport, HealthReport, ServingState, StatsReport};
+use crate::protocol::{HealthReport, ServingState, StatsReport};
 
 pub async fn stats(socket: &Path, args: StatsArgs, out: &mut Output) -> Result<Exit, CliError> {
     let mut conn = connect(socket).await?;
@@ -60,42 +60,47 @@ fn render_stats(s: &StatsReport) -> String {
     );
     if let Some(c) = &s.cluster {
         text.push_str(&format!(
-            "\netcd         {} ({} state changes)  members {}  lease txns {}  conflicts {}  failures {}\n\
-             leases       leased {}  returned {}  debt charged {}  txn p50 {} p99 {}",
+            "\netcd         {} ({} state changes)  members {}  txns {}  conflicts {}  failures {}  \
+             txn p50 {} p99 {}",
             c.state,
             c.state_changes,
             c.members,
             c.lease_txns,
             c.lease_conflicts,
             c.lease_failures,
-            c.tokens_leased,
-            c.tokens_returned,
-            c.debt_charged,
             fmt_ns(c.txn_latency.p50_ns),
             fmt_ns(c.txn_latency.p99_ns),
         ));
-        text.push_str(&format!(
-            "\nledger       ops {}  unknown {} (resolved {})  repaired {}  clamped {}  bucket cap refusals {}",
-            c.lease_ops,
-            c.lease_unknown,
-            c.lease_resolved,
-            c.lease_repairs,
-            c.lease_clamped,
-            c.bucket_cap_refusals,
-        ));
-        text.push_str(&format!("\nclock        {}", render_clock(&c.clock)));
-        for r in &c.rules {
+        if let Some(sh) = &c.shares {
             text.push_str(&format!(
-                "\n  {}: held {}  batch {}{}  bound {:.1} tokens",
-                r.id,
-                r.lease.held,
-                r.lease.batch,
-                if r.lease.per_request {
-                    " (per request)"
+                "\nshares       count {}  in force for {}  recorded buckets {}  records created {} deleted {}  \
+                 raised {}  lowered {}",
+                sh.count,
+                fmt_ns(sh.valid_for_ns),
+                sh.recorded,
+                sh.records_created,
+                sh.records_deleted,
+                sh.raises,
+                sh.lowers,
+            ));
+            text.push_str(&format!(
+                "\netcd db      {} bytes{}",
+                sh.etcd_db_bytes,
+                if sh.etcd_nospace {
+                    "  NOSPACE: etcd refuses writes (compact, defragment, disarm the alarm)"
                 } else {
                     ""
-                },
-                r.lease.bound
+                }
+            ));
+        }
+        text.push_str(&format!(
+            "\nwrites       sent {}  unknown {} (resolved {})  dropped events {}",
+            c.lease_ops, c.lease_unknown, c.lease_resolved, c.dropped_events,
+        ));
+        for r in &c.rules {
+            text.push_str(&format!(
+                "\n  {}: held {}  implicit depth {}",
+                r.id, r.lease.held, r.lease.batch,
             ));
         }
     }
@@ -162,37 +167,6 @@ fn render_health(h: &HealthReport) -> String {
         if !e.last_error.is_empty() {
             text.push_str(&format!("; last error: {}", e.last_error));
         }
-        text.push_str(&format!("\nclock: {}", render_clock(&e.clock)));
     }
     text
-}
-
-/// Milliseconds with a sign and 0.1 ms resolution.
-fn fmt_offset(ns: i64) -> String {
-    format!("{:+.1}ms", ns as f64 / 1e6)
-}
-
-/// One line: `offset -2000.0ms of the daemons' median (max_clock_skew
-/// 10.0ms); ours minus peer: a -2000.1ms, b -1999.9ms`, led by `SKEWED ...`
-/// while leasing is stopped.
-fn render_clock(c: &ClockReport) -> String {
-    let max = fmt_ns(c.max_skew_ns);
-    let measured = if c.peers.is_empty() {
-        format!("no peer measured (max_clock_skew {max})")
-    } else {
-        format!(
-            "offset {} of the daemons' median (max_clock_skew {max}); ours minus peer: {}",
-            fmt_offset(c.offset_ns),
-            c.peers
-                .iter()
-                .map(|p| format!("{} {}", p.node, fmt_offset(p.offset_ns)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    if c.skewed {
-        format!("SKEWED, leasing stopped (global rules follow on_failure): {measured}")
-    } else {
-        measured
-    }
 }

@@ -316,11 +316,18 @@ async fn audited(name: &str, secs: u64, faults: &[(u64, Fault)]) {
                 };
                 if let Some(d) = d {
                     eprintln!("{node}'s log:\n{}", d.log());
-                    for args in [&["acquire", "load", "g", "--json"][..], &["rules", "get", "g", "--json"]] {
-                        eprintln!("{node} {args:?}: {}", crate::harness::stdout(&rlctl(&d.socket, args)));
+                    for args in [
+                        &["acquire", "load", "g", "--json"][..],
+                        &["rules", "get", "g", "--json"],
+                    ] {
+                        eprintln!(
+                            "{node} {args:?}: {}",
+                            crate::harness::stdout(&rlctl(&d.socket, args))
+                        );
                     }
                 }
-                let audit_n = std::fs::read_to_string(audit_path(dir.path(), node)).unwrap_or_default();
+                let audit_n =
+                    std::fs::read_to_string(audit_path(dir.path(), node)).unwrap_or_default();
                 for l in audit_n.lines().filter(|l| !l.contains("admitted")) {
                     eprintln!("{node} audit: {l}");
                 }

@@ -224,11 +224,15 @@ fn global_rule_is_shared(etcd: &SecureEtcd, dir: &Path, config: &str) {
         (1..=10).contains(&allowed),
         "{allowed} admitted of a global 10"
     );
-    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/rld/v1/buckets/g/"]);
+    let keys = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/rld/v2/members/"]);
     assert!(keys.status.success(), "{}", stderr(&keys));
-    assert!(
-        !String::from_utf8_lossy(&keys.stdout).trim().is_empty(),
-        "the global bucket is stored in etcd"
+    assert_eq!(
+        String::from_utf8_lossy(&keys.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count(),
+        2,
+        "both daemons hold their shares through etcd"
     );
 }
 

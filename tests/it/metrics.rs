@@ -368,8 +368,13 @@ fn etcd_mode_exports_cluster_state_and_lease_figures() {
     assert_eq!(sample(&m, "rld_etcd_members"), 1.0);
     assert!(sample(&m, r#"rld_lease_txns_total{result="answered"}"#) >= 1.0);
     assert_eq!(sample(&m, r#"rld_lease_txns_total{result="failed"}"#), 0.0);
-    assert!(sample(&m, "rld_lease_tokens_leased_total") >= 6.0);
     assert!(sample(&m, "rld_lease_txn_duration_seconds_count") >= 1.0);
+    // One daemon alone holds the whole rule (count 1), in force for most of
+    // its lease's TTL.
+    assert_eq!(sample(&m, "rld_share_count"), 1.0);
+    assert!(sample(&m, "rld_share_valid_seconds") > 1.0);
+    assert_eq!(sample(&m, "rld_etcd_nospace"), 0.0);
+    assert!(sample(&m, "rld_etcd_db_size_bytes") > 0.0);
     // The bound is the one `rlctl rules get` shows.
     let out = rlctl(&d.socket, &["rules", "get", "g", "--json"]);
     let rule: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -457,6 +457,24 @@ class GlobalRuleStats:
 
 
 @dataclass(frozen=True)
+class ShareStats:
+    """This daemon's shares of global rules (v2 leases)."""
+
+    count: int
+    """Operating count n: implicit shares are 1/n (0: none in force yet)."""
+    valid_for_ns: int
+    """Nanoseconds until the shares lapse unless renewed (0: lapsed)."""
+    recorded: int
+    records_created: int
+    records_deleted: int
+    raises: int
+    lowers: int
+    count_changes: int
+    etcd_db_bytes: int
+    etcd_nospace: bool
+
+
+@dataclass(frozen=True)
 class ClusterStats:
     """Coordination through etcd."""
 
@@ -479,6 +497,8 @@ class ClusterStats:
     lease_repairs: int
     lease_clamped: int
     bucket_cap_refusals: int
+    shares: Optional[ShareStats] = None
+    """``None`` from a daemon older than v2 leases."""
 
 
 @dataclass(frozen=True)

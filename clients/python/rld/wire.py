@@ -168,6 +168,31 @@ CLUSTER = Struct(
             "lease_clamped",
             "bucket_cap_refusals",
         )
+    ]
+    + [
+        (
+            "shares",
+            Opt(
+                Struct(
+                    m.ShareStats,
+                    [
+                        (name, U64)
+                        for name in (
+                            "count",
+                            "valid_for_ns",
+                            "recorded",
+                            "records_created",
+                            "records_deleted",
+                            "raises",
+                            "lowers",
+                            "count_changes",
+                            "etcd_db_bytes",
+                        )
+                    ]
+                    + [("etcd_nospace", BOOL)],
+                )
+            ),
+        )
     ],
 )
 STATS = Struct(

@@ -139,6 +139,7 @@ CLOCK = rld.ClockReport(
 CLUSTER = rld.ClusterStats(
     "healthy", 1, 3, 10, 1, 0, 500, 20, 3, 0, LATENCY,
     [rld.GlobalRuleStats("search", LEASE)], CLOCK, 11, 1, 1, 0, 0, 2**64 - 1,
+    rld.ShareStats(3, 9_000_000_000, 1, 2, 1, 4, 3, 2, 2**40, True),
 )
 STATS = rld.StatsReport(
     5_000_000_000, 10, 2, 1, 4, 3, 1_000_000, 0, 0, 2, 0, 1, 6, 0, 0, LATENCY,

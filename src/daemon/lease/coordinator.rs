@@ -292,8 +292,6 @@ struct Pending {
     /// record's pool into its new room.
     raise_to: Option<Share>,
     fill: u64,
-    /// Tokens this write puts in the record's pool (of `Watched::owed`).
-    pooled: u64,
     sent: Option<Instant>,
     in_flight: bool,
     /// Its answer was lost: the view decides.
@@ -326,6 +324,9 @@ struct Watched {
     /// Tokens this daemon gave up by lowering its depth and owes to the
     /// record's pool (carried by its next write until one commits).
     owed: u64,
+    /// The latest write (its identity) and the owed tokens it carried: they
+    /// are settled when the view shows that write, whichever way.
+    carrying: Option<(u64, u64)>,
 }
 
 /// A write of the operating count in flight or awaited in the view.
@@ -623,12 +624,19 @@ impl Coordinator {
             {
                 latest_is_mine = true;
             }
+            // The owed tokens a write of ours carried are in the pool once
+            // the view shows that write (once only).
+            if let (Some(e), Some((op, pooled))) = (mine, w.carrying)
+                && e.op == op
+            {
+                w.owed = w.owed.saturating_sub(pooled);
+                w.carrying = None;
+            }
             if let Some(p) = &w.pending {
                 let ours = mine.is_some_and(|e| e.op == p.op);
                 if ours {
                     committed_raise = p.raise_to;
                     fill = p.fill;
-                    w.owed = w.owed.saturating_sub(p.pooled);
                     if p.uncertain {
                         self.stats.resolved.fetch_add(1, Ordering::Relaxed);
                     }
@@ -886,6 +894,7 @@ impl Coordinator {
                 idle_since: None,
                 last_op: 0,
                 owed: 0,
+                carrying: None,
             },
         );
     }
@@ -931,9 +940,14 @@ impl Coordinator {
         // A committed write the view still does not show after a while: the
         // view lags; decide again from it (a raise is applied when it shows).
         if w.pending.as_ref().is_some_and(|p| {
-            p.committed && p.sent.is_some_and(|t| now.duration_since(t) > 2 * VIEW_PATIENCE)
+            p.committed
+                && p.sent
+                    .is_some_and(|t| now.duration_since(t) > 2 * VIEW_PATIENCE)
         }) {
-            tracing::debug!(key, "a committed share write is not in the view yet; deciding again");
+            tracing::debug!(
+                key,
+                "a committed share write is not in the view yet; deciding again"
+            );
             w.pending = None;
         }
         match self.limiter.collect(&w.rule, &w.key, w.hash, now_ns) {
@@ -951,7 +965,10 @@ impl Coordinator {
     /// the write.
     fn decide(&mut self, key: &str, now: Instant, rules: &RuleSet) {
         let action = self.plan(key, now, rules);
-        if !matches!(action, Action::None | Action::Quiet | Action::Busy | Action::StillIdle) {
+        if !matches!(
+            action,
+            Action::None | Action::Quiet | Action::Busy | Action::StillIdle
+        ) {
             tracing::debug!(key, ?action, demand = ?self.watched.get(key).map(|w| w.demand.rate), "share decision");
         }
         if !matches!(action, Action::Idle | Action::StillIdle | Action::None)
@@ -1013,8 +1030,8 @@ impl Coordinator {
         // for ever: a view that lags (a watch made anew) must not freeze the
         // bucket's share; compare-and-swap keeps a decision from a stale
         // view safe anyway.
-        let lagging = self.view.revision < w.view_at
-            && now.duration_since(w.not_before) < VIEW_PATIENCE;
+        let lagging =
+            self.view.revision < w.view_at && now.duration_since(w.not_before) < VIEW_PATIENCE;
         if w.pending.is_some() || now < w.not_before || lagging {
             return Action::None;
         }
@@ -1248,7 +1265,6 @@ impl Coordinator {
             entry: Some(entry),
             raise_to: None,
             fill: 0,
-            pooled: 0,
             sent: None,
             in_flight: false,
             uncertain: false,
@@ -1329,6 +1345,7 @@ impl Coordinator {
             return;
         };
         w.last_op = op;
+        w.carrying = Some((op, owed));
         w.quiet_since = None;
         w.pending = Some(Pending {
             op,
@@ -1339,7 +1356,6 @@ impl Coordinator {
             // Tokens of the pool come into the room this raise adds here
             // (the part of it this daemon had not applied yet).
             fill: fill.min(next.depth.saturating_sub(lowered.depth)),
-            pooled: owed,
             sent: None,
             in_flight: false,
             uncertain: false,
@@ -1364,7 +1380,6 @@ impl Coordinator {
             entry: None,
             raise_to: None,
             fill: 0,
-            pooled: 0,
             sent: None,
             in_flight: false,
             uncertain: false,
