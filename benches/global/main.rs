@@ -1,10 +1,19 @@
 //! Global rules across real `rld` processes sharing a real 3-node etcd
-//! cluster: what leasing costs etcd as the number of keys grows ("scale"),
-//! and how one global key is shared among unevenly loaded daemons
-//! ("fairness"). Figures only, no assertions: the machine is shared.
+//! cluster. Scenarios (each a separate run with its own daemons):
+//! - `scale`: per-client buckets, 2,000 keys x 20/s offered 40/s each
+//!   (`RLD_BENCH_SCALE_KEYS` for other counts), and `scale-delay`, the same
+//!   with 5 ms added between the daemons and etcd;
+//! - `zipf`: 20,000 keys, Zipf(1.1) demand, ~100k/s offered, then twice that;
+//! - `sparse`: 100,000 keys at 1 request/s each, all under their limit;
+//! - `fairness`: one hot key, 5 daemons, demands 50/20/15/10/5% of 3x;
+//! - `moving`: one hot key whose demand moves from one daemon to another;
+//! - `underlimit`: 900/s of a 1,000/s key split 70/20/10.
 //!
-//! Run: `cargo bench --bench global` (both scenarios), or
-//! `cargo bench --bench global -- scale` / `-- fairness` for one. Needs
+//! Figures only, no assertions: the machine is shared.
+//!
+//! Run: `cargo bench --bench global` (every scenario), or
+//! `cargo bench --bench global -- zipf` for those whose name contains the
+//! words given. Needs
 //! `etcd` on PATH (`scripts/deps`); uses the release binaries `rld` and
 //! `rlctl` of this target directory (built with `cargo build --release
 //! --bins` first). The etcd cluster listens on loopback ports
@@ -24,6 +33,12 @@ use std::time::{Duration, Instant};
 
 use rld::protocol::{Acquire, BatchItem, Connection};
 use serde_json::{Value, json};
+
+mod etcd_stats;
+mod proxy;
+mod scenarios;
+
+use etcd_stats::EtcdCounters;
 
 /// Load tick.
 const TICK: Duration = Duration::from_millis(10);
@@ -45,8 +60,17 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.contains(w));
-    if !run("scale") && !run("fairness") {
-        eprintln!("global: nothing to run (scenarios: scale, fairness)");
+    const ALL: [&str; 7] = [
+        "scale",
+        "scale-delay",
+        "zipf",
+        "sparse",
+        "fairness",
+        "moving",
+        "underlimit",
+    ];
+    if !ALL.iter().any(|s| run(s)) {
+        eprintln!("global: nothing to run (scenarios: {})", ALL.join(", "));
         return;
     }
 
@@ -69,15 +93,39 @@ fn main() {
 
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine());
-    if run("scale") {
-        let keys: Vec<usize> = std::env::var("RLD_BENCH_SCALE_KEYS")
-            .ok()
-            .map(|v| v.split(',').filter_map(|k| k.trim().parse().ok()).collect())
-            .unwrap_or_else(|| vec![100, 500, 2000]);
-        report.insert("scale".into(), scale(&rt, &bins, &etcd, &keys));
+    let keys: Vec<usize> = std::env::var("RLD_BENCH_SCALE_KEYS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|k| k.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![2000]);
+    // "scale" also matches "scale-delay": run the plain one only when named
+    // exactly or when everything runs.
+    if wanted.is_empty() || wanted.contains(&"scale") {
+        report.insert("scale".into(), scale(&rt, &bins, &etcd, &keys, None));
+    }
+    if run("scale-delay") {
+        let delay = proxy::DelayProxy::start(&rt, &etcd.endpoints, Duration::from_micros(2500));
+        report.insert(
+            "scale_delay".into(),
+            scale(&rt, &bins, &etcd, &keys, Some(&delay.endpoints)),
+        );
+    }
+    if run("zipf") {
+        report.insert("zipf".into(), scenarios::zipf(&rt, &bins, &etcd));
+    }
+    if run("sparse") {
+        report.insert("sparse".into(), scenarios::sparse(&rt, &bins, &etcd));
     }
     if run("fairness") {
         report.insert("fairness".into(), fairness(&rt, &bins, &etcd));
+    }
+    if run("moving") {
+        report.insert("moving".into(), scenarios::moving(&rt, &bins, &etcd));
+    }
+    if run("underlimit") {
+        report.insert(
+            "underlimit".into(),
+            scenarios::underlimit(&rt, &bins, &etcd),
+        );
     }
     let out = bins.target.join("bench-global.json");
     let text = serde_json::to_string_pretty(&Value::Object(report)).expect("json");
@@ -95,25 +143,51 @@ const SCALE_LIMIT: u64 = 20;
 const SCALE_OFFERED_PER_CLIENT: f64 = 40.0;
 const SCALE_SECS: u64 = 15;
 
-fn scale(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, keys: &[usize]) -> Value {
+fn scale(
+    rt: &tokio::runtime::Runtime,
+    bins: &Bins,
+    etcd: &EtcdCluster,
+    keys: &[usize],
+    via: Option<&str>,
+) -> Value {
     println!(
-        "\n== scale: {SCALE_DAEMONS} daemons, rule --client '*' --resource r --limit {SCALE_LIMIT} \
-         --window 1s --scope global (default accuracy 2%/10s); each client offered \
-         {SCALE_OFFERED_PER_CLIENT}/s split evenly across the daemons for {SCALE_SECS} s"
+        "\n== scale{}: {SCALE_DAEMONS} daemons, rule --client '*' --resource r --limit {SCALE_LIMIT} \
+         --window 1s --scope global; each client offered \
+         {SCALE_OFFERED_PER_CLIENT}/s split evenly across the daemons for {SCALE_SECS} s",
+        if via.is_some() {
+            " with 5 ms added between the daemons and etcd"
+        } else {
+            ""
+        }
     );
     let mut rows = Vec::new();
     for &k in keys {
-        rows.push(scale_one(rt, bins, etcd, k));
+        rows.push(scale_one(rt, bins, etcd, k, via));
     }
     print_scale_table(&rows);
     Value::Array(rows)
 }
 
-fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: usize) -> Value {
+fn scale_one(
+    rt: &tokio::runtime::Runtime,
+    bins: &Bins,
+    etcd: &EtcdCluster,
+    k: usize,
+    via: Option<&str>,
+) -> Value {
     println!("\n-- {k} keys: starting daemons");
     let dir = tempfile::tempdir().expect("temp dir");
-    let prefix = format!("/bench-scale-{k}");
-    let daemons = start_daemons(bins, etcd, dir.path(), &prefix, SCALE_DAEMONS);
+    let prefix = format!(
+        "/bench-scale-{k}{}",
+        if via.is_some() { "-delay" } else { "" }
+    );
+    let daemons = start_daemons_via(
+        bins,
+        via.unwrap_or(&etcd.endpoints),
+        dir.path(),
+        &prefix,
+        SCALE_DAEMONS,
+    );
     let limit = SCALE_LIMIT.to_string();
     bins.rlctl_ok(
         &daemons[0].socket,
@@ -151,6 +225,9 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
             // Daemons visit the clients in the same order from different
             // points, so one client's requests arrive spread over daemons.
             first_client: d * k / SCALE_DAEMONS,
+            order: None,
+            from: Duration::ZERO,
+            until: None,
         })
         .collect();
     println!(
@@ -200,6 +277,15 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
         .collect();
     window_excess.sort_by(f64::total_cmp);
     let window_above = window_excess.iter().filter(|&&e| e > bound).count();
+    // And every 10 s window against rate x 10 s + burst.
+    let window10_allowance = SCALE_LIMIT as f64 * 10.0 + burst as f64;
+    let window10_above = events
+        .iter()
+        .filter(|ev| {
+            max_in_window(ev, ticks_per(Duration::from_secs(10))) as f64
+                > window10_allowance + bound
+        })
+        .count();
 
     // Admitted per second of the run, all clients together.
     let mut per_second = vec![0u64; SCALE_SECS as usize + 1];
@@ -240,6 +326,8 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
             "window_1s_clients_above_bound": window_above,
             "window_1s_excess_median": median(&window_excess),
             "window_1s_excess_max": window_excess.last().copied().unwrap_or(0.0),
+            "window_10s_allowance": window10_allowance,
+            "window_10s_clients_above_bound": window10_above,
         },
         "etcd": {
             "lease_txns": txns,
@@ -256,6 +344,11 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
             "bucket_cap_refusals": d.get("bucket_cap_refusals"),
             "txn_latency_p99_ms_max": measured.txn_p99_ms_max,
             "members_cpu_s": round2(measured.etcd_cpu_s),
+            "puts_per_s": round1(measured.etcd_rates.puts),
+            "deletes_per_s": round1(measured.etcd_rates.deletes),
+            "txns_per_s": round1(measured.etcd_rates.txns),
+            "proposals_per_s": round1(measured.etcd_rates.proposals),
+            "db_bytes": measured.etcd_rates.db_bytes,
         },
         "health": {
             "state_changes": d.get("state_changes"),
@@ -271,12 +364,17 @@ fn scale_one(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster, k: u
     });
     println!(
         "   admitted {admitted} of ideal {} ({:+.2}%), offered {offered} of {} intended; \
-         {txns} txns ({:.0}/s), {:.2} tokens/txn",
+         clients over rate x t + burst: {above} in the run, {window_above} in a 1 s window, \
+         {window10_above} in a 10 s window; etcd: {:.0} puts/s, {:.0} deletes/s, {:.0} \
+         proposals/s, {:.1} CPU-s (members), rld {:.1} CPU-s",
         ideal as u64,
         pct_diff(admitted as f64, ideal),
         intended as u64,
-        txns as f64 / elapsed,
-        d.get("tokens_leased") as f64 / txns.max(1) as f64
+        measured.etcd_rates.puts,
+        measured.etcd_rates.deletes,
+        measured.etcd_rates.proposals,
+        measured.etcd_cpu_s,
+        measured.rld_cpu_s,
     );
     row
 }
@@ -342,8 +440,16 @@ fn print_scale_table(rows: &[Value]) {
         ),
         ("txn/s", Box::new(|r| r["etcd"]["txn_per_s"].to_string())),
         (
-            "tokens/txn",
-            Box::new(|r| r["etcd"]["tokens_per_txn"].to_string()),
+            "etcd puts/s",
+            Box::new(|r| r["etcd"]["puts_per_s"].to_string()),
+        ),
+        (
+            "etcd proposals/s",
+            Box::new(|r| r["etcd"]["proposals_per_s"].to_string()),
+        ),
+        (
+            "10s-win>bound",
+            Box::new(|r| r["per_client"]["window_10s_clients_above_bound"].to_string()),
         ),
         (
             "keys/txn",
@@ -360,10 +466,6 @@ fn print_scale_table(rows: &[Value]) {
         (
             "state chg",
             Box::new(|r| r["health"]["state_changes"].to_string()),
-        ),
-        (
-            "clock chg",
-            Box::new(|r| r["health"]["clock_transitions"].to_string()),
         ),
         (
             "etcd cpu s",
@@ -391,16 +493,13 @@ fn print_scale_table(rows: &[Value]) {
     }
     for r in rows {
         println!(
-            "  {} keys: etcd tokens leased {} returned {}, ops {}, unknown {}, dropped events {}, \
-             cap refusals {}, txn p99 (max over daemons) {} ms, load ticks capped {}, load errors {}, \
+            "  {} keys: record writes {}, unknown {}, dropped events {}, \
+             txn p99 (max over daemons) {} ms, load ticks capped {}, load errors {}, \
              states after {}",
             r["keys"],
-            r["etcd"]["tokens_leased"],
-            r["etcd"]["tokens_returned"],
             r["etcd"]["lease_ops"],
             r["etcd"]["lease_unknown"],
             r["etcd"]["dropped_events"],
-            r["etcd"]["bucket_cap_refusals"],
             r["etcd"]["txn_latency_p99_ms_max"],
             r["load_ticks_capped"],
             r["load_errors"],
@@ -460,6 +559,9 @@ fn fairness(rt: &tokio::runtime::Runtime, bins: &Bins, etcd: &EtcdCluster) -> Va
             resource: "f".into(),
             rate: FAIR_OFFERED * share,
             first_client: 0,
+            order: None,
+            from: Duration::ZERO,
+            until: None,
         })
         .collect();
     println!("   rule planned: batch {batch}, bound {bound:.2} tokens");
@@ -661,6 +763,8 @@ struct Measured {
     per_daemon: Vec<Counters>,
     states_after: Vec<String>,
     txn_p99_ms_max: f64,
+    /// What etcd did per second during the load.
+    etcd_rates: EtcdCounters,
     etcd_cpu_s: f64,
     rld_cpu_s: f64,
     bench_cpu_s: f64,
@@ -680,6 +784,7 @@ fn measure(
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>() as f64 / tck;
     let before: Vec<Value> = daemons.iter().map(|d| bins.stats(&d.socket)).collect();
     let (etcd0, rld0, self0) = (cpu(&etcd_pids), cpu(&rld_pids), cpu(&[std::process::id()]));
+    let counters0 = EtcdCounters::read(&etcd.endpoints);
     let start = Instant::now();
     let runs = rt.block_on(async {
         let tasks: Vec<_> = loads
@@ -694,6 +799,7 @@ fn measure(
     });
     let elapsed = start.elapsed().min(duration);
     let (etcd1, rld1, self1) = (cpu(&etcd_pids), cpu(&rld_pids), cpu(&[std::process::id()]));
+    let etcd_rates = counters0.rates(&EtcdCounters::read(&etcd.endpoints), elapsed.as_secs_f64());
     // Leases in flight at the end land in the counters within a round trip.
     std::thread::sleep(Duration::from_millis(300));
     let after: Vec<Value> = daemons.iter().map(|d| bins.stats(&d.socket)).collect();
@@ -722,6 +828,7 @@ fn measure(
         per_daemon,
         states_after,
         txn_p99_ms_max: round2(txn_p99_ms_max),
+        etcd_rates,
         etcd_cpu_s: etcd1 - etcd0,
         rld_cpu_s: rld1 - rld0,
         bench_cpu_s: self1 - self0,
@@ -782,6 +889,13 @@ struct LoadSpec {
     /// Requests per second offered to this daemon, over all clients.
     rate: f64,
     first_client: usize,
+    /// The order clients are visited in (cycled), when not round-robin
+    /// (a Zipf sample, say).
+    order: Option<Arc<Vec<u32>>>,
+    /// The load runs from `from` to `until` of the shared clock (`None`:
+    /// the whole run).
+    from: Duration,
+    until: Option<Duration>,
 }
 
 /// What one load task saw.
@@ -798,6 +912,10 @@ struct LoadRun {
     capped_ticks: u64,
     /// Calls that failed or timed out (the load stops at the first).
     errors: u64,
+    /// Requests sent per client.
+    sent_per_client: Vec<u32>,
+    /// Ticks in which a request was denied.
+    denied_ticks: Vec<u32>,
 }
 
 /// Sends, every tick, the requests due by the end of that tick at `rate`
@@ -817,6 +935,8 @@ async fn drive(spec: LoadSpec, start: Instant, duration: Duration) -> LoadRun {
         }
     };
     let k = spec.clients.len();
+    run.sent_per_client = vec![0; k];
+    let cycle = spec.order.as_ref().map_or(k, |o| o.len());
     let cap = (spec.rate * TICK.as_secs_f64() * 3.0).ceil() as u64 + 1;
     let mut cursor = spec.first_client;
     let mut tick = tokio::time::interval(TICK);
@@ -825,12 +945,17 @@ async fn drive(spec: LoadSpec, start: Instant, duration: Duration) -> LoadRun {
     for _ in 0..max_loops {
         tick.tick().await;
         let now = start.elapsed();
-        if now >= duration {
+        let until = spec.until.unwrap_or(duration).min(duration);
+        if now >= until {
             break;
+        }
+        if now + TICK <= spec.from {
+            continue;
         }
         let slot =
             ((now.as_nanos() / TICK.as_nanos()) as usize).min(run.allowed_per_tick.len() - 1);
-        let due_total = (((now + TICK).min(duration)).as_secs_f64() * spec.rate) as u64;
+        let due_total = ((((now + TICK).min(until)).saturating_sub(spec.from)).as_secs_f64()
+            * spec.rate) as u64;
         let mut due = due_total.saturating_sub(run.sent);
         if due > cap {
             due = cap;
@@ -839,8 +964,13 @@ async fn drive(spec: LoadSpec, start: Instant, duration: Duration) -> LoadRun {
         let mut left = due as usize;
         while left > 0 {
             let n = left.min(MAX_ITEMS_PER_FRAME);
-            let who: Vec<u32> = (0..n).map(|i| ((cursor + i) % k) as u32).collect();
-            cursor = (cursor + n) % k;
+            let who: Vec<u32> = (0..n)
+                .map(|i| match &spec.order {
+                    Some(o) => o[(cursor + i) % cycle],
+                    None => ((cursor + i) % k) as u32,
+                })
+                .collect();
+            cursor = (cursor + n) % cycle;
             let items: Vec<Acquire<'_>> = who
                 .iter()
                 .map(|&c| Acquire::new(spec.clients[c as usize].as_str(), spec.resource.as_str()))
@@ -862,11 +992,16 @@ async fn drive(spec: LoadSpec, start: Instant, duration: Duration) -> LoadRun {
                 }
             };
             run.sent += n as u64;
+            for &c in &who {
+                run.sent_per_client[c as usize] += 1;
+            }
             for (c, a) in who.iter().zip(&answers) {
                 if matches!(a, BatchItem::Decision(d) if d.is_allowed()) {
                     run.allowed += 1;
                     run.allowed_per_tick[slot] += 1;
                     run.allowed_events.push((slot as u32, *c));
+                } else if run.denied_ticks.last() != Some(&(slot as u32)) {
+                    run.denied_ticks.push(slot as u32);
                 }
             }
             left -= n;
@@ -1055,6 +1190,17 @@ fn start_daemons(
     prefix: &str,
     n: usize,
 ) -> Vec<Daemon> {
+    start_daemons_via(bins, &etcd.endpoints, dir, prefix, n)
+}
+
+/// [`start_daemons`] on the etcd `endpoints` given (a proxy's).
+fn start_daemons_via(
+    bins: &Bins,
+    endpoints: &str,
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+) -> Vec<Daemon> {
     // RLD_BENCH_AUDIT=DIR keeps each daemon's audit log there.
     let audit = std::env::var_os("RLD_BENCH_AUDIT").map(PathBuf::from);
     (0..n)
@@ -1062,7 +1208,7 @@ fn start_daemons(
             let node = format!("bench-{}", i + 1);
             let mut args = vec![
                 "--etcd".to_owned(),
-                etcd.endpoints.clone(),
+                endpoints.to_owned(),
                 "--etcd-prefix".to_owned(),
                 prefix.to_owned(),
                 "--node-id".to_owned(),
