@@ -1,0 +1,441 @@
+//! What a watched bucket's record should say about this daemon: record the
+//! bucket when its demand outgrows the implicit share, follow max-min
+//! fairness by demand once recorded (lower at once, raise into free
+//! capacity), report demand the others need, and delete the record once it
+//! has been idle everywhere for as long as the burst takes to refill. Also
+//! which buckets are watched at all.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ADOPT_EVERY, Coordinator, HYSTERESIS, QUIET, VIEW_PATIENCE};
+use crate::daemon::lease::share::{self, Claim, Entry, SCALE, Share};
+use crate::daemon::limiter::key::BucketKey;
+use crate::daemon::limiter::{Rule, RuleSet};
+
+impl Coordinator {
+    /// Decides what `key`'s record should say about this daemon, and queues
+    /// the write.
+    pub(super) fn decide(&mut self, key: &str, now: Instant, rules: &RuleSet) {
+        let action = self.plan(key, now, rules);
+        if !matches!(
+            action,
+            Action::None | Action::Quiet | Action::Busy | Action::StillIdle
+        ) {
+            tracing::debug!(key, ?action, demand = ?self.watched.get(key).map(|w| w.demand.rate), "share decision");
+        }
+        if !matches!(action, Action::Idle | Action::StillIdle | Action::None)
+            && let Some(w) = self.watched.get_mut(key)
+        {
+            w.idle_since = None;
+        }
+        match action {
+            Action::StillIdle => {}
+            Action::None => {}
+            Action::Quiet => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.quiet_since.get_or_insert(now);
+                }
+            }
+            Action::Busy => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.quiet_since = None;
+                }
+            }
+            Action::Create { demand } => {
+                let rule = self
+                    .watched
+                    .get(key)
+                    .and_then(|w| rules.get(&w.rule).cloned());
+                if let Some(rule) = rule {
+                    self.create(key, &rule, demand);
+                }
+            }
+            Action::Write {
+                next,
+                demand,
+                applied,
+            } => {
+                let Some(known) = self.view.records.get(key) else {
+                    return;
+                };
+                let (record, expect) = (known.record.clone(), known.mod_revision);
+                self.write_entry(key, &record, expect, next, demand, applied);
+            }
+            Action::Delete { expect } => self.delete(key, expect),
+            Action::Idle => {
+                if let Some(w) = self.watched.get_mut(key) {
+                    w.idle_since.get_or_insert(now);
+                }
+            }
+        }
+    }
+
+    /// What [`Coordinator::decide`] should do for `key`.
+    fn plan(&self, key: &str, now: Instant, rules: &RuleSet) -> Action {
+        if self.lease == 0 || self.count == 0 {
+            return Action::None;
+        }
+        let Some(w) = self.watched.get(key) else {
+            return Action::None;
+        };
+        // Wait for the view to show what a write of ours changed, but not
+        // for ever: a view that lags (a watch made anew) must not freeze the
+        // bucket's share; compare-and-swap keeps a decision from a stale
+        // view safe anyway.
+        let lagging =
+            self.view.revision < w.view_at && now.duration_since(w.not_before) < VIEW_PATIENCE;
+        if w.pending.is_some() || now < w.not_before || lagging {
+            return Action::None;
+        }
+        let rule = rules.get(&w.rule).filter(|r| r.global.is_some());
+        let me = self.me();
+        let lease = self.lease;
+        let demand = if w.demand.known {
+            w.demand.rate
+        } else {
+            // Before a first sample, only a share with no depth acts (on
+            // the demand seen so far): it can admit nothing at all.
+            let applied_depth = match self.view.records.get(key) {
+                Some(_) => self.applied.get(key).map_or(0, |s| s.depth),
+                None => rule.map_or(0, |r| share::implicit(self.count, r.params.capacity).1),
+            };
+            match w.demand.provisional() {
+                Some(d) if applied_depth == 0 => d,
+                _ => return Action::None,
+            }
+        };
+        let Some(known) = self.view.records.get(key) else {
+            // No record: the implicit share decides. Record the bucket
+            // when its demand outgrows that share.
+            let Some(rule) = rule else {
+                return Action::Quiet;
+            };
+            let rate = rule_rate(rule);
+            let (_, depth) = share::implicit(self.count, rule.params.capacity);
+            let unmet =
+                demand > rate / f64::from(self.count) * 1.05 || (depth == 0 && demand > 0.0);
+            return if unmet {
+                Action::Create { demand }
+            } else {
+                Action::Quiet
+            };
+        };
+        let record = &known.record;
+        let view = &self.view;
+        let live = |node: &str, lease: i64| view.live(node, lease);
+        let mine = record.entries.get(me).filter(|e| e.lease == lease);
+        let applied = self.applied.get(key).copied().unwrap_or(Share::ZERO);
+        let Some(rule) = rule else {
+            // The rule is gone here: nothing to hold, nothing wanted; once
+            // every daemon says so, its record goes.
+            let idle = |e: &Entry| Share::of(e) == Share::ZERO && e.demand == Some(0.0);
+            return if mine.is_some_and(|e| !idle(e)) {
+                Action::Write {
+                    next: Share::ZERO,
+                    demand: 0.0,
+                    applied,
+                }
+            } else if record
+                .entries
+                .iter()
+                .filter(|(n, e)| live(n, e.lease))
+                .all(|(_, e)| idle(e))
+            {
+                Action::Delete {
+                    expect: known.mod_revision,
+                }
+            } else {
+                Action::Quiet
+            };
+        };
+        let rate = rule_rate(rule);
+        let others = || {
+            record
+                .entries
+                .iter()
+                .filter(move |(n, e)| n.as_str() != me && live(n, e.lease))
+        };
+        // Everyone else at zero and quiet, and this daemon quiet too: once
+        // that lasted as long as the rule takes to refill its burst, the
+        // record can go (every daemon returns to its implicit share, a new
+        // bucket full: the rate earned that while the record was idle).
+        if demand == 0.0
+            && others().all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+            && mine.is_none_or(|e| e.demand == Some(0.0) || Share::of(e) == Share::ZERO)
+        {
+            let refill =
+                Duration::from_secs_f64((record.burst as f64 / rate.max(1e-9)).min(1e9)).max(QUIET);
+            return match w.idle_since {
+                Some(since) if now.duration_since(since) >= refill => Action::Delete {
+                    expect: known.mod_revision,
+                },
+                Some(_) => Action::StillIdle,
+                None => Action::Idle,
+            };
+        }
+        // Every daemon takes part in node order (so all compute the same
+        // split of whole tokens), this one with its measured demand.
+        let mut parts: Vec<(&str, Claim)> = others()
+            .map(|(n, e)| {
+                let claim = match e.demand {
+                    Some(d) => Claim {
+                        demand: d,
+                        measured: true,
+                    },
+                    // Not reported: keeps what it holds.
+                    None => Claim {
+                        demand: share::rate_of(Share::of(e).rate, rate),
+                        measured: false,
+                    },
+                };
+                (n.as_str(), claim)
+            })
+            .collect();
+        parts.push((
+            me,
+            Claim {
+                demand,
+                measured: true,
+            },
+        ));
+        parts.sort_by(|a, b| a.0.cmp(b.0));
+        let claims: Vec<Claim> = parts.iter().map(|p| p.1).collect();
+        let at = parts
+            .iter()
+            .position(|p| p.0 == me)
+            .expect("this daemon takes part");
+        let targets = share::targets(rate, &claims);
+        // Depth is split in whole tokens from the demands as recorded (this
+        // daemon's too, once reported): every daemon computes the same split,
+        // so they do not take turns at a token.
+        let recorded_claims: Vec<Claim> = parts
+            .iter()
+            .map(|&(n, c)| match mine.and_then(|e| e.demand) {
+                Some(d) if n == me => Claim { demand: d, ..c },
+                _ => c,
+            })
+            .collect();
+        let depths = share::depths(record.burst, &share::targets(rate, &recorded_claims));
+        let target = Share {
+            rate: share::parts_of(targets[at], rate),
+            depth: depths[at],
+        };
+        let recorded = mine.map_or(Share::ZERO, Share::held);
+        let room = share::free_for(record, me, live);
+        let next = step_toward(applied, target, room);
+        let report = demand_report_due(
+            mine.and_then(|e| e.demand),
+            demand,
+            share::rate_of(applied.rate, rate),
+        );
+        if next != recorded || report {
+            Action::Write {
+                next,
+                demand,
+                applied,
+            }
+        } else if demand <= share::rate_of(applied.rate, rate) {
+            Action::Quiet
+        } else {
+            Action::Busy
+        }
+    }
+
+    /// Every [`ADOPT_EVERY`], watches the records no daemon holds anything
+    /// of any more (every daemon quiet), so that someone deletes them: the
+    /// daemon that wrote last may have stopped.
+    pub(super) fn adopt_idle_records(&mut self, now: Instant) {
+        if self
+            .adopted_at
+            .is_some_and(|t| now.duration_since(t) < ADOPT_EVERY)
+        {
+            return;
+        }
+        self.adopted_at = Some(now);
+        let view = &self.view;
+        let idle: Vec<(String, Box<str>, BucketKey)> = view
+            .records
+            .iter()
+            .filter(|(key, k)| {
+                !self.watched.contains_key(*key)
+                    && k.record
+                        .entries
+                        .iter()
+                        .filter(|(n, e)| view.live(n, e.lease))
+                        .all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+            })
+            .map(|(key, k)| {
+                (
+                    key.clone(),
+                    k.rule.clone(),
+                    BucketKey::new(&k.record.client, &k.record.resource),
+                )
+            })
+            .collect();
+        for (key, rule, bucket) in idle {
+            self.watch(&key, &rule, bucket, None);
+        }
+    }
+
+    /// Stops watching buckets that have been quiet (no demand beyond their
+    /// share, nothing in flight) for [`QUIET`].
+    pub(super) fn forget_quiet(&mut self, now: Instant) {
+        let mut forgotten = Vec::new();
+        self.watched.retain(|key, w| {
+            let quiet = w.pending.is_none()
+                && w.quiet_since
+                    .is_some_and(|t| now.duration_since(t) >= QUIET);
+            if quiet {
+                forgotten.push((key.clone(), Arc::clone(&w.rule), w.key.clone(), w.hash));
+            }
+            !quiet
+        });
+        for (_, rule, key, hash) in forgotten {
+            if let Some(n) = self.per_rule.get_mut(&rule) {
+                *n = n.saturating_sub(1);
+            }
+            self.limiter.clear_signal(&rule, &key, hash);
+        }
+        self.per_rule.retain(|_, n| *n > 0);
+    }
+}
+
+/// What to do about one watched bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    None,
+    /// The record is idle everywhere: since now...
+    Idle,
+    /// ...and still, not yet for long enough to delete it.
+    StillIdle,
+    /// Demand within the share: forget the bucket if this lasts.
+    Quiet,
+    /// Demand beyond the share, nothing to write.
+    Busy,
+    Create {
+        demand: f64,
+    },
+    Write {
+        next: Share,
+        demand: f64,
+        applied: Share,
+    },
+    Delete {
+        expect: i64,
+    },
+}
+
+/// The share to record next, from `applied` toward `target`: lowered parts
+/// as far as the target, raised ones as far as `room` (what this daemon may
+/// hold in all) allows. A part moves only when its target moved by more
+/// than [`HYSTERESIS`] (depth also when it goes to or from zero).
+fn step_toward(applied: Share, target: Share, room: Share) -> Share {
+    let moved = |from: u64, to: u64| {
+        (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0)
+    };
+    let step = |from: u64, to: u64, room: u64, force: bool| {
+        if !(force || moved(from, to)) || to == from {
+            from
+        } else if to < from {
+            to
+        } else {
+            to.min(room).max(from)
+        }
+    };
+    Share {
+        rate: step(applied.rate, target.rate, room.rate, false),
+        depth: step(
+            applied.depth,
+            target.depth,
+            room.depth,
+            applied.depth == 0 || target.depth == 0,
+        ),
+    }
+}
+
+/// Tokens per second of a rule.
+fn rule_rate(rule: &Rule) -> f64 {
+    1e9 / rule.params.interval_ns.max(1) as f64
+}
+
+/// The implicit share of a rule at count `n`, as a record of `burst`
+/// counts it (rounded down: what this daemon holds at most).
+pub(super) fn implicit_share(rule: Option<&Rule>, n: u32, burst: u64) -> Share {
+    let Some(rule) = rule.filter(|r| r.global.is_some()) else {
+        return Share::ZERO;
+    };
+    if n == 0 {
+        return Share::ZERO;
+    }
+    let depth = rule.params.capacity / u64::from(n);
+    let depth = crate::daemon::limiter::book::Recorded {
+        rate: 0,
+        depth,
+        counted_in: rule.params.capacity,
+    }
+    .bucket(1, burst)
+    .1;
+    Share {
+        rate: SCALE / u64::from(n),
+        depth,
+    }
+}
+
+/// Whether this daemon's demand should be written for the others: not
+/// reported yet, or it crossed its share (wanting more, or no longer), or
+/// changed by half while over it, or went to zero.
+fn demand_report_due(recorded: Option<f64>, demand: f64, share_rate: f64) -> bool {
+    let Some(recorded) = recorded else {
+        return true;
+    };
+    let unmet = |d: f64| d > share_rate * 1.05;
+    unmet(recorded) != unmet(demand)
+        || (unmet(demand) && (demand > recorded * 1.5 || demand < recorded / 1.5))
+        || (demand == 0.0 && recorded > 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn shares_step_down_at_once_and_up_into_room() {
+        let s = |rate, depth| Share { rate, depth };
+        let all = s(SCALE, 100);
+        // Lower: at once.
+        assert_eq!(step_toward(s(1000, 10), s(500, 5), all), s(500, 5));
+        // Noise within the hysteresis: nothing moves.
+        assert_eq!(step_toward(s(1000, 10), s(1050, 10), all), s(1000, 10));
+        // Raise as far as the room goes, never below what is held.
+        assert_eq!(
+            step_toward(s(1000, 10), s(3000, 30), s(2000, 20)),
+            s(2000, 20)
+        );
+        assert_eq!(
+            step_toward(s(1000, 10), s(3000, 30), s(500, 5)),
+            s(1000, 10)
+        );
+        // A first token of depth moves whatever the hysteresis says.
+        assert_eq!(step_toward(s(1000, 0), s(1000, 1), all), s(1000, 1));
+    }
+
+    #[test]
+    pub(super) fn demand_reports_follow_crossings_not_noise() {
+        assert!(demand_report_due(None, 0.0, 10.0));
+        assert!(
+            !demand_report_due(Some(5.0), 6.0, 10.0),
+            "under the share either way"
+        );
+        assert!(demand_report_due(Some(5.0), 20.0, 10.0), "now wants more");
+        assert!(
+            !demand_report_due(Some(20.0), 24.0, 10.0),
+            "noise over the share"
+        );
+        assert!(demand_report_due(Some(20.0), 40.0, 10.0));
+        assert!(
+            demand_report_due(Some(3.0), 0.0, 10.0),
+            "idle: the record may go"
+        );
+    }
+}
