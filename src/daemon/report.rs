@@ -192,6 +192,16 @@ impl Shared {
     pub fn health(&self) -> HealthReport {
         let etcd = self.cluster.as_ref().map(|c| {
             let (state, since, last_error) = c.health.snapshot();
+            // A full database is the one thing to say, whatever the last
+            // call said.
+            let last_error = if c.db.nospace.load(Ordering::Relaxed) {
+                "etcd's NOSPACE alarm is raised: its database reached its quota and it refuses \
+                 every write; compact, defragment (etcdctl defrag), disarm the alarm \
+                 (etcdctl alarm disarm) or raise --quota-backend-bytes"
+                    .to_owned()
+            } else {
+                last_error
+            };
             EtcdHealth {
                 state: state.name().into(),
                 since_unix_ms: since

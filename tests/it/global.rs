@@ -284,6 +284,55 @@ async fn demand_moves_the_share_and_an_idle_record_is_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_rule_deletes_its_records() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    let b = start(&etcd, dir.path(), "b");
+    set_global(
+        &a,
+        "gone",
+        &["--limit", "300", "--window", "1s", "--burst", "30"],
+    );
+    wait_for(Duration::from_secs(10), || {
+        share_stat(&a, "count") == 2 && share_stat(&b, "count") == 2
+    });
+    // a wants more than its implicit half: the bucket is recorded. The
+    // demand then stays below a's share for longer than the coordinator
+    // watches a quiet bucket, so nothing is watching it when the rule goes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = drive_each(
+        &[&a],
+        "gone",
+        200,
+        Instant::now(),
+        &stop,
+        Duration::from_secs(8),
+    );
+    load.into_iter().next().unwrap().await.unwrap();
+    let mut client = etcd.client().await;
+    assert_eq!(records(&mut client, &etcd, "gone").await.len(), 1);
+    assert_eq!(code(&rlctl(&b.socket, &["rules", "delete", "gone"])), 0);
+    wait_for(Duration::from_secs(10), || {
+        code(&rlctl(&a.socket, &["rules", "get", "gone"])) == 2
+    });
+    // Nobody asks for the key again: each daemon gives back what it held
+    // of the deleted rule on its own, and the record goes.
+    let deleted = Instant::now();
+    let mut left = Vec::new();
+    for _ in 0..300 {
+        left = records(&mut client, &etcd, "gone").await;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "a deleted rule's record stayed: {left:?}");
+    eprintln!("the record went {:?} after the rule", deleted.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_shares_back_at_once() {
     let Some(etcd) = Etcd::get() else { return };
     let _group = HEAVY.read().await;
@@ -907,4 +956,46 @@ async fn a_daemon_that_cannot_serve_never_joins_the_cluster() {
         "b registered although it could not serve"
     );
     drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_etcd_database_is_one_clear_state() {
+    // A 2 MB quota, filled by hand until etcd raises NOSPACE.
+    let Some(etcd) = Etcd::private_for_faults_with(&[("RLD_ETCD_QUOTA_BYTES", "2097152")]) else {
+        return;
+    };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&etcd, dir.path(), "a");
+    set_global(&a, "full", &["--limit", "100", "--window", "1s"]);
+    let mut client = etcd.client().await;
+    let blob = "x".repeat(100_000);
+    let mut refused = None;
+    for i in 0..200 {
+        if let Err(e) = client
+            .put(format!("/filler/{i}"), blob.as_str(), None)
+            .await
+        {
+            refused = Some(e.to_string());
+            break;
+        }
+    }
+    let refused = refused.expect("etcd refused a write once its quota was reached");
+    assert!(refused.contains("space"), "{refused}");
+    // rld says so in stats, health and metrics within its status period
+    // (10 s), once in its log, and keeps deciding.
+    wait_for(Duration::from_secs(25), || {
+        let out = rlctl(&a.socket, &["stats", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["cluster"]["shares"]["etcd_nospace"]
+            == true
+    });
+    let health = crate::harness::stdout(&rlctl(&a.socket, &["health"]));
+    assert!(health.contains("NOSPACE"), "{health}");
+    assert_eq!(
+        a.log().matches("etcd raised NOSPACE").count(),
+        1,
+        "logged once: {}",
+        a.log()
+    );
+    assert_eq!(code(&rlctl(&a.socket, &["acquire", "-q", "c", "full"])), 0);
 }

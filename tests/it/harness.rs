@@ -297,12 +297,19 @@ impl Etcd {
 
     /// Starts a private cluster with client ports `base+1..3`.
     pub fn private(prefix: String, base: u16) -> Etcd {
+        Etcd::private_with(prefix, base, &[])
+    }
+
+    /// [`Etcd::private`] with more environment for `scripts/etcd-cluster`
+    /// (`RLD_ETCD_QUOTA_BYTES`).
+    pub fn private_with(prefix: String, base: u16, env: &[(&str, &str)]) -> Etcd {
         let dir = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/etcd-cluster");
         let out = Command::new(&script)
             .args(["start"])
             .arg(dir.path())
             .env("RLD_ETCD_BASE_PORT", base.to_string())
+            .envs(env.iter().copied())
             .output()
             .expect("run scripts/etcd-cluster");
         assert!(out.status.success(), "etcd did not start: {}", stderr(&out));
@@ -367,6 +374,11 @@ impl Drop for Etcd {
 impl Etcd {
     /// A private cluster (faults allowed), on its own ports.
     pub fn private_for_faults() -> Option<Etcd> {
+        Etcd::private_for_faults_with(&[])
+    }
+
+    /// [`Etcd::private_for_faults`] with more environment for the script.
+    pub fn private_for_faults_with(env: &[(&str, &str)]) -> Option<Etcd> {
         if !etcd_installed() {
             return None;
         }
@@ -375,7 +387,7 @@ impl Etcd {
         // Ports 30000-32000: after the shared clusters, below the ephemeral range.
         let slot = 300 + (std::process::id() % 25) * 4 + n % 4;
         let prefix = format!("/rld-fault-{n}");
-        Some(Etcd::private(prefix, 24_000 + slot as u16 * 20))
+        Some(Etcd::private_with(prefix, 24_000 + slot as u16 * 20, env))
     }
 
     fn dir(&self) -> &Path {

@@ -244,7 +244,8 @@ impl Coordinator {
 
     /// Every [`ADOPT_EVERY`], watches the records no daemon holds anything
     /// of any more (every daemon quiet), so that someone deletes them: the
-    /// daemon that wrote last may have stopped.
+    /// daemon that wrote last may have stopped. Also the records of deleted
+    /// rules in which this daemon still holds a share, to give it back.
     pub(super) fn adopt_idle_records(&mut self, now: Instant) {
         if self
             .adopted_at
@@ -253,17 +254,30 @@ impl Coordinator {
             return;
         }
         self.adopted_at = Some(now);
-        let view = &self.view;
+        let rules = self.limiter.rules();
+        let (view, me, lease) = (&self.view, self.me(), self.lease);
+        let idle_entry = |e: &Entry| Share::of(e) == Share::ZERO && e.demand == Some(0.0);
         let idle: Vec<(String, Box<str>, BucketKey)> = view
             .records
             .iter()
             .filter(|(key, k)| {
-                !self.watched.contains_key(*key)
-                    && k.record
+                if self.watched.contains_key(*key) {
+                    return false;
+                }
+                // A deleted rule's record still holding a share of ours:
+                // give it back, so that the record can go.
+                let gone = rules.get(&k.rule).is_none_or(|r| r.global.is_none());
+                let holding = k
+                    .record
+                    .entries
+                    .get(me)
+                    .is_some_and(|e| e.lease == lease && !idle_entry(e));
+                (gone && holding)
+                    || k.record
                         .entries
                         .iter()
                         .filter(|(n, e)| view.live(n, e.lease))
-                        .all(|(_, e)| Share::of(e) == Share::ZERO && e.demand == Some(0.0))
+                        .all(|(_, e)| idle_entry(e))
             })
             .map(|(key, k)| {
                 (
