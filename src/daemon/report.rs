@@ -126,12 +126,7 @@ impl Shared {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let now = self.clock.now_ns();
         ShareStats {
-            count: self
-                .limiter
-                .rules()
-                .iter()
-                .find_map(|r| r.global.as_ref().map(|g| u64::from(g.count())))
-                .unwrap_or(0),
+            count: get(&s.count),
             valid_for_ns: cluster.link.valid_until().saturating_sub(now),
             recorded: self.limiter.recorded_shares() as u64,
             records_created: get(&s.records_created),

@@ -371,7 +371,7 @@ fn etcd_mode_exports_cluster_state_and_lease_figures() {
     assert!(sample(&m, "rld_lease_txn_duration_seconds_count") >= 1.0);
     // One daemon alone holds the whole rule (count 1), in force for most of
     // its lease's TTL.
-    assert_eq!(sample(&m, "rld_share_count"), 1.0);
+    assert_eq!(sample(&m, "rld_share_daemons"), 1.0);
     assert!(sample(&m, "rld_share_valid_seconds") > 1.0);
     assert_eq!(sample(&m, "rld_etcd_nospace"), 0.0);
     assert!(sample(&m, "rld_etcd_db_size_bytes") > 0.0);

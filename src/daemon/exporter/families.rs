@@ -416,7 +416,7 @@ impl Snapshot {
         };
         gauge(
             e,
-            "rld_share_count",
+            "rld_share_daemons",
             "This daemon's operating count n: implicit shares are 1/n of each global rule \
              (0: not using shares).",
             sh.count,

@@ -100,6 +100,8 @@ pub struct LeaseStats {
     pub raises: AtomicU64,
     pub lowers: AtomicU64,
     pub count_changes: AtomicU64,
+    /// The operating count now (0: shares not in force).
+    pub count: AtomicU64,
     pub latency: LatencyHistogram,
 }
 

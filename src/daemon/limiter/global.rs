@@ -327,7 +327,7 @@ impl GlobalRuleState {
     }
 
     /// The TAT a new bucket on the implicit share starts from.
-    fn fresh_tat(&self, now: u64) -> u64 {
+    pub(super) fn fresh_tat(&self, now: u64) -> u64 {
         let t = self.fresh_tat.load(Ordering::Relaxed);
         if t > now { t } else { 0 }
     }

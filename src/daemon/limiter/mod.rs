@@ -595,6 +595,54 @@ mod tests {
     }
 
     #[test]
+    fn a_lowered_share_gives_back_its_tokens_with_or_without_a_bucket() {
+        use super::book::Recorded;
+        use super::key::BucketKey;
+        use crate::daemon::lease::share::SCALE;
+        let l = limiter(1000, DefaultAction::Allow);
+        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Closed));
+        link.set_valid_until(u64::MAX);
+        l.attach(Arc::clone(&link));
+        // 2 per hour, burst 2, five daemons: no implicit share holds a token.
+        let mut spec = RuleSpec::new("g", "*", "*", 2, Duration::from_secs(3600));
+        spec.scope = crate::rule::Scope::Global;
+        l.set_rules(vec![(spec, RuleSource::Etcd)], 0).unwrap();
+        let r = Arc::clone(l.rules().get("g").unwrap());
+        r.global.as_ref().unwrap().set_count(5, &r.params, 0);
+        let one = Some(Recorded {
+            rate: SCALE / 5,
+            depth: 1,
+            counted_in: 2,
+        });
+        let none = Some(Recorded {
+            depth: 0,
+            ..one.unwrap()
+        });
+        for (client, with_bucket) in [("seen", true), ("unseen", false)] {
+            let key = BucketKey::new(client, "api");
+            let hash = l.table().hash_key(&key);
+            if with_bucket {
+                assert_eq!(outcome(&l, client, SEC), Outcome::Denied);
+            }
+            // Raised to one token taken from the record's pool.
+            assert_eq!(l.set_share("g", &key, hash, one, 0, 1, 2 * SEC), 0);
+            // Lowered before it was used: the token goes back, it is not
+            // lost to every daemon.
+            assert_eq!(
+                l.set_share("g", &key, hash, none, 0, 0, 3 * SEC),
+                1,
+                "{client}"
+            );
+        }
+        // A token spent is not given back twice.
+        let key = BucketKey::new("spent", "api");
+        let hash = l.table().hash_key(&key);
+        assert_eq!(l.set_share("g", &key, hash, one, 0, 1, 2 * SEC), 0);
+        assert_eq!(outcome(&l, "spent", 2 * SEC), Outcome::Allowed);
+        assert_eq!(l.set_share("g", &key, hash, none, 0, 0, 3 * SEC), 0);
+    }
+
+    #[test]
     fn rule_changes_apply_to_existing_buckets() {
         let l = limiter(1000, DefaultAction::Allow);
         l.set_rules(vec![rule("r", "*", "*", 1)], 0).unwrap();

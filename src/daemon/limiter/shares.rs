@@ -50,6 +50,31 @@ fn tokens(tat: u64, (interval, depth): (u64, u64), now: u64) -> u64 {
     u64::try_from(tau.saturating_sub(used) / u128::from(interval)).unwrap_or(u64::MAX)
 }
 
+/// Whole tokens a bucket of `rule` created at `now` would hold: under a
+/// recorded `(share, start)`, or the implicit share if `None`.
+fn virtual_tokens(
+    rule: &super::Rule,
+    recorded: Option<(Recorded, Option<(u64, u64)>)>,
+    now: u64,
+) -> u64 {
+    let Some(g) = &rule.global else { return 0 };
+    let p = &rule.params;
+    match recorded {
+        Some((share, start)) => {
+            let bucket = share.bucket(p.interval_ns, p.capacity);
+            tokens(
+                super::global::start_tat(start, bucket.0, bucket.1, now),
+                bucket,
+                now,
+            )
+        }
+        None => {
+            let bucket = g.implicit_bucket(p);
+            tokens(g.fresh_tat(now), bucket, now)
+        }
+    }
+}
+
 impl Limiter {
     /// A bucket is gone (evicted, removed): the coordinator hears of it if it
     /// had a recorded share (its demand is zero now).
@@ -85,10 +110,20 @@ impl Limiter {
     ) -> u64 {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
-        let table::Shard { buckets, book, .. } = &mut *guard;
+        let table::Shard {
+            buckets,
+            book,
+            rules,
+        } = &mut *guard;
         let before = book
             .get(hash, rule_id, client, resource)
             .map(|e| (e.share, e.start));
+        // What a bucket not in the table holds: it would be created as
+        // its book entry (or the implicit share) says.
+        let rule = rules.get(rule_id).filter(|r| r.global.is_some()).cloned();
+        let virtual_before = rule
+            .as_deref()
+            .map_or(0, |r| virtual_tokens(r, before, now));
         match share {
             Some(next) => {
                 let start = match before {
@@ -148,6 +183,15 @@ impl Limiter {
                 a.depth = new.1;
             }
             entry.aux = a.pack();
+        } else if let (Some(r), Some(_)) = (rule.as_deref(), share) {
+            // No bucket: the tokens the book said a new one would hold
+            // beyond the new share are given up all the same (else a
+            // lowered share of a key this daemon has not seen lately would
+            // lose them to everyone).
+            let after = book
+                .get(hash, rule_id, client, resource)
+                .map(|e| (e.share, e.start));
+            discarded = virtual_before.saturating_sub(virtual_tokens(r, after, now));
         }
         discarded
     }

@@ -38,6 +38,7 @@ impl Coordinator {
         let first = self.count == 0;
         self.count = n;
         self.stats.count_changes.fetch_add(1, Ordering::Relaxed);
+        self.stats.count.store(u64::from(n), Ordering::Relaxed);
         // Ordered against rule installs by the rules lock (see `Planner`).
         self.planner.count.store(n, Ordering::Release);
         for rule in self.limiter.rules().iter() {

@@ -206,14 +206,29 @@ impl Coordinator {
             .position(|p| p.0 == me)
             .expect("this daemon takes part");
         let targets = share::targets(rate, &claims);
+        // The demand this daemon's entry will say: the measured one when a
+        // report is due, else the one recorded (a write that only moves the
+        // share keeps it, so it does not move the split below).
+        let report = demand_report_due(
+            mine.and_then(|e| e.demand),
+            demand,
+            share::rate_of(applied.rate, rate),
+        );
+        let said = match mine.and_then(|e| e.demand) {
+            Some(d) if !report => d,
+            _ => demand,
+        };
         // Depth is split in whole tokens from the demands as recorded (this
-        // daemon's too, once reported): every daemon computes the same split,
-        // so they do not take turns at a token.
+        // daemon's as it will be): every daemon computes the same split, so
+        // they do not take turns at a token.
         let recorded_claims: Vec<Claim> = parts
             .iter()
-            .map(|&(n, c)| match mine.and_then(|e| e.demand) {
-                Some(d) if n == me => Claim { demand: d, ..c },
-                _ => c,
+            .map(|&(n, c)| {
+                if n == me {
+                    Claim { demand: said, ..c }
+                } else {
+                    c
+                }
             })
             .collect();
         let depths = share::depths(record.burst, &share::targets(rate, &recorded_claims));
@@ -223,16 +238,11 @@ impl Coordinator {
         };
         let recorded = mine.map_or(Share::ZERO, Share::held);
         let room = share::free_for(record, me, live);
-        let next = step_toward(applied, target, room);
-        let report = demand_report_due(
-            mine.and_then(|e| e.demand),
-            demand,
-            share::rate_of(applied.rate, rate),
-        );
+        let next = holdable(step_toward(applied, target, room), rule.params.interval_ns);
         if next != recorded || report {
             Action::Write {
                 next,
-                demand,
+                demand: said,
                 applied,
             }
         } else if demand <= share::rate_of(applied.rate, rate) {
@@ -368,6 +378,25 @@ fn step_toward(applied: Share, target: Share, room: Share) -> Share {
     }
 }
 
+/// `share` as a bucket can hold it: a rate too small for a finite refill
+/// interval (zero, or a sliver of a slow rule) makes a bucket that holds
+/// no token (GCRA measures tokens in intervals), so such a share gets no
+/// depth: tokens given to it would be lost to everyone. Lowering the rate
+/// thus lowers the depth in the same write (its tokens go to the pool
+/// first), and a raise of depth waits for a raise of rate.
+fn holdable(share: Share, interval_ns: u64) -> Share {
+    let recorded = crate::daemon::limiter::book::Recorded {
+        rate: share.rate,
+        depth: share.depth,
+        counted_in: 0,
+    };
+    if recorded.bucket(interval_ns, share.depth).0 == u64::MAX {
+        Share { depth: 0, ..share }
+    } else {
+        share
+    }
+}
+
 /// Tokens per second of a rule.
 fn rule_rate(rule: &Rule) -> f64 {
     1e9 / rule.params.interval_ns.max(1) as f64
@@ -432,6 +461,20 @@ mod tests {
         );
         // A first token of depth moves whatever the hysteresis says.
         assert_eq!(step_toward(s(1000, 0), s(1000, 1), all), s(1000, 1));
+    }
+
+    #[test]
+    fn a_share_too_slow_to_refill_holds_no_depth() {
+        let s = |rate, depth| Share { rate, depth };
+        // 2 per hour: one token every 1,800 s.
+        let interval = 1_800_000_000_000;
+        assert_eq!(holdable(s(SCALE / 5, 1), interval), s(SCALE / 5, 1));
+        assert_eq!(holdable(s(0, 1), interval), s(0, 0));
+        // 1 part in 2^32 of the rate: one token in 245,000 years (beyond
+        // what a bucket's interval can say).
+        assert_eq!(holdable(s(1, 1), interval), s(1, 0));
+        // The same sliver of 1,000/s is a token every 50 days: holdable.
+        assert_eq!(holdable(s(1, 1), 1_000_000), s(1, 1));
     }
 
     #[test]

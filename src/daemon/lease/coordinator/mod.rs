@@ -302,6 +302,7 @@ impl Coordinator {
         self.count = 0;
         self.count_write = None;
         self.planner.count.store(0, Ordering::Release);
+        self.stats.count.store(0, Ordering::Relaxed);
         for rule in self.limiter.rules().iter() {
             self.planner.plan(rule);
         }
