@@ -609,15 +609,12 @@ mod tests {
         l.set_rules(vec![(spec, RuleSource::Etcd)], 0).unwrap();
         let r = Arc::clone(l.rules().get("g").unwrap());
         r.global.as_ref().unwrap().set_count(5, &r.params, 0);
-        let one = Some(Recorded {
+        let held = Recorded {
             rate: SCALE / 5,
             depth: 1,
             counted_in: 2,
-        });
-        let none = Some(Recorded {
-            depth: 0,
-            ..one.unwrap()
-        });
+        };
+        let (one, none) = (Some(held), Some(Recorded { depth: 0, ..held }));
         for (client, with_bucket) in [("seen", true), ("unseen", false)] {
             let key = BucketKey::new(client, "api");
             let hash = l.table().hash_key(&key);
