@@ -396,29 +396,27 @@ async fn low_rate_rules_decide_locally_within_their_burst() {
             })
             .sum()
     };
-    // The first nine requests, three per daemon, are decided from the
-    // implicit shares: no etcd transaction at all.
+    // One request per daemon is decided from its implicit share with no
+    // etcd transaction at all: the key has no record, and a bucket with at
+    // least half its depth left asks for nothing.
     let before = txns(&ds);
-    let mut allowed = 0;
-    for i in 0..9 {
-        if code(&rlctl(&ds[i % 3].socket, &["acquire", "-q", "u", "slow"])) == 0 {
-            allowed += 1;
-        }
-    }
-    assert_eq!(allowed, 9, "three tokens per daemon");
+    let acquire = |i: usize| code(&rlctl(&ds[i % 3].socket, &["acquire", "-q", "u", "slow"])) == 0;
+    let mut allowed = (0..3).filter(|&i| acquire(i)).count() as u64;
+    assert_eq!(allowed, 3);
     assert_eq!(
         txns(&ds),
         before,
-        "no etcd round trip for requests within the shares"
+        "no etcd round trip for requests within the implicit shares"
     );
+    // Two more each: the shares hold three tokens each. (A bucket below
+    // half its depth asks the coordinator for more: a record may follow,
+    // in the background.)
+    allowed += (3..9).filter(|&i| acquire(i)).count() as u64;
+    assert_eq!(allowed, 9, "three tokens per daemon");
     // More requests: never beyond the burst plus what the rate refilled
     // (one every 6 s) while the test ran.
     let started = Instant::now();
-    for i in 0..30 {
-        if code(&rlctl(&ds[i % 3].socket, &["acquire", "-q", "u", "slow"])) == 0 {
-            allowed += 1;
-        }
-    }
+    allowed += (0..30).filter(|&i| acquire(i)).count() as u64;
     let refilled = (started.elapsed().as_secs_f64() / 6.0).ceil() as u64;
     assert!(
         allowed <= 10 + refilled,
