@@ -1,15 +1,16 @@
 //! What a watched bucket's record should say about this daemon: record the
 //! bucket when its demand outgrows the implicit share, follow max-min
-//! fairness by demand once recorded (lower at once, raise into free
-//! capacity), report demand the others need, and delete the record once it
+//! fairness by demand once recorded (lower only when the others need it or
+//! demand stayed at zero, never while etcd fails; raise into free capacity), report demand the others need, and delete the record once it
 //! has been idle everywhere for as long as the burst takes to refill. Also
 //! which buckets are watched at all.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{ADOPT_EVERY, Coordinator, HYSTERESIS, QUIET, VIEW_PATIENCE};
+use super::{ADOPT_EVERY, Coordinator, HYSTERESIS, QUIET, RELEASE_AFTER, VIEW_PATIENCE};
 use crate::daemon::lease::share::{self, Claim, Entry, SCALE, Share};
+use crate::daemon::limiter::global::EtcdState;
 use crate::daemon::limiter::key::BucketKey;
 use crate::daemon::limiter::{Rule, RuleSet};
 
@@ -232,12 +233,34 @@ impl Coordinator {
             })
             .collect();
         let depths = share::depths(record.burst, &share::targets(rate, &recorded_claims));
-        let target = Share {
+        let mut target = Share {
             rate: share::parts_of(targets[at], rate),
             depth: depths[at],
         };
         let recorded = mine.map_or(Share::ZERO, Share::held);
         let room = share::free_for(record, me, live);
+        // Lower only for the others: what none of them needs beyond the free
+        // capacity stays here, so a dip in this daemon's demand costs no
+        // write. Demand gone to zero gives everything up (an idle record
+        // can then be deleted), but only after RELEASE_AFTER, or at once
+        // when the others need it: a stalled caller is not an idle one.
+        // While etcd fails nothing is lowered: nothing could be raised
+        // again until it is back.
+        let (rate_fits, depth_fits) =
+            others_fit(record, &parts, &targets, &depths, rate, me, recorded);
+        let grace = demand == 0.0
+            && w.zero_since
+                .is_some_and(|t| now.duration_since(t) < RELEASE_AFTER);
+        if grace && rate_fits && depth_fits {
+            return Action::Busy;
+        }
+        let frozen = self.health.state() != EtcdState::Healthy;
+        if frozen || ((demand > 0.0 || grace) && rate_fits) {
+            target.rate = target.rate.max(applied.rate);
+        }
+        if frozen || ((demand > 0.0 || grace) && depth_fits) {
+            target.depth = target.depth.max(applied.depth);
+        }
         let next = holdable(step_toward(applied, target, room), rule.params.interval_ns);
         if next != recorded || report {
             Action::Write {
@@ -323,6 +346,44 @@ impl Coordinator {
         }
         self.per_rule.retain(|_, n| *n > 0);
     }
+}
+
+/// Whether what the other daemons' targets (`targets` and `depths` by
+/// `parts`, `rate` the rule's) need beyond what they hold fits in what nobody holds, in rate
+/// and in depth, with this daemon holding `mine`.
+fn others_fit(
+    record: &share::Record,
+    parts: &[(&str, Claim)],
+    targets: &[f64],
+    depths: &[u64],
+    rate: f64,
+    me: &str,
+    mine: Share,
+) -> (bool, bool) {
+    let mut need = Share::ZERO;
+    let mut held = mine;
+    for (j, &(n, _)) in parts.iter().enumerate() {
+        if n == me {
+            continue;
+        }
+        let has = record.entries.get(n).map_or(Share::ZERO, Share::held);
+        let wants = Share {
+            rate: share::parts_of(targets[j], rate),
+            depth: depths[j],
+        };
+        need.rate = need
+            .rate
+            .saturating_add(wants.rate.saturating_sub(has.rate));
+        need.depth = need
+            .depth
+            .saturating_add(wants.depth.saturating_sub(has.depth));
+        held.rate = held.rate.saturating_add(has.rate);
+        held.depth = held.depth.saturating_add(has.depth);
+    }
+    (
+        need.rate <= SCALE.saturating_sub(held.rate),
+        need.depth <= record.burst.saturating_sub(held.depth),
+    )
 }
 
 /// What to do about one watched bucket.

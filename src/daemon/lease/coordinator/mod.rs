@@ -56,6 +56,10 @@ const FIRST_SAMPLE: Duration = Duration::from_millis(30);
 /// A watched bucket that wanted no more than its share for this long is
 /// no longer watched.
 const QUIET: Duration = Duration::from_secs(5);
+/// A watched bucket's share is given up when its demand has been zero for
+/// this long (at once when other daemons need it): a caller that stalls
+/// for a moment keeps what it used. Shorter than [`QUIET`].
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
 /// An unanswered write is sent again after this long if the view shows its
 /// record unchanged (its compare lets at most one attempt commit).
 const RESEND: Duration = Duration::from_secs(1);
@@ -134,6 +138,8 @@ struct Watched {
     /// The view must be at least this far before deciding again.
     view_at: i64,
     quiet_since: Option<Instant>,
+    /// Since when the measured demand has been zero.
+    zero_since: Option<Instant>,
     /// Since when the record has been idle everywhere (every entry at zero,
     /// no demand): it is deleted once that lasted as long as the rule takes
     /// to refill its burst, so that a bucket starting full afterwards hands
@@ -374,6 +380,7 @@ impl Coordinator {
                 not_before: now,
                 view_at: 0,
                 quiet_since: None,
+                zero_since: None,
                 idle_since: None,
                 last_op: 0,
                 owed: 0,
@@ -441,6 +448,11 @@ impl Coordinator {
                 now,
             ),
             None => w.demand.none(now),
+        }
+        if w.demand.known && w.demand.rate == 0.0 {
+            w.zero_since.get_or_insert(now);
+        } else {
+            w.zero_since = None;
         }
     }
 
