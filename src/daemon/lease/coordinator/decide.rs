@@ -1,7 +1,8 @@
 //! What a watched bucket's record should say about this daemon: record the
 //! bucket when its demand outgrows the implicit share, follow max-min
 //! fairness by demand once recorded (lower only when the others need it or
-//! demand stayed at zero, never while etcd fails; raise into free capacity), report demand the others need, and delete the record once it
+//! demand stayed at zero, never while etcd fails; raise into free
+//! capacity), report demand the others need, and delete the record once it
 //! has been idle everywhere for as long as the burst takes to refill. Also
 //! which buckets are watched at all.
 
