@@ -123,6 +123,9 @@ struct Pending {
     /// etcd committed it: waiting for the watch to show it (never sent
     /// again).
     committed: bool,
+    /// Its answer was lost, and a resend found the record moved: the first
+    /// attempt may have committed, the view tells (never sent again).
+    moved: bool,
 }
 
 /// A bucket this daemon watches.
@@ -430,7 +433,7 @@ impl Coordinator {
         // A committed write the view still does not show after a while: the
         // view lags; decide again from it (a raise is applied when it shows).
         if w.pending.as_ref().is_some_and(|p| {
-            p.committed
+            (p.committed || p.moved)
                 && p.sent
                     .is_some_and(|t| now.duration_since(t) > 2 * VIEW_PATIENCE)
         }) {

@@ -94,6 +94,7 @@ impl Coordinator {
             in_flight: false,
             uncertain: false,
             committed: false,
+            moved: false,
         });
     }
 
@@ -185,6 +186,7 @@ impl Coordinator {
             in_flight: false,
             uncertain: false,
             committed: false,
+            moved: false,
         });
     }
 
@@ -209,6 +211,7 @@ impl Coordinator {
             in_flight: false,
             uncertain: false,
             committed: false,
+            moved: false,
         });
     }
 
@@ -223,7 +226,7 @@ impl Coordinator {
             let mut writes = Vec::new();
             for (key, w) in &mut self.watched {
                 let Some(p) = &mut w.pending else { continue };
-                if p.in_flight || p.committed {
+                if p.in_flight || p.committed || p.moved {
                     continue;
                 }
                 if p.uncertain && p.sent.is_some_and(|t| now.duration_since(t) < RESEND) {
@@ -308,6 +311,12 @@ impl Coordinator {
                         w.pending = None;
                     }
                 }
+                Written::Moved(rev) if pending.uncertain => {
+                    // A resend found the record moved, maybe by the first
+                    // attempt: the view shows which (never applied twice).
+                    pending.moved = true;
+                    w.view_at = rev;
+                }
                 Written::Moved(rev) => {
                     w.pending = None;
                     w.view_at = rev;
@@ -319,7 +328,7 @@ impl Coordinator {
                     w.not_before = now + Duration::from_millis(100);
                 }
             }
-            if outcome == "committed" && p.kind != Kind::Delete {
+            if (outcome == "committed" && p.kind != Kind::Delete) || outcome == "moved" {
                 self.reconcile(&key);
             }
         }
