@@ -445,6 +445,23 @@ fn move_to(slot: &mut Slot<'_>, a: &mut ShareAux, interval: u64, depth: u64, now
     }
 }
 
+/// Moves a bucket on its rule's implicit share to that share as it is now
+/// (after the operating count changed: the tokens it holds stay, up to the
+/// new depth, and it refills at the new rate from `now`). A request moves
+/// its bucket too; the coordinator moves every bucket this way before it
+/// records a higher count, so that a bucket no request touches does not go
+/// on refilling at the old rate once another daemon may use the difference.
+pub fn follow_implicit(mut slot: Slot<'_>, rule: &Rule, now: u64) {
+    let Some(g) = &rule.global else { return };
+    let mut a = ShareAux::unpack(*slot.aux);
+    if a.recorded || a.fallback {
+        return;
+    }
+    let (interval, depth) = g.implicit_bucket(&rule.params);
+    move_to(&mut slot, &mut a, interval, depth, now);
+    *slot.aux = a.pack();
+}
+
 /// Decides a request on a global rule's bucket. May send one event to the
 /// coordinator (the first shortfall of a bucket it is not watching yet).
 #[allow(clippy::too_many_arguments)]
@@ -677,6 +694,18 @@ mod tests {
             )
             .outcome
         }
+
+        fn follow(&mut self, rule: &Rule, now: u64) {
+            follow_implicit(
+                Slot {
+                    tat: &mut self.tat,
+                    share: &mut self.share,
+                    aux: &mut self.aux,
+                },
+                rule,
+                now,
+            );
+        }
     }
 
     fn link_valid() -> ClusterLink {
@@ -862,7 +891,8 @@ mod tests {
         /// or lapses), a bucket admits at most what it held plus what its
         /// shares earned: in any run, admitted (not bypassed) tokens are at
         /// most the largest depth it ever had plus the time integral of its
-        /// rate, plus the fallback's when it was used.
+        /// rate, plus the fallback's when it was used. A count change moves
+        /// the bucket at once, as the coordinator does for every bucket.
         #[test]
         fn a_bucket_admits_at_most_its_depth_plus_its_rate(
             steps in proptest::collection::vec((0u8..4, 1u64..4, 0u64..40 * MS), 1..200),
@@ -884,6 +914,7 @@ mod tests {
                     0 => {
                         n = (x as u32) + 1;
                         g.set_count(n, &rule.params, now);
+                        b.follow(&rule, now);
                         deepest = deepest.max(30 / u64::from(n));
                     }
                     _ => {

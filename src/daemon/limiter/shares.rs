@@ -7,7 +7,7 @@
 
 use super::book::{BookEntry, Recorded};
 use super::bucket;
-use super::global::ShareAux;
+use super::global::{self, ShareAux};
 use super::key::BucketKey;
 use super::{Limiter, table};
 
@@ -264,6 +264,22 @@ impl Limiter {
                     e.tat = 0;
                     e.aux = a.pack();
                 }
+            });
+        }
+    }
+
+    /// Moves every global bucket on its rule's implicit share to that share
+    /// as it is now ([`global::follow_implicit`]): called after the
+    /// operating count rose, before it is recorded.
+    pub fn follow_implicit(&self, now: u64) {
+        for shard in 0..self.table.shard_count() {
+            self.table.lock(shard).buckets.for_each_mut(|e| {
+                let slot = global::Slot {
+                    tat: &mut e.tat,
+                    share: &mut e.share,
+                    aux: &mut e.aux,
+                };
+                global::follow_implicit(slot, &e.rule, now);
             });
         }
     }

@@ -36,6 +36,7 @@ impl Coordinator {
             return;
         }
         let first = self.count == 0;
+        let lowered = !first && n > self.count;
         self.count = n;
         self.stats.count_changes.fetch_add(1, Ordering::Relaxed);
         self.stats.count.store(u64::from(n), Ordering::Relaxed);
@@ -43,6 +44,10 @@ impl Coordinator {
         self.planner.count.store(n, Ordering::Release);
         for rule in self.limiter.rules().iter() {
             self.planner.plan(rule);
+        }
+        if lowered {
+            // Every idle bucket too, before the count is written.
+            self.limiter.follow_implicit(self.clock.now_ns());
         }
         if first && n > 0 {
             self.registration.set_ready(self.lease);
