@@ -41,6 +41,8 @@ BUCKET = 132  # bytes per bucket in the table (README: ~124 + the share word)
 BOOK = 96  # bytes per recorded share in a shard's book
 VIEW_OVERHEAD = 80  # bytes per record kept in the view beyond its JSON
 PUTS_PER_MEMBER = 10_000  # what one etcd member took here (tmpfs, 2 vCPUs)
+MEMBERS = 3  # watchers spread over the members of one cluster
+WATCH_OUT_PER_MEMBER = 100e6  # bytes/s one member sends its watchers (1 Gbit/s NIC: 125 MB/s)
 
 
 def zipf_rates(keys, total, s, sample):
@@ -111,7 +113,15 @@ def human(x, unit=""):
 
 
 def show(name, args, r):
-    fits = r["writes"] <= PUTS_PER_MEMBER and r["db_bytes"] < 8e9 and r["record_bytes"] < 1.5e6
+    limits = [
+        (r["writes"] > PUTS_PER_MEMBER, f"{human(r['writes'])} writes/s > {human(PUTS_PER_MEMBER)} per member"),
+        (r["db_bytes"] >= 8e9, "database over etcd's 8 GB"),
+        (r["record_bytes"] >= 1.5e6, "a record over etcd's 1.5 MB request"),
+        (r["watch_out_total"] / MEMBERS > WATCH_OUT_PER_MEMBER,
+         f"{human(r['watch_out_total'] / MEMBERS, 'B/s')} to watchers per member > "
+         f"{human(WATCH_OUT_PER_MEMBER, 'B/s')}"),
+    ]
+    over = [why for hit, why in limits if hit]
     print(f"\n{name}")
     print(
         f"  {args['daemons']} daemons, {human(args['keys'])} keys, {human(args['rate'], '/s')} "
@@ -130,7 +140,7 @@ def show(name, args, r):
         f"({human(r['watch_per_daemon'], 'B/s')} per daemon), database {human(r['db_bytes'], 'B')}"
     )
     print(f"  memory per daemon: {human(r['mem_per_daemon'], 'B')}")
-    print(f"  one etcd cluster: {'enough' if fits else 'NOT enough'}")
+    print(f"  one etcd cluster: {'NOT enough (' + '; '.join(over) + ')' if over else 'enough'}")
 
 
 SCENARIOS = [
