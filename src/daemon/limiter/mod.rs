@@ -595,6 +595,38 @@ mod tests {
     }
 
     #[test]
+    fn a_request_newer_than_the_collection_is_not_idle_time() {
+        use super::key::BucketKey;
+        let l = limiter(1000, DefaultAction::Allow);
+        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Closed));
+        link.set_valid_until(u64::MAX);
+        l.attach(Arc::clone(&link));
+        let mut spec = RuleSpec::new("g", "*", "*", 100, Duration::from_secs(1));
+        spec.scope = crate::rule::Scope::Global;
+        l.set_rules(vec![(spec, RuleSource::Etcd)], 0).unwrap();
+        let r = Arc::clone(l.rules().get("g").unwrap());
+        r.global.as_ref().unwrap().set_count(1, &r.params, 0);
+        let key = BucketKey::new("a", "api");
+        let hash = l.table().hash_key(&key);
+        // A request at 1 s + 50 ms, collected with a clock read at 1 s.
+        assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Allowed);
+        let c = l.collect("g", &key, hash, SEC).unwrap();
+        assert_eq!(c.idle_ns, 0);
+        assert_eq!(c.wanted, 1);
+        assert!(c.span_ns < SEC, "span {}", c.span_ns);
+        // Collected later, it has been idle since the request.
+        assert_eq!(outcome(&l, "a", 2 * SEC), Outcome::Allowed);
+        let c = l.collect("g", &key, hash, 2 * SEC + SEC / 5).unwrap();
+        // (in ticks of 16.8 ms)
+        let tick = 1u64 << table::TICK_SHIFT;
+        assert!(
+            c.idle_ns + tick >= SEC / 5 && c.idle_ns <= SEC / 5 + tick,
+            "idle {}",
+            c.idle_ns
+        );
+    }
+
+    #[test]
     fn a_lowered_share_gives_back_its_tokens_with_or_without_a_bucket() {
         use super::book::Recorded;
         use super::key::BucketKey;

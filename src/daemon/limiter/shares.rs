@@ -213,12 +213,20 @@ impl Limiter {
         }
         let mut a = ShareAux::unpack(entry.aux);
         let tick_ns = 1u64 << table::TICK_SHIFT;
+        // A request that read the clock after `now` may have taken the lock
+        // first: its bucket is not idle (the difference wraps), and its
+        // count is no older than its window.
         let idle_ticks = table::tick(now).wrapping_sub(entry.last_used);
+        let idle_ticks = if idle_ticks > u32::MAX / 2 {
+            0
+        } else {
+            idle_ticks
+        };
         let out = Collected {
             wanted: u64::from(a.wanted),
             // The count started somewhere in its start tick: count the
             // tick as half elapsed.
-            span_ns: u64::from(a.age(now)) * tick_ns + tick_ns / 2,
+            span_ns: u64::from(a.age(now).min(global::WINDOW_TICKS)) * tick_ns + tick_ns / 2,
             idle_ns: u64::from(idle_ticks) * tick_ns,
             tokens: tokens(entry.tat, params_of(entry), now),
             depth: a.depth,

@@ -361,7 +361,7 @@ impl Coordinator {
         let now = Instant::now();
         self.watch_inserted(record_key, rule, key, hash, now);
         // The bucket's own count gives a first reading at once.
-        self.sample(record_key, now, self.clock.now_ns());
+        self.sample(record_key);
     }
 
     fn watch_inserted(
@@ -399,13 +399,12 @@ impl Coordinator {
         }
         let rules = self.limiter.rules();
         let now = Instant::now();
-        let now_ns = self.clock.now_ns();
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
         for key in dirty {
             if self.watched.contains_key(&key) {
-                self.sample(&key, now, now_ns);
+                self.sample(&key);
                 self.decide(&key, now, &rules);
             }
         }
@@ -414,11 +413,10 @@ impl Coordinator {
     async fn tick(&mut self) {
         self.registration.publish(&self.link);
         let now = Instant::now();
-        let now_ns = self.clock.now_ns();
         let keys: Vec<String> = self.watched.keys().cloned().collect();
         let rules = self.limiter.rules();
         for key in keys {
-            self.sample(&key, now, now_ns);
+            self.sample(&key);
             self.decide(&key, now, &rules);
         }
         self.forget_quiet(now);
@@ -426,10 +424,14 @@ impl Coordinator {
         self.compact().await;
     }
 
-    fn sample(&mut self, key: &str, now: Instant, now_ns: u64) {
+    /// Reads `key`'s bucket. The clocks are read for each bucket: a tick
+    /// over thousands of them takes a while, and the requests made meanwhile
+    /// must not look newer than the reading.
+    fn sample(&mut self, key: &str) {
         let Some(w) = self.watched.get_mut(key) else {
             return;
         };
+        let (now, now_ns) = (Instant::now(), self.clock.now_ns());
         // A committed write the view still does not show after a while: the
         // view lags; decide again from it (a raise is applied when it shows).
         if w.pending.as_ref().is_some_and(|p| {
