@@ -594,18 +594,25 @@ mod tests {
         assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Denied);
     }
 
-    #[test]
-    fn a_request_newer_than_the_collection_is_not_idle_time() {
-        use super::key::BucketKey;
+    /// A limiter with shares in force and global rule "g" (`limit` per
+    /// `window`) operated by `n` daemons.
+    fn global_limiter(limit: u64, window: Duration, n: u32) -> Limiter {
         let l = limiter(1000, DefaultAction::Allow);
         let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Closed));
         link.set_valid_until(u64::MAX);
-        l.attach(Arc::clone(&link));
-        let mut spec = RuleSpec::new("g", "*", "*", 100, Duration::from_secs(1));
+        l.attach(link);
+        let mut spec = RuleSpec::new("g", "*", "*", limit, window);
         spec.scope = crate::rule::Scope::Global;
         l.set_rules(vec![(spec, RuleSource::Etcd)], 0).unwrap();
         let r = Arc::clone(l.rules().get("g").unwrap());
-        r.global.as_ref().unwrap().set_count(1, &r.params, 0);
+        r.global.as_ref().unwrap().set_count(n, &r.params, 0);
+        l
+    }
+
+    #[test]
+    fn a_request_newer_than_the_collection_is_not_idle_time() {
+        use super::key::BucketKey;
+        let l = global_limiter(100, Duration::from_secs(1), 1);
         let key = BucketKey::new("a", "api");
         let hash = l.table().hash_key(&key);
         // A request at 1 s + 50 ms, collected with a clock read at 1 s.
@@ -631,16 +638,8 @@ mod tests {
         use super::book::Recorded;
         use super::key::BucketKey;
         use crate::daemon::lease::share::SCALE;
-        let l = limiter(1000, DefaultAction::Allow);
-        let link = Arc::new(ClusterLink::new(NullSink, crate::rule::OnFailure::Closed));
-        link.set_valid_until(u64::MAX);
-        l.attach(Arc::clone(&link));
         // 2 per hour, burst 2, five daemons: no implicit share holds a token.
-        let mut spec = RuleSpec::new("g", "*", "*", 2, Duration::from_secs(3600));
-        spec.scope = crate::rule::Scope::Global;
-        l.set_rules(vec![(spec, RuleSource::Etcd)], 0).unwrap();
-        let r = Arc::clone(l.rules().get("g").unwrap());
-        r.global.as_ref().unwrap().set_count(5, &r.params, 0);
+        let l = global_limiter(2, Duration::from_secs(3600), 5);
         let held = Recorded {
             rate: SCALE / 5,
             depth: 1,
