@@ -262,7 +262,13 @@ impl Coordinator {
         if frozen || ((demand > 0.0 || grace) && depth_fits) {
             target.depth = target.depth.max(applied.depth);
         }
-        let next = holdable(step_toward(applied, target, room), rule.params.interval_ns);
+        // Demand clearly beyond the share: a raise into free capacity is
+        // made however small (hysteresis would leave it unused for good).
+        let unmet = demand > share::rate_of(applied.rate, rate) * (1.0 + HYSTERESIS);
+        let next = holdable(
+            step_toward(applied, target, room, unmet),
+            rule.params.interval_ns,
+        );
         if next != recorded || report {
             Action::Write {
                 next,
@@ -415,8 +421,10 @@ enum Action {
 /// The share to record next, from `applied` toward `target`: lowered parts
 /// as far as the target, raised ones as far as `room` (what this daemon may
 /// hold in all) allows. A part moves only when its target moved by more
-/// than [`HYSTERESIS`] (depth also when it goes to or from zero).
-fn step_toward(applied: Share, target: Share, room: Share) -> Share {
+/// than [`HYSTERESIS`] (depth also when it goes to or from zero; both when
+/// `unmet`, this daemon's demand clearly beyond its share, and the part
+/// rises).
+fn step_toward(applied: Share, target: Share, room: Share, unmet: bool) -> Share {
     let moved = |from: u64, to: u64| {
         (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0)
     };
@@ -430,12 +438,17 @@ fn step_toward(applied: Share, target: Share, room: Share) -> Share {
         }
     };
     Share {
-        rate: step(applied.rate, target.rate, room.rate, false),
+        rate: step(
+            applied.rate,
+            target.rate,
+            room.rate,
+            unmet && target.rate > applied.rate,
+        ),
         depth: step(
             applied.depth,
             target.depth,
             room.depth,
-            applied.depth == 0 || target.depth == 0,
+            applied.depth == 0 || target.depth == 0 || (unmet && target.depth > applied.depth),
         ),
     }
 }
@@ -509,20 +522,40 @@ mod tests {
         let s = |rate, depth| Share { rate, depth };
         let all = s(SCALE, 100);
         // Lower: at once.
-        assert_eq!(step_toward(s(1000, 10), s(500, 5), all), s(500, 5));
-        // Noise within the hysteresis: nothing moves.
-        assert_eq!(step_toward(s(1000, 10), s(1050, 10), all), s(1000, 10));
+        assert_eq!(step_toward(s(1000, 10), s(500, 5), all, false), s(500, 5));
+        // Noise within the hysteresis: nothing moves...
+        assert_eq!(
+            step_toward(s(1000, 10), s(1050, 10), all, false),
+            s(1000, 10)
+        );
+        // ...unless demand is clearly beyond the share: then a small raise
+        // into free room is made (a lowering still waits).
+        assert_eq!(
+            step_toward(s(1000, 10), s(1050, 11), all, true),
+            s(1050, 11)
+        );
+        assert_eq!(
+            step_toward(s(1000, 10), s(1050, 11), s(1020, 10), true),
+            s(1020, 10)
+        );
+        assert_eq!(
+            step_toward(s(1000, 10), s(980, 10), all, true),
+            s(1000, 10)
+        );
         // Raise as far as the room goes, never below what is held.
         assert_eq!(
-            step_toward(s(1000, 10), s(3000, 30), s(2000, 20)),
+            step_toward(s(1000, 10), s(3000, 30), s(2000, 20), false),
             s(2000, 20)
         );
         assert_eq!(
-            step_toward(s(1000, 10), s(3000, 30), s(500, 5)),
+            step_toward(s(1000, 10), s(3000, 30), s(500, 5), false),
             s(1000, 10)
         );
         // A first token of depth moves whatever the hysteresis says.
-        assert_eq!(step_toward(s(1000, 0), s(1000, 1), all), s(1000, 1));
+        assert_eq!(
+            step_toward(s(1000, 0), s(1000, 1), all, false),
+            s(1000, 1)
+        );
     }
 
     #[test]
