@@ -538,10 +538,7 @@ mod tests {
             step_toward(s(1000, 10), s(1050, 11), s(1020, 10), true),
             s(1020, 10)
         );
-        assert_eq!(
-            step_toward(s(1000, 10), s(980, 10), all, true),
-            s(1000, 10)
-        );
+        assert_eq!(step_toward(s(1000, 10), s(980, 10), all, true), s(1000, 10));
         // Raise as far as the room goes, never below what is held.
         assert_eq!(
             step_toward(s(1000, 10), s(3000, 30), s(2000, 20), false),
@@ -552,10 +549,7 @@ mod tests {
             s(1000, 10)
         );
         // A first token of depth moves whatever the hysteresis says.
-        assert_eq!(
-            step_toward(s(1000, 0), s(1000, 1), all, false),
-            s(1000, 1)
-        );
+        assert_eq!(step_toward(s(1000, 0), s(1000, 1), all, false), s(1000, 1));
     }
 
     #[test]
