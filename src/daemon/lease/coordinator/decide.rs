@@ -356,8 +356,8 @@ impl Coordinator {
 }
 
 /// Whether what the other daemons' targets (`targets` and `depths` by
-/// `parts`, `rate` the rule's) need beyond what they hold fits in what nobody holds, in rate
-/// and in depth, with this daemon holding `mine`.
+/// `parts`, `rate` the rule's) need beyond what they hold fits in what
+/// nobody holds, in rate and in depth, with this daemon holding `mine`.
 fn others_fit(
     record: &share::Record,
     parts: &[(&str, Claim)],
