@@ -227,9 +227,9 @@ pub struct EtcdConfig {
     /// Key prefix, without a trailing slash (`/rld`).
     pub prefix: String,
     pub node_id: String,
-    /// Deadline of each etcd call. A call past it counts as failed (the
-    /// cluster is then SUSPECT); shares stay in force until their own
-    /// deadline, so a slow etcd changes no decision.
+    /// Deadline of each etcd call. A call past it counts as failed (two in
+    /// a row make the cluster SUSPECT); shares stay in force until their
+    /// own deadline, so a slow etcd changes no decision.
     pub timeout: Duration,
     /// Set in the config file though no longer used (warned about at start).
     pub max_clock_skew: Option<Duration>,

@@ -25,6 +25,10 @@ use crate::daemon::limiter::global::{ClusterLink, EtcdState};
 
 /// Consecutive successes after a failure before calls count as working.
 const SUCCESSES_TO_RECOVER: u32 = 2;
+/// Consecutive failures before a daemon whose shares are in force says
+/// SUSPECT: slow is not down (one call timed out while etcd wrote a
+/// snapshot, once in a 30-minute soak).
+const FAILURES_TO_SUSPECT: u32 = 2;
 /// Immediate retries of a call that etcd answered Unavailable (each may
 /// reach another endpoint; the deadline still bounds them all).
 const RETRIES: u32 = 4;
@@ -60,6 +64,11 @@ struct Inner {
     valid: bool,
     /// Consecutive successes since the last failure.
     successes: u32,
+    /// Consecutive failures since the last success.
+    failures: u32,
+    /// Calls failed [`FAILURES_TO_SUSPECT`] times in a row, and do not
+    /// work again yet.
+    failing: bool,
     last_error: String,
 }
 
@@ -89,6 +98,8 @@ impl Health {
                 calls_ok: true,
                 valid: false,
                 successes: 0,
+                failures: 0,
+                failing: false,
                 last_error: String::new(),
             }),
             transitions: AtomicU64::new(0),
@@ -116,8 +127,10 @@ impl Health {
     pub fn success(&self) {
         let mut i = self.inner.lock();
         i.successes = i.successes.saturating_add(1);
+        i.failures = 0;
         if !i.calls_ok && i.successes >= SUCCESSES_TO_RECOVER {
             i.calls_ok = true;
+            i.failing = false;
         }
         self.settle(&mut i);
     }
@@ -126,7 +139,9 @@ impl Health {
     pub fn failure(&self, error: &str, _started: Instant) {
         let mut i = self.inner.lock();
         i.successes = 0;
+        i.failures = i.failures.saturating_add(1);
         i.calls_ok = false;
+        i.failing |= i.failures >= FAILURES_TO_SUSPECT;
         i.last_error = error.to_owned();
         self.settle(&mut i);
     }
@@ -142,8 +157,8 @@ impl Health {
 
     fn settle(&self, i: &mut Inner) {
         let state = match (i.valid, i.calls_ok) {
-            (true, true) => EtcdState::Healthy,
-            (true, false) => EtcdState::Suspect,
+            (true, _) if !i.failing => EtcdState::Healthy,
+            (true, _) => EtcdState::Suspect,
             (false, false) => EtcdState::Degraded,
             (false, true) => EtcdState::Recovering,
         };
@@ -239,6 +254,9 @@ mod tests {
         h.success();
         h.shares(true);
         assert_eq!(h.state(), EtcdState::Healthy);
+        // One failed call is not trouble yet; two in a row are.
+        h.failure("boom", Instant::now());
+        assert_eq!(h.state(), EtcdState::Healthy, "one slow call");
         h.failure("boom", Instant::now());
         assert_eq!(h.state(), EtcdState::Suspect, "shares still in force");
         // One success is not enough (hysteresis); a failure in between
@@ -249,6 +267,8 @@ mod tests {
         h.success();
         h.success();
         assert_eq!(h.state(), EtcdState::Healthy);
+        // Shares lapsed after a failed call: degraded (straight from
+        // healthy).
         h.failure("boom", Instant::now());
         h.shares(false);
         assert_eq!(h.state(), EtcdState::Degraded);
@@ -257,6 +277,6 @@ mod tests {
         assert_eq!(h.state(), EtcdState::Recovering);
         h.shares(true);
         assert_eq!(h.state(), EtcdState::Healthy);
-        assert_eq!(h.transitions.load(Ordering::Relaxed), 7);
+        assert_eq!(h.transitions.load(Ordering::Relaxed), 6);
     }
 }
