@@ -322,40 +322,72 @@ pub struct Claim {
     pub measured: bool,
 }
 
-/// Max-min fair targets (tokens/s) of `rate` among `claims`: water-filling,
-/// each measured demand inflated by [`HEADROOM`]. A daemon asking less than
-/// an equal split gets what it asks; the rest is split among the others the
-/// same way. Capacity nobody asks for is left free (taken at once by the
-/// first daemon that needs it), so targets may sum to less than `rate`.
+/// Max-min fair targets (tokens/s) of `rate` among `claims`, by
+/// water-filling in two passes. First the demands themselves: a daemon
+/// asking less than an equal split gets what it asks; the rest is split
+/// among the others the same way. Then, only if every demand is met, the
+/// capacity left gives each measured demand up to [`HEADROOM`] over it (the
+/// same way), so noise does not make a daemon ask again at once. Headroom
+/// never comes out of another daemon's demand: under oversubscription a
+/// daemon's unused headroom would be capacity no one admits with.
+/// Capacity nobody asks for is left free (taken at once by the first
+/// daemon that needs it), so targets may sum to less than `rate`.
 ///
 /// ```
 /// use rld::daemon::lease::share::{Claim, targets};
-/// let c = |d| Claim { demand: d, measured: false };
+/// let c = |d| Claim { demand: d, measured: true };
 /// // 1000/s, demands 1500, 600, 450, 300, 150 (3x oversubscribed):
-/// // 150 is met, the other four split the rest equally.
+/// // 150 is met (no headroom: the others need it), the other four split
+/// // the rest equally.
 /// let t = targets(1000.0, &[c(1500.0), c(600.0), c(450.0), c(300.0), c(150.0)]);
 /// assert!((t[4] - 150.0).abs() < 1e-9);
 /// assert!(t[..4].iter().all(|x| (x - 212.5).abs() < 1e-9));
+/// // 900 of 1000 asked for: each demand met, the 100 left is headroom.
+/// let t = targets(1000.0, &[c(630.0), c(180.0), c(90.0)]);
+/// assert!((t[2] - 112.5).abs() < 1e-9);
+/// assert!((t[0] - 668.75).abs() < 1e-9 && (t[1] - 218.75).abs() < 1e-9);
 /// ```
 pub fn targets(rate: f64, claims: &[Claim]) -> Vec<f64> {
-    let want: Vec<f64> = claims
+    let demand: Vec<f64> = claims
         .iter()
         .map(|c| {
-            let d = if c.demand.is_finite() {
+            if c.demand.is_finite() {
                 c.demand.max(0.0)
             } else {
                 rate
-            };
-            if c.measured { d * HEADROOM } else { d }
+            }
         })
         .collect();
-    let mut order: Vec<usize> = (0..claims.len()).collect();
-    order.sort_by(|&a, &b| want[a].total_cmp(&want[b]));
-    let mut out = vec![0.0; claims.len()];
-    let mut left = rate.max(0.0);
+    let mut out = water_fill(rate.max(0.0), &demand);
+    let left = rate.max(0.0) - out.iter().sum::<f64>();
+    if left > 0.0 {
+        let extra: Vec<f64> = claims
+            .iter()
+            .zip(&demand)
+            .map(|(c, d)| {
+                if c.measured {
+                    d * (HEADROOM - 1.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        for (o, e) in out.iter_mut().zip(water_fill(left, &extra)) {
+            *o += e;
+        }
+    }
+    out
+}
+
+/// Max-min fair split of `amount` among `wants`: water-filling.
+fn water_fill(amount: f64, wants: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..wants.len()).collect();
+    order.sort_by(|&a, &b| wants[a].total_cmp(&wants[b]));
+    let mut out = vec![0.0; wants.len()];
+    let mut left = amount;
     for (i, &k) in order.iter().enumerate() {
         let equal = left / (order.len() - i) as f64;
-        let given = want[k].min(equal);
+        let given = wants[k].min(equal).max(0.0);
         out[k] = given;
         left -= given;
     }
@@ -606,6 +638,13 @@ mod tests {
             for (c, x) in claims.iter().zip(&t) {
                 let cap = if c.measured { c.demand * HEADROOM } else { c.demand };
                 prop_assert!(*x <= cap + 1e-9);
+            }
+            // Max-min: a claim short of its demand gets at least as much as
+            // any other (headroom only from capacity no demand needs).
+            for (c, x) in claims.iter().zip(&t) {
+                if *x < c.demand * (1.0 - 1e-9) - 1e-9 {
+                    prop_assert!(t.iter().all(|y| *y <= x + 1e-6 * rate.max(1.0)), "{:?} -> {:?}", claims, t);
+                }
             }
             let d = depths(burst, &t);
             prop_assert!(d.iter().sum::<u64>() <= burst);

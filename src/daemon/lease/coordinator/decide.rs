@@ -96,14 +96,20 @@ impl Coordinator {
         let demand = if w.demand.known {
             w.demand.rate
         } else {
-            // Before a first sample, only a share with no depth acts (on
-            // the demand seen so far): it can admit nothing at all.
-            let applied_depth = match self.view.records.get(key) {
-                Some(_) => self.applied.get(key).map_or(0, |s| s.depth),
-                None => rule.map_or(0, |r| share::implicit(self.count, r.params.capacity).1),
+            // Before a first sample, a share with no depth acts on the
+            // demand seen so far (it can admit nothing at all); so does a
+            // recorded bucket on an early estimate (a record is there
+            // because some daemon wants more: it should not wait for this
+            // one's sample to know what it can give).
+            let recorded = self.view.records.contains_key(key);
+            let applied_depth = if recorded {
+                self.applied.get(key).map_or(0, |s| s.depth)
+            } else {
+                rule.map_or(0, |r| share::implicit(self.count, r.params.capacity).1)
             };
-            match w.demand.provisional() {
-                Some(d) if applied_depth == 0 => d,
+            match (w.demand.provisional(), w.demand.early()) {
+                (Some(d), _) if applied_depth == 0 => d,
+                (_, Some(d)) if recorded => d,
                 _ => return Action::None,
             }
         };
@@ -211,11 +217,18 @@ impl Coordinator {
         // The demand this daemon's entry will say: the measured one when a
         // report is due, else the one recorded (a write that only moves the
         // share keeps it, so it does not move the split below).
-        let report = demand_report_due(
-            mine.and_then(|e| e.demand),
-            demand,
-            share::rate_of(applied.rate, rate),
-        );
+        let recorded = mine.map_or(Share::ZERO, Share::held);
+        let as_recorded = match mine.and_then(|e| e.demand) {
+            Some(d) => Claim {
+                demand: d,
+                measured: true,
+            },
+            None => Claim {
+                demand: share::rate_of(recorded.rate, rate),
+                measured: false,
+            },
+        };
+        let report = demand_report_due(rate, &claims, at, as_recorded, mine.and_then(|e| e.demand));
         let said = match mine.and_then(|e| e.demand) {
             Some(d) if !report => d,
             _ => demand,
@@ -238,7 +251,6 @@ impl Coordinator {
             rate: share::parts_of(targets[at], rate),
             depth: depths[at],
         };
-        let recorded = mine.map_or(Share::ZERO, Share::held);
         let room = share::free_for(record, me, live);
         // Lower only for the others: what none of them needs beyond the free
         // capacity stays here, so a dip in this daemon's demand costs no
@@ -266,7 +278,7 @@ impl Coordinator {
         // made however small (hysteresis would leave it unused for good).
         let unmet = demand > share::rate_of(applied.rate, rate) * (1.0 + HYSTERESIS);
         let next = holdable(
-            step_toward(applied, target, room, unmet),
+            step_toward(applied, target, room, unmet, (!rate_fits, !depth_fits)),
             rule.params.interval_ns,
         );
         if next != recorded || report {
@@ -423,13 +435,27 @@ enum Action {
 /// hold in all) allows. A part moves only when its target moved by more
 /// than [`HYSTERESIS`] (depth also when it goes to or from zero; both when
 /// `unmet`, this daemon's demand clearly beyond its share, and the part
-/// rises).
-fn step_toward(applied: Share, target: Share, room: Share, unmet: bool) -> Share {
-    let moved = |from: u64, to: u64| {
-        (to as f64 - from as f64).abs() > HYSTERESIS * (from.max(to) as f64).max(1.0)
+/// rises). A part the others are `short` of (rate, depth: what they need
+/// does not fit in what nobody holds) is lowered once it is a fifth of that
+/// above its target: capacity held beyond use under oversubscription is
+/// capacity no daemon admits with.
+fn step_toward(
+    applied: Share,
+    target: Share,
+    room: Share,
+    unmet: bool,
+    short: (bool, bool),
+) -> Share {
+    let moved = |from: u64, to: u64, short: bool| {
+        let h = if short && to < from {
+            HYSTERESIS / 5.0
+        } else {
+            HYSTERESIS
+        };
+        (to as f64 - from as f64).abs() > h * (from.max(to) as f64).max(1.0)
     };
-    let step = |from: u64, to: u64, room: u64, force: bool| {
-        if !(force || moved(from, to)) || to == from {
+    let step = |from: u64, to: u64, room: u64, force: bool, short: bool| {
+        if !(force || moved(from, to, short)) || to == from {
             from
         } else if to < from {
             to
@@ -443,12 +469,14 @@ fn step_toward(applied: Share, target: Share, room: Share, unmet: bool) -> Share
             target.rate,
             room.rate,
             unmet && target.rate > applied.rate,
+            short.0,
         ),
         depth: step(
             applied.depth,
             target.depth,
             room.depth,
             applied.depth == 0 || target.depth == 0 || (unmet && target.depth > applied.depth),
+            short.1,
         ),
     }
 }
@@ -500,17 +528,31 @@ pub(super) fn implicit_share(rule: Option<&Rule>, n: u32, burst: u64) -> Share {
     }
 }
 
-/// Whether this daemon's demand should be written for the others: not
-/// reported yet, or it crossed its share (wanting more, or no longer), or
-/// changed by half while over it, or went to zero.
-fn demand_report_due(recorded: Option<f64>, demand: f64, share_rate: f64) -> bool {
-    let Some(recorded) = recorded else {
-        return true;
-    };
-    let unmet = |d: f64| d > share_rate * 1.05;
-    unmet(recorded) != unmet(demand)
-        || (unmet(demand) && (demand > recorded * 1.5 || demand < recorded / 1.5))
-        || (demand == 0.0 && recorded > 0.0)
+/// Whether this daemon's demand (its claim in `claims`, at `at`) should be
+/// written for the others: only when the split would move by more than
+/// [`HYSTERESIS`] of an equal share for anyone, were the record to say it
+/// instead of what it says (`as_recorded`; `recorded` the demand it
+/// holds, if any), or when demand went to zero (an idle record can then be
+/// deleted). A bucket every daemon wants more of than its share (an even
+/// hot key) thus costs no write however its demand moves: the split is
+/// equal whatever the demands say.
+fn demand_report_due(
+    rate: f64,
+    claims: &[Claim],
+    at: usize,
+    as_recorded: Claim,
+    recorded: Option<f64>,
+) -> bool {
+    if claims[at].demand == 0.0 {
+        return recorded != Some(0.0);
+    }
+    let mut before = claims.to_vec();
+    before[at] = as_recorded;
+    let tolerance = HYSTERESIS * rate / claims.len() as f64;
+    share::targets(rate, &before)
+        .iter()
+        .zip(share::targets(rate, claims))
+        .any(|(a, b)| (a - b).abs() > tolerance)
 }
 
 #[cfg(test)]
@@ -518,38 +560,84 @@ mod tests {
     use super::*;
 
     #[test]
+    fn demand_is_reported_only_when_it_moves_the_split() {
+        let c = |demand| Claim {
+            demand,
+            measured: true,
+        };
+        let unreported = Claim {
+            demand: 20.0 / 3.0,
+            measured: false,
+        };
+        // An even hot key (20/s, three daemons each wanting ~10/s): the split
+        // is equal whatever the demands say, so no report, not even a first.
+        let hot = [c(9.0), c(12.0), c(10.0)];
+        assert!(!demand_report_due(20.0, &hot, 1, c(8.0), Some(8.0)));
+        assert!(!demand_report_due(20.0, &hot, 1, unreported, None));
+        // Uneven: this daemon wants 2/s of a 20/s key the others want all
+        // of: its report frees what it does not use.
+        let uneven = [c(30.0), c(2.0), c(30.0)];
+        assert!(demand_report_due(20.0, &uneven, 1, unreported, None));
+        assert!(!demand_report_due(20.0, &uneven, 1, c(2.1), Some(2.1)));
+        // Gone to zero: always said (an idle record is deleted on it).
+        let idle = [c(30.0), c(0.0), c(30.0)];
+        assert!(demand_report_due(20.0, &idle, 1, c(20.0), Some(20.0)));
+        assert!(!demand_report_due(20.0, &idle, 1, c(0.0), Some(0.0)));
+    }
+
+    #[test]
     pub(super) fn shares_step_down_at_once_and_up_into_room() {
+        const NONE_SHORT: (bool, bool) = (false, false);
         let s = |rate, depth| Share { rate, depth };
         let all = s(SCALE, 100);
         // Lower: at once.
-        assert_eq!(step_toward(s(1000, 10), s(500, 5), all, false), s(500, 5));
+        assert_eq!(
+            step_toward(s(1000, 10), s(500, 5), all, false, NONE_SHORT),
+            s(500, 5)
+        );
         // Noise within the hysteresis: nothing moves...
         assert_eq!(
-            step_toward(s(1000, 10), s(1050, 10), all, false),
+            step_toward(s(1000, 10), s(1050, 10), all, false, NONE_SHORT),
             s(1000, 10)
         );
         // ...unless demand is clearly beyond the share: then a small raise
         // into free room is made (a lowering still waits).
         assert_eq!(
-            step_toward(s(1000, 10), s(1050, 11), all, true),
+            step_toward(s(1000, 10), s(1050, 11), all, true, NONE_SHORT),
             s(1050, 11)
         );
         assert_eq!(
-            step_toward(s(1000, 10), s(1050, 11), s(1020, 10), true),
+            step_toward(s(1000, 10), s(1050, 11), s(1020, 10), true, NONE_SHORT),
             s(1020, 10)
         );
-        assert_eq!(step_toward(s(1000, 10), s(980, 10), all, true), s(1000, 10));
+        assert_eq!(
+            step_toward(s(1000, 10), s(980, 10), all, true, NONE_SHORT),
+            s(1000, 10)
+        );
         // Raise as far as the room goes, never below what is held.
         assert_eq!(
-            step_toward(s(1000, 10), s(3000, 30), s(2000, 20), false),
+            step_toward(s(1000, 10), s(3000, 30), s(2000, 20), false, NONE_SHORT),
             s(2000, 20)
         );
         assert_eq!(
-            step_toward(s(1000, 10), s(3000, 30), s(500, 5), false),
+            step_toward(s(1000, 10), s(3000, 30), s(500, 5), false, NONE_SHORT),
             s(1000, 10)
         );
         // A first token of depth moves whatever the hysteresis says.
-        assert_eq!(step_toward(s(1000, 0), s(1000, 1), all, false), s(1000, 1));
+        assert_eq!(
+            step_toward(s(1000, 0), s(1000, 1), all, false, NONE_SHORT),
+            s(1000, 1)
+        );
+        // The others short of rate: a 6% lowering is made (not of depth,
+        // which they are not short of).
+        assert_eq!(
+            step_toward(s(1000, 10), s(940, 9), all, false, (true, false)),
+            s(940, 10)
+        );
+        assert_eq!(
+            step_toward(s(1000, 10), s(990, 10), all, false, (true, true)),
+            s(1000, 10)
+        );
     }
 
     #[test]
@@ -564,24 +652,5 @@ mod tests {
         assert_eq!(holdable(s(1, 1), interval), s(1, 0));
         // The same sliver of 1,000/s is a token every 50 days: holdable.
         assert_eq!(holdable(s(1, 1), 1_000_000), s(1, 1));
-    }
-
-    #[test]
-    pub(super) fn demand_reports_follow_crossings_not_noise() {
-        assert!(demand_report_due(None, 0.0, 10.0));
-        assert!(
-            !demand_report_due(Some(5.0), 6.0, 10.0),
-            "under the share either way"
-        );
-        assert!(demand_report_due(Some(5.0), 20.0, 10.0), "now wants more");
-        assert!(
-            !demand_report_due(Some(20.0), 24.0, 10.0),
-            "noise over the share"
-        );
-        assert!(demand_report_due(Some(20.0), 40.0, 10.0));
-        assert!(
-            demand_report_due(Some(3.0), 0.0, 10.0),
-            "idle: the record may go"
-        );
     }
 }

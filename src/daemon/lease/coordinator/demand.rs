@@ -26,6 +26,9 @@ pub(super) struct Demand {
 /// record for nothing).
 const SAMPLE_TOKENS: u64 = 16;
 
+/// Tokens an early estimate ([`Demand::early`]) needs.
+const EARLY_TOKENS: u64 = 4;
+
 impl Demand {
     pub(super) fn new() -> Demand {
         Demand {
@@ -86,6 +89,15 @@ impl Demand {
         (self.acc > 0).then(|| self.acc as f64 / self.span.max(SAMPLE).as_secs_f64())
     }
 
+    /// An early estimate before the first sample: what the tokens seen so
+    /// far (at least [`EARLY_TOKENS`], over at least [`FIRST_SAMPLE`])
+    /// say, leaning up by one token (lowering a share on too low an
+    /// estimate would deny this daemon's callers).
+    pub(super) fn early(&self) -> Option<f64> {
+        (self.acc >= EARLY_TOKENS && self.span >= FIRST_SAMPLE)
+            .then(|| (self.acc + 1) as f64 / self.span.as_secs_f64())
+    }
+
     /// No bucket: no demand, known at once.
     pub(super) fn none(&mut self, now: Instant) {
         *self = Demand {
@@ -115,6 +127,12 @@ mod tests {
         let mut e = Demand::new();
         e.add(5, ms(20), ms(0), t0);
         assert!(!e.known);
+        // ...nor an early estimate (too short a span); 10 ms later there is
+        // one: 6 tokens in 30 ms, leaning up by one.
+        assert_eq!(e.early(), None);
+        e.add(0, ms(0), ms(10), t0 + ms(10));
+        assert!(!e.known);
+        assert!((e.early().unwrap() - 6.0 / 0.030).abs() < 0.5);
         // A busy bucket gone quiet: idle for as long as 16 tokens take at
         // its rate (at least 100 ms), its demand is zero at once.
         d.add(0, ms(0), ms(50), t0 + ms(95));

@@ -63,9 +63,6 @@ const RELEASE_AFTER: Duration = Duration::from_secs(2);
 /// An unanswered write is sent again after this long if the view shows its
 /// record unchanged (its compare lets at most one attempt commit).
 const RESEND: Duration = Duration::from_secs(1);
-/// After a compare failed, a record is decided again once the view is this
-/// far along (or this long after).
-const MOVED_WAIT: Duration = Duration::from_millis(200);
 /// How long a decision waits for the view to catch up with a write.
 const VIEW_PATIENCE: Duration = Duration::from_secs(2);
 /// How often records nobody holds are looked for (to delete them).

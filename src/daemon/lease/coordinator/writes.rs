@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Batch, Coordinator, IN_FLIGHT, Kind, MOVED_WAIT, Pending, RESEND, TICK};
+use super::{Batch, Coordinator, IN_FLIGHT, Kind, Pending, RESEND};
 use crate::daemon::lease::audit::Record as AuditRecord;
 use crate::daemon::lease::share::{self, Entry, Record, Share};
 use crate::daemon::lease::store::{RecordWrite, Written};
@@ -318,9 +318,13 @@ impl Coordinator {
                     w.view_at = rev;
                 }
                 Written::Moved(rev) => {
+                    // Decided again as soon as the view shows the record
+                    // that moved (its change marks it dirty), from that
+                    // record: each round of a conflict commits someone's
+                    // write, so retrying at once cannot livelock.
                     w.pending = None;
                     w.view_at = rev;
-                    w.not_before = now + MOVED_WAIT.min(TICK);
+                    w.not_before = now;
                 }
                 Written::Unknown(_) => pending.uncertain = true,
                 Written::Failed(_) => {
