@@ -26,6 +26,11 @@ pub(super) struct Demand {
 /// record for nothing).
 const SAMPLE_TOKENS: u64 = 16;
 
+/// Tokens each later sample should see: a slow bucket's demand is judged
+/// over seconds (its Poisson noise over 16 tokens, +-25%, moved shares
+/// back and forth for nothing).
+const STEADY_TOKENS: u64 = 32;
+
 /// Tokens an early estimate ([`Demand::early`]) needs.
 const EARLY_TOKENS: u64 = 4;
 
@@ -57,8 +62,13 @@ impl Demand {
         self.read_at = Some(now);
         self.acc += wanted;
         self.span += span;
+        let tokens = if self.known {
+            STEADY_TOKENS
+        } else {
+            SAMPLE_TOKENS
+        };
         let patience = if self.known && self.rate > 0.0 {
-            Duration::from_secs_f64((SAMPLE_TOKENS as f64 / self.rate).min(60.0)).max(SAMPLE)
+            Duration::from_secs_f64((tokens as f64 / self.rate).min(60.0)).max(SAMPLE)
         } else {
             SAMPLE
         };
@@ -68,7 +78,7 @@ impl Demand {
             self.span = Duration::ZERO;
             return;
         }
-        let enough = self.acc >= SAMPLE_TOKENS && self.span >= FIRST_SAMPLE;
+        let enough = self.acc >= tokens && self.span >= FIRST_SAMPLE;
         if !(enough || self.span >= patience) {
             return;
         }
