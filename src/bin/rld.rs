@@ -49,7 +49,12 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Sockets are checked for readiness every 8 task polls rather than 61:
+    // a busy worker runs heavy turns of a few hundred decisions (see
+    // `daemon::turns`), and a light client's request waits for the next
+    // check, not for 61 of those turns.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .event_interval(8)
         .enable_all()
         .build()
     {

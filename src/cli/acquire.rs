@@ -167,7 +167,7 @@ pub fn describe(d: &Decision<'_>) -> String {
     let rule = if d.rule.is_empty() {
         "no rule matched; default action".to_string()
     } else {
-        format!("rule {}", d.rule)
+        format!("rule {}", crate::rule::escape_text(&d.rule))
     };
     match d.outcome {
         Outcome::Allowed => format!("allowed: {} remaining ({rule})", d.remaining),

@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::{CliError, Exit};
+use crate::rule::escape_text;
 
 /// Writes command output and remembers whether stdout went away.
 #[derive(Debug)]
@@ -57,9 +58,16 @@ impl Output {
     ///
     /// # Errors
     /// stdout is closed or failing.
+    /// Every cell is shown escaped ([`escape_text`]): cells hold what
+    /// clients named (ids, patterns), and a control character there would
+    /// drive the terminal or split the row.
     pub fn table(&mut self, header: &[&str], rows: &[Vec<String>]) -> Result<(), CliError> {
+        let rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|row| row.iter().map(|c| escape_text(c).into_owned()).collect())
+            .collect();
         let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-        for row in rows {
+        for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.chars().count());
             }
@@ -76,7 +84,7 @@ impl Output {
             line
         };
         let mut text = render(&mut header.iter().copied());
-        for row in rows {
+        for row in &rows {
             text.push('\n');
             text.push_str(&render(&mut row.iter().map(String::as_str)));
         }

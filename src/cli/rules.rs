@@ -10,7 +10,7 @@ use super::output::fmt_ns;
 use super::{CliError, Exit, Output, RuleSetArgs, RulesCommand, connect};
 use crate::protocol::{LeaseInfo, RuleInfo, RuleSource};
 use crate::rule::file::{ReserveEntry, RuleEntry, parse_rules};
-use crate::rule::{OnFailure, RuleSpec, Scope};
+use crate::rule::{OnFailure, RuleSpec, Scope, escape_text};
 
 pub async fn run(socket: &Path, cmd: RulesCommand, out: &mut Output) -> Result<Exit, CliError> {
     match cmd {
@@ -108,7 +108,12 @@ fn spec_from_args(a: RuleSetArgs) -> Result<RuleSpec, CliError> {
         accuracy: a.accuracy,
         fallback_limit: a.fallback_limit,
     };
-    entry.to_spec().map_err(|e| CliError::usage(e.to_string()))
+    let spec = entry
+        .to_spec()
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    spec.validate_new()
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(spec)
 }
 
 /// A rule as `--json` shows it: the TOML fields plus live counters.
@@ -160,9 +165,9 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
     let s = &info.spec;
     let e = RuleEntry::from_spec(s);
     let mut lines = vec![
-        format!("id            {}", s.id),
-        format!("client        {}", s.client),
-        format!("resource      {}", s.resource),
+        format!("id            {}", escape_text(&s.id)),
+        format!("client        {}", escape_text(&s.client)),
+        format!("resource      {}", escape_text(&s.resource)),
         format!("limit         {} per {}", s.limit, e.window),
         format!("burst         {}", s.capacity()),
         format!("scope         {}", scope_name(s.scope)),

@@ -1,5 +1,6 @@
 //! `rlctl stats` (`Stats`) and `rlctl health` (`Health`).
 
+use crate::rule::escape_text;
 use std::path::Path;
 
 use super::output::fmt_ns;
@@ -100,7 +101,9 @@ fn render_stats(s: &StatsReport) -> String {
         for r in &c.rules {
             text.push_str(&format!(
                 "\n  {}: held {}  implicit depth {}",
-                r.id, r.lease.held, r.lease.batch,
+                escape_text(&r.id),
+                r.lease.held,
+                r.lease.batch,
             ));
         }
     }
@@ -108,7 +111,7 @@ fn render_stats(s: &StatsReport) -> String {
         let width = s
             .per_rule
             .iter()
-            .map(|r| r.id.chars().count())
+            .map(|r| escape_text(&r.id).chars().count())
             .max()
             .unwrap_or(4)
             .max(4);
@@ -119,7 +122,10 @@ fn render_stats(s: &StatsReport) -> String {
         for r in &s.per_rule {
             text.push_str(&format!(
                 "\n{:<width$}  {:>10}  {:>10}  {:>10}",
-                r.id, r.allowed, r.rejected, r.bypassed
+                escape_text(&r.id),
+                r.allowed,
+                r.rejected,
+                r.bypassed
             ));
         }
     }

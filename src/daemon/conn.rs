@@ -32,6 +32,7 @@ use super::limiter::AcquireError;
 use super::metrics::{LocalHistogram, Metrics};
 use super::rulebook::RuleBookError;
 use super::throttle::LogThrottle;
+use super::turns::{FREE_ITEMS, TURN_ITEMS};
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
 use crate::protocol::{
     Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MAX_BATCH_ITEMS, MIN_PROTOCOL_VERSION,
@@ -49,6 +50,10 @@ const CAPABILITIES: &[&str] = &[
     "shutting-down",
 ];
 
+/// The socket send buffer asked for (the kernel doubles it): with
+/// [`FLUSH_BYTES`], the most answers a peer can leave unread before this
+/// connection is neither read nor decided for until it reads.
+const SEND_BUFFER: usize = 32 * 1024;
 /// Answers are written out once this much is buffered, even mid-batch.
 const FLUSH_BYTES: usize = 64 * 1024;
 /// The buffers a connection starts with and shrinks back to.
@@ -64,6 +69,15 @@ const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
 /// Serves one connection until the peer leaves, breaks the protocol, idles
 /// out, or `cancel` fires (then requests already read are still answered).
 pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: CancellationToken) {
+    // Bound what a peer that does not read can have decided for it: the
+    // kernel holds at most this much of its unread answers (it doubles the
+    // figure for its own bookkeeping), then flushes wait and nothing more
+    // is read or decided for it.
+    if let Err(e) =
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER)
+    {
+        tracing::debug!("cannot set the send buffer of a connection: {e}");
+    }
     let shared_now = shared.clock.now_ns();
     let mut conn = Conn {
         codec: FrameCodec::new(shared.max_frame),
@@ -78,6 +92,11 @@ pub async fn serve(stream: UnixStream, peer: Peer, shared: Arc<Shared>, cancel: 
         stopping: false,
         latency: LocalHistogram::default(),
         timing: Timing::default(),
+        turn_left: FREE_ITEMS,
+        heavy: false,
+        batch_reserved: 0,
+        spent: 0,
+        gated: false,
     };
     if let Err(e) = conn.run(&cancel).await {
         tracing::debug!(uid = conn.peer.uid, "connection ended: {e}");
@@ -90,6 +109,7 @@ impl Drop for Conn {
     /// connection ends.
     fn drop(&mut self) {
         self.shared.answers.release(self.peer.uid, self.reserved);
+        self.end_heavy_turn();
     }
 }
 
@@ -111,6 +131,17 @@ struct Conn {
     /// Shutdown has drained what was sent before it: requests are answered
     /// `shutting_down`, not decided.
     stopping: bool,
+    /// Items this turn may still decide (see [`super::turns`]).
+    turn_left: usize,
+    /// This connection holds a heavy turn.
+    heavy: bool,
+    /// The answer of the batch being decoded, reserved before decoding.
+    batch_reserved: usize,
+    /// Items of work done in this wake-up...
+    spent: usize,
+    /// ...were more than a free turn's: the next read waits for a heavy
+    /// turn.
+    gated: bool,
 }
 
 /// Whether to keep the connection after a request.
@@ -135,11 +166,11 @@ impl Conn {
                 // would reset its connection).
                 return self.drain().await;
             }
-            let read = self.stream.read_buf(&mut self.read_buf);
             let idle_until = self.shared.idle_timeout.map(|t| {
                 tokio::time::Instant::from_std(self.shared.clock.instant_at(self.last_request_ns))
                     + t
             });
+            let read = self.read_some();
             let n = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return self.drain().await,
@@ -192,6 +223,25 @@ impl Conn {
         Ok(())
     }
 
+    /// Reads what the peer sent. A connection that needed heavy turns in its
+    /// last wake-up reads only in a heavy turn too (taken once the socket is
+    /// readable): its reading and copying is shared fairly like its
+    /// deciding, and a light client is not held up by hundreds of busy
+    /// connections all reading at once.
+    async fn read_some(&mut self) -> io::Result<usize> {
+        loop {
+            self.stream.readable().await?;
+            if self.gated && !self.heavy {
+                self.next_turn().await;
+            }
+            match self.stream.try_read_buf(&mut self.read_buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.end_heavy_turn(),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Answers every complete frame in the read buffer.
     async fn answer_buffered(&mut self) -> io::Result<Next> {
         self.timing.now = self.shared.clock.now_ns();
@@ -203,7 +253,14 @@ impl Conn {
         // Before frames are consumed: `capacity` counts from the read
         // position, so afterwards it no longer shows the allocation's size.
         let allocated = buf.capacity();
+        if !self.heavy {
+            self.turn_left = FREE_ITEMS;
+        }
+        self.spent = 0;
         let result = self.answer_frames(&mut buf).await;
+        // More than a free turn's work: the next read waits for a turn.
+        self.gated = self.spent > FREE_ITEMS;
+        self.end_heavy_turn();
         if buf.len() != unread {
             // The wake-up's clock reading: no second one.
             self.last_request_ns = wake_up;
@@ -228,29 +285,48 @@ impl Conn {
                     return Ok(Next::Close);
                 }
             };
+            // A batch's size, read without decoding it: an oversized batch
+            // (25,000 items decode to about 2 MB, 3 million to 290), or one
+            // whose answer the budget cannot hold, is refused before it is
+            // built, and building it is charged to the turn.
+            let batch = (len > SMALL_FRAME)
+                .then(|| codec::batch_len(&buf[HEADER_LEN..HEADER_LEN + len]))
+                .flatten();
+            let weight =
+                1 + batch.map_or(0, |(_, items)| items.min(MAX_BATCH_ITEMS) / DECODE_SHARE);
+            if self.turn_left < weight.min(TURN_ITEMS) {
+                // This turn is used up: what it answered goes out first (a
+                // peer that does not read is not served on: backpressure),
+                // without a heavy turn held while that waits.
+                self.end_heavy_turn();
+                self.flush().await?;
+                self.next_turn().await;
+            }
+            self.charge(weight);
             let frame = &buf[HEADER_LEN..HEADER_LEN + len];
-            // A frame long enough for an oversized batch: refuse it before
-            // decoding (25,000 items decode to about 2 MB, 3 million to 290).
-            let oversized = (len > MAX_BATCH_ITEMS * MIN_ITEM_BYTES)
-                .then(|| codec::batch_len(frame))
-                .flatten()
-                .filter(|&(_, items)| items > MAX_BATCH_ITEMS);
-            let next = if let Some((id, items)) = oversized {
-                self.batch_too_large(id, items)
-            } else {
-                match decode_request(frame) {
+            let next = match batch {
+                Some((id, items)) if items > MAX_BATCH_ITEMS => self.batch_too_large(id, items),
+                Some((id, items)) if !self.reserve_answer(items) => {
+                    self.budget_exhausted(id, "nothing was decided: ")
+                }
+                _ => match decode_request(frame) {
                     Ok(RequestFrame { id, request }) => self.answer(id, request).await,
                     Err(bad) => {
                         self.protocol_error(bad.id, &bad.error);
                         Next::Close
                     }
-                }
+                },
             };
             buf.advance(HEADER_LEN + len);
             if next == Next::Close {
                 return Ok(next);
             }
             if self.write_buf.len() >= FLUSH_BYTES {
+                // Never wait on a peer while holding a heavy turn.
+                if self.heavy {
+                    self.end_heavy_turn();
+                    self.turn_left = 0;
+                }
                 self.flush().await?;
             }
         }
@@ -293,6 +369,12 @@ impl Conn {
             Request::RuleSet { rules } => {
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "set rules");
+                }
+                // Rules set now hold printable text only (rules loaded from
+                // older state files may not: they are shown escaped).
+                if let Some(e) = rules.iter().find_map(|r| r.validate_new().err()) {
+                    let e = RuleBookError::from(crate::daemon::limiter::RuleSetError::from(e));
+                    return self.respond(id, &Response::Error(e.to_wire()));
                 }
                 let traced = self.shared.telemetry.as_ref().map(|t| {
                     let ids: Vec<&str> = rules.iter().map(|r| r.id.as_str()).collect();
@@ -458,22 +540,30 @@ impl Conn {
         }
         let worst = items.len() * MAX_ITEM_ANSWER_BYTES;
         let large = worst > FLUSH_BYTES;
-        if large {
+        let reserved_before = std::mem::take(&mut self.batch_reserved) == worst;
+        if large && !reserved_before {
             if !self.shared.answers.reserve(self.peer.uid, worst) {
                 return self.budget_exhausted(id, "nothing was decided: ");
             }
             self.reserved += worst;
         }
-        let Conn {
-            shared,
-            write_buf: out,
-            timing,
-            latency,
-            ..
-        } = self;
-        let start = codec::begin_frame(out);
-        let mut result = codec::append(&(id, DECISIONS_VARIANT, items.len()), out);
+        let start = codec::begin_frame(&mut self.write_buf);
+        let mut result = codec::append(&(id, DECISIONS_VARIANT, items.len()), &mut self.write_buf);
         for a in items {
+            if self.turn_left == 0 {
+                // Mid-frame: the answer so far stays buffered (its length
+                // is written when it is complete).
+                self.end_heavy_turn();
+                self.next_turn().await;
+            }
+            self.charge(1);
+            let Conn {
+                shared,
+                write_buf: out,
+                timing,
+                latency,
+                ..
+            } = self;
             let mut answer = |d: &Decision<'_>| codec::append(&BatchItem::Decision(d.clone()), out);
             let item = decide(shared, timing, latency, a, &mut answer).await;
             result = result.and(match item {
@@ -485,6 +575,7 @@ impl Conn {
                 }
             });
         }
+        let out = &mut self.write_buf;
         let result = result.and_then(|()| codec::finish_frame(out, start));
         if large {
             // Keep only what the answer really takes.
@@ -499,6 +590,22 @@ impl Conn {
                 self.error(id, ErrorCode::INTERNAL, e.to_string())
             }
         }
+    }
+
+    /// Reserves the worst-case answer of a batch of `items` before it is
+    /// decoded, when that answer is large; false when the budget cannot
+    /// hold it.
+    fn reserve_answer(&mut self, items: usize) -> bool {
+        let worst = items * MAX_ITEM_ANSWER_BYTES;
+        if worst <= FLUSH_BYTES {
+            return true;
+        }
+        if !self.shared.answers.reserve(self.peer.uid, worst) {
+            return false;
+        }
+        self.reserved += worst;
+        self.batch_reserved = worst;
+        true
     }
 
     fn batch_too_large(&mut self, id: u64, items: usize) -> Next {
@@ -565,6 +672,28 @@ impl Conn {
         Next::Continue
     }
 
+    /// Waits for a heavy turn (see [`super::turns`]), then lets the other
+    /// tasks of this worker run before deciding on.
+    async fn next_turn(&mut self) {
+        self.shared.turns.take(self.peer.uid).await;
+        self.heavy = true;
+        tokio::task::yield_now().await;
+        self.timing.now = self.shared.clock.now_ns();
+        self.turn_left = TURN_ITEMS;
+    }
+
+    /// Counts `items` of work against this turn.
+    fn charge(&mut self, items: usize) {
+        self.turn_left = self.turn_left.saturating_sub(items);
+        self.spent = self.spent.saturating_add(items);
+    }
+
+    fn end_heavy_turn(&mut self) {
+        if std::mem::take(&mut self.heavy) {
+            self.shared.turns.end();
+        }
+    }
+
     /// Writes the buffered answers, disconnecting a peer that does not read
     /// them within `write_timeout`. Most writes complete at once; only one
     /// that would block arms the timer.
@@ -612,9 +741,12 @@ impl Conn {
 const MAX_ITEM_ANSWER_BYTES: usize = 1 + 3 + 2 + MAX_ACQUIRE_ERROR_BYTES;
 /// The longest acquire error message.
 const MAX_ACQUIRE_ERROR_BYTES: usize = 640;
-/// The fewest bytes one batch item takes on the wire (two empty names, cost,
-/// priority, no trace).
-const MIN_ITEM_BYTES: usize = 5;
+/// Frames up to this long are read as one item of work; longer ones are
+/// sized first (a batch's item count).
+const SMALL_FRAME: usize = 256;
+/// Building a batch from its frame is charged to a turn as this fraction
+/// of deciding its items.
+const DECODE_SHARE: usize = 4;
 /// The most answer bytes one batch may reserve.
 pub const LARGEST_ANSWER: usize = MAX_BATCH_ITEMS * MAX_ITEM_ANSWER_BYTES;
 

@@ -35,6 +35,7 @@ pub mod store;
 pub mod sweeper;
 pub mod telemetry;
 pub mod throttle;
+pub mod turns;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,6 +98,9 @@ pub struct Shared {
     /// many clients ask, a few run at once and rule changes are not queued
     /// behind them.
     pub reports: tokio::sync::Semaphore,
+    /// Heavy turns (a connection's work beyond its first few decisions per
+    /// wake-up), shared fairly by uid.
+    pub turns: turns::Turns,
     /// The etcd side, when limits are shared.
     pub cluster: Option<Arc<Cluster>>,
     /// Lease counters, when limits are shared.
@@ -258,6 +262,9 @@ impl Daemon {
             )),
             answers: limits::AnswerBudget::new(config.answer_memory, conn::LARGEST_ANSWER),
             reports: tokio::sync::Semaphore::new(REPORTS_AT_ONCE),
+            turns: turns::Turns::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
             cluster,
             lease,
             telemetry,

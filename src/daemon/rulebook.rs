@@ -47,6 +47,10 @@ pub enum RuleBookError {
     },
     #[error("state file {path}: {message}; fix or remove the file")]
     CorruptState { path: PathBuf, message: String },
+    /// The state directory or a file in it cannot be used at all (read at
+    /// start, nothing being saved): what is wrong and the fix.
+    #[error("{path}: {problem}")]
+    StateUnusable { path: PathBuf, problem: String },
     #[error(
         "state directory {path} is in use by another rld (lock held); give each daemon its own --state-dir"
     )]
@@ -64,6 +68,7 @@ impl RuleBookError {
             RuleBookError::NotFound(_) => ErrorCode::RULE_NOT_FOUND,
             RuleBookError::Storage { .. }
             | RuleBookError::CorruptState { .. }
+            | RuleBookError::StateUnusable { .. }
             | RuleBookError::Locked { .. } => ErrorCode::STORAGE_FAILED,
         };
         ErrorBody::new(code, self.to_string())

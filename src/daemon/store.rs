@@ -50,6 +50,17 @@ impl StateStore {
             path: dir.to_owned(),
             source,
         };
+        let unusable = |problem: String| RuleBookError::StateUnusable {
+            path: dir.to_owned(),
+            problem,
+        };
+        if dir.exists() && !dir.is_dir() {
+            return Err(unusable(
+                "the state directory is not a directory; point --state-dir (state_dir) at a \
+                 directory, or remove this file and rld creates the directory"
+                    .into(),
+            ));
+        }
         if !dir.exists() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -65,7 +76,12 @@ impl StateStore {
             .write(true)
             .mode(FILE_MODE)
             .open(dir.join(LOCK_FILE))
-            .map_err(storage)?;
+            .map_err(|e| {
+                unusable(format!(
+                    "cannot open the lock file {LOCK_FILE} in the state directory: {e}; rld must \
+                     be able to write there (fix its owner or permissions)"
+                ))
+            })?;
         let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
             .map_err(|_| RuleBookError::Locked { path: dir.into() })?;
         Ok(StateStore {
@@ -206,12 +222,24 @@ impl StateStore {
 
 /// A file's text, or `None` if it does not exist.
 fn read_if_present(path: &Path) -> Result<Option<String>, RuleBookError> {
+    let unusable = |problem: String| RuleBookError::StateUnusable {
+        path: path.to_owned(),
+        problem,
+    };
+    if path.is_dir() {
+        return Err(unusable(
+            "this state file is a directory; remove it (rld writes the file itself)".into(),
+        ));
+    }
     match fs::read_to_string(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(RuleBookError::Storage {
-            path: path.to_owned(),
-            source,
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(unusable(
+            "this state file is not UTF-8 text; restore it from its .prev copy or remove it".into(),
+        )),
+        Err(e) => Err(unusable(format!(
+            "cannot read this state file: {e}; rld must be able to read it (fix its owner or \
+             permissions)"
+        ))),
     }
 }

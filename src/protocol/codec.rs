@@ -75,7 +75,11 @@ impl FrameCodec {
             });
         }
         if buf.len() < HEADER_LEN + len {
-            buf.reserve(HEADER_LEN + len - buf.len());
+            // Room for the rest of the frame, grown as its bytes arrive (at
+            // most doubling): a peer that announces a large frame and sends
+            // it a byte at a time is not given the whole frame's memory.
+            let missing = HEADER_LEN + len - buf.len();
+            buf.reserve(missing.min(buf.len().max(4096)));
             return Ok(None);
         }
         Ok(Some(len))

@@ -224,6 +224,31 @@ impl RuleSpec {
         Pattern::parse(&self.resource)
     }
 
+    /// Checks what [`RuleSpec::validate`] does, and also that the client and
+    /// resource patterns hold no character of [`unsafe_in_text`]: for rules
+    /// set now (rules loaded from older state files may hold such patterns;
+    /// they load, and are shown escaped).
+    ///
+    /// # Errors
+    /// The first field that is wrong, with the fix in the message.
+    pub fn validate_new(&self) -> Result<(), RuleError> {
+        self.validate()?;
+        for (field, text) in [("client", &self.client), ("resource", &self.resource)] {
+            if text.chars().any(unsafe_in_text) {
+                return Err(RuleError {
+                    id: self.id.clone(),
+                    field,
+                    problem: format!(
+                        "{} contains a control character or a bidirectional control; \
+                         patterns are printable text",
+                        escape_text(text)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field on its own (not against other rules).
     ///
     /// # Errors
@@ -387,12 +412,52 @@ pub fn validate_rule_id(id: &str) -> Result<(), String> {
             id.len()
         ));
     }
-    if id.chars().any(|c| c.is_control() || c == '/') {
+    if id.chars().any(|c| unsafe_in_text(c) || c == '/') {
         return Err(
-            "contains '/' or a control character; use letters, digits, '-', '_' or '.'".into(),
+            "contains '/', a control character or a bidirectional control; use letters, \
+             digits, '-', '_' or '.'"
+                .into(),
         );
     }
     Ok(())
+}
+
+/// Characters refused in ids and new patterns and escaped wherever text a
+/// client sent is shown: control characters (a terminal obeys ESC
+/// sequences; a newline splits a table row) and the Unicode bidirectional
+/// controls (U+202E shows text reversed).
+pub fn unsafe_in_text(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` as it is safe to show on a terminal or in a log line: each
+/// character of [`unsafe_in_text`] written as a Rust escape (`\u{1b}`,
+/// `\n`), backslashes doubled only then, so ordinary text is shown as it
+/// is.
+///
+/// ```
+/// use rld::rule::escape_text;
+/// assert_eq!(escape_text("api/*"), "api/*");
+/// assert_eq!(escape_text("a\u{1b}[31mRED\n"), "a\\u{1b}[31mRED\\n");
+/// assert_eq!(escape_text("\u{202E}abc"), "\\u{202e}abc");
+/// ```
+pub fn escape_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(unsafe_in_text) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_in_text(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Parses `"250ms"`, `"30s"`, `"1m"`, `"2h"`, `"1d"` (and combinations like `"1h 30m"`).

@@ -345,3 +345,99 @@ fn state_files_are_private_keep_a_generation_and_are_checked() {
         stderr(&check)
     );
 }
+
+/// Patterns with control or bidirectional characters are refused when set,
+/// by rlctl (exit 2, the field named) and by the daemon (a client that is
+/// not rlctl); one loaded from an older state file still loads, and rlctl
+/// shows it escaped: no ESC reaches the terminal, no newline splits a row.
+#[test]
+fn patterns_with_control_characters_are_refused_and_old_ones_shown_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("rules.toml"),
+        "[[rule]]\nid = \"old\"\nclient = \"a\\u001b[31mRED\"\nresource = \"line\\nbreak\"\n\
+         limit = 5\nwindow = \"1m\"\n",
+    )
+    .unwrap();
+    let d = ProcessDaemon::start(dir.path(), &[]);
+
+    let list = rlctl(&d.socket, &["rules", "list"]);
+    assert_eq!(code(&list), 0, "{}", stderr(&list));
+    let text = stdout(&list);
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(text.contains("a\\u{1b}[31mRED"), "{text}");
+    assert!(text.contains("line\\nbreak"), "{text}");
+    assert_eq!(text.lines().count(), 2, "a header and one row: {text}");
+    let get = rlctl(&d.socket, &["rules", "get", "old"]);
+    assert_eq!(code(&get), 0, "{}", stderr(&get));
+    assert!(!stdout(&get).contains('\u{1b}'), "{}", stdout(&get));
+    assert!(
+        stdout(&get).contains("resource      line\\nbreak"),
+        "{}",
+        stdout(&get)
+    );
+
+    for (flag, value) in [
+        ("--client", "x\u{1b}[2J"),
+        ("--resource", "a\nb"),
+        ("--client", "\u{202E}gnp.exe"),
+    ] {
+        let mut args = vec!["rules", "set", "new", "--limit", "1", "--window", "1s"];
+        args.extend(["--client", "*", "--resource", "r"]);
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        args[at + 1] = value;
+        let out = rlctl(&d.socket, &args);
+        assert_eq!(code(&out), 2, "{value:?}: {}", stderr(&out));
+        let field = flag.trim_start_matches("--");
+        assert!(stderr(&out).contains(field), "{value:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains('\u{1b}'), "{}", stderr(&out));
+    }
+    // The daemon refuses it from any client.
+    let mut client = rld::protocol::client::blocking::Client::connect(&d.socket).unwrap();
+    let spec = rld::rule::RuleSpec::new("new", "x\u{1b}[2J", "r", 1, Duration::from_secs(1));
+    let err = client.rule_set(vec![spec]).unwrap_err().to_string();
+    assert!(err.contains("client"), "{err}");
+    // Ids refuse bidirectional controls too.
+    let spec = rld::rule::RuleSpec::new("a\u{202E}b", "*", "r", 1, Duration::from_secs(1));
+    let err = client.rule_set(vec![spec]).unwrap_err().to_string();
+    assert!(err.contains("id"), "{err}");
+    assert_eq!(rule_ids(&d.socket), vec!["old".to_string()]);
+}
+
+/// A state path of the wrong type says what is wrong at start, not "could
+/// not save rules" (nothing was being saved).
+#[test]
+fn a_state_path_of_the_wrong_type_says_what_is_wrong() {
+    let run = |state: &std::path::Path, socket: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rld"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state)
+            .output()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state-file");
+    std::fs::write(&file, "").unwrap();
+    let out = run(&file, &dir.path().join("a.sock"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not a directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("could not save"), "{}", stderr(&out));
+
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("rules.toml")).unwrap();
+    let out = run(&state, &dir.path().join("b.sock"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("rules.toml: this state file is a directory"),
+        "{}",
+        stderr(&out)
+    );
+}
