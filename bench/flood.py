@@ -4,13 +4,15 @@
 Starts the given rld binary on a private socket and runs four floods, one
 after the other. During each, a separate process (the probe) sends one
 Acquire every 10 ms on its own connection and times each answer:
-  non-readers  2,000 connections pipelining 64 KiB AcquireMany batches,
-               never reading an answer (the daemon's CPU is reported);
+  non-readers  2,000 connections pipelining AcquireMany batches of 100
+               items (the largest whose answers need no reservation from
+               the answer budget: all are decided), never reading an
+               answer (the daemon's CPU is reported);
   idle-large   4,090 connections that each sent one 64 KiB batch and left
                its answer unread, then sit idle (RSS reported);
   slowloris    1,000 connections each sending a frame one byte at a time;
   uid-cap      one uid (nobody) at its connection cap (512), every
-               connection pipelining AcquireMany and reading its answers.
+               connection pipelining such batches and reading its answers.
 Prints the probe's p50/p99/max per flood.
 
   bench/flood.py PATH/TO/rld [SECONDS]     (default 5 s per flood)
@@ -64,6 +66,9 @@ def acquire(rid):
 
 
 BIG = batch((65536 - 8) // 7)
+# 100 items: the largest batch whose answer needs no reservation from the
+# answer budget (every one is decided), pipelined 90 to a 64 KiB write.
+SMALL = batch(100) * 90
 
 
 def recv_exact(s, n):
@@ -140,14 +145,14 @@ def rss_mib(pid):
     return 0.0
 
 
-def pump(socks, seconds, read):
-    """Keeps sending batches on every socket (reading answers if `read`)
+def pump(socks, seconds, read, payload):
+    """Keeps sending `payload` on every socket (reading answers if `read`)
     for `seconds`, never blocking."""
     sel = selectors.DefaultSelector()
     pending = {}
     for s in socks:
         s.setblocking(False)
-        pending[s.fileno()] = memoryview(BIG)
+        pending[s.fileno()] = memoryview(payload)
         sel.register(s, selectors.EVENT_WRITE | (selectors.EVENT_READ if read else 0))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -164,7 +169,7 @@ def pump(socks, seconds, read):
                 try:
                     n = s.send(buf)
                     buf = buf[n:]
-                    pending[s.fileno()] = buf if len(buf) else memoryview(BIG)
+                    pending[s.fileno()] = buf if len(buf) else memoryview(payload)
                 except (BlockingIOError, ConnectionError):
                     pass
     sel.close()
@@ -174,7 +179,7 @@ def flood_non_readers(path, pid, seconds):
     socks = [connect(path) for _ in range(2000)]
     cpu0 = cpu_s(pid)
     p = start_probe(path, seconds)
-    pump(socks, seconds, read=False)
+    pump(socks, seconds, read=False, payload=SMALL)
     result = summary(p)
     result["daemon_cpu_s"] = round(cpu_s(pid) - cpu0, 2)
     for s in socks:
@@ -235,7 +240,7 @@ def flood_uid_cap(path, pid, seconds, per_uid):
                     socks.append(connect(path))
                 except (ConnectionError, OSError):
                     break
-            pump(socks, seconds + 1, read=True)
+            pump(socks, seconds + 1, read=True, payload=SMALL)
         finally:
             os._exit(0)
     time.sleep(1)

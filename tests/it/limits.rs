@@ -444,3 +444,87 @@ async fn long_names_cannot_take_more_than_the_table_byte_budget() {
         stats.buckets
     );
 }
+
+/// The memory rld.toml(5) says connections take is what they take: the
+/// daemon's resident memory over 1,000 idle connections, then after one
+/// large answer each, per connection, within 30% below and 10% above the
+/// page's figures (a change of memory use makes the page change too).
+#[test]
+fn idle_connections_take_the_memory_rld_toml_5_says() {
+    let page = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("man/rld.toml.5"),
+    )
+    .unwrap();
+    let text = page.replace('\n', " ");
+    let figure = |after: &str| -> f64 {
+        let at = text
+            .find(after)
+            .unwrap_or_else(|| panic!("rld.toml(5) says {after:?}"));
+        let rest = &text[at + after.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let idle_kib = figure("connections take about 4096 \\(mu");
+    let answered_kib = figure("MiB idle, about 4096 \\(mu");
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rld.toml");
+    std::fs::write(
+        &config,
+        "max_connections = 4096\nmax_connections_per_uid = 4096\n",
+    )
+    .unwrap();
+    let d = crate::harness::ProcessDaemon::start(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "--log-level", "error"],
+    );
+    let rss_kib = || -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    const N: usize = 1000;
+    std::thread::sleep(Duration::from_millis(300));
+    let start = rss_kib();
+    let hello = [0u8, 0, 0, 3, 1, 0, 1];
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        s.write_all(&hello).unwrap();
+        read_blocking(&mut s);
+        conns.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = (rss_kib() - start) / N as f64;
+    let large = batch(2, (65536 - 8) / 7, "b");
+    for s in &mut conns {
+        s.write_all(&large).unwrap();
+        read_blocking(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = (rss_kib() - start) / N as f64;
+    eprintln!(
+        "per connection: {idle:.1} KiB idle (page: {idle_kib}), {answered:.1} KiB after a \
+         large answer (page: {answered_kib})"
+    );
+    for (what, measured, stated) in [
+        ("idle", idle, idle_kib),
+        ("after a large answer", answered, answered_kib),
+    ] {
+        assert!(
+            measured <= stated * 1.1 && measured >= stated * 0.7,
+            "{what}: {measured:.1} KiB per connection, rld.toml(5) says {stated} KiB"
+        );
+    }
+}
+
+/// Reads one frame (blocking).
+fn read_blocking(s: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(head) as usize];
+    s.read_exact(&mut body).unwrap();
+    body
+}
