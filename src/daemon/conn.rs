@@ -8,6 +8,13 @@
 //! requests do blocking file I/O and run on the blocking pool. A bad frame gets
 //! an error answer and closes this connection only.
 //!
+//! Fairness (see [`super::turns`]): a wake-up decides at most a few items
+//! before the connection waits for a heavy turn; a batch is sized and its
+//! answer reserved before it is decoded, and decoding it is charged to the
+//! turn. Backpressure: the kernel holds at most about 64 KiB of a client's
+//! unread answers (`SO_SNDBUF`); then flushing waits, without a heavy turn
+//! held, and nothing more is read or decided for that client.
+//!
 //! Memory: a client that stops reading stops being read, and one that does not
 //! read its answers for `write_timeout` is disconnected. A connection holds
 //! two 8 KiB buffers; a large frame or answer grows them for that batch only
