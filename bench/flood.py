@@ -28,36 +28,13 @@ import os
 import pwd
 import resource
 import selectors
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-HELLO = bytes([0, 0, 0, 3, 1, 0, 1])
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-ITEM = b"\x01a" + b"\x01b" + b"\x01" + b"\x01" + b"\x00"
-
-
-def batch(items, rid=2):
-    # AcquireMany (variant 2): items of (client "a", resource "b", cost 1,
-    # priority normal, no trace).
-    body = varint(rid) + varint(2) + varint(items) + ITEM * items
-    return struct.pack(">I", len(body)) + body
+from hostile import batch, connect, read_frame, rss_kib, varint  # noqa: E402 (same folder)
 
 
 def acquire(rid):
@@ -69,30 +46,6 @@ BIG = batch((65536 - 8) // 7)
 # 100 items: the largest batch whose answer needs no reservation from the
 # answer budget (every one is decided), pipelined 90 to a 64 KiB write.
 SMALL = batch(100) * 90
-
-
-def recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(min(1 << 20, n - len(data)))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
-
-
-def read_frame(s):
-    n = struct.unpack(">I", recv_exact(s, 4))[0]
-    return recv_exact(s, n)
-
-
-def connect(path, greet=True):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    if greet:
-        s.sendall(HELLO)
-        read_frame(s)
-    return s
 
 
 def probe(path, seconds):
@@ -138,11 +91,7 @@ def cpu_s(pid):
 
 
 def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(pid) / 1024
 
 
 def pump(socks, seconds, read, payload):
