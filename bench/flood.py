@@ -12,7 +12,10 @@ Acquire every 10 ms on its own connection and times each answer:
                its answer unread, then sit idle (RSS reported);
   slowloris    1,000 connections each sending a frame one byte at a time;
   uid-cap      one uid (nobody) at its connection cap (512), every
-               connection pipelining such batches and reading its answers.
+               connection pipelining such batches and reading its answers;
+  uid-share    no probe: nobody with 64 such connections and root with one,
+               at once; the share of the decisions root's one connection
+               gets (fair by uid: about half; by connection: 1/65).
 Prints the probe's p50/p99/max per flood.
 
   bench/flood.py PATH/TO/rld [SECONDS]     (default 5 s per flood)
@@ -104,13 +107,17 @@ def pump(socks, seconds, read, payload):
         pending[s.fileno()] = memoryview(payload)
         sel.register(s, selectors.EVENT_WRITE | (selectors.EVENT_READ if read else 0))
     deadline = time.monotonic() + seconds
+    received = 0
     while time.monotonic() < deadline:
         for key, ev in sel.select(timeout=0.05):
             s = key.fileobj
             if ev & selectors.EVENT_READ:
                 try:
-                    while s.recv(1 << 20):
-                        pass
+                    while True:
+                        chunk = s.recv(1 << 20)
+                        if not chunk:
+                            break
+                        received += len(chunk)
                 except (BlockingIOError, ConnectionError):
                     pass
             if ev & selectors.EVENT_WRITE:
@@ -122,6 +129,7 @@ def pump(socks, seconds, read, payload):
                 except (BlockingIOError, ConnectionError):
                     pass
     sel.close()
+    return received
 
 
 def flood_non_readers(path, pid, seconds):
@@ -199,6 +207,43 @@ def flood_uid_cap(path, pid, seconds, per_uid):
     return result
 
 
+def flood_uid_share(path, pid, seconds, connections=64):
+    """Service per uid: nobody with `connections` busy connections, root with
+    one, both pipelining 100-item batches and reading, in separate processes
+    at once. Answers are the same size per batch, so answer bytes measure
+    decisions."""
+    nobody = pwd.getpwnam("nobody")
+    counts = {}
+    children = []
+    for uid_name, n in [("nobody", connections), ("root", 1)]:
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(r)
+                if uid_name == "nobody":
+                    os.setgid(nobody.pw_gid)
+                    os.setuid(nobody.pw_uid)
+                socks = [connect(path) for _ in range(n)]
+                got = pump(socks, seconds, read=True, payload=SMALL)
+                os.write(w, str(got).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        children.append((uid_name, child, r))
+    for uid_name, child, r in children:
+        with os.fdopen(r) as f:
+            counts[uid_name] = int(f.read() or 0)
+        os.waitpid(child, 0)
+    total = max(1, sum(counts.values()))
+    return {
+        "n": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0,
+        "root_1_conn_share_pct": round(100 * counts["root"] / total, 1),
+        "nobody_conns": connections,
+        "answer_mib": {k: round(v / 2**20, 1) for k, v in counts.items()},
+    }
+
+
 def main():
     if sys.argv[1] == "--probe":
         probe(sys.argv[2], float(sys.argv[3]))
@@ -240,12 +285,18 @@ def main():
                 ("idle-large", lambda: flood_idle_large(sock, pid, seconds)),
                 ("slowloris", lambda: flood_slowloris(sock, pid, seconds)),
                 ("uid-cap", lambda: flood_uid_cap(sock, pid, seconds, per_uid)),
+                ("uid-share", lambda: flood_uid_share(sock, pid, seconds)),
             ]:
                 if only and name not in only:
                     continue
                 results[name] = run()
                 time.sleep(1)
             for name, r in results.items():
+                if name == "uid-share":
+                    print(f"  {name:12} one root connection got {r['root_1_conn_share_pct']}% of "
+                          f"the answers beside {r['nobody_conns']} busy connections of nobody "
+                          f"({r['answer_mib']} MiB)")
+                    continue
                 extra = "".join(f", {k} {v}" for k, v in r.items()
                                 if k not in ("n", "p50_ms", "p99_ms", "max_ms"))
                 print(f"  {name:12} n {r['n']:4}  p50 {r['p50_ms']:8.3f} ms  "
