@@ -324,6 +324,10 @@ impl Conn {
                     }
                 },
             };
+            // A reservation the frame did not use (answered shutting_down,
+            // or malformed) stays in `reserved` until the next flush; it
+            // must not count for the next batch.
+            self.batch_reserved = 0;
             buf.advance(HEADER_LEN + len);
             if next == Next::Close {
                 return Ok(next);
