@@ -104,8 +104,9 @@ impl Turns {
         s.free += 1;
     }
 
-    /// Connections waiting for a turn (for tests and stats).
-    pub fn waiting(&self) -> usize {
+    /// Connections waiting for a turn.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.state.lock().waiting.values().map(VecDeque::len).sum()
     }
 }
