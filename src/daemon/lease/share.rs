@@ -217,28 +217,31 @@ pub fn holds(record: &Record, live: impl Fn(&str, i64) -> bool) -> bool {
         && rate_sum(in_force()).is_some_and(Ratio::at_most_one)
 }
 
-/// A daemon's entry in `record` goes from `from` to `to` tokens of depth,
-/// adding `discarded` tokens it held above its new depth to the pool:
-/// (tokens it takes from the pool into the room it adds, the new pool). A
-/// raise takes from the pool first, so the pool never exceeds the free
-/// depth (what is beyond it is dropped: fewer tokens, never more).
+/// A daemon writes its entry in `record`, adding `room` tokens of depth to
+/// what it applies (counted from its depth after any local lowering, not
+/// from its recorded depth: a lowering applied but not recorded yet, then
+/// taken back, is room to fill again), and giving the pool the `discarded`
+/// tokens its lowerings took out of its bucket: (tokens the room gets, the
+/// new pool). The daemon's own discarded tokens come back first, then the
+/// pool's; what is left of the pool is capped at the free depth after the
+/// write, `free_after`. Under the record's invariant nothing is dropped by
+/// that cap (see the proof at the call); it only keeps a bad record from
+/// ever minting tokens.
 ///
 /// ```
 /// use rld::daemon::lease::share::take_from_pool;
 /// // 2 tokens pooled, raising by 3: 2 come full, the third starts empty.
-/// assert_eq!(take_from_pool(2, 0, 3, 0, 5), (2, 0));
+/// assert_eq!(take_from_pool(2, 3, 0, 5), (2, 0));
 /// // Lowering by 2 and giving back 1 held token.
-/// assert_eq!(take_from_pool(0, 4, 2, 1, 3), (0, 1));
+/// assert_eq!(take_from_pool(0, 0, 1, 3), (0, 1));
+/// // Lowered locally (1 token out, the write lost to a conflict), then
+/// // raised back to the recorded depth while the free depth is all taken:
+/// // the token comes back to the room, it is not dropped.
+/// assert_eq!(take_from_pool(0, 1, 1, 0), (1, 0));
 /// ```
-pub fn take_from_pool(
-    pool: u64,
-    from: u64,
-    to: u64,
-    discarded: u64,
-    free_after: u64,
-) -> (u64, u64) {
+pub fn take_from_pool(pool: u64, room: u64, discarded: u64, free_after: u64) -> (u64, u64) {
     let pool = pool.saturating_add(discarded);
-    let taken = to.saturating_sub(from).min(pool);
+    let taken = room.min(pool);
     (taken, (pool - taken).min(free_after))
 }
 
@@ -563,24 +566,41 @@ mod tests {
     proptest! {
         /// Whatever each daemon asks, raising only into the free capacity
         /// computed from the record (by compare-and-swap, so from the value
-        /// it replaces) and lowering freely keeps the invariant.
+        /// it replaces) and lowering freely keeps the invariant, and no
+        /// token is lost or minted: a model of daemons that lower locally
+        /// first, whose writes may be lost to a conflict (their lowering
+        /// stays applied, their discarded tokens owed to the next write),
+        /// and that spend tokens, ends with every token still in a bucket,
+        /// the pool or owed.
         #[test]
-        fn raising_into_free_capacity_keeps_the_invariant(
+        fn raising_into_free_capacity_keeps_the_invariant_and_the_tokens(
             burst in 0u64..50,
             n in 1u32..6,
-            steps in proptest::collection::vec((0usize..5, 0u64..=SCALE, 0u64..60, any::<bool>()), 1..60),
+            steps in proptest::collection::vec(
+                (0usize..5, 0u64..=SCALE, 0u64..60, any::<bool>(), any::<bool>(), 0u64..3),
+                1..80,
+            ),
         ) {
+            #[derive(Default, Clone, Copy)]
+            struct Daemon { applied: u64, tokens: u64, owed: u64 }
             let nodes = ["a", "b", "c", "d", "e"];
             let (_, d) = implicit(n, burst);
             let mut r = record(&[], burst);
-            for node in nodes.iter().take(n as usize) {
+            let mut ds = [Daemon::default(); 5];
+            for (k, node) in nodes.iter().take(n as usize).enumerate() {
                 r.entries.insert((*node).into(), entry(0, n, d));
+                ds[k] = Daemon { applied: d, tokens: d, owed: 0 };
             }
             prop_assert!(holds(&r, all));
             r.pool = burst - r.entries.values().map(|e| e.depth).sum::<u64>();
             prop_assert!(holds(&r, all));
-            for (who, rate, depth, raise) in steps {
+            let mut left = burst;
+            for (who, rate, depth, raise, commits, spend) in steps {
                 let node = nodes[who];
+                let me = &mut ds[who];
+                let spent = spend.min(me.tokens);
+                me.tokens -= spent;
+                left -= spent;
                 let now = r.entries.get(node).map(Share::held).unwrap_or_default();
                 let next = if raise {
                     let room = free_for(&r, node, all);
@@ -588,15 +608,26 @@ mod tests {
                 } else {
                     Share { rate: rate.min(now.rate), depth: depth.min(now.depth) }
                 };
-                // A lowering gives back some of the tokens it held.
-                let discarded = (now.depth.saturating_sub(next.depth)) / 2;
+                // Lower locally before recording the lower value.
+                let lowered = me.applied.min(next.depth);
+                me.owed += me.tokens.saturating_sub(lowered);
+                me.tokens = me.tokens.min(lowered);
+                me.applied = lowered;
                 let others: u64 = r.entries.iter().filter(|(n, _)| n.as_str() != node).map(|(_, e)| e.depth).sum();
                 let free_after = burst - others - next.depth;
-                let (taken, pool) = take_from_pool(r.pool, now.depth, next.depth, discarded, free_after);
-                prop_assert!(taken <= next.depth.saturating_sub(now.depth));
-                r.pool = pool;
-                r.entries.insert(node.into(), entry(next.rate, 0, next.depth));
+                let (taken, pool) = take_from_pool(r.pool, next.depth - lowered, me.owed, free_after);
+                prop_assert!(taken <= next.depth - lowered);
+                if commits {
+                    r.pool = pool;
+                    r.entries.insert(node.into(), entry(next.rate, 0, next.depth));
+                    me.applied = next.depth;
+                    me.tokens += taken;
+                    me.owed = 0;
+                }
                 prop_assert!(holds(&r, all), "{:?}", r);
+                let held: u64 = ds.iter().map(|d| d.tokens + d.owed).sum();
+                prop_assert_eq!(held + r.pool, left, "a token lost or minted: {:?}", r);
+                prop_assert!(ds.iter().all(|d| d.tokens <= d.applied));
             }
         }
 

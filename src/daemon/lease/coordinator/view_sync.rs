@@ -181,6 +181,15 @@ impl Coordinator {
         if self.applied.get(key) != Some(&next) {
             self.applied.insert(key.to_owned(), next);
             let discarded = self.apply(&rule_id, &record, rule.as_deref(), next, fill);
+            tracing::debug!(
+                key,
+                ?next,
+                fill,
+                discarded,
+                pool = record.pool,
+                revision = mod_revision,
+                "reconciled"
+            );
             self.owe(key, discarded);
         }
         // A record listing us at an unreported demand (a creation), or one

@@ -126,6 +126,7 @@ impl Coordinator {
                 .unwrap_or_default();
             let r = self.limiter.rules().get(&rule).cloned();
             let discarded = self.apply(&rule, record, r.as_deref(), lowered, 0);
+            tracing::debug!(key, ?lowered, discarded, "lowered before writing");
             self.owe(key, discarded);
         }
         let op = self.next_op();
@@ -150,16 +151,40 @@ impl Coordinator {
         value
             .entries
             .retain(|node, e| view.live(node, e.lease) || e.lease == entry.lease);
+        // The room this write fills is what it adds to the share applied
+        // here (lowered), not to the one recorded: a lowering applied but
+        // not recorded yet (its write lost to a conflict) and then taken
+        // back gets its own tokens back, where counting from the recorded
+        // depth gave it none and the pool's cap dropped them (a burst of 2
+        // over five daemons lost a token for good that way).
+        //
+        // No token is dropped by the cap: the record says (CAS) others'
+        // depths O + our recorded depth R + pool P <= burst, and what we
+        // owe, W, came out of depth we still record: W <= R - lowered.
+        // So P + W - taken <= burst - O - lowered - taken, which is at most
+        // free_after = burst - O - next when the room (next - lowered) is
+        // filled, and the pool is empty otherwise. (Tokens discarded because
+        // a record listed us lower than we applied came out of depth no
+        // longer ours: the cap may drop those, fewer tokens, never more.)
         let owed = self.watched.get(key).map_or(0, |w| w.owed);
         let held: u64 = value.entries.values().map(|e| e.depth).sum();
         let (fill, pool) = share::take_from_pool(
             record.pool,
-            recorded_depth,
-            next.depth,
+            next.depth.saturating_sub(lowered.depth),
             owed,
             value.burst.saturating_sub(held),
         );
         value.pool = pool;
+        tracing::debug!(
+            key,
+            pool_was = record.pool,
+            owed,
+            recorded_depth,
+            ?next,
+            fill,
+            pool,
+            "entry write"
+        );
         let write = RecordWrite {
             key: key.to_owned(),
             expect,
@@ -179,9 +204,9 @@ impl Coordinator {
             write,
             entry: Some(entry),
             raise_to: raise.then_some(next),
-            // Tokens of the pool come into the room this raise adds here
-            // (the part of it this daemon had not applied yet).
-            fill: fill.min(next.depth.saturating_sub(lowered.depth)),
+            // Tokens (ours owed, then the pool's) come into the room this
+            // raise adds here.
+            fill,
             sent: None,
             in_flight: false,
             uncertain: false,
@@ -276,6 +301,7 @@ impl Coordinator {
                 }
                 _ => {}
             }
+            tracing::debug!(key, op = p.op, outcome, revision, "write settled");
             if self.audit.enabled() {
                 let entry = p.entry.as_ref();
                 self.audit.write(&AuditRecord::Share {
