@@ -198,6 +198,16 @@ pub struct RuleSetArgs {
     /// Per-host limit per window for --on-failure local.
     #[arg(long, value_name = "N")]
     pub fallback_limit: Option<u64>,
+    /// What the rule's buckets are keyed by: client,resource (one bucket
+    /// per pair, the default), client, resource, or none (one bucket for
+    /// all it matches). Rules keyed alike override one another by
+    /// specificity; rules keyed differently all apply.
+    #[arg(long, value_name = "KEY")]
+    pub per: Option<String>,
+    /// Decide and count, but never deny nor charge the other rules (to
+    /// roll a new limit out and watch what it would do).
+    #[arg(long)]
+    pub shadow: bool,
 }
 
 /// Options shared by `acquire` and `run`.

@@ -10,7 +10,7 @@ use super::output::fmt_ns;
 use super::{CliError, Exit, Output, RuleSetArgs, RulesCommand, connect};
 use crate::protocol::{LeaseInfo, RuleInfo, RuleSource};
 use crate::rule::file::{ReserveEntry, RuleEntry, parse_rules};
-use crate::rule::{OnFailure, RuleSpec, Scope, escape_text};
+use crate::rule::{OnFailure, Per, RuleSpec, Scope, escape_text};
 
 pub async fn run(socket: &Path, cmd: RulesCommand, out: &mut Output) -> Result<Exit, CliError> {
     match cmd {
@@ -107,6 +107,15 @@ fn spec_from_args(a: RuleSetArgs) -> Result<RuleSpec, CliError> {
         }),
         accuracy: a.accuracy,
         fallback_limit: a.fallback_limit,
+        per: a
+            .per
+            .as_deref()
+            .map(|p| {
+                Per::parse_flag(p).map(|p| p.names().iter().map(|n| (*n).to_owned()).collect())
+            })
+            .transpose()
+            .map_err(|e| CliError::usage(format!("--per: {e}")))?,
+        shadow: a.shadow,
     };
     let spec = entry
         .to_spec()

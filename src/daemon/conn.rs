@@ -43,7 +43,7 @@ use super::turns::{FREE_ITEMS, TURN_ITEMS};
 use crate::protocol::codec::{self, FrameCodec, HEADER_LEN, decode_request, encode};
 use crate::protocol::{
     Acquire, BatchItem, Decision, ErrorBody, ErrorCode, MAX_BATCH_ITEMS, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, ProtocolError, Request, RequestFrame, Response,
+    PROTOCOL_VERSION, ProtocolError, Request, RequestFrame, Response, RuleSpecV2,
 };
 use crate::rule::RuleSpec;
 
@@ -352,6 +352,8 @@ impl Conn {
         if !self.greeted {
             return self.hello(id, &request);
         }
+        // Version 3 asks for rules with every field; 1 and 2 in their layout.
+        let v3 = matches!(request, Request::RuleGetV3 { .. } | Request::RuleListV3);
         match request {
             Request::Acquire(acquire) => self.acquire(id, &acquire).await,
             Request::AcquireMany(items) => self.acquire_many(id, &items).await,
@@ -360,16 +362,29 @@ impl Conn {
                 ErrorCode::INVALID_ARGUMENT,
                 "Hello was already received on this connection".into(),
             ),
-            Request::RuleGet { id: rule } => {
+            Request::RuleGet { id: rule } | Request::RuleGetV3 { id: rule } => {
                 let rule = rule.into_owned();
                 let answer = report(&self.shared, move |s| match s.rule_info(&rule) {
-                    Some(info) => Response::Rule(info),
+                    Some(info) if v3 => Response::RuleV3(info),
+                    Some(info) => Response::Rule(info.map_spec(RuleSpecV2::from)),
                     None => Response::Error(RuleBookError::NotFound(rule).to_wire()),
                 });
                 self.respond(id, &answer.await)
             }
-            Request::RuleList => {
-                let answer = report(&self.shared, |s| Response::Rules(s.rule_list()));
+            Request::RuleList | Request::RuleListV3 => {
+                let answer = report(&self.shared, move |s| {
+                    let rules = s.rule_list();
+                    if v3 {
+                        Response::RulesV3(rules)
+                    } else {
+                        Response::Rules(
+                            rules
+                                .into_iter()
+                                .map(|r| r.map_spec(RuleSpecV2::from))
+                                .collect(),
+                        )
+                    }
+                });
                 self.respond(id, &answer.await)
             }
             Request::Stats => {
@@ -377,7 +392,12 @@ impl Conn {
                 self.respond(id, &answer.await)
             }
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
-            Request::RuleSet { rules } => {
+            Request::RuleSet { .. } | Request::RuleSetV3 { .. } => {
+                let rules: Vec<RuleSpec> = match request {
+                    Request::RuleSet { rules } => rules.into_iter().map(RuleSpec::from).collect(),
+                    Request::RuleSetV3 { rules } => rules,
+                    _ => unreachable!("matched above"),
+                };
                 if !self.shared.auth.may_administer(&self.peer) {
                     return self.refuse(id, "set rules");
                 }

@@ -29,8 +29,8 @@ pub enum Request<'a> {
     Acquire(#[serde(borrow)] Acquire<'a>),
     /// 2. Up to one frame of decisions, each decided independently, in order.
     AcquireMany(#[serde(borrow)] Vec<Acquire<'a>>),
-    /// 3. Create or replace rules, all or none (admin).
-    RuleSet { rules: Vec<RuleSpec> },
+    /// 3. Create or replace rules, all or none (admin); versions 1-2 layout.
+    RuleSet { rules: Vec<RuleSpecV2> },
     /// 4. One rule with its counters.
     RuleGet {
         #[serde(borrow)]
@@ -47,12 +47,24 @@ pub enum Request<'a> {
     Stats,
     /// 8. Liveness and coordination state.
     Health,
+    /// 9. (Version 3.) `RuleSet` with `per` and `shadow` (admin).
+    RuleSetV3 { rules: Vec<RuleSpec> },
+    /// 10. (Version 3.) `RuleGet`, answered with `RuleV3`.
+    RuleGetV3 {
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+    },
+    /// 11. (Version 3.) `RuleList`, answered with `RulesV3`.
+    RuleListV3,
 }
 
 impl Request<'_> {
     /// Requests that change rules need an authorised peer.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Request::RuleSet { .. } | Request::RuleDelete { .. })
+        matches!(
+            self,
+            Request::RuleSet { .. } | Request::RuleSetV3 { .. } | Request::RuleDelete { .. }
+        )
     }
 
     /// Name for logs and errors.
@@ -67,12 +79,15 @@ impl Request<'_> {
             Request::RuleDelete { .. } => "RuleDelete",
             Request::Stats => "Stats",
             Request::Health => "Health",
+            Request::RuleSetV3 { .. } => "RuleSetV3",
+            Request::RuleGetV3 { .. } => "RuleGetV3",
+            Request::RuleListV3 => "RuleListV3",
         }
     }
 }
 
 /// Number of request variants this version knows; higher indices are unknown.
-pub const REQUEST_VARIANTS: u32 = 9;
+pub const REQUEST_VARIANTS: u32 = 12;
 
 /// "May `client` use `resource` now, spending `cost` tokens?"
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,10 +253,10 @@ pub enum Response<'a> {
     Decisions(Vec<BatchItem<'a>>),
     /// 3. Answer to `RuleSet`: how many rules were created or changed.
     RulesApplied { changed: u32 },
-    /// 4. Answer to `RuleGet`.
-    Rule(RuleInfo),
-    /// 5. Answer to `RuleList`.
-    Rules(Vec<RuleInfo>),
+    /// 4. Answer to `RuleGet` (the version 1 and 2 rule layout).
+    Rule(RuleInfo<RuleSpecV2>),
+    /// 5. Answer to `RuleList` (the version 1 and 2 rule layout).
+    Rules(Vec<RuleInfo<RuleSpecV2>>),
     /// 6. Answer to `RuleDelete`.
     RuleDeleted,
     /// 7. Answer to `Stats`.
@@ -258,6 +273,10 @@ pub enum Response<'a> {
         min_version: u16,
         max_version: u16,
     },
+    /// 12. (Version 3.) Answer to `RuleGetV3`: every field of the rule.
+    RuleV3(RuleInfo),
+    /// 13. (Version 3.) Answer to `RuleListV3`.
+    RulesV3(Vec<RuleInfo>),
 }
 
 /// The protocol version 2 handshake answer.
@@ -411,10 +430,87 @@ pub enum RuleSource {
     Etcd,
 }
 
-/// A rule with its live counters.
+/// A rule as protocol versions 1 and 2 carry it: a [`RuleSpec`] without
+/// `per` and `shadow` (the wire layout of those versions, unchanged). A rule
+/// keyed otherwise, or a shadow, is shown to them as if it were neither.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RuleInfo {
-    pub spec: RuleSpec,
+pub struct RuleSpecV2 {
+    pub id: String,
+    pub client: String,
+    pub resource: String,
+    pub limit: u64,
+    #[serde(with = "crate::rule::nanos")]
+    pub window: std::time::Duration,
+    pub burst: Option<u64>,
+    #[serde(with = "crate::rule::opt_nanos")]
+    pub expire_idle: Option<std::time::Duration>,
+    pub reserve: crate::rule::Reserve,
+    pub scope: crate::rule::Scope,
+    pub on_failure: Option<crate::rule::OnFailure>,
+    pub accuracy: Option<crate::rule::Accuracy>,
+    pub fallback_limit: Option<u64>,
+}
+
+impl From<RuleSpecV2> for RuleSpec {
+    fn from(r: RuleSpecV2) -> RuleSpec {
+        RuleSpec {
+            id: r.id,
+            client: r.client,
+            resource: r.resource,
+            limit: r.limit,
+            window: r.window,
+            burst: r.burst,
+            expire_idle: r.expire_idle,
+            reserve: r.reserve,
+            scope: r.scope,
+            on_failure: r.on_failure,
+            accuracy: r.accuracy,
+            fallback_limit: r.fallback_limit,
+            per: crate::rule::Per::default(),
+            shadow: false,
+        }
+    }
+}
+
+impl From<RuleSpec> for RuleSpecV2 {
+    fn from(r: RuleSpec) -> RuleSpecV2 {
+        RuleSpecV2 {
+            id: r.id,
+            client: r.client,
+            resource: r.resource,
+            limit: r.limit,
+            window: r.window,
+            burst: r.burst,
+            expire_idle: r.expire_idle,
+            reserve: r.reserve,
+            scope: r.scope,
+            on_failure: r.on_failure,
+            accuracy: r.accuracy,
+            fallback_limit: r.fallback_limit,
+        }
+    }
+}
+
+impl<S> RuleInfo<S> {
+    /// The same counters with the rule in another layout.
+    pub fn map_spec<T>(self, f: impl FnOnce(S) -> T) -> RuleInfo<T> {
+        RuleInfo {
+            spec: f(self.spec),
+            source: self.source,
+            allowed: self.allowed,
+            rejected: self.rejected,
+            bypassed: self.bypassed,
+            idle_ns: self.idle_ns,
+            lease: self.lease,
+        }
+    }
+}
+
+/// A rule with its live counters. For a shadow rule, `allowed` and
+/// `rejected` count what it would have decided (it never denies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleInfo<S = RuleSpec> {
+    pub spec: S,
     pub source: RuleSource,
     pub allowed: u64,
     pub rejected: u64,

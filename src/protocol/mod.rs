@@ -48,11 +48,11 @@ pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
     GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
     REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo,
-    RuleSource, ServingState, ShareStats, StatsReport, TraceContext, Welcome,
+    RuleSource, RuleSpecV2, ServingState, ShareStats, StatsReport, TraceContext, Welcome,
 };
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Default maximum request frame, in bytes (body, header excluded).

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Accuracy, OnFailure, Reserve, RuleError, RuleSpec, Scope, format_duration, parse_duration,
+    Accuracy, OnFailure, Per, Reserve, RuleError, RuleSpec, Scope, format_duration, parse_duration,
 };
 
 /// One `[[rule]]` table as written in TOML.
@@ -35,6 +35,16 @@ pub struct RuleEntry {
     pub accuracy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_limit: Option<u64>,
+    /// `["client", "resource"]` (the default), `["client"]`, `["resource"]`
+    /// or `[]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shadow: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// `reserve = { high = 0.1, normal = 0.2, low = 0.3 }`.
@@ -102,6 +112,10 @@ impl RuleEntry {
             },
             None => Reserve::default(),
         };
+        let per = match &self.per {
+            Some(names) => Per::from_names(names).map_err(|e| err("per", e))?,
+            None => Per::default(),
+        };
         let spec = RuleSpec {
             id: self.id.clone(),
             client: self.client.clone(),
@@ -115,6 +129,8 @@ impl RuleEntry {
             on_failure: self.on_failure,
             accuracy,
             fallback_limit: self.fallback_limit,
+            per,
+            shadow: self.shadow,
         };
         spec.validate()?;
         Ok(spec)
@@ -140,6 +156,9 @@ impl RuleEntry {
             on_failure: spec.on_failure,
             accuracy: spec.accuracy.map(|a| a.to_string()),
             fallback_limit: spec.fallback_limit,
+            per: (spec.per != Per::default())
+                .then(|| spec.per.names().iter().map(|n| (*n).to_owned()).collect()),
+            shadow: spec.shadow,
         }
     }
 }

@@ -67,6 +67,118 @@ pub struct RuleSpec {
     pub accuracy: Option<Accuracy>,
     /// Per-host limit per `window` used by `on_failure = "local"` (global rules only).
     pub fallback_limit: Option<u64>,
+    /// What the rule's buckets are keyed by. Rules with the same `per`
+    /// override one another by specificity; rules with different `per` all
+    /// apply (stacked). On the wire from protocol version 3 only.
+    pub per: Per,
+    /// Decided and counted, but never denies and never charges the other
+    /// rules: how a new limit is rolled out. Protocol version 3 only.
+    pub shadow: bool,
+}
+
+/// What a rule's buckets are keyed by: one bucket per (client, resource)
+/// (the default), per client, per resource, or one for everything the rule
+/// matches.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+pub enum Per {
+    #[default]
+    ClientResource,
+    Client,
+    Resource,
+    None,
+}
+
+impl Per {
+    /// Every value, in the order stacked rules are checked and shown.
+    pub const ALL: [Per; 4] = [Per::ClientResource, Per::Client, Per::Resource, Per::None];
+
+    /// The names of a bucket of this `per` for a request: the part a rule
+    /// is not keyed by is empty (no request name is: they are refused).
+    #[inline]
+    pub fn key<'a>(self, client: &'a str, resource: &'a str) -> (&'a str, &'a str) {
+        match self {
+            Per::ClientResource => (client, resource),
+            Per::Client => (client, ""),
+            Per::Resource => ("", resource),
+            Per::None => ("", ""),
+        }
+    }
+
+    /// The TOML list (`["client", "resource"]`, ..., `[]`).
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Per::ClientResource => &["client", "resource"],
+            Per::Client => &["client"],
+            Per::Resource => &["resource"],
+            Per::None => &[],
+        }
+    }
+
+    /// Parses the TOML list; order does not matter.
+    ///
+    /// # Errors
+    /// An unknown or repeated name.
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Result<Per, String> {
+        let (mut client, mut resource) = (false, false);
+        for n in names {
+            let seen = match n.as_ref() {
+                "client" => &mut client,
+                "resource" => &mut resource,
+                other => {
+                    return Err(format!(
+                        "has {other:?}; a bucket is keyed by \"client\", \"resource\", both or neither: \
+                         per = [\"client\", \"resource\"] (the default), [\"client\"], [\"resource\"] or []"
+                    ));
+                }
+            };
+            if *seen {
+                return Err(format!(
+                    "names {:?} twice; name each at most once",
+                    n.as_ref()
+                ));
+            }
+            *seen = true;
+        }
+        Ok(match (client, resource) {
+            (true, true) => Per::ClientResource,
+            (true, false) => Per::Client,
+            (false, true) => Per::Resource,
+            (false, false) => Per::None,
+        })
+    }
+
+    /// The command-line form: `client,resource`, `client`, `resource`, `none`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Per::ClientResource => "client,resource",
+            Per::Client => "client",
+            Per::Resource => "resource",
+            Per::None => "none",
+        }
+    }
+
+    /// Parses the command-line form (also `resource,client`).
+    ///
+    /// # Errors
+    /// Anything else, with the accepted values.
+    pub fn parse_flag(text: &str) -> Result<Per, String> {
+        match text.trim() {
+            "none" | "" => Ok(Per::None),
+            t => Per::from_names(&t.split(',').map(str::trim).collect::<Vec<_>>()).map_err(|_| {
+                format!(
+                    "{text:?} is not a key; use client,resource (the default), client, resource or none"
+                )
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Per {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.flag())
+    }
 }
 
 /// Per-priority reserve floors, in thousandths of the bucket (`100` = 10%).
@@ -193,6 +305,8 @@ impl RuleSpec {
             on_failure: None,
             accuracy: None,
             fallback_limit: None,
+            per: Per::ClientResource,
+            shadow: false,
         }
     }
 
@@ -374,6 +488,20 @@ impl RuleSpec {
                 return Err(err(
                     field,
                     "only applies to scope = \"global\" rules; remove it or set scope = \"global\""
+                        .into(),
+                ));
+            }
+        }
+        if self.shadow {
+            let failure_only = [
+                ("on_failure", self.on_failure.is_some()),
+                ("fallback_limit", self.fallback_limit.is_some()),
+            ];
+            if let Some((field, _)) = failure_only.iter().find(|(_, set)| *set) {
+                return Err(err(
+                    field,
+                    "is set on a shadow rule, which never denies (not even while etcd is \
+                     unreachable); remove it, or make the rule enforce (no shadow)"
                         .into(),
                 ));
             }

@@ -401,8 +401,29 @@ async fn low_rate_rules_decide_locally_within_their_burst() {
     // least half its depth left asks for nothing.
     let before = txns(&ds);
     let acquire = |i: usize| code(&rlctl(&ds[i % 3].socket, &["acquire", "-q", "u", "slow"])) == 0;
-    let mut allowed = (0..3).filter(|&i| acquire(i)).count() as u64;
-    assert_eq!(allowed, 3);
+    let first: Vec<std::process::Output> = (0..3)
+        .map(|i| rlctl(&ds[i].socket, &["acquire", "u", "slow"]))
+        .collect();
+    let mut allowed = first.iter().filter(|o| code(o) == 0).count() as u64;
+    if allowed != 3 {
+        let why: Vec<String> = first
+            .iter()
+            .zip(&ds)
+            .map(|(o, d)| {
+                format!(
+                    "{}{}\nstats: {}\nlog: {}",
+                    String::from_utf8_lossy(&o.stdout),
+                    stderr(o),
+                    String::from_utf8_lossy(&rlctl(&d.socket, &["stats", "--json"]).stdout),
+                    d.log()
+                )
+            })
+            .collect();
+        panic!(
+            "{allowed} of 3 first requests allowed:\n{}",
+            why.join("\n----\n")
+        );
+    }
     assert_eq!(
         txns(&ds),
         before,

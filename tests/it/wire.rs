@@ -82,7 +82,15 @@ fn requests() -> Vec<(&'static str, RequestFrame<'static>)> {
                 ]),
             ),
         ),
-        ("rule-set", frame(5, Request::RuleSet { rules: vec![spec] })),
+        (
+            "rule-set",
+            frame(
+                5,
+                Request::RuleSet {
+                    rules: vec![spec.into()],
+                },
+            ),
+        ),
         ("rule-get", frame(6, Request::RuleGet { id: "api".into() })),
         ("rule-list", frame(7, Request::RuleList)),
         (
@@ -196,7 +204,7 @@ pub fn new_responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
             frame(
                 12,
                 Response::Rule(RuleInfo {
-                    spec,
+                    spec: spec.into(),
                     source: RuleSource::Etcd,
                     allowed: 5,
                     rejected: 1,

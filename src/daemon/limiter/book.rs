@@ -9,7 +9,6 @@
 //! the lease coordinator writes the book; the hot path reads it when it
 //! creates a bucket or changes its parameters, never per request.
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -113,8 +112,10 @@ impl ShareBook {
             Some(slot) => *slot = entry,
             None => {
                 let hasher = &self.hasher;
-                self.map
-                    .insert_unique(hash, entry, |e| hasher.hash_one(e.key.names()));
+                self.map.insert_unique(hash, entry, |e| {
+                    let (client, resource) = e.key.names();
+                    super::table::bucket_hash(hasher, &e.rule, client, resource)
+                });
             }
         }
     }

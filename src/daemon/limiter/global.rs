@@ -462,7 +462,9 @@ pub fn follow_implicit(mut slot: Slot<'_>, rule: &Rule, now: u64) {
     *slot.aux = a.pack();
 }
 
-/// Decides a request on a global rule's bucket. May send one event to the
+/// Decides a request on a global rule's bucket: the verdict, and the
+/// bucket's TAT just before the take (after any move to new parameters:
+/// restoring it undoes the take alone). May send one event to the
 /// coordinator (the first shortfall of a bucket it is not watching yet).
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -476,13 +478,14 @@ pub fn spend(
     priority: Priority,
     now: u64,
     link: &ClusterLink,
-) -> Verdict {
+) -> (Verdict, u64) {
     let g = rule
         .global
         .as_ref()
         .expect("global rules carry share state");
     let mut a = ShareAux::unpack(*slot.aux);
     a.want(cost, now);
+    let mut before = *slot.tat;
     let verdict = if link.shares_valid(now) {
         if a.fallback {
             // Shares are back: the bucket's own share, with the tokens it has.
@@ -494,6 +497,7 @@ pub fn spend(
             let (interval, depth) = g.implicit_bucket(&rule.params);
             move_to(&mut slot, &mut a, interval, depth, now);
         }
+        before = *slot.tat;
         let v = take(&mut slot, &a, rule, cost, priority, now);
         let (interval, depth) = (*slot.share, a.depth);
         // Ask before running dry: denied, or below half the depth.
@@ -523,12 +527,13 @@ pub fn spend(
                 let (interval, depth) = g.fallback_bucket();
                 move_to(&mut slot, &mut a, interval, depth, now);
                 a.fallback = true;
+                before = *slot.tat;
                 take(&mut slot, &a, rule, cost, priority, now)
             }
         }
     };
     *slot.aux = a.pack();
-    verdict
+    (verdict, before)
 }
 
 /// Takes `cost` from the bucket's current parameters.
@@ -692,6 +697,7 @@ mod tests {
                 now,
                 link,
             )
+            .0
             .outcome
         }
 

@@ -13,6 +13,7 @@ pub mod global;
 pub mod key;
 pub mod rules;
 mod shares;
+mod stack;
 pub mod table;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,6 +189,20 @@ impl Limiter {
         let hash = self.table.hash(client, resource);
         let stripe = self.table.shard_of(hash);
         let mut guard = self.table.lock(stripe);
+        if guard.rules.stacked() {
+            // Some rule is keyed otherwise: every applicable rule decides.
+            let rules = Arc::clone(&guard.rules);
+            drop(guard);
+            return stack::decide(
+                self,
+                &rules,
+                (client, resource),
+                cost,
+                priority,
+                now,
+                answer,
+            );
+        }
         let table::Shard {
             buckets,
             rules,
@@ -197,55 +212,7 @@ impl Limiter {
             Some(entry) if entry.generation == rules.generation as u32 => entry,
             Some(entry) => match rules.resolve(client, resource) {
                 Some(rule) => {
-                    if !Arc::ptr_eq(rule, &entry.rule) {
-                        let same_rule = rule.id() == entry.rule.id();
-                        if !same_rule {
-                            // Another rule decides this bucket now: its
-                            // recorded share under the old one is not used.
-                            self.release(entry);
-                        }
-                        let old = params_of(entry);
-                        let (new, fresh) = if rule.global.is_some() {
-                            let (interval, depth, recorded, fresh) =
-                                global::share_of(rule, book, hash, client, resource, now);
-                            // The demand seen so far, and whether the
-                            // coordinator watches the bucket, carry over.
-                            let before = global::ShareAux::unpack(entry.aux);
-                            let same = entry.rule.global.is_some() && same_rule;
-                            let mut aux = global::ShareAux {
-                                depth,
-                                recorded,
-                                wanted: before.wanted,
-                                start: before.start,
-                                signaled: same && before.signaled,
-                                ..Default::default()
-                            };
-                            if !same {
-                                aux.restart(now);
-                            }
-                            entry.aux = aux.pack();
-                            entry.share = interval;
-                            ((interval, depth), fresh)
-                        } else {
-                            entry.aux = 0;
-                            entry.share = 0;
-                            ((rule.params.interval_ns, rule.params.capacity), 0)
-                        };
-                        entry.tat = if !same_rule {
-                            // Another rule: its own bucket, as new.
-                            fresh
-                        } else if rule.global.is_none() && entry.rule.global.is_none() {
-                            // An edited local rule keeps what was spent
-                            // (raising it gives the new room at once).
-                            bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
-                        } else {
-                            // An edited global rule keeps the bucket's tokens
-                            // (capped at its new depth): new room starts
-                            // empty, as shares require.
-                            bucket::retune(entry.tat, old, new, now)
-                        };
-                        entry.rule = Arc::clone(rule);
-                    }
+                    self.adopt(entry, rule, book, hash, (client, resource), now);
                     entry.generation = rules.generation as u32;
                     entry
                 }
@@ -260,33 +227,16 @@ impl Limiter {
             None => match rules.resolve(client, resource) {
                 Some(rule) => {
                     check_cost(rule, cost, priority)?;
-                    let rule = Arc::clone(rule);
                     let generation = rules.generation as u32;
-                    let (entry, evicted) =
-                        buckets.insert(hash, client, resource, rule, generation, now, |gone| {
-                            self.release(gone)
-                        });
-                    if evicted > 0 {
-                        self.table
-                            .evictions
-                            .lru
-                            .fetch_add(evicted as u64, Ordering::Relaxed);
-                    }
-                    if entry.rule.global.is_some() {
-                        global::init(
-                            global::Slot {
-                                tat: &mut entry.tat,
-                                share: &mut entry.share,
-                                aux: &mut entry.aux,
-                            },
-                            &entry.rule,
-                            book,
-                            hash,
-                            (client, resource),
-                            now,
-                        );
-                    }
-                    entry
+                    self.create(
+                        buckets,
+                        book,
+                        rule,
+                        generation,
+                        hash,
+                        (client, resource),
+                        now,
+                    )
                 }
                 None => {
                     drop(guard);
@@ -296,30 +246,8 @@ impl Limiter {
         };
         let rule = &entry.rule;
         check_cost(rule, cost, priority)?;
-        let link = if rule.global.is_some() {
-            self.link.get()
-        } else {
-            None
-        };
-        let verdict = match link {
-            Some(link) => global::spend(
-                global::Slot {
-                    tat: &mut entry.tat,
-                    share: &mut entry.share,
-                    aux: &mut entry.aux,
-                },
-                rule,
-                book,
-                hash,
-                (client, resource),
-                cost,
-                priority,
-                now,
-                link,
-            ),
-            None => try_take(&mut entry.tat, &rule.params, now, cost, priority),
-        };
-        entry.last_used = table::tick(now);
+        let (verdict, _) = self.charge(entry, book, hash, (client, resource), cost, priority, now);
+        let rule = &entry.rule;
         rule.activity.record(stripe, verdict.outcome, now);
         Ok(answer(&Decision {
             outcome: verdict.outcome,
@@ -329,6 +257,167 @@ impl Limiter {
             reset_after_ns: verdict.reset_after_ns,
             rule: Cow::Borrowed(rule.id()),
         }))
+    }
+
+    /// A bucket resolved to another rule, or to an edited version of its
+    /// own, moves to `rule`: another rule's bucket starts as new (its share
+    /// under the old one released), an edited local rule keeps what was
+    /// spent, an edited global one keeps its tokens (capped at its depth).
+    #[inline]
+    fn adopt(
+        &self,
+        entry: &mut table::Entry,
+        rule: &Arc<Rule>,
+        book: &book::ShareBook,
+        hash: u64,
+        (client, resource): (&str, &str),
+        now: u64,
+    ) {
+        if Arc::ptr_eq(rule, &entry.rule) {
+            return;
+        }
+        let same_rule = rule.id() == entry.rule.id();
+        if !same_rule {
+            // Another rule decides this bucket now: its
+            // recorded share under the old one is not used.
+            self.release(entry);
+        }
+        let old = params_of(entry);
+        let (new, fresh) = if rule.global.is_some() {
+            let (interval, depth, recorded, fresh) =
+                global::share_of(rule, book, hash, client, resource, now);
+            // The demand seen so far, and whether the
+            // coordinator watches the bucket, carry over.
+            let before = global::ShareAux::unpack(entry.aux);
+            let same = entry.rule.global.is_some() && same_rule;
+            let mut aux = global::ShareAux {
+                depth,
+                recorded,
+                wanted: before.wanted,
+                start: before.start,
+                signaled: same && before.signaled,
+                ..Default::default()
+            };
+            if !same {
+                aux.restart(now);
+            }
+            entry.aux = aux.pack();
+            entry.share = interval;
+            ((interval, depth), fresh)
+        } else {
+            entry.aux = 0;
+            entry.share = 0;
+            ((rule.params.interval_ns, rule.params.capacity), 0)
+        };
+        entry.tat = if !same_rule {
+            // Another rule: its own bucket, as new.
+            fresh
+        } else if rule.global.is_none() && entry.rule.global.is_none() {
+            // An edited local rule keeps what was spent
+            // (raising it gives the new room at once).
+            bucket::rescale(entry.tat, &entry.rule.params, &rule.params, now)
+        } else {
+            // An edited global rule keeps the bucket's tokens
+            // (capped at its new depth): new room starts
+            // empty, as shares require.
+            bucket::retune(entry.tat, old, new, now)
+        };
+        entry.rule = Arc::clone(rule);
+    }
+
+    /// A new bucket of `rule` named (client, resource) (full, or at its
+    /// global share), evicting least recently used ones if the shard is at
+    /// its cap.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn create<'b>(
+        &self,
+        buckets: &'b mut table::Buckets,
+        book: &book::ShareBook,
+        rule: &Arc<Rule>,
+        generation: u32,
+        hash: u64,
+        (client, resource): (&str, &str),
+        now: u64,
+    ) -> &'b mut table::Entry {
+        let (entry, evicted) = buckets.insert(
+            hash,
+            client,
+            resource,
+            Arc::clone(rule),
+            generation,
+            now,
+            |gone| self.release(gone),
+        );
+        if evicted > 0 {
+            self.table
+                .evictions
+                .lru
+                .fetch_add(evicted as u64, Ordering::Relaxed);
+        }
+        if entry.rule.global.is_some() {
+            global::init(
+                global::Slot {
+                    tat: &mut entry.tat,
+                    share: &mut entry.share,
+                    aux: &mut entry.aux,
+                },
+                &entry.rule,
+                book,
+                hash,
+                (client, resource),
+                now,
+            );
+        }
+        entry
+    }
+
+    /// Takes `cost` from the bucket under its rule: the verdict, and the
+    /// bucket's TAT just before the take (restoring it undoes the take).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn charge(
+        &self,
+        entry: &mut table::Entry,
+        book: &book::ShareBook,
+        hash: u64,
+        names: (&str, &str),
+        cost: u64,
+        priority: Priority,
+        now: u64,
+    ) -> (Verdict, u64) {
+        let rule = &entry.rule;
+        let link = if rule.global.is_some() {
+            self.link.get()
+        } else {
+            None
+        };
+        let out = match link {
+            Some(link) => global::spend(
+                global::Slot {
+                    tat: &mut entry.tat,
+                    share: &mut entry.share,
+                    aux: &mut entry.aux,
+                },
+                rule,
+                book,
+                hash,
+                names,
+                cost,
+                priority,
+                now,
+                link,
+            ),
+            None => {
+                let before = entry.tat;
+                (
+                    try_take(&mut entry.tat, &rule.params, now, cost, priority),
+                    before,
+                )
+            }
+        };
+        entry.last_used = table::tick(now);
+        out
     }
 
     fn unmatched(&self, stripe: usize) -> Decision<'static> {
@@ -614,7 +703,7 @@ mod tests {
         use super::key::BucketKey;
         let l = global_limiter(100, Duration::from_secs(1), 1);
         let key = BucketKey::new("a", "api");
-        let hash = l.table().hash_key(&key);
+        let hash = l.table().hash_key("g", &key);
         // A request at 1 s + 50 ms, collected with a clock read at 1 s.
         assert_eq!(outcome(&l, "a", SEC + SEC / 20), Outcome::Allowed);
         let c = l.collect("g", &key, hash, SEC).unwrap();
@@ -648,7 +737,7 @@ mod tests {
         let (one, none) = (Some(held), Some(Recorded { depth: 0, ..held }));
         for (client, with_bucket) in [("seen", true), ("unseen", false)] {
             let key = BucketKey::new(client, "api");
-            let hash = l.table().hash_key(&key);
+            let hash = l.table().hash_key("g", &key);
             if with_bucket {
                 assert_eq!(outcome(&l, client, SEC), Outcome::Denied);
             }
@@ -664,7 +753,7 @@ mod tests {
         }
         // A token spent is not given back twice.
         let key = BucketKey::new("spent", "api");
-        let hash = l.table().hash_key(&key);
+        let hash = l.table().hash_key("g", &key);
         assert_eq!(l.set_share("g", &key, hash, one, 0, 1, 2 * SEC), 0);
         assert_eq!(outcome(&l, "spent", 2 * SEC), Outcome::Allowed);
         assert_eq!(l.set_share("g", &key, hash, none, 0, 0, 3 * SEC), 0);

@@ -17,7 +17,7 @@ use hashbrown::HashMap;
 use super::bucket::BucketParams;
 use super::global::GlobalRuleState;
 use crate::protocol::{Outcome, RuleSource};
-use crate::rule::{Pattern, RuleError, RuleSpec, Scope, precedence};
+use crate::rule::{Pattern, Per, RuleError, RuleSpec, Scope, precedence};
 
 /// Stripes of the per-rule counters: enough that cores rarely share one.
 pub const STRIPES: usize = 8;
@@ -129,7 +129,12 @@ pub struct RuleSet {
     pub generation: u64,
     rules: Vec<Arc<Rule>>,
     by_id: HashMap<String, usize>,
-    clients: Index<Index<usize>>,
+    /// One client index (of resource indexes) per `per` value, in
+    /// [`Per::ALL`] order: rules override one another within an index only.
+    groups: [Index<Index<usize>>; 4],
+    /// Some rule is keyed other than per (client, resource): requests may
+    /// take more than one bucket.
+    stacked: bool,
 }
 
 /// Patterns of one dimension: exact names by hash, prefixes longest first, `*`.
@@ -195,7 +200,7 @@ pub enum RuleSetError {
     #[error("rule id {0:?} appears twice; rule ids must be unique")]
     DuplicateId(String),
     #[error(
-        "rules {0:?} and {1:?} have the same client and resource patterns, so neither is more specific; change one pattern or merge them"
+        "rules {0:?} and {1:?} have the same client and resource patterns and the same per, so neither is more specific; change one pattern or per, or merge them"
     )]
     Ambiguous(String, String),
 }
@@ -231,8 +236,8 @@ impl RuleSet {
                 }
             };
             let idx = set.rules.len();
-            let slot = set
-                .clients
+            set.stacked |= rule.spec.per != Per::ClientResource;
+            let slot = set.groups[rule.spec.per as usize]
                 .slot(&rule.client, Index::default)
                 .slot(&rule.resource, || usize::MAX);
             if *slot != usize::MAX {
@@ -243,28 +248,81 @@ impl RuleSet {
             set.by_id.insert(rule.id().to_owned(), idx);
             set.rules.push(rule);
         }
-        set.clients.sort();
-        set.clients.exact.values_mut().for_each(Index::sort);
-        set.clients.prefixes.iter_mut().for_each(|(_, i)| i.sort());
-        if let Some(i) = set.clients.any.as_mut() {
-            i.sort();
+        for clients in &mut set.groups {
+            clients.sort();
+            clients.exact.values_mut().for_each(Index::sort);
+            clients.prefixes.iter_mut().for_each(|(_, i)| i.sort());
+            if let Some(i) = clients.any.as_mut() {
+                i.sort();
+            }
         }
         Ok(set)
     }
 
-    /// The most specific rule matching (client, resource): the client pattern
-    /// decides first (exact, then longest prefix, then `*`), the resource
-    /// pattern second.
+    /// The most specific rule keyed per (client, resource) matching
+    /// (client, resource): the client pattern decides first (exact, then
+    /// longest prefix, then `*`), the resource pattern second.
+    #[inline]
     pub fn resolve(&self, client: &str, resource: &str) -> Option<&Arc<Rule>> {
-        let idx = self
-            .clients
+        self.resolve_in(Per::ClientResource, client, resource)
+    }
+
+    /// The most specific rule of the `per` group matching (client, resource).
+    #[inline]
+    pub fn resolve_in(&self, per: Per, client: &str, resource: &str) -> Option<&Arc<Rule>> {
+        let idx = self.groups[per as usize]
             .candidates(client)
             .find_map(|resources| resources.candidates(resource).next())?;
         let rule = &self.rules[*idx];
-        debug_assert!(self.rules.iter().all(|r| !(r.client.matches(client)
-            && r.resource.matches(resource))
+        debug_assert!(self.rules.iter().all(|r| r.spec.per != per
+            || !(r.client.matches(client) && r.resource.matches(resource))
             || precedence((&rule.client, &rule.resource), (&r.client, &r.resource)).is_ge()));
         Some(rule)
+    }
+
+    /// Every rule that applies to (client, resource): the most specific of
+    /// each `per` group, in [`Per::ALL`] order.
+    pub fn applicable<'s>(
+        &'s self,
+        client: &'s str,
+        resource: &'s str,
+    ) -> impl Iterator<Item = &'s Arc<Rule>> + 's {
+        Per::ALL
+            .into_iter()
+            .filter_map(move |per| self.resolve_in(per, client, resource))
+    }
+
+    /// Every rule matching (client, resource), each with the rule that
+    /// overrides it (`None`: it applies), in [`Per::ALL`] order, most
+    /// specific first within a group (for `explain`).
+    pub fn matching<'s>(
+        &'s self,
+        client: &str,
+        resource: &str,
+    ) -> Vec<(&'s Arc<Rule>, Option<&'s Arc<Rule>>)> {
+        let mut out = Vec::new();
+        for per in Per::ALL {
+            let winner = self.resolve_in(per, client, resource);
+            let mut group: Vec<&Arc<Rule>> = self
+                .rules
+                .iter()
+                .filter(|r| {
+                    r.spec.per == per && r.client.matches(client) && r.resource.matches(resource)
+                })
+                .collect();
+            group.sort_by(|a, b| precedence((&b.client, &b.resource), (&a.client, &a.resource)));
+            for r in group {
+                let over = winner.filter(|w| !Arc::ptr_eq(w, r));
+                out.push((r, over));
+            }
+        }
+        out
+    }
+
+    /// Whether some rule is keyed other than per (client, resource).
+    #[inline]
+    pub fn stacked(&self) -> bool {
+        self.stacked
     }
 
     pub fn get(&self, id: &str) -> Option<&Arc<Rule>> {

@@ -155,7 +155,7 @@ impl Limiter {
             }
         }
         let mut discarded = 0;
-        if let Some(entry) = buckets.find(hash, client, resource)
+        if let Some(entry) = buckets.find_in(hash, rule_id, client, resource)
             && entry.rule.id() == rule_id
             && let Some(g) = &entry.rule.global
         {
@@ -207,7 +207,7 @@ impl Limiter {
     ) -> Option<Collected> {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
-        let entry = guard.buckets.find(hash, client, resource)?;
+        let entry = guard.buckets.find_in(hash, rule_id, client, resource)?;
         if entry.rule.id() != rule_id || entry.rule.global.is_none() {
             return None;
         }
@@ -241,7 +241,7 @@ impl Limiter {
     pub fn clear_signal(&self, rule_id: &str, key: &BucketKey, hash: u64) {
         let (client, resource) = key.names();
         let mut guard = self.table.lock(self.table.shard_of(hash));
-        if let Some(entry) = guard.buckets.find(hash, client, resource)
+        if let Some(entry) = guard.buckets.find_in(hash, rule_id, client, resource)
             && entry.rule.id() == rule_id
             && entry.rule.global.is_some()
         {

@@ -60,10 +60,35 @@ pub struct Entry {
     pub last_used: u32,
 }
 
+/// The hash of a bucket's names. A bucket keyed per (client, resource) is
+/// named by both (and may change rules as rules change); a stacked bucket
+/// (keyed per client, per resource or not at all: the other names empty,
+/// which no request's are) belongs to one rule, whose id is mixed in.
+#[inline]
+pub fn bucket_hash(hasher: &DefaultHashBuilder, rule: &str, client: &str, resource: &str) -> u64 {
+    if client.is_empty() || resource.is_empty() {
+        hasher.hash_one((rule, client, resource))
+    } else {
+        hasher.hash_one((client, resource))
+    }
+}
+
 impl Entry {
     #[inline]
     fn matches(&self, client: &str, resource: &str) -> bool {
         self.key.matches(client, resource)
+    }
+
+    /// [`Entry::matches`], and for a stacked bucket, of rule `rule`.
+    #[inline]
+    fn matches_in(&self, rule: &str, client: &str, resource: &str) -> bool {
+        self.key.matches(client, resource)
+            && (!(client.is_empty() || resource.is_empty()) || self.rule.id() == rule)
+    }
+
+    fn hash_with(&self, hasher: &DefaultHashBuilder) -> u64 {
+        let (client, resource) = self.key.names();
+        bucket_hash(hasher, self.rule.id(), client, resource)
     }
 
     /// The (client, resource) this bucket belongs to.
@@ -120,6 +145,20 @@ impl Buckets {
         self.map.find_mut(hash, |e| e.matches(client, resource))
     }
 
+    /// The bucket named (client, resource) of rule `rule` (a bucket keyed per
+    /// (client, resource) whatever its rule: see [`bucket_hash`]).
+    #[inline]
+    pub fn find_in(
+        &mut self,
+        hash: u64,
+        rule: &str,
+        client: &str,
+        resource: &str,
+    ) -> Option<&mut Entry> {
+        self.map
+            .find_mut(hash, |e| e.matches_in(rule, client, resource))
+    }
+
     /// Inserts a new bucket, first evicting the least recently used batch if
     /// the shard is at its cap (`on_evict` sees each evicted bucket). Returns
     /// the new entry and how many were evicted.
@@ -159,15 +198,27 @@ impl Buckets {
             last_used: tick(now),
         };
         let hasher = &self.hasher;
-        let slot = self
-            .map
-            .insert_unique(hash, entry, |e| hasher.hash_one(e.names()));
+        let slot = self.map.insert_unique(hash, entry, |e| e.hash_with(hasher));
         (slot.into_mut(), evicted)
     }
 
     /// Removes the bucket for (client, resource) if present and returns it.
     pub fn remove(&mut self, hash: u64, client: &str, resource: &str) -> Option<Entry> {
-        match self.map.find_entry(hash, |e| e.matches(client, resource)) {
+        self.remove_in(hash, "", client, resource)
+    }
+
+    /// Removes rule `rule`'s bucket (client, resource), as [`Buckets::find_in`].
+    pub fn remove_in(
+        &mut self,
+        hash: u64,
+        rule: &str,
+        client: &str,
+        resource: &str,
+    ) -> Option<Entry> {
+        match self
+            .map
+            .find_entry(hash, |e| e.matches_in(rule, client, resource))
+        {
             Ok(entry) => {
                 let removed = entry.remove().0;
                 self.key_bytes -= removed.key.heap_bytes();
@@ -332,14 +383,22 @@ impl ShardedTable {
         self.hasher.hash_one((client, resource))
     }
 
-    /// The shard index for a hash.
+    /// The hash of rule `rule`'s bucket named (client, resource): see
+    /// [`bucket_hash`] (the same as [`ShardedTable::hash`] for a bucket keyed
+    /// per client and resource).
     #[inline]
-    /// [`ShardedTable::hash`] of a bucket key.
-    pub fn hash_key(&self, key: &super::key::BucketKey) -> u64 {
-        let (client, resource) = key.names();
-        self.hash(client, resource)
+    pub fn hash_bucket(&self, rule: &str, client: &str, resource: &str) -> u64 {
+        bucket_hash(&self.hasher, rule, client, resource)
     }
 
+    /// [`ShardedTable::hash_bucket`] of a bucket key.
+    pub fn hash_key(&self, rule: &str, key: &super::key::BucketKey) -> u64 {
+        let (client, resource) = key.names();
+        self.hash_bucket(rule, client, resource)
+    }
+
+    /// The shard index for a hash.
+    #[inline]
     pub fn shard_of(&self, hash: u64) -> usize {
         ((hash >> self.shift) as usize) & (self.shards.len() - 1)
     }

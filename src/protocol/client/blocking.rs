@@ -189,7 +189,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn rule_set(&mut self, rules: Vec<RuleSpec>) -> Result<u32, ClientError> {
-        let request = Request::RuleSet { rules };
+        let request = super::rule_set_request(&self.server, rules)?;
         expect_applied(&request, self.call(&request)?)
     }
 
@@ -198,7 +198,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn rule_get(&mut self, id: &str) -> Result<RuleInfo, ClientError> {
-        let request = Request::RuleGet { id: id.into() };
+        let request = super::rule_get_request(&self.server, id);
         expect_rule(&request, self.call(&request)?)
     }
 
@@ -207,7 +207,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub fn rule_list(&mut self) -> Result<Vec<RuleInfo>, ClientError> {
-        let request = Request::RuleList;
+        let request = super::rule_list_request(&self.server);
         expect_rules(&request, self.call(&request)?)
     }
 

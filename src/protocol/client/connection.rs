@@ -269,7 +269,7 @@ impl Connection {
     /// # Errors
     /// `invalid_rule` naming the field, `permission_denied`, `storage_failed`.
     pub async fn rule_set(&mut self, rules: Vec<RuleSpec>) -> Result<u32, ClientError> {
-        let request = Request::RuleSet { rules };
+        let request = super::rule_set_request(&self.server, rules)?;
         expect_applied(&request, self.call(&request).await?)
     }
 
@@ -278,7 +278,7 @@ impl Connection {
     /// # Errors
     /// `rule_not_found`.
     pub async fn rule_get(&mut self, id: &str) -> Result<RuleInfo, ClientError> {
-        let request = Request::RuleGet { id: id.into() };
+        let request = super::rule_get_request(&self.server, id);
         expect_rule(&request, self.call(&request).await?)
     }
 
@@ -287,7 +287,7 @@ impl Connection {
     /// # Errors
     /// See [`Connection::call`].
     pub async fn rule_list(&mut self) -> Result<Vec<RuleInfo>, ClientError> {
-        let request = Request::RuleList;
+        let request = super::rule_list_request(&self.server);
         expect_rules(&request, self.call(&request).await?)
     }
 

@@ -44,6 +44,7 @@ use super::{
     BatchItem, Decision, ErrorBody, HealthReport, ProtocolError, Request, Response, RuleInfo,
     StatsReport,
 };
+use crate::rule::RuleSpec;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,9 @@ pub enum ClientError {
     },
     #[error("rld closed the connection")]
     Closed,
+    /// The request needs a newer protocol than the daemon speaks (not sent).
+    #[error("{0}")]
+    Unsupported(String),
     #[error(
         "rld did not answer {what} within {after:?}; is it stopped or overloaded? \
          (a request in flight may still have been decided)"
@@ -161,6 +165,8 @@ fn unexpected(request: &Request<'_>, got: &Response<'_>) -> ClientError {
         Response::Stats(_) => "Stats",
         Response::Health(_) => "Health",
         Response::Error(_) => "Error",
+        Response::RuleV3(_) => "RuleV3",
+        Response::RulesV3(_) => "RulesV3",
     };
     ClientError::Unexpected {
         request: request.name(),
@@ -169,11 +175,11 @@ fn unexpected(request: &Request<'_>, got: &Response<'_>) -> ClientError {
 }
 
 macro_rules! expect_fns {
-    ($($name:ident -> $ty:ty { $pat:pat => $val:expr })*) => {
+    ($($name:ident -> $ty:ty { $($pat:pat => $val:expr),+ })*) => {
         $(
             pub(crate) fn $name(request: &Request<'_>, response: Response<'static>) -> Result<$ty, ClientError> {
                 match response {
-                    $pat => Ok($val),
+                    $($pat => Ok($val),)+
                     Response::Error(e) => Err(ClientError::Server(e)),
                     other => Err(unexpected(request, &other)),
                 }
@@ -186,9 +192,59 @@ expect_fns! {
     expect_decision -> Decision<'static> { Response::Decision(d) => d }
     expect_decisions -> Vec<BatchItem<'static>> { Response::Decisions(d) => d }
     expect_applied -> u32 { Response::RulesApplied { changed } => changed }
-    expect_rule -> RuleInfo { Response::Rule(r) => r }
-    expect_rules -> Vec<RuleInfo> { Response::Rules(r) => r }
+    expect_rule -> RuleInfo {
+        Response::RuleV3(r) => r,
+        Response::Rule(r) => r.map_spec(RuleSpec::from)
+    }
+    expect_rules -> Vec<RuleInfo> {
+        Response::RulesV3(r) => r,
+        Response::Rules(r) => r.into_iter().map(|r| r.map_spec(RuleSpec::from)).collect()
+    }
     expect_deleted -> () { Response::RuleDeleted => () }
     expect_stats -> StatsReport { Response::Stats(s) => *s }
     expect_health -> HealthReport { Response::Health(h) => h }
+}
+
+/// `RuleSet` in the layout the daemon speaks: version 3 carries every
+/// field; to an older daemon, rules that need version 3 (a `per` other
+/// than client and resource, or a shadow) are refused here rather than
+/// sent without what makes them what they are.
+pub(crate) fn rule_set_request(
+    server: &ServerInfo,
+    rules: Vec<RuleSpec>,
+) -> Result<Request<'static>, ClientError> {
+    if server.version >= 3 {
+        return Ok(Request::RuleSetV3 { rules });
+    }
+    if let Some(r) = rules
+        .iter()
+        .find(|r| r.per != crate::rule::Per::default() || r.shadow)
+    {
+        return Err(ClientError::Unsupported(format!(
+            "rule {:?} sets per or shadow, which this rld (protocol version {}) does not know; \
+             upgrade rld to set it",
+            r.id, server.version
+        )));
+    }
+    Ok(Request::RuleSet {
+        rules: rules.into_iter().map(super::RuleSpecV2::from).collect(),
+    })
+}
+
+/// `RuleGet` in the layout the daemon speaks.
+pub(crate) fn rule_get_request<'a>(server: &ServerInfo, id: &'a str) -> Request<'a> {
+    if server.version >= 3 {
+        Request::RuleGetV3 { id: id.into() }
+    } else {
+        Request::RuleGet { id: id.into() }
+    }
+}
+
+/// `RuleList` in the layout the daemon speaks.
+pub(crate) fn rule_list_request(server: &ServerInfo) -> Request<'static> {
+    if server.version >= 3 {
+        Request::RuleListV3
+    } else {
+        Request::RuleList
+    }
 }

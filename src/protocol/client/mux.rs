@@ -192,7 +192,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub async fn rule_set(&self, rules: Vec<RuleSpec>) -> Result<u32, ClientError> {
-        let request = Request::RuleSet { rules };
+        let request = super::rule_set_request(&self.server(), rules)?;
         expect_applied(&request, self.call(&request).await?)
     }
 
@@ -201,7 +201,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub async fn rule_get(&self, id: &str) -> Result<RuleInfo, ClientError> {
-        let request = Request::RuleGet { id: id.into() };
+        let request = super::rule_get_request(&self.server(), id);
         expect_rule(&request, self.call(&request).await?)
     }
 
@@ -210,7 +210,7 @@ impl Client {
     /// # Errors
     /// As [`Client::call`].
     pub async fn rule_list(&self) -> Result<Vec<RuleInfo>, ClientError> {
-        let request = Request::RuleList;
+        let request = super::rule_list_request(&self.server());
         expect_rules(&request, self.call(&request).await?)
     }
 

@@ -352,7 +352,7 @@ impl Coordinator {
     }
 
     fn watch(&mut self, record_key: &str, rule: &str, key: BucketKey, hash: Option<u64>) {
-        let hash = hash.unwrap_or_else(|| self.limiter.table().hash_key(&key));
+        let hash = hash.unwrap_or_else(|| self.limiter.table().hash_key(rule, &key));
         let rule: Arc<str> = rule.into();
         *self.per_rule.entry(Arc::clone(&rule)).or_default() += 1;
         let now = Instant::now();

@@ -110,7 +110,7 @@ impl Coordinator {
             w.pending = None;
         }
         if let Some((rule, bucket)) = names {
-            let hash = self.limiter.table().hash_key(bucket);
+            let hash = self.limiter.table().hash_key(rule, bucket);
             self.limiter
                 .set_share(rule, bucket, hash, None, 0, 0, self.clock.now_ns());
         }
@@ -224,7 +224,7 @@ impl Coordinator {
         fill: u64,
     ) -> u64 {
         let bucket = BucketKey::new(&record.client, &record.resource);
-        let hash = self.limiter.table().hash_key(&bucket);
+        let hash = self.limiter.table().hash_key(rule_id, &bucket);
         let implicit_depth = implicit_share(rule, self.count, record.burst).depth;
         let discarded = self.limiter.set_share(
             rule_id,
