@@ -179,6 +179,7 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
         format!("resource      {}", escape_text(&s.resource)),
         format!("limit         {} per {}", s.limit, e.window),
         format!("burst         {}", s.capacity()),
+        format!("per           {}", s.per),
         format!("scope         {}", scope_name(s.scope)),
         format!("source        {}", source_name(info.source)),
     ];
@@ -214,10 +215,21 @@ fn show_rule(info: &RuleInfo, out: &mut Output) -> Result<(), CliError> {
                 .to_string(),
         );
     }
-    lines.push(format!(
-        "decisions     allowed {}  rejected {}  bypassed {}",
-        info.allowed, info.rejected, info.bypassed
-    ));
+    if s.shadow {
+        lines.push(
+            "shadow        yes: decided and counted, never denies, never charges the other rules"
+                .to_string(),
+        );
+        lines.push(format!(
+            "decisions     would allow {}  would deny {}  bypassed {}",
+            info.allowed, info.rejected, info.bypassed
+        ));
+    } else {
+        lines.push(format!(
+            "decisions     allowed {}  rejected {}  bypassed {}",
+            info.allowed, info.rejected, info.bypassed
+        ));
+    }
     lines.push(format!("last match    {} ago", fmt_ns(info.idle_ns)));
     out.line(lines.join("\n"))
 }
@@ -231,6 +243,11 @@ fn list_rules(rules: &[RuleInfo], out: &mut Output) -> Result<(), CliError> {
                 r.spec.id.clone(),
                 r.spec.client.clone(),
                 r.spec.resource.clone(),
+                if r.spec.shadow {
+                    format!("{} (shadow)", r.spec.per)
+                } else {
+                    r.spec.per.to_string()
+                },
                 r.spec.limit.to_string(),
                 e.window,
                 r.spec.capacity().to_string(),
@@ -244,8 +261,8 @@ fn list_rules(rules: &[RuleInfo], out: &mut Output) -> Result<(), CliError> {
         .collect();
     out.table(
         &[
-            "ID", "CLIENT", "RESOURCE", "LIMIT", "WINDOW", "BURST", "SCOPE", "SOURCE", "EXPIRE",
-            "ALLOWED", "REJECTED",
+            "ID", "CLIENT", "RESOURCE", "PER", "LIMIT", "WINDOW", "BURST", "SCOPE", "SOURCE",
+            "EXPIRE", "ALLOWED", "REJECTED",
         ],
         &rows,
     )

@@ -15,8 +15,8 @@ use super::limiter::Rule;
 use super::limiter::global::EtcdState;
 use super::metrics::Metrics;
 use crate::protocol::{
-    ClusterStats, EtcdHealth, GlobalRuleStats, HealthReport, LeaseInfo, RuleCounters, RuleInfo,
-    ServingState, ShareStats, StatsReport,
+    ClusterStats, EtcdHealth, GlobalRuleStats, HealthReport, LeaseInfo, RuleInfo, ServingState,
+    ShareStats, StatsReport,
 };
 
 /// How stale the held-token figures of stats and rule lists may be.
@@ -52,14 +52,14 @@ impl Shared {
     /// Counters, gauges and latency for `Stats`.
     pub fn stats(&self) -> StatsReport {
         let per_rule = self.limiter.rule_counters();
-        let sum = |f: fn(&RuleCounters) -> u64| per_rule.iter().map(f).sum();
+        let (allowed, rejected, bypassed) = self.limiter.decision_totals();
         let m = &self.metrics;
         let table = self.limiter.table();
         StatsReport {
             uptime_ns: self.clock.now_ns(),
-            allowed: sum(|r| r.allowed),
-            rejected: sum(|r| r.rejected),
-            bypassed: sum(|r| r.bypassed),
+            allowed,
+            rejected,
+            bypassed,
             unmatched: self.limiter.unmatched_total(),
             buckets: table.len() as u64,
             max_buckets: table.max_buckets() as u64,

@@ -17,5 +17,6 @@ mod limits;
 mod metrics;
 mod ops;
 mod persistence;
+mod stacked;
 mod traces;
 mod wire;

@@ -30,6 +30,9 @@ type Buckets = (f64, u64, Vec<(f64, u64)>);
 #[derive(Debug)]
 pub struct Snapshot {
     stats: StatsReport,
+    /// Ids of the shadow rules in force: their outcomes are labelled
+    /// `shadow_allowed`, `shadow_rejected`, `shadow_bypassed`.
+    shadows: std::collections::HashSet<String>,
     refused: Vec<(&'static str, u64)>,
     errors: Vec<(&'static str, u64)>,
     decision_latency: Buckets,
@@ -76,6 +79,13 @@ impl Snapshot {
         });
         Snapshot {
             stats: shared.stats(),
+            shadows: shared
+                .limiter
+                .rules()
+                .iter()
+                .filter(|r| r.spec.shadow)
+                .map(|r| r.id().to_owned())
+                .collect(),
             refused,
             errors,
             decision_latency: m.latency.buckets(DECISION_BUCKETS),
@@ -186,10 +196,15 @@ impl Collector for Snapshot {
             s.uptime_ns as f64 / 1e9,
         )?;
         let outcomes = s.per_rule.iter().flat_map(|r| {
+            let names = if self.shadows.contains(&r.id) {
+                ["shadow_allowed", "shadow_rejected", "shadow_bypassed"]
+            } else {
+                ["allowed", "rejected", "bypassed"]
+            };
             [
-                ("allowed", r.allowed),
-                ("rejected", r.rejected),
-                ("bypassed", r.bypassed),
+                (names[0], r.allowed),
+                (names[1], r.rejected),
+                (names[2], r.bypassed),
             ]
             .map(|(outcome, n)| {
                 (
@@ -209,7 +224,9 @@ impl Collector for Snapshot {
             "rld_decisions",
             "Decisions by rule and outcome: allowed, rejected, bypassed (a Critical request \
              admitted over the limit, still charged), unmatched (no rule matched; \
-             default_action answered).",
+             default_action answered); a shadow rule's as shadow_allowed, shadow_rejected, \
+             shadow_bypassed (what it would have decided). A request stacked rules decide \
+             counts under each of them that admitted it, or under those that denied it.",
             MetricType::Counter,
             outcomes.chain(unmatched),
         )?;

@@ -113,6 +113,15 @@ struct Unmatched {
     stripes: [CachePadded<AtomicU64>; rules::STRIPES],
 }
 
+/// Rule counts beyond one per request: a request that stacked rules decide
+/// is counted by each enforcing rule that admitted it (or each that denied
+/// it); the totals of requests subtract the extra ones. (Allowed, rejected,
+/// bypassed.)
+#[derive(Debug, Default)]
+struct Overcount {
+    stripes: [CachePadded<[AtomicU64; 3]>; rules::STRIPES],
+}
+
 /// The limiter: rules plus the bucket table.
 #[derive(Debug)]
 pub struct Limiter {
@@ -121,6 +130,7 @@ pub struct Limiter {
     rules: Mutex<Arc<RuleSet>>,
     default_action: DefaultAction,
     unmatched: Unmatched,
+    overcount: Overcount,
     /// The lease coordinator's side, when limits are shared through etcd.
     link: OnceLock<Arc<ClusterLink>>,
 }
@@ -132,6 +142,7 @@ impl Limiter {
             rules: Mutex::new(Arc::new(RuleSet::default())),
             default_action: config.default_action,
             unmatched: Unmatched::default(),
+            overcount: Overcount::default(),
             link: OnceLock::new(),
         }
     }
@@ -496,6 +507,45 @@ impl Limiter {
             .iter()
             .map(|s| s.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Requests decided by rules in force: (allowed, rejected, bypassed).
+    /// Shadow rules' counts are not decisions; a request stacked rules
+    /// decided counts once. (A deleted rule's counts leave the totals, as
+    /// its row leaves the per-rule ones.)
+    pub fn decision_totals(&self) -> (u64, u64, u64) {
+        let (mut a, mut r, mut b) = (0u64, 0u64, 0u64);
+        for rule in self.rules().iter().filter(|r| !r.spec.shadow) {
+            let (x, y, z) = rule.activity.totals();
+            a += x;
+            r += y;
+            b += z;
+        }
+        let extra = |k: usize| -> u64 {
+            self.overcount
+                .stripes
+                .iter()
+                .map(|s| s[k].load(Ordering::Relaxed))
+                .sum()
+        };
+        (
+            a.saturating_sub(extra(0)),
+            r.saturating_sub(extra(1)),
+            b.saturating_sub(extra(2)),
+        )
+    }
+
+    /// Counts `n` rule counts of `outcome` beyond one for a stacked request.
+    fn overcounted(&self, stripe: usize, outcome: Outcome, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let slot = match outcome {
+            Outcome::Allowed => 0,
+            Outcome::Denied => 1,
+            Outcome::Bypassed => 2,
+        };
+        self.overcount.stripes[stripe % rules::STRIPES][slot].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Per-rule counters of the rules in force.

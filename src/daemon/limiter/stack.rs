@@ -141,10 +141,22 @@ pub(super) fn decide<'a, R>(
     // A rule counts what it decided: a shadow what it would have, an
     // enforcing rule its admissions, or its denial (a request another rule
     // denied is counted by that rule only).
+    let mut counted = [0u64; 3];
     for p in parts.iter().flatten() {
         if p.rule.spec.shadow || !denied || p.verdict.outcome == Outcome::Denied {
             p.rule.activity.record(p.shard, p.verdict.outcome, now);
+            if !p.rule.spec.shadow {
+                counted[p.verdict.outcome as usize] += 1;
+            }
         }
+    }
+    for outcome in [Outcome::Allowed, Outcome::Denied, Outcome::Bypassed] {
+        let n = counted[outcome as usize];
+        limiter.overcounted(
+            parts[0].as_ref().map_or(0, |p| p.shard),
+            outcome,
+            n.saturating_sub(1),
+        );
     }
     // The answer names the rule that decided: the denying rule that needs
     // the longest wait, or the enforcing rule with the fewest tokens left.
@@ -243,6 +255,8 @@ mod tests {
         assert_eq!((total.0, total.1), (5, 1), "total: allowed 5, denied 1");
         // Another resource: only "pair" applies.
         assert_eq!(ask(&l, "a", "db").0, Outcome::Allowed);
+        // Requests, not rule counts: 6 admitted, 3 denied.
+        assert_eq!(l.decision_totals(), (6, 3, 0));
     }
 
     #[test]
