@@ -1024,3 +1024,118 @@ async fn a_full_etcd_database_is_one_clear_state() {
     );
     assert_eq!(code(&rlctl(&a.socket, &["acquire", "-q", "c", "full"])), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_cap_stacks_on_a_local_per_client_limit() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds: Vec<ProcessDaemon> = ["a", "b"]
+        .iter()
+        .map(|n| start(&etcd, dir.path(), n))
+        .collect();
+    // At most 4 jobs across the fleet (one bucket, shared through etcd),
+    // and 1 per client per host (a local rule: each daemon its own).
+    set_global(
+        &ds[0],
+        "fleet",
+        &[
+            "--limit",
+            "4",
+            "--window",
+            "1h",
+            "--per",
+            "none",
+            "--on-failure",
+            "closed",
+        ],
+    );
+    let local = |d: &ProcessDaemon| {
+        let out = rlctl(
+            &d.socket,
+            &[
+                "rules",
+                "set",
+                "each",
+                "--client",
+                "*",
+                "--resource",
+                "fleet",
+                "--limit",
+                "1",
+                "--window",
+                "1h",
+                "--per",
+                "client",
+            ],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    };
+    ds.iter().for_each(local);
+    for d in &ds {
+        wait_for(Duration::from_secs(10), || {
+            let out = rlctl(&d.socket, &["rules", "get", "fleet", "--json"]);
+            code(&out) == 0
+                && serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["per"]
+                    == serde_json::json!([])
+                && share_stat(d, "count") == 2
+        });
+    }
+    let ask = |d: &ProcessDaemon, client: &str| {
+        let out = rlctl(&d.socket, &["acquire", client, "fleet"]);
+        (
+            code(&out),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    // c1 on a: one allowed, then denied by its own limit four times; those
+    // denials charge nothing of the fleet's 4.
+    assert_eq!(ask(&ds[0], "c1").0, 0);
+    for _ in 0..4 {
+        let (c, out) = ask(&ds[0], "c1");
+        assert_eq!(c, 1);
+        assert!(out.contains("rule each"), "{out}");
+    }
+    // The other 3 of the fleet's burst are admitted somewhere (shares move
+    // to where the demand is), each client once per host, and never more.
+    let mut allowed = 1;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while allowed < 4 && Instant::now() < deadline {
+        n += 1;
+        for d in &ds {
+            if ask(d, &format!("k{n}")).0 == 0 {
+                allowed += 1;
+            }
+        }
+    }
+    assert_eq!(allowed, 4, "the fleet's burst of 4 was admitted");
+    for m in 0..10 {
+        for d in &ds {
+            let (c, out) = ask(d, &format!("late{m}"));
+            assert_eq!(c, 1, "beyond the fleet's burst: {out}");
+            assert!(out.contains("rule fleet"), "{out}");
+        }
+    }
+    // Shadows and per travel through etcd too.
+    set_global(
+        &ds[1],
+        "fleet-next",
+        &[
+            "--limit", "2", "--window", "1h", "--per", "resource", "--shadow",
+        ],
+    );
+    wait_for(Duration::from_secs(10), || {
+        let out = rlctl(&ds[0].socket, &["rules", "get", "fleet-next", "--json"]);
+        code(&out) == 0 && {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["shadow"] == serde_json::json!(true) && v["per"] == serde_json::json!(["resource"])
+        }
+    });
+    // A shadow never denies: requests beyond its 2 are allowed (it is the
+    // only rule for its resource, so the default action answers them).
+    for m in 0..4 {
+        let out = rlctl(&ds[0].socket, &["acquire", &format!("s{m}"), "fleet-next"]);
+        assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
