@@ -12,6 +12,7 @@
 mod acquire;
 pub mod audit;
 pub mod bench;
+mod explain;
 mod output;
 mod rules;
 mod stats;
@@ -111,6 +112,10 @@ pub enum Command {
     /// Acquire, then run a command; if denied the command is not run (exit
     /// 75, EX_TEMPFAIL; see --denied-exit).
     Run(RunArgs),
+    /// Show which rules a request would meet, in which order, which are
+    /// overridden and by what, each bucket's tokens, and whether it would be
+    /// allowed, without spending anything.
+    Explain(ExplainArgs),
     /// Show counters, bucket usage and decision latency.
     Stats(StatsArgs),
     /// Show whether the daemon is serving.
@@ -228,6 +233,21 @@ pub struct DecisionArgs {
     /// warning when malformed).
     #[arg(long, value_name = "TRACEPARENT")]
     pub traceparent: Option<String>,
+}
+
+/// Options of `explain`.
+#[derive(Debug, ClapArgs)]
+pub struct ExplainArgs {
+    /// Who would ask.
+    pub client: String,
+    /// What they would want to use.
+    pub resource: String,
+    /// Tokens the request would take.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cost: u64,
+    /// low, normal, high or critical.
+    #[arg(long, default_value = "normal", value_name = "PRIORITY")]
+    pub priority: Priority,
 }
 
 /// Options of `acquire`.
@@ -408,6 +428,7 @@ async fn dispatch(args: Args, out: &mut Output) -> Result<Exit, CliError> {
             Command::Acquire(a) => acquire::acquire(&socket, a, timeout, out).await,
             Command::Run(r) => acquire::run(&socket, r, timeout).await,
             Command::Stats(s) => stats::stats(&socket, s, out).await,
+            Command::Explain(e) => explain::run(&socket, e, out).await,
             Command::Health => stats::health(&socket, out).await,
             Command::Bench(b) => bench::run(&socket, b, out).await,
             Command::Audit(a) => audit::run(a, out).await,

@@ -392,6 +392,17 @@ impl Conn {
                 self.respond(id, &answer.await)
             }
             Request::Health => self.respond(id, &Response::Health(self.shared.health())),
+            Request::Explain(a) => {
+                let now = self.shared.clock.now_ns();
+                match self
+                    .shared
+                    .limiter
+                    .explain(&a.client, &a.resource, a.cost, a.priority, now)
+                {
+                    Ok(e) => self.respond(id, &Response::Explanation(e)),
+                    Err(e) => self.respond(id, &Response::Error(acquire_error(&e))),
+                }
+            }
             Request::RuleSet { .. } | Request::RuleSetV3 { .. } => {
                 let rules: Vec<RuleSpec> = match request {
                     Request::RuleSet { rules } => rules.into_iter().map(RuleSpec::from).collect(),

@@ -56,6 +56,8 @@ pub enum Request<'a> {
     },
     /// 11. (Version 3.) `RuleList`, answered with `RulesV3`.
     RuleListV3,
+    /// 12. (Version 3.) What an `Acquire` would meet; spends nothing.
+    Explain(#[serde(borrow)] Acquire<'a>),
 }
 
 impl Request<'_> {
@@ -82,12 +84,13 @@ impl Request<'_> {
             Request::RuleSetV3 { .. } => "RuleSetV3",
             Request::RuleGetV3 { .. } => "RuleGetV3",
             Request::RuleListV3 => "RuleListV3",
+            Request::Explain(_) => "Explain",
         }
     }
 }
 
 /// Number of request variants this version knows; higher indices are unknown.
-pub const REQUEST_VARIANTS: u32 = 12;
+pub const REQUEST_VARIANTS: u32 = 13;
 
 /// "May `client` use `resource` now, spending `cost` tokens?"
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +280,45 @@ pub enum Response<'a> {
     RuleV3(RuleInfo),
     /// 13. (Version 3.) Answer to `RuleListV3`.
     RulesV3(Vec<RuleInfo>),
+    /// 14. (Version 3.) Answer to `Explain`.
+    Explanation(Explanation<'a>),
+}
+
+/// What an acquire would meet now: every rule that matches, whether it
+/// applies, its bucket, and the answer an `Acquire` would get. Nothing is
+/// spent and no bucket is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation<'a> {
+    /// What `Acquire` would answer now.
+    pub decision: Decision<'a>,
+    /// Every rule matching (client, resource), grouped by `per` (client and
+    /// resource, client, resource, none), most specific first.
+    pub rules: Vec<RuleExplained>,
+}
+
+/// One matching rule in an [`Explanation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleExplained {
+    pub id: String,
+    pub per: crate::rule::Per,
+    pub shadow: bool,
+    pub scope: crate::rule::Scope,
+    /// The more specific rule with the same `per` that applies instead;
+    /// `None`: this rule applies.
+    pub overridden_by: Option<String>,
+    /// The bucket's names: empty where the rule is not keyed by one.
+    pub client: String,
+    pub resource: String,
+    /// Whole tokens in the bucket now (a bucket not created yet: what it
+    /// would start with), and its depth (a global rule's share here).
+    pub tokens: u64,
+    pub depth: u64,
+    /// What this rule would decide (`None` when overridden).
+    pub outcome: Option<Outcome>,
+    /// When it would deny: nanoseconds until it would allow.
+    pub retry_after_ns: u64,
+    /// The cost is above what the priority may ever take from this rule.
+    pub cost_too_high: bool,
 }
 
 /// The protocol version 2 handshake answer.

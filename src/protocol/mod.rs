@@ -46,9 +46,10 @@ pub use client::{Client, Connection};
 pub use client::{ClientError, ServerInfo, Timeouts};
 pub use message::{
     Acquire, BatchItem, ClockReport, ClusterStats, Decision, ErrorBody, ErrorCode, EtcdHealth,
-    GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock, Priority,
-    REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters, RuleInfo,
-    RuleSource, RuleSpecV2, ServingState, ShareStats, StatsReport, TraceContext, Welcome,
+    Explanation, GlobalRuleStats, HealthReport, LatencySummary, LeaseInfo, Outcome, PeerClock,
+    Priority, REQUEST_VARIANTS, Request, RequestFrame, Response, ResponseFrame, RuleCounters,
+    RuleExplained, RuleInfo, RuleSource, RuleSpecV2, ServingState, ShareStats, StatsReport,
+    TraceContext, Welcome,
 };
 
 /// The protocol version this build speaks.

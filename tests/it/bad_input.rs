@@ -97,7 +97,7 @@ async fn unknown_requests_and_versions_are_named() {
         ErrorCode::UNSUPPORTED_VERSION,
     )
     .await;
-    assert!(msg.contains("versions 1 to 2"), "{msg}");
+    assert!(msg.contains("versions 1 to 3"), "{msg}");
     // Hello for version 99, from a client of version 2 or later: the range
     // as fields, then the connection closes.
     let mut s = UnixStream::connect(&d.socket).await.unwrap();
@@ -108,7 +108,7 @@ async fn unknown_requests_and_versions_are_named() {
         Response::UnsupportedVersion {
             requested: 99,
             min_version: 1,
-            max_version: 2
+            max_version: 3
         }
     );
     assert!(is_closed(&mut s).await);

@@ -169,17 +169,17 @@ fn the_blocking_client_gives_up_on_a_full_backlog() {
     assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
 }
 
-/// Both clients greet with version 2 and learn the daemon's range and
+/// Both clients greet with version 3 and learn the daemon's range and
 /// capabilities; an older daemon that speaks only version 1 (played here by
 /// a scripted listener) is greeted again with version 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_greet_with_version_2_and_fall_back_to_1() {
+async fn clients_greet_with_version_3_and_fall_back_to_1() {
     let d = crate::harness::TestDaemon::start(vec![]).await;
     let conn = rld::protocol::Connection::connect(&d.socket).await.unwrap();
     let info = conn.server().clone();
     assert_eq!(
         (info.version, info.min_version, info.max_version),
-        (2, 1, 2)
+        (3, 1, 3)
     );
     assert!(
         info.capabilities.iter().any(|c| c == "acquire-many"),
@@ -193,7 +193,7 @@ async fn clients_greet_with_version_2_and_fall_back_to_1() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v1.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    // Four connections: each client greets with 2 (refused), then 1.
+    // Four connections: each client greets with 3 (refused), then 1.
     let old_daemon = std::thread::spawn(move || {
         use std::io::{Read, Write};
         for _ in 0..4 {

@@ -374,7 +374,15 @@ async fn low_rate_rules_decide_locally_within_their_burst() {
         .map(|n| start(&etcd, dir.path(), n))
         .collect();
     // 10 per minute, burst 10, three daemons: each holds 3 tokens (a third
-    // of the burst, rounded down) and decides alone.
+    // of the burst, rounded down) and decides alone. The rule is created
+    // once all three operate at count 3: a daemon that gets a rule before it
+    // operates (it is still joining) cannot tell a new rule from one the
+    // others have spent, so its buckets start empty of the room its count
+    // gives it (safe, and what CI once caught: "retry after 17.83s" on the
+    // third daemon's first request).
+    for d in &ds {
+        wait_for(Duration::from_secs(10), || share_stat(d, "count") == 3);
+    }
     set_global(
         &ds[0],
         "slow",

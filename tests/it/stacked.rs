@@ -360,3 +360,131 @@ async fn a_version_2_client_sees_rules_in_its_layout_and_stacked_decisions() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_shows_every_rule_and_spends_nothing() {
+    let d = TestDaemon::start(vec![]).await;
+    let s = &d.socket;
+    set(
+        s,
+        &[
+            "each",
+            "--client",
+            "*",
+            "--resource",
+            "api/*",
+            "--limit",
+            "2",
+            "--window",
+            "1h",
+            "--per",
+            "client",
+        ],
+    )
+    .await;
+    set(
+        s,
+        &[
+            "vip",
+            "--client",
+            "vip",
+            "--resource",
+            "api/*",
+            "--limit",
+            "5",
+            "--window",
+            "1h",
+            "--per",
+            "client",
+        ],
+    )
+    .await;
+    set(
+        s,
+        &[
+            "total",
+            "--client",
+            "*",
+            "--resource",
+            "api/*",
+            "--limit",
+            "100",
+            "--window",
+            "1h",
+            "--per",
+            "none",
+        ],
+    )
+    .await;
+    set(
+        s,
+        &[
+            "next",
+            "--client",
+            "*",
+            "--resource",
+            "*",
+            "--limit",
+            "1",
+            "--window",
+            "1h",
+            "--per",
+            "resource",
+            "--shadow",
+        ],
+    )
+    .await;
+    let explain = |args: &'static [&'static str]| async move {
+        let out = rlctl_async(s, args).await;
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    for _ in 0..3 {
+        let v = explain(&["explain", "vip", "api/x", "--json"]).await;
+        assert_eq!(v["allowed"], true);
+        assert_eq!(v["rule"], "vip");
+        assert_eq!(v["remaining"], 4);
+        let rules = v["rules"].as_array().unwrap();
+        let ids: Vec<&str> = rules.iter().map(|r| r["id"].as_str().unwrap()).collect();
+        // Grouped by per, most specific first: vip overrides each.
+        assert_eq!(ids, ["vip", "each", "next", "total"]);
+        assert_eq!(rules[1]["overridden_by"], "vip");
+        assert_eq!(rules[1]["applies"], false);
+        assert_eq!(rules[0]["tokens"], 5, "nothing spent: {v}");
+        assert_eq!(rules[2]["shadow"], true);
+        assert_eq!(rules[3]["bucket"], "(one for all)");
+    }
+    // Spend two of "each" for bob; explain then says denied by it, and
+    // still spends nothing.
+    for _ in 0..2 {
+        assert_eq!(
+            code(&rlctl_async(s, &["acquire", "-q", "bob", "api/x"]).await),
+            0
+        );
+    }
+    let v = explain(&["explain", "bob", "api/y", "--json"]).await;
+    assert_eq!(
+        (v["allowed"].as_bool(), v["rule"].as_str()),
+        (Some(false), Some("each"))
+    );
+    // vip does not match bob: each, next, total.
+    let total = &v["rules"].as_array().unwrap()[2];
+    assert_eq!(
+        (total["id"].as_str(), total["tokens"].as_u64()),
+        (Some("total"), Some(98))
+    );
+    assert_eq!(total["outcome"], "allowed");
+    let text = stdout(&rlctl_async(s, &["explain", "bob", "api/y", "--cost", "3"]).await);
+    assert!(text.starts_with("would be   rate limited"), "{text}");
+    assert!(text.contains("never (cost above its burst)"), "{text}");
+    assert!(
+        text.contains("overridden by") || !text.contains("vip"),
+        "{text}"
+    );
+    let get = rlctl_async(s, &["rules", "get", "total", "--json"]).await;
+    let g: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(g["allowed"], 2, "explain decided nothing: {g}");
+    // Bad names: a clear error, exit 2.
+    let bad = rlctl_async(s, &["explain", "", "api/x"]).await;
+    assert_eq!(code(&bad), 2, "{}", stderr(&bad));
+}

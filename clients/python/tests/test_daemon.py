@@ -241,7 +241,7 @@ def test_the_daemons_protocol_errors_decode_to_their_classes(daemon):
     assert frame.id == 5 and type(as_error(frame)) is rld.UnsupportedVersion
     # A version above the daemon's, from a version 2+ client: the range as fields.
     (frame,) = raw_exchange(daemon.socket, wire.encode_request(Frame(5, "Hello", 99)))
-    assert frame == Frame(5, "UnsupportedVersion", rld.messages.VersionRange(99, 1, 2))
+    assert frame == Frame(5, "UnsupportedVersion", rld.messages.VersionRange(99, 1, 3))
     (frame,) = raw_exchange(daemon.socket, wire.encode_request(Frame(6, "Stats")))
     assert type(as_error(frame)) is rld.HandshakeRequired
     ok, frame = raw_exchange(daemon.socket, hello + bytes.fromhex("00000002 07 2a"))

@@ -9,6 +9,7 @@
 
 pub mod book;
 pub mod bucket;
+mod explain;
 pub mod global;
 pub mod key;
 pub mod rules;

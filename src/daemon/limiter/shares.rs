@@ -41,7 +41,7 @@ fn raised(old: Recorded, next: Recorded) -> bool {
 }
 
 /// Whole tokens a bucket with parameters `(interval, depth)` and `tat` holds.
-fn tokens(tat: u64, (interval, depth): (u64, u64), now: u64) -> u64 {
+pub(super) fn tokens(tat: u64, (interval, depth): (u64, u64), now: u64) -> u64 {
     if interval == 0 || interval == u64::MAX || depth == 0 {
         return 0;
     }

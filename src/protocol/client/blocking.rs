@@ -193,6 +193,18 @@ impl Client {
         expect_applied(&request, self.call(&request)?)
     }
 
+    /// See [`Connection::explain`].
+    ///
+    /// # Errors
+    /// Bad names, or a daemon older than protocol version 3.
+    pub fn explain(
+        &mut self,
+        acquire: crate::protocol::Acquire<'_>,
+    ) -> Result<crate::protocol::Explanation<'static>, ClientError> {
+        let request = super::explain_request(&self.server, acquire)?;
+        super::expect_explanation(&request, self.call(&request)?)
+    }
+
     /// See [`Connection::rule_get`].
     ///
     /// # Errors

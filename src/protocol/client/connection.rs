@@ -273,6 +273,19 @@ impl Connection {
         expect_applied(&request, self.call(&request).await?)
     }
 
+    /// What `acquire` would meet now: every matching rule, its bucket and
+    /// what it would decide, and the answer; nothing is spent.
+    ///
+    /// # Errors
+    /// Bad names, or a daemon older than protocol version 3.
+    pub async fn explain(
+        &mut self,
+        acquire: crate::protocol::Acquire<'_>,
+    ) -> Result<crate::protocol::Explanation<'static>, ClientError> {
+        let request = super::explain_request(&self.server, acquire)?;
+        super::expect_explanation(&request, self.call(&request).await?)
+    }
+
     /// One rule and its counters.
     ///
     /// # Errors

@@ -167,6 +167,7 @@ fn unexpected(request: &Request<'_>, got: &Response<'_>) -> ClientError {
         Response::Error(_) => "Error",
         Response::RuleV3(_) => "RuleV3",
         Response::RulesV3(_) => "RulesV3",
+        Response::Explanation(_) => "Explanation",
     };
     ClientError::Unexpected {
         request: request.name(),
@@ -201,6 +202,7 @@ expect_fns! {
         Response::Rules(r) => r.into_iter().map(|r| r.map_spec(RuleSpec::from)).collect()
     }
     expect_deleted -> () { Response::RuleDeleted => () }
+    expect_explanation -> super::Explanation<'static> { Response::Explanation(e) => e }
     expect_stats -> StatsReport { Response::Stats(s) => *s }
     expect_health -> HealthReport { Response::Health(h) => h }
 }
@@ -247,4 +249,18 @@ pub(crate) fn rule_list_request(server: &ServerInfo) -> Request<'static> {
     } else {
         Request::RuleList
     }
+}
+
+/// `Explain`, which needs version 3.
+pub(crate) fn explain_request<'a>(
+    server: &ServerInfo,
+    acquire: super::Acquire<'a>,
+) -> Result<Request<'a>, ClientError> {
+    if server.version < 3 {
+        return Err(ClientError::Unsupported(format!(
+            "this rld speaks protocol version {}; explain needs version 3: upgrade rld",
+            server.version
+        )));
+    }
+    Ok(Request::Explain(acquire))
 }

@@ -196,6 +196,18 @@ impl Client {
         expect_applied(&request, self.call(&request).await?)
     }
 
+    /// See [`Connection::explain`].
+    ///
+    /// # Errors
+    /// Bad names, or a daemon older than protocol version 3.
+    pub async fn explain(
+        &self,
+        acquire: crate::protocol::Acquire<'_>,
+    ) -> Result<crate::protocol::Explanation<'static>, ClientError> {
+        let request = super::explain_request(&self.server(), acquire)?;
+        super::expect_explanation(&request, self.call(&request).await?)
+    }
+
     /// See [`Connection::rule_get`].
     ///
     /// # Errors
