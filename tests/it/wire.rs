@@ -99,7 +99,34 @@ fn requests() -> Vec<(&'static str, RequestFrame<'static>)> {
         ),
         ("stats", frame(9, Request::Stats)),
         ("health", frame(10, Request::Health)),
+        ("hello-v3", frame(1, Request::Hello { version: 3 })),
+        (
+            "rule-set-v3",
+            frame(
+                13,
+                Request::RuleSetV3 {
+                    rules: vec![spec_v3()],
+                },
+            ),
+        ),
+        (
+            "rule-get-v3",
+            frame(14, Request::RuleGetV3 { id: "each".into() }),
+        ),
+        ("rule-list-v3", frame(15, Request::RuleListV3)),
+        (
+            "explain",
+            frame(16, Request::Explain(Acquire::new("alice", "api/x"))),
+        ),
     ]
+}
+
+/// The version 3 vectors' rule: 100 per minute per client, a shadow.
+fn spec_v3() -> RuleSpec {
+    let mut spec = RuleSpec::new("each", "*", "api/*", 100, Duration::from_secs(60));
+    spec.per = rld::rule::Per::Client;
+    spec.shadow = true;
+    spec
 }
 
 /// Vectors of the answers with nested reports (rule with every optional
@@ -304,6 +331,58 @@ pub fn new_responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
     ]
 }
 
+/// Answers of version 3.
+fn v3_responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
+    let frame = |id, response| ResponseFrame { id, response };
+    vec![
+        (
+            "rule-v3",
+            frame(
+                14,
+                Response::RuleV3(RuleInfo {
+                    spec: spec_v3(),
+                    source: RuleSource::Runtime,
+                    allowed: 3,
+                    rejected: 1,
+                    bypassed: 0,
+                    idle_ns: 0,
+                    lease: None,
+                }),
+            ),
+        ),
+        (
+            "explanation",
+            frame(
+                16,
+                Response::Explanation(Explanation {
+                    decision: Decision {
+                        outcome: Outcome::Allowed,
+                        limit: 10,
+                        remaining: 9,
+                        retry_after_ns: 0,
+                        reset_after_ns: 6_000_000_000,
+                        rule: "total".into(),
+                    },
+                    rules: vec![RuleExplained {
+                        id: "total".into(),
+                        per: rld::rule::Per::None,
+                        shadow: false,
+                        scope: rld::rule::Scope::Local,
+                        overridden_by: None,
+                        client: String::new(),
+                        resource: String::new(),
+                        tokens: 10,
+                        depth: 10,
+                        outcome: Some(Outcome::Allowed),
+                        retry_after_ns: 0,
+                        cost_too_high: false,
+                    }],
+                }),
+            ),
+        ),
+    ]
+}
+
 fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
     let frame = |id, response| ResponseFrame { id, response };
     let decision = |outcome, limit, remaining, retry, reset, rule: &'static str| Decision {
@@ -393,6 +472,18 @@ fn responses() -> Vec<(&'static str, ResponseFrame<'static>)> {
 
 #[test]
 fn man_page_vectors_match_the_codec() {
+    if std::env::var_os("RLD_PRINT_VECTORS").is_some() {
+        for (name, msg) in requests() {
+            let mut encoded = BytesMut::new();
+            encode(&msg, &mut encoded).unwrap();
+            eprintln!("{name}: {}", hex(&encoded));
+        }
+        for (name, msg) in responses().into_iter().chain(v3_responses()) {
+            let mut encoded = BytesMut::new();
+            encode(&msg, &mut encoded).unwrap();
+            eprintln!("{name}: {}", hex(&encoded));
+        }
+    }
     let vectors = page_vectors();
     let mut checked = 0;
     for (name, msg) in requests() {
@@ -411,7 +502,7 @@ fn man_page_vectors_match_the_codec() {
         );
         checked += 1;
     }
-    for (name, msg) in responses() {
+    for (name, msg) in responses().into_iter().chain(v3_responses()) {
         let bytes = vectors
             .get(name)
             .unwrap_or_else(|| panic!("no vector {name} in the page"));
@@ -502,4 +593,14 @@ async fn hand_written_bytes_get_hand_checked_answers() {
             2, 1, 0, 100, 99, 0, 0x80, 0x8c, 0x8d, 0x9e, 0x02, 3, b'a', b'p', b'i'
         ]
     );
+}
+
+/// Bytes as the page prints them (for `RLD_PRINT_VECTORS=1`, to write a
+/// new vector).
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
