@@ -2,7 +2,8 @@
 //! and 1,000,000 keys (uniformly random), on 1 and 2 threads, with and without
 //! eviction pressure, beside the governor crate's keyed limiter (the
 //! in-process ceiling) on the same keys; and a global rule's decision from
-//! held tokens beside a local rule's. Run: `cargo bench --bench core`.
+//! held tokens beside a local rule's; and three stacked rules beside one.
+//! Run: `cargo bench --bench core`.
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -195,5 +196,62 @@ fn bench_global(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_global);
+/// Stacked rules: one request checked against three rules (per client and
+/// resource, per client, one bucket for all), all or nothing, beside the
+/// same keys under one rule; 100,000 keys on 1 thread. (Three buckets in up
+/// to three shards, each locked once.)
+fn bench_stacked(c: &mut Criterion) {
+    let clock = MonotonicClock::new();
+    let keys = Arc::new(Keys::new(100_000));
+    let mut group = c.benchmark_group("decision/100k keys, stacked rules");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.warm_up_time(Duration::from_secs(1));
+    for (name, stacked) in [("1 rule", false), ("3 rules", true)] {
+        let l = Limiter::new(LimiterConfig {
+            shards: 128,
+            max_buckets: 1_000_000,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        });
+        let mut rules = vec![(
+            RuleSpec::new("pair", "*", "*", 1_000, Duration::from_secs(1)),
+            RuleSource::Config,
+        )];
+        if stacked {
+            let mut each = RuleSpec::new("each", "*", "*", 1_000, Duration::from_secs(1));
+            each.per = rld::rule::Per::Client;
+            let mut all = RuleSpec::new("all", "*", "*", 1_000_000_000, Duration::from_secs(1));
+            all.per = rld::rule::Per::None;
+            rules.push((each, RuleSource::Config));
+            rules.push((all, RuleSource::Config));
+        }
+        l.set_rules(rules, 0).unwrap();
+        for k in &keys.names {
+            let _ = l.acquire(k, "api", 1, Priority::Normal, clock.now_ns());
+        }
+        let (l, k) = (Arc::new(l), Arc::clone(&keys));
+        group.bench_function(name, move |b| {
+            let (l, k) = (Arc::clone(&l), Arc::clone(&k));
+            b.iter_custom(move |iters| {
+                let (l, k) = (Arc::clone(&l), Arc::clone(&k));
+                run_threads(1, iters, move |_, i| {
+                    thread_local!(static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+                    let now = NOW.with(|n| {
+                        if i % 8 == 0 {
+                            n.set(clock.now_ns());
+                        }
+                        n.get()
+                    });
+                    let key = k.get(i as usize);
+                    let allowed = l.decide(key, "api", 1, Priority::Normal, now, |d| d.is_allowed());
+                    black_box(allowed.unwrap());
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_global, bench_stacked);
 criterion_main!(benches);

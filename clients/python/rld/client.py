@@ -21,7 +21,9 @@ from .messages import (
     Acquire,
     Decision,
     ErrorBody,
+    Explanation,
     HealthReport,
+    Per,
     Priority,
     RuleInfo,
     RuleSpec,
@@ -59,11 +61,41 @@ class _Call:
     """A request ready to frame (its body encoded at once, so a bad argument
     fails where it was given) and how to turn its answer into a result."""
 
-    def __init__(self, kind: str, value: Any, expect: str, convert: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        value: Any,
+        expect: str,
+        convert: Callable[[Any], Any],
+        older: Optional["_Call"] = None,
+        needs: int = 1,
+        why: str = "",
+    ) -> None:
         self.kind = kind
         self.body = wire.request_body(kind, value)
         self.expect = expect
         self.convert = convert
+        self.older = older
+        """The same request for a daemon older than ``needs``, if it has one."""
+        self.needs = needs
+        """The oldest protocol version that has this request."""
+        self.why = why
+
+    def for_version(self, version: int) -> "_Call":
+        """This call as a daemon speaking ``version`` takes it.
+
+        Raises:
+            rld.UnsupportedVersion: the daemon is too old for it (not sent).
+        """
+        if version >= self.needs:
+            return self
+        if self.older is not None:
+            return self.older.for_version(version)
+        raise errors.UnsupportedVersion(
+            f"{self.why or self.kind} needs protocol version {self.needs}; this rld speaks "
+            f"version {version}: upgrade rld",
+            code=2,
+        )
 
     def result(self, frame: wire.Frame) -> Result:
         if frame.kind == "Error":
@@ -154,7 +186,17 @@ class _Requests:
             rld.InvalidRule: the message names the rule and field.
             rld.PermissionDenied, rld.StorageFailed, rld.Unavailable.
         """
-        return self._submit(_Call("RuleSet", list(rules), "RulesApplied", _same))
+        rules = list(rules)
+        stacked = next((r for r in rules if r.per != Per.CLIENT_RESOURCE or r.shadow), None)
+        older = (
+            _Call("RuleSet", rules, "RulesApplied", _same)
+            if stacked is None
+            else None
+        )
+        why = "" if stacked is None else f"rule {stacked.id!r} (per or shadow)"
+        return self._submit(
+            _Call("RuleSetV3", rules, "RulesApplied", _same, older=older, needs=3, why=why)
+        )
 
     def set_rule(self, rule: RuleSpec) -> int:
         """:meth:`set_rules` with one rule."""
@@ -166,11 +208,34 @@ class _Requests:
         Raises:
             rld.RuleNotFound
         """
-        return self._submit(_Call("RuleGet", id, "Rule", _same))
+        return self._submit(
+            _Call("RuleGetV3", id, "RuleV3", _same, older=_Call("RuleGet", id, "Rule", _same), needs=3)
+        )
 
     def list_rules(self) -> List[RuleInfo]:
         """Every rule in force, with counters."""
-        return self._submit(_Call("RuleList", None, "Rules", _same))
+        return self._submit(
+            _Call(
+                "RuleListV3", None, "RulesV3", _same, older=_Call("RuleList", None, "Rules", _same), needs=3
+            )
+        )
+
+    def explain(
+        self,
+        client: str,
+        resource: str,
+        cost: int = 1,
+        priority: Union[Priority, str] = Priority.NORMAL,
+    ) -> Explanation:
+        """What an acquire would meet now, spending nothing: every rule that
+        matches (applying, or overridden and by what), its bucket's tokens,
+        what it would decide, and the answer. Needs protocol version 3.
+
+        Raises:
+            rld.UnsupportedVersion: the daemon is older (nothing sent).
+        """
+        request = Acquire(client, resource, cost, Priority.parse(priority))
+        return self._submit(_Call("Explain", request, "Explanation", _same, needs=3))
 
     def delete_rule(self, id: str) -> None:
         """Deletes a rule set at run time.
@@ -330,6 +395,7 @@ class Client(_Requests):
         results: List[Result] = [None] * len(calls)
         with self._lock:
             conn = self._connection()
+            calls = [c.for_version(conn.server.version) for c in calls]
             ids = [self._ids.take() for _ in calls]
             frames = [wire.frame(id, call.body) for id, call in zip(ids, calls)]
             for call, data in zip(calls, frames):

@@ -41,6 +41,14 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
     return None if deadline is None else deadline - time.monotonic()
 
 
+class _TryVersion(Exception):
+    """The daemon speaks only versions up to ``version``: greet again."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(version)
+        self.version = version
+
+
 class Connection:
     """A connected, greeted socket. Use :meth:`open`."""
 
@@ -53,7 +61,9 @@ class Connection:
         self.closed = False
 
     @classmethod
-    def open(cls, path: str, timeout: Optional[float]) -> "Connection":
+    def open(
+        cls, path: str, timeout: Optional[float], version: int = wire.PROTOCOL_VERSION
+    ) -> "Connection":
         """Connects to ``path`` and performs the Hello handshake, all within
         ``timeout`` seconds (``None``: no limit).
 
@@ -82,7 +92,13 @@ class Connection:
         sock.setblocking(False)
         conn = cls(sock, path)
         try:
-            conn.server = conn._greet(deadline)
+            conn.server = conn._greet(deadline, version)
+        except _TryVersion as older:
+            # An older daemon: greet it again, on a new connection (it closed
+            # this one), with the newest version both speak.
+            conn.close()
+            left = _remaining(deadline)
+            return cls.open(path, None if left is None else max(left, 0.001), older.version)
         except errors.TimeoutError:
             conn.close()
             raise errors.TimeoutError(
@@ -93,21 +109,32 @@ class Connection:
             raise
         return conn
 
-    def _greet(self, deadline: Optional[float]) -> ServerInfo:
-        """Sends Hello and returns the daemon's HelloOk."""
-        hello = wire.encode_request(wire.Frame(1, "Hello", wire.PROTOCOL_VERSION))
+    def _greet(self, deadline: Optional[float], version: int) -> ServerInfo:
+        """Sends Hello for ``version`` and returns what the daemon answered
+        (HelloOk, or Welcome from version 2); raises ``_TryVersion`` when the
+        daemon speaks only older versions."""
+        hello = wire.encode_request(wire.Frame(1, "Hello", version))
         frames, failure = self.exchange(hello, 1, deadline)
         if failure is not None:
             raise failure
         (frame,) = frames
+        if frame.kind == "UnsupportedVersion" and frame.value.max_version < version:
+            raise _TryVersion(frame.value.max_version)
         if frame.kind == "Error":
-            raise errors.error_for(frame.value.code, frame.value.message)
+            err = errors.error_for(frame.value.code, frame.value.message)
+            if isinstance(err, errors.UnsupportedVersion) and version > 1:
+                # A version 1 daemon refuses any other version this way.
+                raise _TryVersion(1)
+            raise err
+        if frame.kind == "Welcome" and frame.id == 1:
+            w = frame.value
+            return ServerInfo(version=w.version, server=w.server, max_frame=w.max_frame)
         if frame.kind != "HelloOk" or frame.id != 1:
             raise errors.ProtocolError(f"rld answered {frame.kind} (id {frame.id}) to Hello")
-        if frame.value.version != wire.PROTOCOL_VERSION:
+        if frame.value.version > version:
             raise errors.UnsupportedVersion(
                 f"rld answered Hello with version {frame.value.version}, "
-                f"this client speaks {wire.PROTOCOL_VERSION}"
+                f"this client asked for {version}"
             )
         return frame.value
 

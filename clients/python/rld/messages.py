@@ -105,6 +105,18 @@ class OnFailure(WireEnum):
     LOCAL = "local"
 
 
+class Per(WireEnum):
+    """What a rule's buckets are keyed by (protocol version 3): one per
+    (client, resource) pair, per client, per resource, or one for everything
+    the rule matches. Rules keyed alike override one another by specificity;
+    rules keyed differently all apply."""
+
+    CLIENT_RESOURCE = "client,resource"
+    CLIENT = "client"
+    RESOURCE = "resource"
+    NONE = "none"
+
+
 class RuleSource(WireEnum):
     """Where a rule came from: the config file (read-only over the socket),
     set at run time, or stored in etcd."""
@@ -190,9 +202,9 @@ class ServerInfo:
 
 @dataclass(frozen=True)
 class Welcome:
-    """The protocol version 2 handshake answer: the versions the daemon
-    speaks and the optional behaviours it offers. (This client greets with
-    version 1; the type is here to read every message of the protocol.)"""
+    """The handshake answer from protocol version 2: the versions the daemon
+    speaks and the optional behaviours it offers. (The client keeps the
+    version, server name and frame limit as its ``ServerInfo``.)"""
 
     version: int
     min_version: int
@@ -322,6 +334,8 @@ class RuleSpec:
     on_failure: Optional[OnFailure] = None
     accuracy: Optional[Accuracy] = None
     fallback_limit: Optional[int] = None
+    per: Per = Per.CLIENT_RESOURCE
+    shadow: bool = False
 
     def __init__(
         self,
@@ -340,6 +354,8 @@ class RuleSpec:
         fallback_limit: Optional[int] = None,
         window_ns: Optional[int] = None,
         expire_idle_ns: Optional[int] = None,
+        per: Union[Per, str] = Per.CLIENT_RESOURCE,
+        shadow: bool = False,
     ) -> None:
         if expire_idle is not None and expire_idle_ns is not None:
             raise TypeError("give at most one of expire_idle (seconds) and expire_idle_ns")
@@ -358,6 +374,8 @@ class RuleSpec:
             "on_failure": None if on_failure is None else OnFailure.parse(on_failure),
             "accuracy": accuracy,
             "fallback_limit": fallback_limit,
+            "per": Per.parse(per),
+            "shadow": bool(shadow),
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -371,6 +389,35 @@ class RuleSpec:
     def expire_idle(self) -> Optional[float]:
         """Seconds without a matching request after which the rule is removed."""
         return _seconds(self.expire_idle_ns)
+
+
+@dataclass(frozen=True)
+class RuleExplained:
+    """One rule an ``explain`` found matching (protocol version 3)."""
+
+    id: str
+    per: Per
+    shadow: bool
+    scope: Scope
+    overridden_by: Optional[str]
+    """The more specific rule with the same ``per`` that applies instead."""
+    client: str
+    """The bucket's names: empty where the rule is not keyed by one."""
+    resource: str
+    tokens: int
+    depth: int
+    outcome: Optional["Outcome"]
+    """What the rule would decide; ``None`` when overridden."""
+    retry_after_ns: int
+    cost_too_high: bool
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What an acquire would meet now; nothing was spent."""
+
+    decision: "Decision"
+    rules: List[RuleExplained]
 
 
 @dataclass(frozen=True)

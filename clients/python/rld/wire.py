@@ -36,8 +36,9 @@ from .postcard import (
     Tagged,
 )
 
-PROTOCOL_VERSION = 1
-"""The protocol version this client speaks."""
+PROTOCOL_VERSION = 3
+"""The newest protocol version this client speaks (it greets older daemons
+with the newest version they speak)."""
 HEADER_LEN = 4
 """Bytes of a frame's length prefix."""
 DEFAULT_MAX_FRAME = 65536
@@ -83,6 +84,11 @@ RULE_SPEC = Struct(
         ("fallback_limit", Opt(U64)),
     ],
 )
+RULE_SPEC_V3 = Struct(
+    m.RuleSpec,
+    list(RULE_SPEC.fields) + [("per", Enum(m.Per)), ("shadow", BOOL)],
+)
+"""A rule as protocol version 3 carries it: with ``per`` and ``shadow``."""
 DECISION = Struct(
     m.Decision,
     [
@@ -116,6 +122,37 @@ RULE_INFO = Struct(
         ("bypassed", U64),
         ("idle_ns", U64),
         ("lease", Opt(LEASE)),
+    ],
+)
+RULE_INFO_V3 = Struct(
+    m.RuleInfo, [("spec", RULE_SPEC_V3)] + [f for f in RULE_INFO.fields if f[0] != "spec"]
+)
+EXPLANATION = Struct(
+    m.Explanation,
+    [
+        ("decision", DECISION),
+        (
+            "rules",
+            Seq(
+                Struct(
+                    m.RuleExplained,
+                    [
+                        ("id", STR),
+                        ("per", Enum(m.Per)),
+                        ("shadow", BOOL),
+                        ("scope", Enum(m.Scope)),
+                        ("overridden_by", Opt(STR)),
+                        ("client", STR),
+                        ("resource", STR),
+                        ("tokens", U64),
+                        ("depth", U64),
+                        ("outcome", Opt(Enum(m.Outcome))),
+                        ("retry_after_ns", U64),
+                        ("cost_too_high", BOOL),
+                    ],
+                )
+            ),
+        ),
     ],
 )
 LATENCY = Struct(
@@ -288,6 +325,10 @@ REQUEST = Tagged(
         ("RuleDelete", STR),
         ("Stats", None),
         ("Health", None),
+        ("RuleSetV3", Seq(RULE_SPEC_V3)),
+        ("RuleGetV3", STR),
+        ("RuleListV3", None),
+        ("Explain", ACQUIRE),
     ],
 )
 """Request variants in wire order (``RequestFrame`` in message.rs)."""
@@ -323,6 +364,9 @@ RESPONSE = Tagged(
             "UnsupportedVersion",
             Struct(m.VersionRange, [("requested", U16), ("min_version", U16), ("max_version", U16)]),
         ),
+        ("RuleV3", RULE_INFO_V3),
+        ("RulesV3", Seq(RULE_INFO_V3)),
+        ("Explanation", EXPLANATION),
     ],
 )
 """Response variants in wire order (``ResponseFrame`` in message.rs)."""

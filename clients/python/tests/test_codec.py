@@ -162,6 +162,10 @@ REQUESTS = [
     Frame(8, "RuleDelete", "search"),
     Frame(9, "Stats"),
     Frame(2**64 - 1, "Health"),
+    Frame(10, "RuleSetV3", [RULE, rld.RuleSpec("t", "*", "*", limit=1, window=1, per="none", shadow=True)]),
+    Frame(11, "RuleGetV3", "search"),
+    Frame(12, "RuleListV3"),
+    Frame(13, "Explain", rld.Acquire("a", "x", 3, "low")),
 ]
 RESPONSES = [
     Frame(1, "HelloOk", rld.ServerInfo(1, "rld 0.1.0", 2**32 - 1)),
@@ -185,6 +189,19 @@ RESPONSES = [
     Frame(9, "Stats", dataclasses.replace(STATS, per_rule=[], cluster=None)),
     Frame(10, "Health", HEALTH),
     Frame(11, "Error", ErrorBody(7, 'rule "x": window is 0s')),
+    Frame(12, "RuleV3", dataclasses.replace(INFO, spec=rld.RuleSpec("p", "*", "*", limit=1, window=1, per="resource"))),
+    Frame(13, "RulesV3", [INFO]),
+    Frame(
+        14,
+        "Explanation",
+        rld.Explanation(
+            rld.Decision(rld.Outcome.DENIED, 5, 0, 7, 9, "each"),
+            [
+                rld.RuleExplained("vip", "client", False, "global", None, "vip", "", 1, 5, rld.Outcome.DENIED, 7, False),
+                rld.RuleExplained("each", "client", False, "local", "vip", "vip", "", 2, 2, None, 0, False),
+            ],
+        ),
+    ),
 ]
 
 
@@ -209,15 +226,25 @@ def test_every_request_and_response_variant_is_exercised():
 def test_the_layouts_name_every_dataclass_field_in_declaration_order():
     # The wire order is declared in rld/wire.py; the dataclasses must agree
     # with it (both follow message.rs), or encoding would read wrong fields.
+    # An older version's layout (RuleSpec of versions 1 and 2) names a prefix
+    # of the fields, the rest having defaults; the newest names them all.
     seen = set()
+    longest = {}
 
     def check(spec):
         if id(spec) in seen:
             return
         seen.add(id(spec))
         if isinstance(spec, postcard.Struct):
-            names = [f.name for f in dataclasses.fields(spec.cls)]
-            assert [n for n, _ in spec.fields] == names, spec.cls.__name__
+            fields = dataclasses.fields(spec.cls)
+            names = [f.name for f in fields]
+            layout = [n for n, _ in spec.fields]
+            assert names[: len(layout)] == layout, spec.cls.__name__
+            assert all(
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+                for f in fields[len(layout) :]
+            ), spec.cls.__name__
+            longest[spec.cls] = max(longest.get(spec.cls, 0), len(layout))
             for _, inner in spec.fields:
                 check(inner)
         elif isinstance(spec, (postcard.Opt, postcard.Seq)):
@@ -231,6 +258,8 @@ def test_the_layouts_name_every_dataclass_field_in_declaration_order():
     check(wire.RESPONSE)
     check(wire.DECISION)
     check(wire.ERROR)
+    for cls, n in longest.items():
+        assert n == len(dataclasses.fields(cls)), f"no layout names every field of {cls.__name__}"
     assert len(seen) > 20
 
 
@@ -246,7 +275,7 @@ def test_nan_and_infinities_survive():
     [
         ("", "reading id"),
         ("01", "reading Response"),
-        ("01 0c", "unknown Response variant 12"),
+        ("01 0f", "unknown Response variant 15"),
         ("01 01 03", "unknown Outcome variant 3"),
         ("01 01 00 64 63 00 00 03 61 70", "reading Response.Decision.rule"),
         ("01 01 00 64 63 00 00 00 ff", "1 unexpected bytes after the response"),
@@ -264,8 +293,8 @@ def test_malformed_responses_say_where(hex, where):
 
 
 def test_malformed_requests_raise():
-    with pytest.raises(DecodeError, match="unknown Request variant 9"):
-        wire.decode_request(bytes.fromhex("01 09"))
+    with pytest.raises(DecodeError, match="unknown Request variant 13"):
+        wire.decode_request(bytes.fromhex("01 0d"))
     with pytest.raises(DecodeError, match="unexpected bytes after the request"):
         wire.decode_request(bytes.fromhex("07 07 00"))
 

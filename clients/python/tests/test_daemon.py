@@ -28,7 +28,7 @@ window = "1m"
 
 def test_handshake_reports_the_server(client):
     info = client.connect()
-    assert info == rld.ServerInfo(version=1, server="rld 0.1.0", max_frame=65536)
+    assert info == rld.ServerInfo(version=3, server="rld 0.1.0", max_frame=65536)
     assert client.server_info == info
 
 
@@ -147,6 +147,36 @@ def test_rules_set_get_list_delete(client):
     with pytest.raises(rld.RuleNotFound):
         client.delete_rule("tenant-42")
     assert [r.spec.id for r in client.list_rules()] == ["api"]
+
+
+def test_stacked_rules_shadows_and_explain(client):
+    each = rld.RuleSpec("each", "*", "jobs/*", limit=2, window=3600, per="client")
+    total = rld.RuleSpec("total", "*", "jobs/*", limit=3, window=3600, per=rld.Per.NONE)
+    shadow = rld.RuleSpec("next", "*", "*", limit=1, window=3600, per="resource", shadow=True)
+    assert client.set_rules([each, total, shadow]) == 3
+    assert client.get_rule("total").spec == total, "per comes back as sent"
+    assert client.get_rule("next").spec.shadow is True
+    assert [d.outcome for d in (client.acquire("a", "jobs/x") for _ in range(3))] == [
+        rld.Outcome.ALLOWED,
+        rld.Outcome.ALLOWED,
+        rld.Outcome.DENIED,
+    ]
+    assert client.acquire("b", "jobs/x").allowed
+    # The total is spent; explaining spends nothing and says so.
+    e = client.explain("c", "jobs/y")
+    assert e.decision.outcome is rld.Outcome.DENIED and e.decision.rule == "total"
+    assert [(r.id, r.outcome) for r in e.rules] == [
+        ("each", rld.Outcome.ALLOWED),
+        ("next", rld.Outcome.ALLOWED),
+        ("total", rld.Outcome.DENIED),
+    ]
+    assert e.rules[0].tokens == 2 and e.rules[2].client == "" and e.rules[2].resource == ""
+    again = client.explain("c", "jobs/y")
+    assert [(r.id, r.tokens, r.outcome) for r in again.rules] == [
+        (r.id, r.tokens, r.outcome) for r in e.rules
+    ], "the first explain spent nothing"
+    counters = {r.spec.id: (r.allowed, r.rejected) for r in client.list_rules()}
+    assert counters == {"each": (3, 1), "total": (3, 0), "next": (1, 3)}
 
 
 def test_invalid_rules_are_refused_naming_the_field_and_nothing_changes(client):

@@ -24,6 +24,9 @@ from rld import (
 )
 from rld.messages import (
     Accuracy,
+    Explanation,
+    Per,
+    RuleExplained,
     ClockReport,
     ClusterStats,
     ShareStats,
@@ -122,6 +125,8 @@ _GLOBAL_RULE = RuleSpec(
     fallback_limit=400,
 )
 
+_EACH_V3 = RuleSpec("each", "*", "api/*", limit=100, window=60, per="client", shadow=True)
+
 # What each vector documents, written from its title and annotations.
 EXPECTED: Dict[str, Frame] = {
     "hello": Frame(1, "Hello", 1),
@@ -175,6 +180,24 @@ EXPECTED: Dict[str, Frame] = {
                 10, 0, 0, 0, 0, 0,
                 ShareStats(3, 9_000_000_000, 1, 1, 0, 2, 1, 2, 1_048_576, False),
             ),
+        ),
+    ),
+    "hello-v3": Frame(1, "Hello", 3),
+    "rule-set-v3": Frame(13, "RuleSetV3", [_EACH_V3]),
+    "rule-get-v3": Frame(14, "RuleGetV3", "each"),
+    "rule-list-v3": Frame(15, "RuleListV3"),
+    "rule-v3": Frame(14, "RuleV3", RuleInfo(_EACH_V3, RuleSource.RUNTIME, 3, 1, 0, 0, None)),
+    "explain": Frame(16, "Explain", Acquire("alice", "api/x")),
+    "explanation": Frame(
+        16,
+        "Explanation",
+        Explanation(
+            Decision(Outcome.ALLOWED, 10, 9, 0, 6_000_000_000, "total"),
+            [
+                RuleExplained(
+                    "total", Per.NONE, False, "local", None, "", "", 10, 10, Outcome.ALLOWED, 0, False
+                )
+            ],
         ),
     ),
     "health-etcd": Frame(

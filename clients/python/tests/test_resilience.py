@@ -45,7 +45,7 @@ def test_the_client_reconnects_after_the_daemon_restarts(daemon):
         assert client.get_rule("api").spec == RULE, "run-time rules survive the restart"
         stats = client.stats()
         assert stats.connections_total == 1 and stats.allowed == 0, "a new daemon"
-        assert client.server_info.version == 1
+        assert client.server_info.version == 3
 
 
 def test_a_request_in_flight_when_the_daemon_dies_fails_and_the_next_call_reconnects(daemon):
