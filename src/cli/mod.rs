@@ -179,7 +179,9 @@ pub struct RuleSetArgs {
     /// Bucket capacity (default: the limit).
     #[arg(long, value_name = "N")]
     pub burst: Option<u64>,
-    /// Remove the rule after no request has matched it for this long.
+    /// Remove the rule after no request has matched it for this long (with
+    /// etcd: on any daemon; it goes between that and 1.5 times that after
+    /// the last match anywhere).
     #[arg(long, value_name = "DURATION")]
     pub expire_idle: Option<String>,
     /// Fraction of the bucket high-priority requests may not use (0.0 to <1.0).

@@ -202,18 +202,9 @@ impl RuleBook {
     /// Returns how many rules it creates or changes.
     ///
     /// # Errors
-    /// As [`RuleBook::set`]; also `expire_idle`, which etcd rules cannot use.
+    /// As [`RuleBook::set`]. (A rule with `expire_idle` expires when no
+    /// daemon has matched it for that long: see the sweeper.)
     pub fn check_etcd_set(&self, specs: &[RuleSpec]) -> Result<u32, RuleBookError> {
-        if let Some(s) = specs.iter().find(|s| s.expire_idle.is_some()) {
-            return Err(RuleSetError::Invalid(crate::rule::RuleError {
-                id: s.id.clone(),
-                field: "expire_idle",
-                problem: "is not available with etcd (each daemon sees only its own traffic); \
-                          remove it or delete the rule when done"
-                    .into(),
-            })
-            .into());
-        }
         let layers = self.layers.lock();
         let (next, changed) = self.next_runtime(&layers, specs.to_vec())?;
         self.limiter

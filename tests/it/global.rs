@@ -1147,3 +1147,70 @@ async fn a_fleet_cap_stacks_on_a_local_per_client_limit() {
         assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_with_expire_idle_in_etcd_stays_while_any_daemon_uses_it() {
+    let Some(etcd) = Etcd::get() else { return };
+    let _group = HEAVY.read().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds: Vec<ProcessDaemon> = ["a", "b"]
+        .iter()
+        .map(|n| start(&etcd, dir.path(), n))
+        .collect();
+    // A per-tenant rule that cleans up after itself: shared through etcd,
+    // used on a only.
+    let out = rlctl(
+        &ds[1].socket,
+        &[
+            "rules",
+            "set",
+            "tenant-7",
+            "--client",
+            "tenant-7",
+            "--resource",
+            "*",
+            "--limit",
+            "100",
+            "--window",
+            "1s",
+            "--expire-idle",
+            "2s",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let present = |d: &ProcessDaemon| code(&rlctl(&d.socket, &["rules", "get", "tenant-7"])) == 0;
+    wait_for(Duration::from_secs(10), || ds.iter().all(present));
+    // a matches it every 250 ms for 6 s (three times its expire_idle): it
+    // stays on both daemons, though b never matches it.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let out = rlctl(&ds[0].socket, &["acquire", "-q", "tenant-7", "x"]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(
+            ds.iter().all(present),
+            "expired while in use after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Unused everywhere: gone from both within expire_idle and a half, plus
+    // the sweeps.
+    let idle = Instant::now();
+    wait_for(Duration::from_secs(10), || !ds.iter().any(present));
+    let took = idle.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "expired {took:?} after its last use"
+    );
+    eprintln!("tenant-7 expired everywhere {took:?} after its last use");
+    let stats = rlctl(&ds[0].socket, &["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let expired = v["rules_expired"].as_u64().unwrap()
+        + serde_json::from_slice::<serde_json::Value>(
+            &rlctl(&ds[1].socket, &["stats", "--json"]).stdout,
+        )
+        .unwrap()["rules_expired"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(expired, 1, "one daemon deleted it");
+}

@@ -484,6 +484,56 @@ impl Cluster {
         .map_err(ClusterError::Unavailable)
     }
 
+    /// Marks rule `id` used: its use key lives `ttl` from now, on a lease of
+    /// its own. Every daemon's mark replaces the key (and its lease), so the
+    /// key lives `ttl` after the latest mark by any daemon: etcd's lease
+    /// clock, not any daemon's wall clock, says when a rule was last used.
+    ///
+    /// # Errors
+    /// etcd unreachable.
+    pub async fn mark_rule_used(&self, id: &str, ttl: Duration) -> Result<(), ClusterError> {
+        let client = self.client.clone();
+        let key = self.key(&format!("rule-use/{id}"));
+        let secs = i64::try_from(ttl.as_secs().saturating_add(1)).unwrap_or(i64::MAX);
+        self.call(|| {
+            let (mut c, key) = (client.clone(), key.clone());
+            async move {
+                let lease = c.lease_grant(secs, None).await?.id();
+                c.put(key, "", Some(PutOptions::new().with_lease(lease)))
+                    .await
+                    .map(drop)
+            }
+        })
+        .await
+        .map_err(ClusterError::Unavailable)
+    }
+
+    /// Deletes rule `id` if no daemon marked it used within its expiry (its
+    /// use key is gone), in one transaction: `true` if it was deleted.
+    ///
+    /// # Errors
+    /// etcd unreachable.
+    pub async fn delete_rule_if_unused(&self, id: &str) -> Result<bool, ClusterError> {
+        let client = self.client.clone();
+        let rule = self.key(&format!("rules/{id}"));
+        let used = self.key(&format!("rule-use/{id}"));
+        let txn = Txn::new()
+            .when([Compare::version(used, CompareOp::Equal, 0)])
+            .and_then([TxnOp::delete(rule, None)]);
+        self.call(|| {
+            let (mut c, txn) = (client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map(|r| {
+            r.succeeded()
+                && r.op_responses().iter().any(
+                    |op| matches!(op, etcd_client::TxnOpResponse::Delete(d) if d.deleted() > 0),
+                )
+        })
+        .map_err(ClusterError::Unavailable)
+    }
+
     /// Every rule under the prefix and the revision read at. Values that are
     /// not valid rules are skipped with an error naming the key.
     ///
