@@ -201,7 +201,7 @@ impl Limiter {
         let hash = self.table.hash(client, resource);
         let stripe = self.table.shard_of(hash);
         let mut guard = self.table.lock(stripe);
-        if guard.rules.stacked() {
+        if guard.stacked {
             // Some rule is keyed otherwise: every applicable rule decides.
             let rules = Arc::clone(&guard.rules);
             drop(guard);
@@ -219,6 +219,7 @@ impl Limiter {
             buckets,
             rules,
             book,
+            ..
         } = &mut *guard;
         let entry = match buckets.find(hash, client, resource) {
             Some(entry) if entry.generation == rules.generation as u32 => entry,
@@ -258,8 +259,33 @@ impl Limiter {
         };
         let rule = &entry.rule;
         check_cost(rule, cost, priority)?;
-        let (verdict, _) = self.charge(entry, book, hash, (client, resource), cost, priority, now);
-        let rule = &entry.rule;
+        let link = if rule.global.is_some() {
+            self.link.get()
+        } else {
+            None
+        };
+        let verdict = match link {
+            Some(link) => {
+                global::spend(
+                    global::Slot {
+                        tat: &mut entry.tat,
+                        share: &mut entry.share,
+                        aux: &mut entry.aux,
+                    },
+                    rule,
+                    book,
+                    hash,
+                    (client, resource),
+                    cost,
+                    priority,
+                    now,
+                    link,
+                )
+                .0
+            }
+            None => try_take(&mut entry.tat, &rule.params, now, cost, priority),
+        };
+        entry.last_used = table::tick(now);
         rule.activity.record(stripe, verdict.outcome, now);
         Ok(answer(&Decision {
             outcome: verdict.outcome,
@@ -275,7 +301,7 @@ impl Limiter {
     /// own, moves to `rule`: another rule's bucket starts as new (its share
     /// under the old one released), an edited local rule keeps what was
     /// spent, an edited global one keeps its tokens (capped at its depth).
-    #[inline]
+    #[inline(never)]
     fn adopt(
         &self,
         entry: &mut table::Entry,
@@ -341,7 +367,7 @@ impl Limiter {
     /// global share), evicting least recently used ones if the shard is at
     /// its cap.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(never)]
     fn create<'b>(
         &self,
         buckets: &'b mut table::Buckets,

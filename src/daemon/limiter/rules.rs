@@ -135,6 +135,9 @@ pub struct RuleSet {
     /// Some rule is keyed other than per (client, resource): requests may
     /// take more than one bucket.
     stacked: bool,
+    /// Bit `per as usize` set: some rule has that `per` (empty groups are
+    /// not searched).
+    used: u8,
 }
 
 /// Patterns of one dimension: exact names by hash, prefixes longest first, `*`.
@@ -237,6 +240,7 @@ impl RuleSet {
             };
             let idx = set.rules.len();
             set.stacked |= rule.spec.per != Per::ClientResource;
+            set.used |= 1 << rule.spec.per as usize;
             let slot = set.groups[rule.spec.per as usize]
                 .slot(&rule.client, Index::default)
                 .slot(&rule.resource, || usize::MAX);
@@ -289,6 +293,7 @@ impl RuleSet {
     ) -> impl Iterator<Item = &'s Arc<Rule>> + 's {
         Per::ALL
             .into_iter()
+            .filter(move |&per| self.used & (1 << per as usize) != 0)
             .filter_map(move |per| self.resolve_in(per, client, resource))
     }
 

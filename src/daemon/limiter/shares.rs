@@ -114,6 +114,7 @@ impl Limiter {
             buckets,
             book,
             rules,
+            ..
         } = &mut *guard;
         let before = book
             .get(hash, rule_id, client, resource)

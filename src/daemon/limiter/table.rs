@@ -116,6 +116,9 @@ pub struct Shard {
     /// The current rules. Each shard holds its own pointer so the hot path
     /// touches no shared lock or reference count.
     pub rules: Arc<RuleSet>,
+    /// `rules.stacked()`, kept beside the pointer: the hot path reads it
+    /// without touching the rule set.
+    pub stacked: bool,
     pub book: ShareBook,
 }
 
@@ -362,6 +365,7 @@ impl ShardedTable {
                         scratch: Vec::new(),
                     },
                     rules: Arc::new(RuleSet::default()),
+                    stacked: false,
                     book: ShareBook::new(hasher.clone()),
                 }))
             })
@@ -447,7 +451,9 @@ impl ShardedTable {
     /// Points every shard at a new rules snapshot.
     pub fn install_rules(&self, rules: &Arc<RuleSet>) {
         for shard in self.shards.iter() {
-            shard.lock().rules = Arc::clone(rules);
+            let mut shard = shard.lock();
+            shard.rules = Arc::clone(rules);
+            shard.stacked = rules.stacked();
         }
     }
 }
