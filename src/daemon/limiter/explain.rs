@@ -31,7 +31,8 @@ impl Limiter {
         // (rule index in `out`, verdict) of the rules that apply.
         let mut applying: Vec<(usize, Verdict, bool)> = Vec::new();
         for (rule, over) in rules.matching(client, resource) {
-            let (c, r) = rule.spec.per.key(client, resource);
+            let names = super::stack::bucket_names(rule, client, resource);
+            let (c, r) = (&*names.0, &*names.1);
             let hash = self.table.hash_bucket(rule.id(), c, r);
             let (tat, params) = {
                 let mut guard = self.table.lock(self.table.shard_of(hash));
@@ -82,8 +83,10 @@ impl Limiter {
                 shadow: rule.spec.shadow,
                 scope: rule.spec.scope,
                 overridden_by: over.map(|o| o.id().to_owned()),
-                client: c.to_owned(),
-                resource: r.to_owned(),
+                // The names the rule keys the request by (a shadow's own
+                // bucket shows the request's names).
+                client: rule.spec.per.key(client, resource).0.to_owned(),
+                resource: rule.spec.per.key(client, resource).1.to_owned(),
                 tokens: tokens(tat, params, now),
                 depth: params.1,
                 outcome: verdict.map(|v| v.outcome),

@@ -129,15 +129,22 @@ pub struct RuleSet {
     pub generation: u64,
     rules: Vec<Arc<Rule>>,
     by_id: HashMap<String, usize>,
-    /// One client index (of resource indexes) per `per` value, in
-    /// [`Per::ALL`] order: rules override one another within an index only.
+    /// One client index (of resource indexes) of the enforcing rules per
+    /// `per` value, in [`Per::ALL`] order: rules override one another within
+    /// an index only.
     groups: [Index<Index<usize>>; 4],
-    /// Some rule is keyed other than per (client, resource): requests may
-    /// take more than one bucket.
+    /// The same with the shadow rules as if they enforced (a shadow wins a
+    /// tie with an enforcing rule of the same patterns: it is the rule it
+    /// would replace): a shadow decides where it wins here.
+    what_if: [Index<Index<usize>>; 4],
+    /// Some rule is keyed other than per (client, resource), or is a shadow:
+    /// requests may take more than one bucket.
     stacked: bool,
-    /// Bit `per as usize` set: some rule has that `per` (empty groups are
-    /// not searched).
+    /// Bit `per as usize` set: some enforcing rule has that `per` (empty
+    /// groups are not searched).
     used: u8,
+    /// The same for shadow rules.
+    shadow_used: u8,
 }
 
 /// Patterns of one dimension: exact names by hash, prefixes longest first, `*`.
@@ -239,9 +246,19 @@ impl RuleSet {
                 }
             };
             let idx = set.rules.len();
-            set.stacked |= rule.spec.per != Per::ClientResource;
-            set.used |= 1 << rule.spec.per as usize;
-            let slot = set.groups[rule.spec.per as usize]
+            set.stacked |= rule.spec.per != Per::ClientResource || rule.spec.shadow;
+            let group = rule.spec.per as usize;
+            // Enforcing rules are ambiguous among themselves, shadows among
+            // themselves; a shadow may repeat an enforcing rule's patterns
+            // (a new version of it, rolled out).
+            let index = if rule.spec.shadow {
+                set.shadow_used |= 1 << group;
+                &mut set.what_if[group]
+            } else {
+                set.used |= 1 << group;
+                &mut set.groups[group]
+            };
+            let slot = index
                 .slot(&rule.client, Index::default)
                 .slot(&rule.resource, || usize::MAX);
             if *slot != usize::MAX {
@@ -252,7 +269,22 @@ impl RuleSet {
             set.by_id.insert(rule.id().to_owned(), idx);
             set.rules.push(rule);
         }
-        for clients in &mut set.groups {
+        // The enforcing rules join the shadows' view where no shadow has
+        // their patterns.
+        if set.shadow_used != 0 {
+            for (idx, rule) in set.rules.iter().enumerate() {
+                if rule.spec.shadow {
+                    continue;
+                }
+                let slot = set.what_if[rule.spec.per as usize]
+                    .slot(&rule.client, Index::default)
+                    .slot(&rule.resource, || usize::MAX);
+                if *slot == usize::MAX {
+                    *slot = idx;
+                }
+            }
+        }
+        for clients in set.groups.iter_mut().chain(set.what_if.iter_mut()) {
             clients.sort();
             clients.exact.values_mut().for_each(Index::sort);
             clients.prefixes.iter_mut().for_each(|(_, i)| i.sort());
@@ -279,22 +311,39 @@ impl RuleSet {
             .find_map(|resources| resources.candidates(resource).next())?;
         let rule = &self.rules[*idx];
         debug_assert!(self.rules.iter().all(|r| r.spec.per != per
+            || r.spec.shadow
             || !(r.client.matches(client) && r.resource.matches(resource))
             || precedence((&rule.client, &rule.resource), (&r.client, &r.resource)).is_ge()));
         Some(rule)
     }
 
-    /// Every rule that applies to (client, resource): the most specific of
-    /// each `per` group, in [`Per::ALL`] order.
+    /// The most specific rule of the `per` group matching (client,
+    /// resource) with the shadows counted as if they enforced.
+    fn resolve_what_if(&self, per: Per, client: &str, resource: &str) -> Option<&Arc<Rule>> {
+        let idx = self.what_if[per as usize]
+            .candidates(client)
+            .find_map(|resources| resources.candidates(resource).next())?;
+        Some(&self.rules[*idx])
+    }
+
+    /// Every rule that applies to (client, resource): the most specific
+    /// enforcing rule of each `per` group, in [`Per::ALL`] order, then each
+    /// shadow that would be the most specific of its group if it enforced.
     pub fn applicable<'s>(
         &'s self,
         client: &'s str,
         resource: &'s str,
     ) -> impl Iterator<Item = &'s Arc<Rule>> + 's {
-        Per::ALL
+        let enforcing = Per::ALL
             .into_iter()
             .filter(move |&per| self.used & (1 << per as usize) != 0)
-            .filter_map(move |per| self.resolve_in(per, client, resource))
+            .filter_map(move |per| self.resolve_in(per, client, resource));
+        let shadows = Per::ALL
+            .into_iter()
+            .filter(move |&per| self.shadow_used & (1 << per as usize) != 0)
+            .filter_map(move |per| self.resolve_what_if(per, client, resource))
+            .filter(|r| r.spec.shadow);
+        enforcing.chain(shadows)
     }
 
     /// Every rule matching (client, resource), each with the rule that
@@ -307,7 +356,8 @@ impl RuleSet {
     ) -> Vec<(&'s Arc<Rule>, Option<&'s Arc<Rule>>)> {
         let mut out = Vec::new();
         for per in Per::ALL {
-            let winner = self.resolve_in(per, client, resource);
+            let enforcing = self.resolve_in(per, client, resource);
+            let what_if = self.resolve_what_if(per, client, resource);
             let mut group: Vec<&Arc<Rule>> = self
                 .rules
                 .iter()
@@ -317,6 +367,7 @@ impl RuleSet {
                 .collect();
             group.sort_by(|a, b| precedence((&b.client, &b.resource), (&a.client, &a.resource)));
             for r in group {
+                let winner = if r.spec.shadow { what_if } else { enforcing };
                 let over = winner.filter(|w| !Arc::ptr_eq(w, r));
                 out.push((r, over));
             }
@@ -324,7 +375,8 @@ impl RuleSet {
         out
     }
 
-    /// Whether some rule is keyed other than per (client, resource).
+    /// Whether some rule is keyed other than per (client, resource), or is
+    /// a shadow (requests then take the stacked path).
     #[inline]
     pub fn stacked(&self) -> bool {
         self.stacked

@@ -16,15 +16,36 @@ use super::bucket::Verdict;
 use super::rules::{Rule, RuleSet};
 use super::{AcquireError, Limiter, check_cost, table};
 use crate::protocol::{Decision, Outcome, Priority};
+use crate::rule::Per;
 
-/// At most one rule of each of the four `per` groups applies.
-const MOST: usize = 4;
+/// At most one enforcing rule of each of the four `per` groups applies, and
+/// one shadow of each.
+const MOST: usize = 8;
+
+/// The names of `rule`'s bucket for a request: the parts a rule is not
+/// keyed by are empty (no request's name is), which makes the bucket the
+/// rule's own (its id is part of its hash and match). A shadow keyed per
+/// client and resource gets a bucket of its own the same way (else it would
+/// share the enforcing rule's): an empty client, and the request's names,
+/// the client's length first, as the resource.
+pub(super) fn bucket_names<'a>(
+    rule: &Rule,
+    client: &'a str,
+    resource: &'a str,
+) -> (Cow<'a, str>, Cow<'a, str>) {
+    if rule.spec.shadow && rule.spec.per == Per::ClientResource {
+        let own = format!("{}:{client}{resource}", client.len());
+        return (Cow::Borrowed(""), Cow::Owned(own));
+    }
+    let (c, r) = rule.spec.per.key(client, resource);
+    (Cow::Borrowed(c), Cow::Borrowed(r))
+}
 
 /// One applicable rule's bucket and what it decided.
 struct Part<'a> {
     rule: &'a std::sync::Arc<Rule>,
-    /// The bucket's names (the parts a rule is not keyed by are empty).
-    names: (&'a str, &'a str),
+    /// The bucket's names (see [`bucket_names`]).
+    names: (Cow<'a, str>, Cow<'a, str>),
     hash: u64,
     shard: usize,
     verdict: Verdict,
@@ -45,7 +66,7 @@ pub(super) fn decide<'a, R>(
     answer: impl FnOnce(&Decision<'_>) -> R,
 ) -> Result<R, AcquireError> {
     let table = limiter.table();
-    let mut parts: [Option<Part<'a>>; MOST] = [None, None, None, None];
+    let mut parts: [Option<Part<'a>>; MOST] = Default::default();
     let mut n = 0;
     for rule in rules.applicable(client, resource) {
         // A cost no enforcing rule can ever admit is an error before
@@ -53,8 +74,8 @@ pub(super) fn decide<'a, R>(
         if !rule.spec.shadow {
             check_cost(rule, cost, priority)?;
         }
-        let names = rule.spec.per.key(client, resource);
-        let hash = table.hash_bucket(rule.id(), names.0, names.1);
+        let names = bucket_names(rule, client, resource);
+        let hash = table.hash_bucket(rule.id(), &names.0, &names.1);
         parts[n] = Some(Part {
             rule,
             names,
@@ -86,7 +107,7 @@ pub(super) fn decide<'a, R>(
         }
     }
     let order = &order[..shards];
-    let mut guards: [Option<MutexGuard<'_, table::Shard>>; MOST] = [None, None, None, None];
+    let mut guards: [Option<MutexGuard<'_, table::Shard>>; MOST] = Default::default();
     for (guard, &shard) in guards.iter_mut().zip(order) {
         *guard = Some(table.lock(shard));
     }
@@ -94,13 +115,14 @@ pub(super) fn decide<'a, R>(
     for p in parts.iter_mut().flatten() {
         let at = order.iter().position(|&s| s == p.shard).expect("locked");
         let table::Shard { buckets, book, .. } = &mut **guards[at].as_mut().expect("locked");
-        let entry = match buckets.find_in(p.hash, p.rule.id(), p.names.0, p.names.1) {
+        let names = (&*p.names.0, &*p.names.1);
+        let entry = match buckets.find_in(p.hash, p.rule.id(), names.0, names.1) {
             Some(entry) => {
-                limiter.adopt(entry, p.rule, book, p.hash, p.names, now);
+                limiter.adopt(entry, p.rule, book, p.hash, names, now);
                 entry.generation = generation;
                 entry
             }
-            None => limiter.create(buckets, book, p.rule, generation, p.hash, p.names, now),
+            None => limiter.create(buckets, book, p.rule, generation, p.hash, names, now),
         };
         let usable = p.rule.params.usable(priority);
         (p.verdict, p.before) = if p.rule.spec.shadow && cost > usable {
@@ -113,7 +135,7 @@ pub(super) fn decide<'a, R>(
             };
             (never, entry.tat)
         } else {
-            limiter.charge(entry, book, p.hash, p.names, cost, priority, now)
+            limiter.charge(entry, book, p.hash, names, cost, priority, now)
         };
     }
     let enforcing = |p: &&Part<'_>| !p.rule.spec.shadow;
@@ -133,7 +155,7 @@ pub(super) fn decide<'a, R>(
             let shard = &mut **guards[at].as_mut().expect("locked");
             if let Some(entry) = shard
                 .buckets
-                .find_in(p.hash, p.rule.id(), p.names.0, p.names.1)
+                .find_in(p.hash, p.rule.id(), &p.names.0, &p.names.1)
             {
                 entry.tat = p.before;
             }
@@ -311,6 +333,56 @@ mod tests {
         assert_eq!(ask(&only, "a", "x"), (Outcome::Allowed, String::new()));
         assert_eq!(ask(&only, "a", "x"), (Outcome::Allowed, String::new()));
         assert_eq!(only.rules().get("s").unwrap().activity.totals().1, 1);
+    }
+
+    #[test]
+    fn a_shadow_rolls_out_beside_the_rule_it_would_replace() {
+        // The rule in force (2 per pair), and its next version as a shadow
+        // with the same patterns and per (5), and a more specific shadow for
+        // vip (1): the enforcing rule still decides for everyone.
+        let mut next = rule("pair-v2", "*", "*", 5, Per::ClientResource);
+        next.shadow = true;
+        let mut vip = rule("vip-v2", "vip", "*", 1, Per::ClientResource);
+        vip.shadow = true;
+        let l = limiter(vec![
+            rule("pair", "*", "*", 2, Per::ClientResource),
+            next,
+            vip,
+        ]);
+        for c in ["a", "vip"] {
+            assert_eq!(ask(&l, c, "x"), (Outcome::Allowed, "pair".into()));
+            assert_eq!(ask(&l, c, "x"), (Outcome::Allowed, "pair".into()));
+            assert_eq!(ask(&l, c, "x"), (Outcome::Denied, "pair".into()));
+        }
+        let rules = l.rules();
+        let count = |id: &str| {
+            let (a, d, _) = rules.get(id).unwrap().activity.totals();
+            (a, d)
+        };
+        // pair-v2 saw a's three (would allow all), vip-v2 vip's three (one).
+        assert_eq!(count("pair-v2"), (3, 0));
+        assert_eq!(count("vip-v2"), (1, 2));
+        assert_eq!(count("pair"), (4, 2));
+        // A lone shadow never denies, whatever its per.
+        let mut lone = rule("lone", "*", "*", 1, Per::ClientResource);
+        lone.shadow = true;
+        let only = limiter(vec![lone]);
+        for _ in 0..3 {
+            assert_eq!(ask(&only, "a", "x").0, Outcome::Allowed);
+        }
+        // Two shadows with the same patterns and per are still ambiguous.
+        let mut a = rule("s1", "*", "*", 1, Per::Client);
+        a.shadow = true;
+        let mut b = rule("s2", "*", "*", 1, Per::Client);
+        b.shadow = true;
+        let set = Limiter::new(LimiterConfig {
+            shards: 4,
+            max_buckets: 10,
+            max_table_bytes: usize::MAX,
+            default_action: DefaultAction::Allow,
+        })
+        .set_rules(vec![(a, RuleSource::Runtime), (b, RuleSource::Runtime)], 0);
+        assert!(set.is_err());
     }
 
     #[test]
