@@ -872,9 +872,14 @@ async fn decide<R>(
             seen = Some((d.outcome, d.remaining, d.rule.to_string()));
             answer(d)
         };
-        let result = decide_untraced(shared, timing, latency, a, &mut traced).await;
+        // Synchronous: the shadows seen are this decision's.
+        let (result, shadows) = crate::daemon::limiter::observe_shadows(|| {
+            timing.decide(shared, latency, a, &mut traced)
+        });
         match (&result, seen) {
-            (Ok(_), Some((outcome, remaining, rule))) => span.end(a, outcome, remaining, rule),
+            (Ok(_), Some((outcome, remaining, rule))) => {
+                span.end(a, outcome, remaining, rule, &shadows)
+            }
             (Err(e), _) => span.fail(e.to_string()),
             (Ok(_), None) => span.fail("no decision".into()),
         }

@@ -311,13 +311,30 @@ impl Telemetry {
 pub struct DecisionSpan(opentelemetry_sdk::trace::Span);
 
 impl DecisionSpan {
-    /// Records the decision on `a` and ends the span.
-    pub fn end(mut self, a: &Acquire<'_>, outcome: Outcome, remaining: u64, rule: String) {
-        let outcome = match outcome {
+    /// Records the decision on `a` and ends the span; `shadows` (rule id,
+    /// outcome) become `rld.shadows`, "id=outcome" joined by commas.
+    pub fn end(
+        mut self,
+        a: &Acquire<'_>,
+        outcome: Outcome,
+        remaining: u64,
+        rule: String,
+        shadows: &[(String, Outcome)],
+    ) {
+        let name = |o: Outcome| match o {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "rejected",
             Outcome::Bypassed => "bypassed",
         };
+        let outcome = name(outcome);
+        if !shadows.is_empty() {
+            let text: Vec<String> = shadows
+                .iter()
+                .map(|(id, o)| format!("{id}={}", name(*o)))
+                .collect();
+            self.0
+                .set_attribute(KeyValue::new("rld.shadows", text.join(",")));
+        }
         let priority = match a.priority {
             Priority::Low => "low",
             Priority::Normal => "normal",

@@ -460,3 +460,44 @@ async fn lease_transactions_etcd_states_and_rule_changes_are_spans() {
         .await;
     assert_eq!(state.attr("rld.etcd.to").as_deref(), Some("healthy"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_span_carries_what_the_shadow_rules_decided() {
+    let (receiver, url) = Receiver::start().await;
+    let d = TestDaemon::start_with(|c| {
+        traced(&url, 0.0)(c);
+        // The rule in force (2) and its next version as a shadow (1).
+        let mut next = rule("api-next", "*", "api", 1, Duration::from_secs(3600));
+        next.shadow = true;
+        c.rules.push(next);
+    })
+    .await;
+    let mut conn = d.connect().await;
+    let mut spans = Vec::new();
+    for n in [0x31u8, 0x41] {
+        let sampled = context(n, true);
+        let decision = conn
+            .acquire(Acquire::new("alice", "api").trace(sampled))
+            .await
+            .unwrap();
+        assert_eq!(
+            decision.outcome,
+            Outcome::Allowed,
+            "the shadow never denies"
+        );
+        spans.push(
+            receiver
+                .wait_for("rld.decide", |r| r.span.trace_id == sampled.trace_id)
+                .await,
+        );
+    }
+    assert_eq!(spans[0].attr("rld.rule").as_deref(), Some("api"));
+    assert_eq!(
+        spans[0].attr("rld.shadows").as_deref(),
+        Some("api-next=allowed")
+    );
+    assert_eq!(
+        spans[1].attr("rld.shadows").as_deref(),
+        Some("api-next=rejected")
+    );
+}

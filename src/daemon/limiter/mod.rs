@@ -16,6 +16,7 @@ pub mod rules;
 mod shares;
 mod stack;
 pub mod table;
+pub use stack::observe_shadows;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -22,6 +22,23 @@ use crate::rule::Per;
 /// one shadow of each.
 const MOST: usize = 8;
 
+thread_local! {
+    /// While [`observe_shadows`] runs: what the shadow rules of the
+    /// decisions made on this thread decided (a traced decision's span
+    /// carries them). `None` otherwise: nothing is kept.
+    static SHADOWS: std::cell::RefCell<Option<Vec<(String, Outcome)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `decide` (one synchronous decision) and returns, beside its result,
+/// what each shadow rule that applied decided: (rule id, outcome).
+pub fn observe_shadows<R>(decide: impl FnOnce() -> R) -> (R, Vec<(String, Outcome)>) {
+    SHADOWS.with(|s| *s.borrow_mut() = Some(Vec::new()));
+    let out = decide();
+    let seen = SHADOWS.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    (out, seen)
+}
+
 /// The names of `rule`'s bucket for a request: the parts a rule is not
 /// keyed by are empty (no request's name is), which makes the bucket the
 /// rule's own (its id is part of its hash and match). A shadow keyed per
@@ -167,6 +184,13 @@ pub(super) fn decide<'a, R>(
     // denied is counted by that rule only).
     let mut counted = [0u64; 3];
     for p in parts.iter().flatten() {
+        if p.rule.spec.shadow {
+            SHADOWS.with(|s| {
+                if let Some(seen) = s.borrow_mut().as_mut() {
+                    seen.push((p.rule.id().to_owned(), p.verdict.outcome));
+                }
+            });
+        }
         if p.rule.spec.shadow || !denied || p.verdict.outcome == Outcome::Denied {
             p.rule.activity.record(p.shard, p.verdict.outcome, now);
             if !p.rule.spec.shadow {
