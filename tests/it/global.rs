@@ -869,6 +869,10 @@ async fn critical_requests_on_an_exhausted_global_rule_are_bypassed() {
     let _group = HEAVY.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start(&etcd, dir.path(), "a");
+    // The rule is created once a operates: a rule a daemon gets while it is
+    // still joining starts empty there (see low_rate_rules_...). CI once
+    // caught this test doing otherwise: 0 of 5 allowed.
+    wait_for(Duration::from_secs(10), || share_stat(&a, "count") == 1);
     set_global(&a, "crit", &["--limit", "5", "--window", "1h"]);
     wait_for(Duration::from_secs(10), || share_stat(&a, "count") == 1);
     let outcome = |priority: &str| -> String {
@@ -1043,7 +1047,11 @@ async fn a_fleet_cap_stacks_on_a_local_per_client_limit() {
         .map(|n| start(&etcd, dir.path(), n))
         .collect();
     // At most 4 jobs across the fleet (one bucket, shared through etcd),
-    // and 1 per client per host (a local rule: each daemon its own).
+    // and 1 per client per host (a local rule: each daemon its own). Created
+    // once both operate (a rule a joining daemon gets starts empty there).
+    for d in &ds {
+        wait_for(Duration::from_secs(10), || share_stat(d, "count") == 2);
+    }
     set_global(
         &ds[0],
         "fleet",
