@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 
 use super::bucket::{Verdict, try_take};
 use super::shares::{params_of, tokens};
-use super::{AcquireError, DefaultAction, Limiter, check_name, global};
+use super::{AcquireError, Limiter, check_name, global};
 use crate::protocol::{Decision, Explanation, Outcome, Priority, RuleExplained};
 
 impl Limiter {
@@ -113,17 +113,7 @@ impl Limiter {
                 reset_after_ns: v.reset_after_ns,
                 rule: Cow::Owned(out[at].id.clone()),
             },
-            None => Decision {
-                outcome: match self.default_action {
-                    DefaultAction::Allow => Outcome::Allowed,
-                    DefaultAction::Deny => Outcome::Denied,
-                },
-                limit: 0,
-                remaining: 0,
-                retry_after_ns: 0,
-                reset_after_ns: 0,
-                rule: Cow::Borrowed(""),
-            },
+            None => self.default_decision(),
         };
         Ok(Explanation {
             decision,
