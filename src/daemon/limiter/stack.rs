@@ -198,14 +198,6 @@ pub(super) fn decide<'a, R>(
             }
         }
     }
-    for outcome in [Outcome::Allowed, Outcome::Denied, Outcome::Bypassed] {
-        let n = counted[outcome as usize];
-        limiter.overcounted(
-            parts[0].as_ref().map_or(0, |p| p.shard),
-            outcome,
-            n.saturating_sub(1),
-        );
-    }
     // The answer names the rule that decided: the denying rule that needs
     // the longest wait, or the enforcing rule with the fewest tokens left.
     let chosen = if denied {
@@ -222,6 +214,16 @@ pub(super) fn decide<'a, R>(
             .filter(enforcing)
             .min_by_key(|p| p.verdict.remaining)
     };
+    // The request counts once in the totals, as answered: every other rule
+    // count it made is extra (a Critical request may be allowed by one rule
+    // and bypassed by another).
+    if let Some(p) = chosen {
+        for outcome in [Outcome::Allowed, Outcome::Denied, Outcome::Bypassed] {
+            let answered = u64::from(outcome == p.verdict.outcome);
+            let extra = counted[outcome as usize].saturating_sub(answered);
+            limiter.overcounted(p.shard, outcome, extra);
+        }
+    }
     let Some(p) = chosen else {
         // Only shadows apply: the request is as unmatched.
         let stripe = table.shard_of(table.hash(client, resource));
@@ -407,6 +409,19 @@ mod tests {
         })
         .set_rules(vec![(a, RuleSource::Runtime), (b, RuleSource::Runtime)], 0);
         assert!(set.is_err());
+    }
+
+    #[test]
+    fn a_critical_request_counts_once_as_answered() {
+        let l = limiter(vec![
+            rule("each", "*", "*", 1, Per::Client),
+            rule("total", "*", "*", 5, Per::None),
+        ]);
+        assert_eq!(ask(&l, "a", "x").0, Outcome::Allowed);
+        // each is spent: bypassed there, allowed by total; answered bypassed.
+        let d = l.acquire("a", "x", 1, Priority::Critical, 1).unwrap();
+        assert_eq!((d.outcome, &*d.rule), (Outcome::Bypassed, "each"));
+        assert_eq!(l.decision_totals(), (1, 0, 1));
     }
 
     #[test]
