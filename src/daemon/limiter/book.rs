@@ -114,7 +114,7 @@ impl ShareBook {
                 let hasher = &self.hasher;
                 self.map.insert_unique(hash, entry, |e| {
                     let (client, resource) = e.key.names();
-                    super::table::bucket_hash(hasher, &e.rule, client, resource)
+                    super::key::bucket_hash(hasher, &e.rule, client, resource)
                 });
             }
         }

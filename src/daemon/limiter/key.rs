@@ -3,6 +3,8 @@
 //! entry (no allocation, and no extra cache miss per lookup); longer ones are
 //! boxed. No I/O, no locks.
 
+use std::hash::BuildHasher;
+
 /// Longest encoded key stored inline.
 pub const INLINE: usize = 22;
 
@@ -72,6 +74,24 @@ impl BucketKey {
         let split = 2 + usize::from(u16::from_le_bytes([b[0], b[1]]));
         let text = |b| std::str::from_utf8(b).expect("keys are built from str");
         (text(&b[2..split]), text(&b[split..]))
+    }
+}
+
+/// The hash of a bucket's names. A bucket keyed per (client, resource) is
+/// named by both (and may change rules as rules change); a stacked bucket
+/// (keyed per client, per resource or not at all: the other names empty,
+/// which no request's are) belongs to one rule, whose id is mixed in.
+#[inline]
+pub fn bucket_hash(
+    hasher: &hashbrown::DefaultHashBuilder,
+    rule: &str,
+    client: &str,
+    resource: &str,
+) -> u64 {
+    if client.is_empty() || resource.is_empty() {
+        hasher.hash_one((rule, client, resource))
+    } else {
+        hasher.hash_one((client, resource))
     }
 }
 

@@ -60,19 +60,6 @@ pub struct Entry {
     pub last_used: u32,
 }
 
-/// The hash of a bucket's names. A bucket keyed per (client, resource) is
-/// named by both (and may change rules as rules change); a stacked bucket
-/// (keyed per client, per resource or not at all: the other names empty,
-/// which no request's are) belongs to one rule, whose id is mixed in.
-#[inline]
-pub fn bucket_hash(hasher: &DefaultHashBuilder, rule: &str, client: &str, resource: &str) -> u64 {
-    if client.is_empty() || resource.is_empty() {
-        hasher.hash_one((rule, client, resource))
-    } else {
-        hasher.hash_one((client, resource))
-    }
-}
-
 impl Entry {
     #[inline]
     fn matches(&self, client: &str, resource: &str) -> bool {
@@ -88,7 +75,7 @@ impl Entry {
 
     fn hash_with(&self, hasher: &DefaultHashBuilder) -> u64 {
         let (client, resource) = self.key.names();
-        bucket_hash(hasher, self.rule.id(), client, resource)
+        super::key::bucket_hash(hasher, self.rule.id(), client, resource)
     }
 
     /// The (client, resource) this bucket belongs to.
@@ -149,7 +136,7 @@ impl Buckets {
     }
 
     /// The bucket named (client, resource) of rule `rule` (a bucket keyed per
-    /// (client, resource) whatever its rule: see [`bucket_hash`]).
+    /// (client, resource) whatever its rule: see [`super::key::bucket_hash`]).
     #[inline]
     pub fn find_in(
         &mut self,
@@ -388,11 +375,11 @@ impl ShardedTable {
     }
 
     /// The hash of rule `rule`'s bucket named (client, resource): see
-    /// [`bucket_hash`] (the same as [`ShardedTable::hash`] for a bucket keyed
+    /// [`super::key::bucket_hash`] (the same as [`ShardedTable::hash`] for a bucket keyed
     /// per client and resource).
     #[inline]
     pub fn hash_bucket(&self, rule: &str, client: &str, resource: &str) -> u64 {
-        bucket_hash(&self.hasher, rule, client, resource)
+        super::key::bucket_hash(&self.hasher, rule, client, resource)
     }
 
     /// [`ShardedTable::hash_bucket`] of a bucket key.
